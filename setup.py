@@ -1,0 +1,55 @@
+"""Package definition for tb_gradient_plugin."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+TORCH = ["torch>=2.1"]
+KERAS = ["tensorflow>=2.16", "keras>=3.0"]
+
+setup(
+    name="tb_gradient_plugin",
+    version="0.1.0",
+    description="TensorBoard plugin and offline auditor for exploding gradients",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tb_gradient_plugin", "tb_gradient_plugin.*"]),
+    package_data={"tb_gradient_plugin": ["static/*", "static/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "tensorboard>=2.16",
+        "protobuf>=4.21",
+        "numpy>=1.23",
+        "werkzeug>=2.2",
+        "crc32c>=2.3",
+        "fsspec>=2023.1",
+        "rich>=13",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "keras": KERAS,
+        "lightning": TORCH + ["lightning>=2.1"],
+        "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6.80",
+            "ruff>=0.4",
+            "playwright>=1.40",
+            "tbparse>=0.0.9",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["tb-gradient = tb_gradient_plugin.audit:main"],
+        "tensorboard_plugins": ["gradients = tb_gradient_plugin.plugin:GradientsLoader"],
+    },
+    classifiers=[
+        "Framework :: TensorFlow",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,250 @@
+"""The on-disk format: the only module that builds or parses our summary protos.
+
+Everything the writer puts into an event file and everything the reader takes out of one goes through here, so the
+format can evolve (and be versioned) in one place. See ``docs/FORMAT.md`` for the prose description.
+
+Layout of one logged step
+-------------------------
+* One ``tensor`` summary per per-layer metric (``gradients/grad_norm`` ...): a rank-1 float32 tensor holding the value
+  of every layer of the step's *layout*, packed in ``tensor_content``.
+* Per-step extras (``gradients/loss_scale`` ...) are rank-0 float32 tensors under our plugin.
+* Loss and total gradient norm are ordinary scalar-plugin summaries (``gradients/loss``,
+  ``gradients/total_grad_norm``) so TensorBoard's stock Scalars tab shows them too.
+* Histograms (``gradients/grad_hist``) are rank-2 int64 tensors ``[layers, HIST_BINS]`` on fixed log10|g| bins.
+
+Every one of our tensor summaries carries plugin metadata naming its *layout* (the ordered list of layer names) by a
+content hash. The first time a layout appears in a file, the metadata carries the full list of names too. A value is
+therefore attributed to a layer only through an explicit, verifiable layout id: if the event defining a layout is lost
+(corruption), values that refer to it are dropped and reported, never attached to the wrong layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+PLUGIN_NAME = "gradients"
+FORMAT_VERSION = 1
+TAG_PREFIX = "gradients/"
+
+#: Per-layer metrics, one packed float32 tensor per logged step each.
+LAYER_METRICS: tuple[str, ...] = ("grad_norm", "param_norm", "update_norm", "grad_max_abs", "nonfinite_count")
+#: Per-step extras written as rank-0 tensors under our plugin.
+STEP_METRICS: tuple[str, ...] = ("lr", "loss_scale", "step_skipped", "guard_action")
+#: Per-step series written as stock scalars (visible in the Scalars tab).
+SCALAR_METRICS: tuple[str, ...] = ("loss", "total_grad_norm")
+HISTOGRAM_METRIC = "grad_hist"
+
+#: Fixed histogram bins on log10|g|: one bin for exact zeros, one below 1e-12, 48 bins of half a decade from 1e-12
+#: to 1e12, one at or above 1e12, one for NaN/Inf. The same bins for every layer and step, so histograms compare.
+HIST_LOG10_EDGES: np.ndarray = np.arange(-12.0, 12.0 + 0.25, 0.5)
+HIST_BINS = len(HIST_LOG10_EDGES) - 1 + 4
+HIST_ZERO, HIST_UNDERFLOW, HIST_OVERFLOW, HIST_NONFINITE = 0, 1, HIST_BINS - 2, HIST_BINS - 1
+
+
+def tag_for(metric: str) -> str:
+    """The event-file tag of one of our metrics."""
+    return TAG_PREFIX + metric
+
+
+def metric_of(tag: str) -> str | None:
+    """Inverse of :func:`tag_for`; ``None`` for tags that are not ours."""
+    if not tag.startswith(TAG_PREFIX):
+        return None
+    metric = tag[len(TAG_PREFIX):]
+    known = LAYER_METRICS + STEP_METRICS + SCALAR_METRICS + (HISTOGRAM_METRIC,)
+    return metric if metric in known else None
+
+
+def layout_id(layers: Sequence[str]) -> str:
+    """Content hash of an ordered list of layer names (names may hold any unicode, including NUL-free text)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in layers:
+        h.update(name.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class FormatError(ValueError):
+    """A summary claims to be ours but cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """Decoded plugin metadata content of one of our summaries."""
+
+    version: int
+    layout: str | None
+    layers: tuple[str, ...] | None
+
+
+def encode_metadata_content(layout: str | None, layers: Sequence[str] | None) -> bytes:
+    """JSON content: ``{"v":1,"layout":id}`` plus ``"layers":[...]`` when the layout is defined here."""
+    doc: dict = {"v": FORMAT_VERSION}
+    if layout is not None:
+        doc["layout"] = layout
+    if layers is not None:
+        doc["layers"] = list(layers)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_metadata_content(content: bytes) -> Metadata:
+    try:
+        doc = json.loads(content.decode("utf-8")) if content else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"unparseable plugin metadata: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise FormatError("plugin metadata is not an object")
+    version = doc.get("v", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatError(f"unsupported format version {version!r} (this reader knows up to {FORMAT_VERSION})")
+    layers = doc.get("layers")
+    if layers is not None:
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise FormatError("layer list is not a list of strings")
+        layers = tuple(layers)
+    layout = doc.get("layout")
+    if layout is not None and not isinstance(layout, str):
+        raise FormatError("layout id is not a string")
+    if layers is not None and layout is not None and layout_id(layers) != layout:
+        raise FormatError("layout id does not match its layer list")
+    return Metadata(version=version, layout=layout, layers=layers)
+
+
+def _metadata(layout: str | None, layers: Sequence[str] | None) -> summary_pb2.SummaryMetadata:
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=encode_metadata_content(layout, layers)
+        ),
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
+    )
+
+
+def _scalar_metadata() -> summary_pb2.SummaryMetadata:
+    # Empty content is version 0 of the scalars plugin's ScalarPluginData.
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    )
+
+
+def _tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
+    if array.dtype == np.int64:
+        dtype, data = types_pb2.DT_INT64, array.astype("<i8", copy=False)
+    else:
+        dtype, data = types_pb2.DT_FLOAT, array.astype("<f4", copy=False)
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape])
+    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, tensor_content=data.tobytes())
+
+
+def layer_value(metric: str, array: np.ndarray, layout: str, layers: Sequence[str] | None) -> summary_pb2.Summary.Value:
+    """Summary value for one per-layer metric (or the histogram). ``layers`` is given only where the layout is new."""
+    return summary_pb2.Summary.Value(tag=tag_for(metric), metadata=_metadata(layout, layers), tensor=_tensor(array))
+
+
+def step_value(metric: str, value: float) -> summary_pb2.Summary.Value:
+    """Summary value for a per-step extra (rank-0 float32 tensor under our plugin)."""
+    return summary_pb2.Summary.Value(
+        tag=tag_for(metric), metadata=_metadata(None, None), tensor=_tensor(np.asarray(value, dtype=np.float32))
+    )
+
+
+def scalar_value(metric: str, value: float) -> summary_pb2.Summary.Value:
+    """Summary value for loss / total grad norm as a stock scalar."""
+    return summary_pb2.Summary.Value(
+        tag=tag_for(metric), metadata=_scalar_metadata(), tensor=_tensor(np.asarray(value, dtype=np.float32))
+    )
+
+
+def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary.Value]) -> event_pb2.Event:
+    return event_pb2.Event(step=int(step), wall_time=wall_time, summary=summary_pb2.Summary(value=list(values)))
+
+
+# ------------------------------------------------------------------------------------------------------------ decode
+
+
+_NUMERIC_KINDS = {
+    types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
+    types_pb2.DT_DOUBLE: (np.dtype("<f8"), "double_val"),
+    types_pb2.DT_INT64: (np.dtype("<i8"), "int64_val"),
+    types_pb2.DT_INT32: (np.dtype("<i4"), "int_val"),
+    types_pb2.DT_HALF: (np.dtype("<f2"), "half_val"),
+}
+
+
+def tensor_to_numpy(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """Decode a TensorProto of the dtypes we and the scalar writers use, without TensorFlow."""
+    shape = tuple([d.size for d in tensor.tensor_shape.dim])
+    if any(d < 0 for d in shape):
+        raise FormatError(f"tensor has unknown dimensions {shape}")
+    count = math.prod(shape)
+    kind = _NUMERIC_KINDS.get(tensor.dtype)
+    if kind is None:
+        raise FormatError(f"unsupported tensor dtype {tensor.dtype}")
+    dt, field = kind
+    content = tensor.tensor_content
+    if content:
+        if len(content) != count * dt.itemsize:
+            raise FormatError(f"tensor content of {len(content)} bytes does not match shape {shape}")
+        return np.frombuffer(content, dtype=dt).reshape(shape)
+    vals = getattr(tensor, field)
+    if tensor.dtype == types_pb2.DT_HALF:
+        arr = np.asarray(vals, dtype=np.uint16).view(np.float16)
+    else:
+        arr = np.asarray(vals, dtype=dt)
+    if arr.size == count:
+        return arr.reshape(shape)
+    if arr.size == 1:  # proto shorthand: one value repeated to fill the shape
+        return np.full(shape, arr[0], dtype=arr.dtype)
+    raise FormatError(f"tensor holds {arr.size} values for shape {shape}")
+
+
+def is_ours(value: summary_pb2.Summary.Value) -> bool:
+    return value.HasField("metadata") and value.metadata.plugin_data.plugin_name == PLUGIN_NAME
+
+
+def is_scalar(value: summary_pb2.Summary.Value) -> bool:
+    """Whether a summary value is an ordinary scalar (TF1 ``simple_value`` or a rank-0 scalars-plugin tensor)."""
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return True
+    if kind != "tensor":
+        return False
+    plugin = value.metadata.plugin_data.plugin_name if value.HasField("metadata") else ""
+    # Keras' TF2 writer stores scalars as rank-0 tensors; the metadata is only on a tag's first event.
+    return plugin in ("scalars", "") and value.tensor.dtype in _NUMERIC_KINDS and not value.tensor.tensor_shape.dim
+
+
+def scalar_of(value: summary_pb2.Summary.Value) -> float:
+    if value.WhichOneof("value") == "simple_value":
+        return float(value.simple_value)
+    arr = tensor_to_numpy(value.tensor)
+    if arr.size != 1:
+        raise FormatError("scalar tensor does not hold exactly one value")
+    return float(arr.reshape(-1)[0])
+
+
+def histogram_counts(values: np.ndarray) -> np.ndarray:
+    """Reference binning of gradient entries on the fixed bins (int64 ``[HIST_BINS]``).
+
+    Bin ``2 + i`` holds ``10**edge[i] <= |g| < 10**edge[i+1]``; the monitors compute the same thing on the device.
+    """
+    a = np.abs(np.asarray(values, dtype=np.float64).reshape(-1))
+    counts = np.zeros(HIST_BINS, dtype=np.int64)
+    finite = np.isfinite(a)
+    counts[HIST_NONFINITE] = int(a.size - finite.sum())
+    a = a[finite]
+    zero = a == 0
+    counts[HIST_ZERO] = int(zero.sum())
+    with np.errstate(divide="ignore"):
+        logs = np.log10(a[~zero])
+    idx = np.floor((logs - HIST_LOG10_EDGES[0]) / 0.5).astype(np.int64) + 2
+    idx = np.clip(idx, HIST_UNDERFLOW, HIST_OVERFLOW)
+    counts += np.bincount(idx, minlength=HIST_BINS)[:HIST_BINS]
+    return counts
