@@ -99,8 +99,8 @@ class RecordReader:
 
         return size, read
 
-    def read_records(self) -> Iterator[tuple[int, bytes]]:
-        """Yield ``(offset, data)`` for every complete, intact record appended since the last call."""
+    def read_records(self) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(offset, data)`` for every complete, intact record appended since the last call (a view: copy to keep)."""
         try:
             size, read = self._size_and_reader()
         except FileNotFoundError:
@@ -152,7 +152,7 @@ class RecordReader:
             if masked_crc32c(data) != data_crc:
                 self._problem(base + pos, "bad_data_crc", f"record of {length} bytes fails its data CRC; skipped")
             else:
-                yield base + pos, bytes(data)
+                yield base + pos, data
             pos = end
 
     @staticmethod

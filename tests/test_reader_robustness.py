@@ -1,0 +1,196 @@
+"""The reader on growing, truncated, corrupt and hostile files, local and through fsspec."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import struct
+
+import fsspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tb_gradient_plugin.reader import EventFileReader, RecordReader, masked_crc32c
+from tb_gradient_plugin.writer import GradientWriter
+
+LAYERS = ["conv1", "conv2", "fc"]
+
+
+def _write_run(logdir, steps: int = 40) -> str:
+    with GradientWriter(logdir) as w:
+        for s in range(steps):
+            w.write(s, LAYERS, grad_norm=np.array([s, s + 0.5, s + 0.25]), loss=1.0 / (1 + s))
+    (path,) = glob.glob(os.path.join(str(logdir), "events.out.tfevents.*"))
+    return path
+
+
+def _steps(batch) -> list[int]:
+    return [r.step for r in batch.layer_records]
+
+
+@pytest.fixture(scope="module")
+def valid_file(tmp_path_factory) -> bytes:
+    path = _write_run(tmp_path_factory.mktemp("valid"), steps=12)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_growing_file_is_read_incrementally(tmp_path):
+    full = open(_write_run(tmp_path / "src"), "rb").read()
+    grow = tmp_path / "events.out.tfevents.1.growing"
+    reader = EventFileReader(str(grow))
+    seen: list[int] = []
+    # append in awkward slices: mid-header, mid-payload, mid-footer
+    cuts = sorted({0, 5, 11, 13, 100, 333, 334, 1000, len(full) // 2, len(full) - 3, len(full)})
+    with open(grow, "wb") as f:
+        for a, b in itertools.pairwise(cuts):
+            f.write(full[a:b])
+            f.flush()
+            before = reader.records.bytes_read
+            seen += _steps(reader.read())
+            assert reader.problems == []
+            assert reader.records.bytes_read - before <= (b - a) + reader.records.pending_bytes + 64 * 1024
+    assert seen == list(range(40))
+    assert reader.records.pending_bytes == 0
+    assert _steps(reader.read()) == []  # nothing new, nothing re-yielded
+
+
+def test_truncated_tail_is_pending_until_finished(tmp_path):
+    path = _write_run(tmp_path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-7])
+    reader = EventFileReader(path)
+    assert _steps(reader.read()) == list(range(39))
+    assert reader.problems == [] and reader.records.pending_bytes > 0
+    reader.finish()
+    assert [p.kind for p in reader.problems] == ["truncated"]
+
+
+@pytest.mark.parametrize("where", ["length", "length_crc", "payload", "footer"])
+def test_bit_flip_loses_only_the_damaged_record(tmp_path, where):
+    path = _write_run(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    # locate record 10 (file_version event is record 0, step s is record s + 1)
+    offsets = [off for off, _ in RecordReader(path).read_records()]
+    start = offsets[11]
+    length = struct.unpack_from("<Q", data, start)[0]
+    pos = {"length": start + 2, "length_crc": start + 9, "payload": start + 12 + length // 2,
+           "footer": start + 12 + length + 1}[where]
+    data[pos] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    reader = EventFileReader(path)
+    steps = _steps(reader.read())
+    assert steps == [s for s in range(40) if s != 10]
+    assert len(reader.problems) >= 1
+    assert reader.problems[0].offset == start
+    assert reader.problems[0].kind in {"bad_length_crc", "bad_data_crc", "oversized_record"}
+
+
+def test_hostile_length_field_allocates_nothing(tmp_path):
+    path = tmp_path / "events.out.tfevents.hostile"
+    header = struct.pack("<Q", 2**62)
+    blob = header + struct.pack("<I", masked_crc32c(header)) + b"x" * 64
+    path.write_bytes(blob + open(_write_run(tmp_path / "ok", steps=3), "rb").read())
+    reader = EventFileReader(str(path))
+    assert _steps(reader.read()) == [0, 1, 2]
+    assert reader.problems[0].kind == "oversized_record"
+    assert reader.records.bytes_read < 10_000
+
+
+def test_garbage_between_records_is_skipped(tmp_path):
+    good = open(_write_run(tmp_path / "a", steps=5), "rb").read()
+    path = tmp_path / "events.out.tfevents.mixed"
+    path.write_bytes(good + os.urandom(5000) + good)
+    reader = EventFileReader(str(path))
+    assert _steps(reader.read()) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert reader.problems
+
+
+def test_unparseable_event_and_lost_layout_are_reported(tmp_path):
+    """A record with valid CRCs but a bad proto is reported; values whose layer list was lost are dropped."""
+    path = _write_run(tmp_path, steps=5)
+    data = bytearray(open(path, "rb").read())
+    offsets = [off for off, _ in RecordReader(path).read_records()]
+    # replace record 1 (step 0, which defines the layout) with garbage that passes both CRCs
+    start, end = offsets[1], offsets[2]
+    payload = b"\xff" * (end - start - 16)
+    header = struct.pack("<Q", len(payload))
+    rec = header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
+    data[start:end] = rec
+    open(path, "wb").write(bytes(data))
+    reader = EventFileReader(path)
+    batch = reader.read()
+    kinds = [p.kind for p in reader.problems]
+    assert "bad_event" in kinds and "unknown_layout" in kinds
+    assert batch.layer_records == []  # never attributed to guessed layers
+    assert [s.step for s in batch.scalars] == [1, 2, 3, 4]  # the rest of the file is intact
+
+
+def test_reads_fsspec_urls(tmp_path):
+    data = open(_write_run(tmp_path, steps=6), "rb").read()
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/run1/events.out.tfevents.1.host", data[:300])
+    reader = EventFileReader("memory://run1/events.out.tfevents.1.host")
+    first = _steps(reader.read())
+    fs.pipe("/run1/events.out.tfevents.1.host", data)  # the object grew
+    assert first + _steps(reader.read()) == list(range(6))
+
+
+def test_missing_file_yields_nothing(tmp_path):
+    reader = EventFileReader(str(tmp_path / "nope"))
+    assert reader.read().events == 0 and reader.problems == []
+
+
+#: 2,000 examples in CI; a longer run: TB_GRADIENT_FUZZ_EXAMPLES=200000 pytest tests/test_reader_robustness.py -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("TB_GRADIENT_FUZZ_EXAMPLES", "2000"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_mutated_files_never_crash(valid_file, tmp_path_factory, data):
+    """Any mutation of a valid file: no exception, every intact record before the damage survives."""
+    buf = bytearray(valid_file)
+    op = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]))
+    pos = data.draw(st.integers(0, len(buf) - 1))
+    if op == "flip":
+        buf[pos] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "truncate":
+        del buf[pos:]
+    elif op == "insert":
+        buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=64))
+    elif op == "delete":
+        del buf[pos:pos + data.draw(st.integers(1, 64))]
+    else:
+        chunk = data.draw(st.binary(min_size=1, max_size=32))
+        buf[pos:pos + len(chunk)] = chunk
+    path = tmp_path_factory.mktemp("fuzz") / "events.out.tfevents.fuzz"
+    path.write_bytes(bytes(buf))
+    reader = EventFileReader(str(path))
+    batch = reader.read()
+    reader.finish()
+    assert reader.records.offset + reader.records.pending_bytes == len(buf)
+    # records that lie wholly before the mutation are intact and must all be read
+    intact = [off for off, _ in _record_spans(valid_file) if off + _rec_len(valid_file, off) <= pos]
+    steps = _steps(batch)
+    n_layer_records_before = max(0, len(intact) - 1)  # minus the file_version record
+    assert steps[:n_layer_records_before] == list(range(n_layer_records_before))
+    for rec in batch.layer_records:
+        assert rec.layers == tuple(LAYERS)
+        np.testing.assert_array_equal(rec.values, [rec.step, rec.step + 0.5, rec.step + 0.25])
+
+
+def _rec_len(buf: bytes, off: int) -> int:
+    return 16 + struct.unpack_from("<Q", buf, off)[0]
+
+
+def _record_spans(buf: bytes):
+    """(offset, payload length) of each record of a valid buffer."""
+    off = 0
+    while off + 12 <= len(buf):
+        n = struct.unpack_from("<Q", buf, off)[0]
+        yield off, n
+        off += 16 + n
