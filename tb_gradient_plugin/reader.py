@@ -100,7 +100,10 @@ class RecordReader:
         return size, read
 
     def read_records(self) -> Iterator[tuple[int, memoryview]]:
-        """Yield ``(offset, data)`` for every complete, intact record appended since the last call (a view: copy to keep)."""
+        """Yield ``(offset, data)`` for each complete, intact record appended since the last call.
+
+        ``data`` is a view into the read buffer: copy it to keep it past the next record.
+        """
         try:
             size, read = self._size_and_reader()
         except FileNotFoundError:
