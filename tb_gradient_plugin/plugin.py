@@ -1,28 +1,752 @@
-"""TensorBoard loader and routes for the "gradients" plugin (the entry-point module: imports nothing heavy)."""
+"""TensorBoard loader and HTTP routes of the "gradients" plugin: a thin JSON layer over the run store and detector.
+
+TensorBoard keeps only a random sample of each tag of a plugin it does not know (10 or 100 points), which drops the
+one-step spikes this plugin exists to show. So the plugin reads the logdir itself, through the same run store and
+detector as the offline auditor (full fidelity, the same episodes to the step), whatever ``--samples_per_plugin``,
+``--load_fast`` or ``--logdir_spec`` say. See ``docs/HTTP_API.md`` for the routes.
+
+This is TensorBoard's entry-point module: an import error here stops TensorBoard from starting, so it imports only
+what TensorBoard itself has already loaded; the run store and detector are imported on first use.
+"""
 
 from __future__ import annotations
 
-from tensorboard.plugins import base_plugin
+import dataclasses
+import gzip
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from . import binning
 from . import format as fmt
+
+logger = logging.getLogger(__name__)
+
+#: Metrics the heatmap and layer routes accept; ``update_ratio`` is derived (update_norm / param_norm).
+METRICS: tuple[str, ...] = ("grad_norm", "update_ratio", "param_norm", "grad_max_abs", "update_norm",
+                            "nonfinite_count")
+MAX_BINS = 2000
+DEFAULT_BINS = 1000
+#: Points a line route sends at full resolution inside the requested window before it bins that too.
+LINE_FULL_MAX = 5000
+#: Points of the min/max envelope a line route sends for the part of the run outside the window.
+LINE_OUTSIDE_BINS = 1000
+MAX_HIST_STEPS = 2000
+#: Per-step series that count as logged steps (as the detector counts them).
+STEP_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr")
+#: A burst of requests triggers at most one incremental read of the logdir per this many seconds.
+REFRESH_SECONDS = 1.0
+CACHE_BYTES = 256 * 1024 * 1024
+#: File types served from ``static/`` and their MIME types (anything else there is not served).
+STATIC_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".map": "application/json",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".woff2": "font/woff2",
+}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+class HTTPError(Exception):
+    """A request the plugin refuses, with the status code and a message for the user."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------------- JSON encoding
+
+
+def _float_json(x: float) -> str:
+    return json.dumps(float(x)) if math.isfinite(x) else "null"
+
+
+def _array_json(arr: np.ndarray) -> str:
+    """JSON for a numeric array: floats at 6 significant digits (plenty for a chart, half the bytes), NaN/Inf -> null.
+
+    ``str.format`` over whole rows is ~3x faster than ``json.dumps`` of Python floats for the large matrices here.
+    """
+    if arr.dtype == bool:
+        return json.dumps(arr.astype(np.int8).tolist(), separators=(",", ":"))
+    if arr.dtype.kind in "iu":
+        return json.dumps(arr.tolist(), separators=(",", ":"))
+    if arr.ndim == 0:
+        return _float_json(float(arr))
+    if arr.ndim > 1:
+        return "[" + ",".join(_array_json(row) for row in arr) + "]"
+    text = "[" + ",".join(map("{:.6g}".format, arr.tolist())) + "]"
+    return text.replace("-inf", "null").replace("inf", "null").replace("nan", "null")
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    if isinstance(obj, np.ndarray):
+        out.append(_array_json(obj))
+    elif isinstance(obj, dict):
+        out.append("{")
+        for i, (key, value) in enumerate(obj.items()):
+            if i:
+                out.append(",")
+            out.append(json.dumps(str(key)))
+            out.append(":")
+            _encode(value, out)
+        out.append("}")
+    elif isinstance(obj, (list, tuple)):
+        out.append("[")
+        for i, value in enumerate(obj):
+            if i:
+                out.append(",")
+            _encode(value, out)
+        out.append("]")
+    elif obj is None or isinstance(obj, (bool, np.bool_)):
+        out.append("null" if obj is None else ("true" if obj else "false"))
+    elif isinstance(obj, (int, np.integer)):
+        out.append(str(int(obj)))
+    elif isinstance(obj, (float, np.floating)):
+        out.append(_float_json(float(obj)))
+    elif isinstance(obj, str):
+        # "<", ">" and "&" escaped too: a name like "<img onerror=...>" stays inert even if the JSON is mis-sniffed.
+        out.append(json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+    else:
+        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def to_json(doc: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity tokens: non-finite numbers become null), ASCII-only so any name is safe."""
+    out: list[str] = []
+    _encode(doc, out)
+    return "".join(out).encode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------------------- caching
+
+
+class _LRU:
+    """A byte-bounded LRU cache (entries carry their own size estimate)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size > self._max:
+                return
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self._max:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+
+# ------------------------------------------------------------------------------------------------ request arguments
+
+
+def _arg(request: wrappers.Request, name: str, *, required: bool = True) -> str | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        if required:
+            raise HTTPError(400, f"missing query parameter {name!r}")
+        return None
+    return value
+
+
+def _step_arg(request: wrappers.Request, name: str, rounding: Callable[[float], int]) -> int | None:
+    """An optional step bound. Accepts integers and finite decimals (a zoomed chart sends those), rounded outwards."""
+    text = _arg(request, name, required=False)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise HTTPError(400, f"{name} must be a step number, got {text[:40]!r}") from None
+    if not math.isfinite(value):
+        raise HTTPError(400, f"{name} must be a finite step number, got {text[:40]!r}")
+    return rounding(value)
+
+
+def _window_args(request: wrappers.Request) -> tuple[int | None, int | None]:
+    start = _step_arg(request, "start", math.floor)
+    end = _step_arg(request, "end", math.ceil)
+    if start is not None and end is not None and start > end:
+        raise HTTPError(400, f"start ({start}) is after end ({end})")
+    return start, end
+
+
+def _bins_arg(request: wrappers.Request) -> int:
+    """Bins for the heatmap: an integer >= 1; more than MAX_BINS is clamped (a screen has no more columns)."""
+    text = _arg(request, "bins", required=False)
+    if text is None:
+        return DEFAULT_BINS
+    try:
+        bins = int(text)
+    except ValueError:
+        raise HTTPError(400, f"bins must be a positive integer, got {text[:40]!r}") from None
+    if bins < 1:
+        raise HTTPError(400, f"bins must be a positive integer, got {bins}")
+    return min(bins, MAX_BINS)
+
+
+def _metric_arg(request: wrappers.Request) -> str:
+    metric = _arg(request, "metric", required=False) or "grad_norm"
+    if metric not in METRICS:
+        raise HTTPError(400, f"unknown metric {metric[:60]!r}; expected one of {', '.join(METRICS)}")
+    return metric
+
+
+# ------------------------------------------------------------------------------------------------------- data layer
+
+
+def parse_logdir_spec(spec: str) -> dict[str, str]:
+    """TensorBoard's ``--logdir_spec`` (``name:path,path2,...``) as name -> path for the run store.
+
+    Mirrors TensorBoard's own parser: ``scheme://`` URLs, paths starting with ``/`` and Windows drives are paths. An
+    unnamed group gets the empty name (its runs are named as under ``--logdir``, as TensorBoard names them); a second
+    unnamed group is named by its path, so that no group is lost.
+    """
+    result: dict[str, str] = {}
+    for item in spec.split(","):
+        if not item:
+            continue
+        if _URI.match(item) is None and ":" in item and item[0] != "/" and not os.path.splitdrive(item)[0]:
+            name, _, path = item.partition(":")
+        else:
+            name, path = "", item
+        if _URI.match(path) is None:
+            path = os.path.realpath(os.path.expanduser(path))
+        result[name if name or "" not in result else path] = path
+    return result
+
+
+_URI = re.compile(r"[a-zA-Z][0-9a-zA-Z.]*://.*")
+
+
+class Backend:
+    """The plugin's view of the logdir: a run store refreshed incrementally and a cache of finished responses.
+
+    TensorBoard serves requests on many threads: one lock makes a burst of requests cause at most one incremental
+    read per ``REFRESH_SECONDS`` (the others wait for it, then read the fresh data). The first read starts in the
+    background when TensorBoard loads the plugin, so a large logdir is being read before the tab is opened.
+    """
+
+    def __init__(self, logdir: str | None, spec: dict[str, str] | None = None, *, reload: bool = True) -> None:
+        self._logdir = logdir or ""
+        self._spec = spec or None
+        self._reload = reload
+        self._lock = threading.Lock()
+        self._store: Any = None
+        self._refreshed_at = -math.inf
+        self._loaded = threading.Event()
+        self._warmup: threading.Thread | None = None
+        self._error: str | None = None
+        self._active = False
+        self.cache = _LRU(CACHE_BYTES)
+        self._reports: dict[str, tuple[int, Any]] = {}  # run -> (data version it was computed on, Report)
+        self._report_locks: dict[str, threading.Lock] = {}
+        self._revalidating: set[str] = set()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._logdir or self._spec)
+
+    def start(self) -> None:
+        """Begin the first read of the logdir in the background (idempotent)."""
+        with self._lock:
+            if self._warmup is not None or not self.configured:
+                return
+            self._warmup = threading.Thread(target=self._warm, name="tb-gradient-warmup", daemon=True)
+        self._warmup.start()
+
+    def _warm(self) -> None:
+        """First read, then the detector on every run, so that the tab opens on finished work."""
+        self.refresh()
+        for name, data, version in self.runs():
+            try:
+                self.report(name, data, version)
+            except Exception:  # noqa: BLE001 - the request that needs it will report the error
+                logger.exception("gradients plugin: detection failed for run %r", name)
+
+    def refresh(self) -> None:
+        """Read what is new in the logdir unless that was done less than ``REFRESH_SECONDS`` ago."""
+        if not self.configured:
+            self._loaded.set()
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self._loaded.is_set() and (not self._reload or now - self._refreshed_at < REFRESH_SECONDS):
+                return
+            try:
+                if self._store is None:
+                    from .runs import RunStore
+
+                    self._store = RunStore(self._logdir, spec=self._spec)
+                self._store.refresh()
+                self._active = any(_has_data(self._store.get(name)) for name in self._store.run_names())
+                self._error = None
+            except Exception as exc:  # noqa: BLE001 - a bad file must not take TensorBoard down
+                logger.exception("gradients plugin: reading the logdir failed")
+                self._error = f"reading the logdir failed: {exc}"
+            self._refreshed_at = time.monotonic()
+            self._loaded.set()
+
+    def wait_loaded(self, timeout: float | None) -> bool:
+        self.start()
+        return self._loaded.wait(timeout)
+
+    def is_active(self, timeout: float) -> bool:
+        if not self.wait_loaded(timeout):
+            return False
+        self.refresh()
+        return self._active
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def runs(self) -> list[tuple[str, Any, int]]:
+        """(name, RunData snapshot, version) of every run, in TensorBoard's order."""
+        with self._lock:
+            if self._store is None:
+                return []
+            return [(name, _snapshot(self._store.get(name)), self._store.version(name))
+                    for name in self._store.run_names()]
+
+    def run(self, name: str) -> tuple[Any, int]:
+        """A run's data and version, or 404. The name is only ever compared with known run names."""
+        with self._lock:
+            if self._store is None or name not in self._store.run_names():
+                raise HTTPError(404, f"no run named {name[:200]!r}")
+            return _snapshot(self._store.get(name)), self._store.version(name)
+
+
+    # ------------------------------------------------------------------------------------------------ detector reports
+
+    def report(self, run: str, data: Any, version: int) -> tuple[Any, int]:
+        """The detector's report on a run and the data version it describes.
+
+        The detector reads the whole run (seconds on a 500-layer x 100k-step run), so while training appends steps
+        the last report is served and a fresh one is computed in the background (one at a time per run); only a
+        run's first report is computed while the request waits.
+        """
+        with self._lock:
+            done = self._reports.get(run)
+            run_lock = self._report_locks.setdefault(run, threading.Lock())
+        if done is not None and done[0] >= version:
+            return done[1], done[0]
+        if done is not None:
+            self._revalidate(run)
+            return done[1], done[0]
+        with run_lock:
+            done = self._reports.get(run)
+            if done is None or done[0] < version:
+                done = (version, _detector().detect(data))
+                with self._lock:
+                    self._reports[run] = max(done, self._reports.get(run, done), key=lambda d: d[0])
+        return done[1], done[0]
+
+    def _revalidate(self, run: str) -> None:
+        with self._lock:
+            if run in self._revalidating:
+                return
+            self._revalidating.add(run)
+        threading.Thread(target=self._recompute, args=(run,), name="tb-gradient-detect", daemon=True).start()
+
+    def _recompute(self, run: str) -> None:
+        try:
+            while True:
+                try:
+                    data, version = self.run(run)
+                except HTTPError:
+                    return
+                with self._lock:
+                    done = self._reports.get(run)
+                    if done is not None and done[0] >= version:
+                        return
+                report = _detector().detect(data)
+                with self._lock:
+                    if version > self._reports.get(run, (-1, None))[0]:
+                        self._reports[run] = (version, report)
+        except Exception:  # noqa: BLE001 - keep serving the last good report
+            logger.exception("gradients plugin: detection failed for run %r", run)
+        finally:
+            with self._lock:
+                self._revalidating.discard(run)
+
+
+def _snapshot(data: Any) -> Any:
+    """A shallow copy: later refreshes may rebind the store's fields, the request keeps a consistent set of arrays."""
+    return dataclasses.replace(data) if dataclasses.is_dataclass(data) else data
+
+
+def _has_data(data: Any) -> bool:
+    return bool(data.layers) or any(name in data.series for name in ("loss", "total_grad_norm"))
+
+
+def _detector() -> Any:
+    from . import detect
+
+    return detect
+
+
+# ------------------------------------------------------------------------------------------------------------ plugin
 
 
 class GradientsPlugin(base_plugin.TBPlugin):
+    """Routes under ``/data/plugin/gradients/`` (see docs/HTTP_API.md) and the tab's static bundle."""
+
     plugin_name = fmt.PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
-        self._context = context
+        flags = context.flags
+        spec_text = getattr(flags, "logdir_spec", "") if flags is not None else ""
+        reload_interval = getattr(flags, "reload_interval", 5.0) if flags is not None else 5.0
+        self._backend = Backend(
+            context.logdir or None,
+            parse_logdir_spec(spec_text) if spec_text and not context.logdir else None,
+            reload=reload_interval != 0,
+        )
+        self._backend.start()
 
-    def get_plugin_apps(self) -> dict:
-        return {}
+    # ------------------------------------------------------------------------------------------- TBPlugin interface
+
+    def get_plugin_apps(self) -> dict[str, Callable]:
+        routes: dict[str, Callable] = {
+            "/runs": self._route(self._runs),
+            "/episodes": self._route(self._episodes),
+            "/heatmap": self._route(self._heatmap),
+            "/layer": self._route(self._layer),
+            "/loss": self._route(self._loss),
+            "/histograms": self._route(self._histograms),
+        }
+        routes["/*"] = self._serve_static
+        return routes
 
     def is_active(self) -> bool:
-        return False
+        """True when a run holds our per-layer data or a loss / grad-norm series the run store recognises."""
+        return self._backend.is_active(timeout=5.0)
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Gradients")
 
+    # ----------------------------------------------------------------------------------------------- route plumbing
+
+    def _route(self, handler: Callable[[wrappers.Request], Any]) -> Callable:
+        name = handler.__name__.lstrip("_")
+
+        @wrappers.Request.application
+        def app(request: wrappers.Request) -> wrappers.Response:
+            try:
+                self._backend.wait_loaded(timeout=120.0)
+                self._backend.refresh()
+                body = handler(request)
+            except HTTPError as err:
+                return http_util.Respond(request, {"error": err.message}, "application/json", code=err.code)
+            except Exception:  # noqa: BLE001 - answer with an error, never take the server down
+                logger.exception("gradients plugin: %s failed", name)
+                return http_util.Respond(request, {"error": f"internal error in {name}; see the TensorBoard log"},
+                                         "application/json", code=500)
+            return http_util.Respond(request, body, "application/json", content_encoding="gzip")
+
+        app.__name__ = name
+        return app
+
+    def _cached(self, key: tuple, build: Callable[[], Any]) -> bytes:
+        """Gzipped JSON of ``build()``, cached on a key that includes the run's data version."""
+        body = self._backend.cache.get(key)
+        if body is None:
+            body = gzip.compress(to_json(build()), compresslevel=1, mtime=0)
+            self._backend.cache.put(key, body, len(body))
+        return body
+
+    # ------------------------------------------------------------------------------------------------------ routes
+
+    def _runs(self, request: wrappers.Request) -> bytes:
+        entries = []
+        for name, data, version in self._backend.runs():
+            report, seen = self._backend.report(name, data, version)
+            entries.append({
+                "run": name,
+                "source": data.source,
+                "steps": self._step_count(name, data, version),
+                "layers": len(data.layers),
+                "episodes": len(report.episodes),
+                "has_layers": bool(data.layers) and bool(data.layer_metrics),
+                "has_histograms": data.histograms is not None and len(data.hist_steps) > 0,
+                "version": int(version),
+                "episodes_version": int(seen),
+            })
+        doc = {"runs": entries, "loading": not self._backend.wait_loaded(0)}
+        if self._backend.error:
+            doc["error"] = self._backend.error
+        return gzip.compress(to_json(doc), compresslevel=1, mtime=0)
+
+    def _step_count(self, run: str, data: Any, version: int) -> int:
+        """Logged steps of a run, counted as the detector counts them (per-layer steps and per-step series)."""
+        key = ("steps", run, version)
+        count = self._backend.cache.get(key)
+        if count is None:
+            parts = [np.asarray(data.steps, dtype=np.int64)]
+            parts += [np.asarray(data.series[name].steps, dtype=np.int64) for name in STEP_SERIES
+                      if name in data.series]
+            count = int(np.unique(np.concatenate(parts)).size)
+            self._backend.cache.put(key, count, 64)
+        return count
+
+    def _episodes(self, request: wrappers.Request) -> bytes:
+        run = _arg(request, "run")
+        data, version = self._backend.run(run)
+        report, seen = self._backend.report(run, data, version)
+        return self._cached(("episodes", run, seen), report.to_json)
+
+    def _heatmap(self, request: wrappers.Request) -> bytes:
+        run = _arg(request, "run")
+        metric = _metric_arg(request)
+        bins = _bins_arg(request)
+        start, end = _window_args(request)
+        data, version = self._backend.run(run)
+        _require_metric(data, metric)
+        report, seen = self._backend.report(run, data, version)
+        key = ("heatmap", run, version, seen, metric, bins, start, end)
+        return self._cached(key, lambda: self._build_heatmap(run, data, (report, seen), metric, bins, start, end))
+
+    def _build_heatmap(self, run: str, data: Any, detected: tuple[Any, int], metric: str, n_bins: int,
+                       start: int | None, end: int | None) -> dict:
+        report, episodes_version = detected
+        bins = binning.bin_steps(data.steps, n_bins, start, end)
+        if metric == "update_ratio" and "update_ratio" not in data.layer_metrics:
+            pooled, nonfinite = binning.max_pool(data.layer_metrics["update_norm"], bins, data.present,
+                                                 divide_by=data.layer_metrics["param_norm"])
+        else:
+            pooled, nonfinite = binning.max_pool(_metric_values(data, metric), bins, data.present)
+        counts = data.layer_metrics.get("nonfinite_count")
+        if counts is not None and metric != "nonfinite_count":
+            pooled_counts, _ = binning.max_pool(counts, bins, data.present)
+            nonfinite |= pooled_counts > 0
+        return {
+            "run": run,
+            "metric": metric,
+            "layers": list(data.layers),
+            "bin_start": bins.bin_start,
+            "bin_end": bins.bin_end,
+            "values": pooled.T,
+            "nonfinite": nonfinite.T,
+            "offending": _offending(report),
+            "episodes": [{"kind": e.kind, "start_step": e.start_step, "end_step": e.end_step,
+                          "peak_step": e.peak_step} for e in report.episodes],
+            "step_range": [int(data.steps[0]), int(data.steps[-1])] if len(data.steps) else None,
+            "episodes_version": episodes_version,
+            "bins": n_bins,
+            "full_resolution": bins.full_resolution,
+        }
+
+    def _layer(self, request: wrappers.Request) -> bytes:
+        run = _arg(request, "run")
+        layer = _arg(request, "layer")
+        metric = _metric_arg(request)
+        start, end = _window_args(request)
+        data, version = self._backend.run(run)
+        if layer not in data.layers:
+            raise HTTPError(404, f"run {run[:200]!r} has no layer {layer[:200]!r}")
+        _require_metric(data, metric)
+        key = ("layer", run, version, layer, metric, start, end)
+        return self._cached(key, lambda: self._build_layer(run, data, version, layer, metric, start, end))
+
+    def _build_layer(self, run: str, data: Any, version: int, layer: str, metric: str,
+                     start: int | None, end: int | None) -> dict:
+        steps, values, baseline, threshold = self._layer_series(run, data, version, layer, metric)
+        env = binning.split_envelope(steps, values, start, end, full_max=LINE_FULL_MAX,
+                                     outside_bins=LINE_OUTSIDE_BINS)
+        at = np.clip(env.peak_index, 0, max(0, len(steps) - 1))
+        missing = env.peak_index < 0
+        return {
+            "run": run,
+            "layer": layer,
+            "metric": metric,
+            "steps": env.bin_start,
+            "step_end": env.bin_end,
+            "values": env.values,
+            "min": env.min,
+            "max": env.max,
+            "nonfinite": env.nonfinite,
+            "baseline": np.where(missing, np.nan, baseline[at]) if len(steps) else env.values,
+            "threshold": np.where(missing, np.nan, threshold[at]) if len(steps) else env.values,
+            "full_resolution": env.full_resolution,
+        }
+
+    def _layer_series(self, run: str, data: Any, version: int, layer: str, metric: str) -> tuple:
+        """One layer's logged (steps, values) and its baseline band, computed once per data version."""
+        key = ("layer-series", run, version, layer, metric)
+        cached = self._backend.cache.get(key)
+        if cached is None:
+            j = data.layers.index(layer)
+            column = _metric_values(data, metric)[:, j]
+            logged = np.asarray(data.present[:, j], dtype=bool)
+            steps = data.steps[logged]
+            values = np.asarray(column[logged], dtype=np.float64)
+            baseline, threshold = _detector().baseline_band(steps, values)
+            cached = (steps, values, np.asarray(baseline, dtype=np.float64), np.asarray(threshold, dtype=np.float64))
+            self._backend.cache.put(key, cached, 32 * len(steps))
+        return cached
+
+    def _loss(self, request: wrappers.Request) -> bytes:
+        run = _arg(request, "run")
+        start, end = _window_args(request)
+        data, version = self._backend.run(run)
+        report, seen = self._backend.report(run, data, version)
+        return self._cached(("loss", run, version, seen, start, end),
+                            lambda: self._build_loss(run, data, report, start, end))
+
+    def _build_loss(self, run: str, data: Any, report: Any, start: int | None, end: int | None) -> dict:
+        def line(name: str) -> dict | None:
+            series = data.series.get(name)
+            if series is None:
+                return None
+            env = binning.split_envelope(series.steps, series.values, start, end, full_max=LINE_FULL_MAX,
+                                         outside_bins=LINE_OUTSIDE_BINS)
+            return {"steps": env.bin_start, "step_end": env.bin_end, "values": env.values, "min": env.min,
+                    "max": env.max, "full_resolution": env.full_resolution}
+
+        loss = line("loss") or {"steps": [], "step_end": [], "values": [], "min": [], "max": [],
+                                "full_resolution": True}
+        return {
+            "run": run,
+            **loss,
+            "spikes": [{"step": s.step, "value": s.value, "baseline": s.baseline, "ratio": s.ratio,
+                        "episode": s.episode} for s in report.loss_spikes],
+            "total_grad_norm": line("total_grad_norm"),
+            "val_loss": line("val_loss"),
+        }
+
+    def _histograms(self, request: wrappers.Request) -> bytes:
+        run = _arg(request, "run")
+        layer = _arg(request, "layer")
+        data, version = self._backend.run(run)
+        if layer not in data.layers:
+            raise HTTPError(404, f"run {run[:200]!r} has no layer {layer[:200]!r}")
+        if data.histograms is None or len(data.hist_steps) == 0:
+            raise HTTPError(404, f"run {run[:200]!r} recorded no gradient histograms")
+
+        def build() -> dict:
+            j = data.layers.index(layer)
+            pick = np.arange(len(data.hist_steps))
+            if len(pick) > MAX_HIST_STEPS:
+                pick = np.unique(np.linspace(0, len(pick) - 1, MAX_HIST_STEPS).round().astype(np.int64))
+            return {
+                "run": run,
+                "layer": layer,
+                "steps": np.asarray(data.hist_steps)[pick],
+                "log10_edges": fmt.HIST_LOG10_EDGES,
+                "bins": histogram_labels(),
+                "counts": np.asarray(data.histograms[pick, j, :], dtype=np.int64),
+                "subsampled": len(pick) < len(data.hist_steps),
+            }
+
+        return self._cached(("histograms", run, version, layer), build)
+
+    # ------------------------------------------------------------------------------------------------------ static
+
+    @wrappers.Request.application
+    def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
+        """Files of ``static/`` by exact name; the request path is looked up in a listing, never opened as a path."""
+        prefix = "/data/plugin/" + self.plugin_name + "/"
+        path = request.path
+        index = path.find(prefix)
+        name = path[index + len(prefix):] if index >= 0 else ""
+        files = static_files()
+        if name not in files:
+            return http_util.Respond(request, {"error": f"no such file: {name[:200]!r}"}, "application/json",
+                                     code=404)
+        full, mimetype = files[name]
+        with open(full, "rb") as handle:
+            content = handle.read()
+        return http_util.Respond(request, content, mimetype)
+
+
+def static_files() -> dict[str, tuple[str, str]]:
+    """Allow-list of servable files: relative name -> (file path, MIME type), for the known file types only."""
+    found: dict[str, tuple[str, str]] = {}
+    for root, dirs, names in os.walk(STATIC_DIR):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for filename in names:
+            mimetype = STATIC_TYPES.get(os.path.splitext(filename)[1].lower())
+            if mimetype is None or filename.startswith("."):
+                continue
+            full = os.path.join(root, filename)
+            found[os.path.relpath(full, STATIC_DIR).replace(os.sep, "/")] = (full, mimetype)
+    return found
+
+
+def histogram_labels() -> list[str]:
+    """Human labels of the format's fixed histogram bins on |g|."""
+    edges = fmt.HIST_LOG10_EDGES
+    labels = ["0", f"(0, 1e{edges[0]:g})"]
+    labels += [f"[1e{a:g}, 1e{b:g})" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    labels += [f">= 1e{edges[-1]:g}", "NaN/Inf"]
+    return labels
+
+
+def _require_metric(data: Any, metric: str) -> None:
+    if not data.layers:
+        raise HTTPError(404, f"run {data.name[:200]!r} has no per-layer data")
+    needed = ("update_norm", "param_norm") if metric == "update_ratio" and metric not in data.layer_metrics \
+        else (metric,)
+    missing = [m for m in needed if m not in data.layer_metrics]
+    if missing:
+        raise HTTPError(404, f"run {data.name[:200]!r} did not record {', '.join(missing)}")
+
+
+def _metric_values(data: Any, metric: str) -> np.ndarray:
+    if metric == "update_ratio":
+        return data.update_ratio()
+    return data.layer_metrics[metric]
+
+
+def _offending(report: Any) -> list[str]:
+    """Layer names ranked across episodes: most severe episode first, each episode's own ranking within it."""
+    ranked: list[str] = []
+    for episode in sorted(report.episodes, key=lambda e: -float(e.severity)):
+        for finding in episode.layers:
+            if finding.name not in ranked:
+                ranked.append(finding.name)
+    return ranked
+
 
 class GradientsLoader(base_plugin.TBLoader):
+    """Entry point ``gradients`` of the ``tensorboard_plugins`` group."""
+
     def load(self, context: base_plugin.TBContext) -> GradientsPlugin:
         return GradientsPlugin(context)
