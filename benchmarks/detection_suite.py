@@ -1,0 +1,556 @@
+"""The labeled detection suite: ours against four published spike rules, on the same runs, in one table.
+
+Run ``python benchmarks/detection_suite.py`` (full size) or ``--small`` (the size the unit tests use). Cases:
+
+1. synthetic runs (deterministic seeds): realistic per-layer gradient-norm curves (LR warm-up, fast early decay, slow
+   late rise, per-layer and shared noise) with injected single-step spikes, ramps, plateaus, NaN bursts, update-ratio
+   blow-ups and an AMP loss-scale collapse; healthy runs with an AMP overflow sawtooth. Labels are the injected
+   windows and their origin layer;
+2. third-party event files (loss only), labeled from their documented excursions.
+
+Baselines score the same series (each layer's gradient norm and the total norm, or the loss for loss-only runs);
+every detector counts non-finite values as detections and ignores steps AMP skipped; their crossings are grouped into
+episodes and ranked exactly like ours, so the table compares the scoring rules alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tb_gradient_plugin.detect import DetectorConfig, detect  # noqa: E402
+from tb_gradient_plugin.runs import RunData, Series  # noqa: E402
+
+MERGE_GAP = 10  # the same grouping for every detector
+TOLERANCE = 3  # a detection within this many logged steps of a labeled window matches it
+
+
+@dataclass
+class Label:
+    start: int
+    end: int
+    kind: str  # "explosion" | "nonfinite"
+    layer: str | None  # the origin layer, when known
+
+
+@dataclass
+class Case:
+    name: str
+    group: str  # synthetic | real | thirdparty
+    run: RunData
+    labels: list[Label]
+    loss_only: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ synthetic cases
+
+
+def _healthy_curves(rng: np.random.Generator, n_steps: int, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """log grad norms [steps, layers] and the LR schedule: warm-up, fast early decay, late rise, noise."""
+    t = np.arange(n_steps, dtype=np.float64)
+    warm = max(10, int(n_steps * rng.uniform(0.01, 0.08)))
+    lr = np.minimum(1.0, (t + 1) / warm) * (0.5 + 0.5 * np.cos(np.pi * t / n_steps) * rng.uniform(0.5, 1.0))
+    trend = (np.log(rng.uniform(1.5, 4.0)) * np.minimum(1.0, t / warm)
+             - np.log(rng.uniform(2.0, 10.0)) * (1 - np.exp(-t / (n_steps * rng.uniform(0.03, 0.15))))
+             + np.log(rng.uniform(1.0, 3.0)) * np.clip((t - n_steps / 2) / (n_steps / 2), 0, 1))
+    depth = np.linspace(0, np.log(rng.uniform(1.0, 8.0)), n_layers)[::-1]
+    offset = rng.uniform(np.log(1e-3), np.log(1.0), n_layers) + depth
+    sigma = rng.uniform(0.05, 0.3, n_layers)
+    shared = rng.normal(0, rng.uniform(0.03, 0.12), n_steps)
+    logg = offset[None, :] + trend[:, None] + shared[:, None] + rng.normal(0, 1, (n_steps, n_layers)) * sigma
+    return logg, lr
+
+
+def synthetic_case(seed: int, n_layers: int, n_steps: int, *, amp: bool = False, inject: bool = True) -> Case:
+    rng = np.random.default_rng(seed)
+    logg, lr = _healthy_curves(rng, n_steps, n_layers)
+    layers = [f"block{j // 2}.{'attn' if j % 2 == 0 else 'mlp'}" for j in range(n_layers)]
+    param = np.exp(rng.uniform(np.log(1.0), np.log(50.0), n_layers))[None, :] * np.ones((n_steps, 1))
+    logu = (np.log(rng.uniform(5e-4, 3e-3, n_layers))[None, :] + np.log(lr + 1e-3)[:, None]
+            + rng.normal(0, 0.1, (n_steps, n_layers)))
+    nonfin = np.zeros((n_steps, n_layers))
+    loss = 3.0 * np.exp(-np.arange(n_steps) / (n_steps * 0.3)) + 0.5
+    loss = loss * np.exp(rng.normal(0, 0.05, n_steps))
+    labels: list[Label] = []
+    kinds = ["spike", "ramp", "plateau", "nan", "update"]
+    if amp:
+        kinds.append("collapse")
+    n_inj = max(2, min(10, n_steps // 800)) if inject else 0
+    slots = np.linspace(0.08, 0.95, n_inj + 1)
+    used: list[tuple[int, int]] = []
+    for k in range(n_inj):
+        kind = kinds[(seed + k) % len(kinds)]
+        lo, hi = int(slots[k] * n_steps), int(slots[k + 1] * n_steps) - 80
+        s = int(rng.integers(lo, max(lo + 1, hi)))
+        origin = int(rng.integers(0, n_layers))
+        others = rng.choice(n_layers, size=int(rng.integers(0, max(1, n_layers // 5))), replace=False)
+        others = others[others != origin]
+        mag = np.log(np.exp(rng.uniform(np.log(10), np.log(1e3))))
+        if kind == "spike":
+            e = s
+            logg[s, origin] += mag
+            logg[s, others] += mag * rng.uniform(0.2, 0.7, others.size)
+        elif kind == "ramp":
+            r = int(rng.integers(5, 51))
+            e = s + r
+            prof = np.linspace(0, 1, r + 1) ** 2
+            logg[s:e + 1, origin] += mag * prof
+            lag = 2
+            logg[s + lag:e + 1, others] += (mag * prof[: r + 1 - lag, None]) * rng.uniform(0.2, 0.6, others.size)
+        elif kind == "plateau":
+            e = s + int(rng.integers(10, 60))
+            m = np.log(rng.uniform(10, 100))
+            logg[s:e + 1, origin] += m
+            logg[s + 1:e + 1, others] += m * rng.uniform(0.2, 0.6, others.size)
+        elif kind == "nan":
+            e = s + int(rng.integers(0, 8))
+            logg[s:e + 1, origin] = np.nan
+            nonfin[s:e + 1, origin] = rng.integers(1, 100, e - s + 1)
+            if others.size and e > s:
+                logg[s + 1:e + 1, others] = np.nan
+                nonfin[s + 1:e + 1, others] = 1
+        elif kind == "update":
+            e = s + int(rng.integers(5, 30))
+            logu[s:e + 1, origin] = np.log(rng.uniform(0.05, 0.5))
+            logg[s:e + 1, origin] += np.log(rng.uniform(1.0, 2.0))
+        else:  # loss-scale collapse: handled below with the AMP series
+            e = s + int(rng.integers(20, 40))
+        labels.append(Label(s, e, "nonfinite" if kind in ("nan", "collapse") else "explosion", layers[origin]
+                            if kind != "collapse" else None))
+        used.append((s, e))
+        if rng.random() < 0.7 and kind != "update":
+            d = int(rng.integers(1, 6))
+            if e + d < n_steps:
+                loss[e + d] *= rng.uniform(5, 30)
+    g = np.exp(logg)
+    series = {"loss": Series(np.arange(n_steps, dtype=np.int64), loss), "lr": Series(np.arange(n_steps), lr)}
+    if amp:
+        scale, skipped = _amp_sawtooth(rng, n_steps, labels)
+        for i in np.nonzero(skipped)[0]:
+            hit = rng.choice(n_layers, size=max(1, n_layers // 10), replace=False)
+            g[i, hit] = np.inf
+            nonfin[i, hit] = 1
+        series["loss_scale"] = Series(np.arange(n_steps, dtype=np.int64), scale)
+        series["step_skipped"] = Series(np.arange(n_steps, dtype=np.int64), skipped.astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.sqrt(np.sum(np.where(np.isfinite(g), g, np.nan) ** 2, axis=1))
+    total[nonfin.any(axis=1)] = np.inf
+    series["total_grad_norm"] = Series(np.arange(n_steps, dtype=np.int64), total)
+    run = RunData(
+        name=f"synthetic-{seed}-{n_layers}x{n_steps}{'-amp' if amp else ''}", source="tb_gradient_plugin",
+        layers=layers, steps=np.arange(n_steps, dtype=np.int64),
+        layer_metrics={"grad_norm": g.astype(np.float32), "param_norm": param.astype(np.float32),
+                       "update_norm": (np.exp(logu) * param).astype(np.float32),
+                       "nonfinite_count": nonfin.astype(np.float32)},
+        present=np.ones((n_steps, n_layers), dtype=bool), series=series)
+    return Case(run.name, "synthetic", run, labels)
+
+
+def _amp_sawtooth(rng: np.random.Generator, n: int, labels: list[Label]) -> tuple[np.ndarray, np.ndarray]:
+    """GradScaler behaviour: x2 every ``interval`` clean steps, /2 on an overflow (skipped step); plus collapses."""
+    scale = np.empty(n)
+    skipped = np.zeros(n, dtype=bool)
+    collapse = np.zeros(n, dtype=bool)
+    for lab in labels:
+        if lab.kind == "nonfinite" and lab.layer is None:
+            collapse[lab.start:lab.end + 1] = True
+    s, clean, interval = 2.0**16, 0, 200
+    for i in range(n):
+        over = collapse[i] or (clean >= interval and rng.random() < 0.3)
+        if over:
+            skipped[i] = True
+            s /= 2
+            clean = 0
+        else:
+            clean += 1
+            if clean % interval == 0:
+                s *= 2
+        scale[i] = s
+        if not collapse[i] and i and collapse[i - 1]:
+            s = 2.0**16  # the run recovered (e.g. restarted from a checkpoint)
+    return scale, skipped
+
+
+def synthetic_cases(small: bool) -> list[Case]:
+    if small:
+        shapes = [(60, 2000, False), (50, 3000, True), (80, 1500, False), (50, 2500, False)]
+    else:
+        shapes = [(50, 1000, False), (120, 5000, False), (200, 10000, True), (500, 4000, False), (300, 20000, False),
+                  (50, 100000, False), (100, 30000, True), (250, 8000, False), (64, 12000, True), (400, 6000, False),
+                  (80, 50000, False), (160, 16000, True)]
+    cases = [synthetic_case(1000 + i, L, N, amp=amp) for i, (L, N, amp) in enumerate(shapes)]
+    healthy = [(100, 3000, True), (50, 2000, False)] if small else [(200, 20000, True), (100, 30000, False),
+                                                                     (500, 5000, True), (60, 60000, False)]
+    cases += [synthetic_case(2000 + i, L, N, amp=amp, inject=False) for i, (L, N, amp) in enumerate(healthy)]
+    for c in cases[-len(healthy):]:
+        c.name += "-healthy"
+    return cases
+
+
+# --------------------------------------------------------------------------------------------- third-party runs
+
+#: (run directory, loss tag, labels) — labels from the runs' documented excursions (see the realruns README):
+#: ``"above_median"`` labels every point after the first 5 % that is over 10x the run's median, an excursion each.
+THIRDPARTY: list[tuple[str, str, object]] = [
+    ("ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763", "losses/value_loss", [(24576, 36864)]),
+    ("dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80", "train_loss", "above_median"),
+    ("dparra2399__LearnedCoWSiP/experiments/illum_peak_models/n1024_k8_sigma10_peak030_counts1000", "train_loss", []),
+    ("Aydana1__Enhancing_YOLOv5l/runs/train/exp31", "train/obj_loss", []),
+    ("ZakSingh__omelette/lightning_logs/math", "train_loss", []),
+    ("AnAccountWithoutAName__Deep-Lineary-Gated-Networks/lightning_logs/version_0", "train_loss", []),
+    ("aarugunj27__EnzymeKcatAnaylsis/logs", "train/loss", []),
+    ("TheCodeheadMT__TensorBoard-Tutorial/archive/logs/mod1-reuters-1690485395/train", "epoch_loss", []),
+]
+
+
+def read_scalar_series(run_dir: str) -> dict[str, Series]:
+    """Every scalar tag of the event files directly in ``run_dir`` (last value wins for a repeated step)."""
+    from tb_gradient_plugin.reader import EventFileReader
+
+    pts: dict[str, dict[int, float]] = {}
+    for fname in sorted(os.listdir(run_dir)):
+        if ".tfevents." not in fname:
+            continue
+        reader = EventFileReader(os.path.join(run_dir, fname))
+        for rec in reader.read().scalars:
+            pts.setdefault(rec.tag, {})[rec.step] = rec.value
+        reader.finish()
+    out = {}
+    for tag, d in pts.items():
+        steps = np.asarray(sorted(d), dtype=np.int64)
+        out[tag] = Series(steps, np.asarray([d[s] for s in steps.tolist()], dtype=np.float64))
+    return out
+
+
+def thirdparty_cases(root: str) -> list[Case]:
+    cases = []
+    for rel, tag, spec in THIRDPARTY:
+        series = read_scalar_series(os.path.join(root, rel))
+        loss = series[tag]
+        if spec == "above_median":
+            v, st = loss.values, loss.steps
+            skip = max(1, int(0.05 * v.size))
+            hot = np.zeros(v.size, dtype=bool)
+            hot[skip:] = v[skip:] > 10 * np.median(v)
+            idx = np.nonzero(hot)[0]
+            groups = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1) if idx.size else []
+            labels = [Label(int(st[g[0]]), int(st[g[-1]]), "explosion", None) for g in groups]
+        else:
+            labels = [Label(a, b, "explosion", None) for a, b in spec]
+        run = RunData(name=rel, source="plain", series={"loss": loss})
+        cases.append(Case(rel, "thirdparty", run, labels, loss_only=True))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------- published rules
+
+
+def rule_rolling_median(x: np.ndarray, window: int = 50, factor: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed 10x rolling median of the preceding ``window`` values."""
+    n = x.shape[0]
+    flag = np.zeros(x.shape, dtype=bool)
+    score = np.zeros(x.shape)
+    xs = np.where(np.isfinite(x), x, np.nan)
+    for a in range(window, n, 4096):
+        b = min(n, a + 4096)
+        win = np.lib.stride_tricks.sliding_window_view(xs[a - window:b - 1], window, axis=0)
+        med = np.median(win, axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            flag[a:b] = xs[a:b] > factor * med
+            score[a:b] = xs[a:b] / med
+    return flag, score
+
+
+def rule_olmo(x: np.ndarray, window: int = 1000, sigmas: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
+    """OLMo 2 spike score: at least 7 standard deviations above the rolling mean of the last 1000 values."""
+    ok = np.isfinite(x)
+    v = np.where(ok, x, 0.0).astype(np.float64)
+    c1 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(v, axis=0)])
+    c2 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(v * v, axis=0)])
+    cn = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(ok, axis=0)])
+    idx = np.arange(x.shape[0])
+    lo = np.maximum(0, idx - window)
+    s1, s2, sn = c1[idx] - c1[lo], c2[idx] - c2[lo], cn[idx] - cn[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / sn
+        std = np.sqrt(np.maximum(s2 / sn - mean * mean, 0))
+        score = (x - mean) / std
+    flag = ok & (sn >= 10) & (score >= sigmas)
+    return flag, np.where(np.isfinite(score), score, 0.0)
+
+
+def rule_zclip(x: np.ndarray, alpha: float = 0.97, z_thr: float = 2.5, warmup: int = 25):
+    """ZClip: EMA mean/variance (alpha 0.97), z > 2.5 after 25 warm-up steps; spikes update the EMA clipped."""
+    n = x.shape[0]
+    flag = np.zeros(x.shape, dtype=bool)
+    score = np.zeros(x.shape)
+    if n <= warmup:
+        return flag, score
+    first = np.where(np.isfinite(x[:warmup]), x[:warmup], np.nan)
+    mu = np.nanmean(first, axis=0)
+    var = np.nanvar(first, axis=0)
+    for i in range(warmup, n):
+        xi = x[i]
+        ok = np.isfinite(xi)
+        sd = np.sqrt(var)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = (xi - mu) / sd
+        f = ok & (z > z_thr)
+        flag[i] = f
+        score[i] = np.where(ok & np.isfinite(z), z, 0.0)
+        upd = np.where(f, mu + z_thr * sd, xi)
+        upd = np.where(ok, upd, mu)
+        delta = upd - mu
+        mu = np.where(np.isnan(mu), upd, alpha * mu + (1 - alpha) * upd)
+        var = np.where(np.isnan(var), 0.0, alpha * var + (1 - alpha) * delta * delta)
+    return flag, score
+
+
+def rule_megatron(x: np.ndarray, first: int = 100, factor: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron-style: at least 10x the maximum of the first 100 values."""
+    head = np.where(np.isfinite(x[:first]), x[:first], np.nan)
+    ref = np.nanmax(head, axis=0) if head.size else np.full(x.shape[1:], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = x / ref
+    flag = np.isfinite(x) & (score >= factor)
+    flag[:first] = False
+    return flag, np.where(np.isfinite(score), score, 0.0)
+
+
+BASELINES: dict[str, Callable] = {
+    "10x rolling median": rule_rolling_median,
+    "OLMo 2 (7 sigma)": rule_olmo,
+    "ZClip (z>2.5)": rule_zclip,
+    "Megatron (10x first 100)": rule_megatron,
+}
+
+
+@dataclass
+class Detected:
+    start: int
+    end: int
+    layer: str | None
+
+
+def _episodes_from_flags(steps: np.ndarray, flags: np.ndarray, score: np.ndarray, names: list[str]) -> list[Detected]:
+    """Group flagged points (any column) into episodes; rank columns by first crossing, then score."""
+    active = np.nonzero(flags.any(axis=1))[0]
+    out = []
+    if active.size == 0:
+        return out
+    cut = np.nonzero(np.diff(active) > MERGE_GAP)[0] + 1
+    for grp in np.split(active, cut):
+        sub = flags[grp[0]:grp[-1] + 1]
+        cols = np.nonzero(sub.any(axis=0))[0]
+        first = sub[:, cols].argmax(axis=0)
+        peak = np.where(sub[:, cols], score[grp[0]:grp[-1] + 1][:, cols], -np.inf).max(axis=0)
+        order = np.lexsort((-peak, first))
+        out.append(Detected(int(steps[grp[0]]), int(steps[grp[-1]]), names[cols[order[0]]]))
+    return out
+
+
+def run_baseline(rule: Callable, case: Case) -> list[Detected]:
+    run = case.run
+    skip = run.series.get("step_skipped")
+    if case.loss_only:
+        s = run.series["loss"]
+        x = np.asarray(s.values, dtype=np.float64)[:, None]
+        flags, score = rule(x)
+        flags |= ~np.isfinite(x)
+        return _episodes_from_flags(np.asarray(s.steps), flags, score, ["loss"])
+    g = run.layer_metrics["grad_norm"].astype(np.float64)
+    g = np.where(run.present, g, np.nan)
+    tot = run.series.get("total_grad_norm")
+    if tot is not None and len(tot.steps) == g.shape[0]:
+        g = np.concatenate([g, np.asarray(tot.values, dtype=np.float64)[:, None]], axis=1)
+    names = list(run.layers) + ["total_grad_norm"]
+    nonfin = ~np.isfinite(g) & np.concatenate([run.present, np.ones((g.shape[0], 1), bool)], axis=1)[:, :g.shape[1]]
+    if "nonfinite_count" in run.layer_metrics:
+        nonfin[:, :len(run.layers)] |= run.layer_metrics["nonfinite_count"] > 0
+    flags, score = rule(np.where(nonfin, np.nan, g))
+    flags |= nonfin
+    score = np.where(nonfin, np.inf, score)
+    if skip is not None:
+        flags[np.asarray(skip.values) > 0.5] = False
+    return _episodes_from_flags(run.steps, flags, score, names)
+
+
+def run_ours(case: Case, config: DetectorConfig | None = None) -> list[Detected]:
+    rep = detect(case.run, config)
+    out = [Detected(e.start_step, e.end_step, e.layers[0].name if e.layers else None)
+           for e in rep.episodes if e.kind in ("explosion", "nonfinite")]
+    if case.loss_only:
+        out += [Detected(s.step, s.step, None) for s in rep.loss_spikes if s.episode is None]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Score:
+    labels: int = 0
+    found: int = 0
+    detections: int = 0
+    true_detections: int = 0
+    false: int = 0
+    healthy_points: int = 0
+    layer_labels: int = 0
+    layer_hits: int = 0
+
+    def add(self, other: Score) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.labels if self.labels else float("nan")
+
+    @property
+    def precision(self) -> float:
+        return self.true_detections / self.detections if self.detections else 1.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    @property
+    def false_per_10k(self) -> float:
+        return self.false / self.healthy_points * 1e4 if self.healthy_points else float("nan")
+
+    @property
+    def top1(self) -> float:
+        return self.layer_hits / self.layer_labels if self.layer_labels else float("nan")
+
+
+def score_case(case: Case, dets: list[Detected]) -> Score:
+    steps = np.asarray(case.run.series["loss"].steps if case.loss_only else case.run.steps)
+    sc = Score(labels=len(case.labels), detections=len(dets))
+    pos = np.searchsorted
+    labeled = np.zeros(steps.size, dtype=bool)
+    spans = []
+    for lab in case.labels:
+        a, b = pos(steps, lab.start), pos(steps, lab.end, side="right")
+        labeled[a:b] = True
+        spans.append((max(0, a - TOLERANCE), min(steps.size - 1, b - 1 + TOLERANCE)))
+    sc.healthy_points = int((~labeled).sum())
+    hit_label = [False] * len(case.labels)
+    first_det: list[Detected | None] = [None] * len(case.labels)
+    for d in dets:
+        da, db = pos(steps, d.start), pos(steps, d.end)
+        matched = False
+        for k, (a, b) in enumerate(spans):
+            if da <= b and db >= a:
+                matched = True
+                if not hit_label[k]:
+                    hit_label[k] = True
+                    first_det[k] = d
+        if matched:
+            sc.true_detections += 1
+        else:
+            sc.false += 1
+    sc.found = sum(hit_label)
+    for lab, d in zip(case.labels, first_det, strict=True):
+        if lab.layer is not None and d is not None:
+            sc.layer_labels += 1
+            sc.layer_hits += int(d.layer == lab.layer)
+    return sc
+
+
+def evaluate(cases: list[Case], config: DetectorConfig | None = None) -> tuple[dict[str, Score], dict[str, float]]:
+    """Scores per detector (ours first) over all cases, and the wall time each detector took."""
+    detectors: dict[str, Callable[[Case], list[Detected]]] = {"ours": lambda c: run_ours(c, config)}
+    for name, rule in BASELINES.items():
+        detectors[name] = lambda c, rule=rule: run_baseline(rule, c)
+    totals = {name: Score() for name in detectors}
+    times = dict.fromkeys(detectors, 0.0)
+    for case in cases:
+        for name, fn in detectors.items():
+            t0 = time.perf_counter()
+            dets = fn(case)
+            times[name] += time.perf_counter() - t0
+            totals[name].add(score_case(case, dets))
+    return totals, times
+
+
+def table(scores: dict[str, Score]) -> str:
+    lines = ["| detector | recall | false episodes / 10k healthy steps | top-1 layer | precision | F1 |",
+             "|---|---|---|---|---|---|"]
+    for name, s in scores.items():
+        lines.append(f"| {name} | {s.recall:.3f} ({s.found}/{s.labels}) | {s.false_per_10k:.3f} ({s.false}) | "
+                     f"{s.top1:.3f} ({s.layer_hits}/{s.layer_labels}) | {s.precision:.3f} | {s.f1:.3f} |")
+    return "\n".join(lines)
+
+
+def all_cases(small: bool, realruns: str | None) -> list[Case]:
+    cases = synthetic_cases(small)
+    if realruns:
+        cases += thirdparty_cases(realruns)
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="the reduced size the unit tests use")
+    ap.add_argument("--realruns", default=None, help="directory of the third-party event files")
+    ap.add_argument("--speed", action="store_true", help="only time detect() on 500 layers x 100k steps")
+    args = ap.parse_args(argv)
+    if args.speed:
+        offline, online = speed()
+        print(f"offline detect(): 500 layers x 100,000 steps in {offline:.2f} s; "
+              f"online: {online * 1e3:.3f} ms per step of 500 layers")
+        return 0
+    t0 = time.perf_counter()
+    cases = all_cases(args.small, args.realruns)
+    print(f"{len(cases)} cases built in {time.perf_counter() - t0:.1f} s")
+    groups = sorted({c.group for c in cases})
+    for grp in groups + ["all"]:
+        sel = [c for c in cases if grp == "all" or c.group == grp]
+        scores, times = evaluate(sel)
+        print(f"\n### {grp} ({len(sel)} runs, {sum(len(c.labels) for c in sel)} labeled episodes)\n")
+        print(table(scores))
+        print("\nwall time: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    return 0
+
+
+
+def speed(n_layers: int = 500, n_steps: int = 100_000) -> tuple[float, float]:
+    """Seconds for detect() on ``n_layers`` x ``n_steps`` (grad norms + update ratios), and for the online detector
+    per step (on 2,000 steps of the same width)."""
+    from tb_gradient_plugin.detect import OnlineDetector
+
+    rng = np.random.default_rng(0)
+    g = np.exp(rng.normal(0, 0.2, (n_steps, n_layers))).astype(np.float32)
+    g[n_steps // 2, 7] = 1e4
+    run = RunData("speed", "tb_gradient_plugin", [f"l{j}" for j in range(n_layers)], np.arange(n_steps),
+                  {"grad_norm": g, "param_norm": np.full_like(g, 10.0), "update_norm": g * 1e-2},
+                  np.ones(g.shape, dtype=bool),
+                  {"loss": Series(np.arange(n_steps), np.exp(rng.normal(0, 0.05, n_steps)))})
+    t0 = time.perf_counter()
+    rep = detect(run)
+    offline = time.perf_counter() - t0
+    assert rep.episodes, "the planted spike was not found"
+    det = OnlineDetector()
+    names = run.layers
+    k = 2000
+    t0 = time.perf_counter()
+    for i in range(k):
+        det.update(i, names, {"grad_norm": g[i], "param_norm": run.layer_metrics["param_norm"][i],
+                              "update_norm": run.layer_metrics["update_norm"][i]}, {"loss": 1.0})
+    online = (time.perf_counter() - t0) / k
+    return offline, online
+
+
+if __name__ == "__main__":
+    sys.exit(main())

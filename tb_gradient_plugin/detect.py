@@ -1,0 +1,1000 @@
+"""Detection engine: explosion episodes, offending-layer ranking, loss spikes and advice from measured facts.
+
+Every series is judged against its *own recent robust baseline*, in log space: the points of a series are cut into
+blocks of ``block`` points; each finished block contributes its median and its median absolute deviation (MAD) with
+the points that crossed the threshold left out; the baseline of the next block is the median of the last
+``window_blocks`` block medians, the noise scale the median of their MADs. A point crosses when it is at least
+``ratio`` times its baseline *and* ``z`` robust standard deviations above it. Why this shape:
+
+* medians of medians ignore single spikes, ramps and plateaus shorter than half the window, yet follow LR warm-up,
+  fast early decay and the slow late rise of normalised nets with weight decay (none of which is an explosion);
+* the noise term keeps noisy small-batch series quiet without losing sensitivity on smooth ones;
+* a level that stays above the threshold for ``readapt_blocks`` blocks is accepted as the new normal, so a
+  deliberate change (a new LR) costs one episode, not the rest of the run;
+* the state of a series is a few blocks of numbers: offline it is run block by block over all layers at once
+  (vectorised numpy), online point by point with the very same arithmetic, so both report the same episodes.
+
+Non-finite values always make an episode (kind ``nonfinite``). AMP overflow skips (the optimizer step skipped and the
+loss scale backed off) are reported apart as ``overflow_skip``, unless the loss scale collapses, in which case they
+are a ``nonfinite`` episode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runs import RunData, Series
+
+#: Kinds of episodes; the first two are findings (an auditor fails on them), the last is informational.
+EPISODE_KINDS = ("explosion", "nonfinite", "overflow_skip")
+#: Name used in findings for the run-level total gradient norm (not a layer of the model).
+TOTAL = "total_grad_norm"
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass
+class DetectorConfig:
+    """Every threshold of the detector, with defaults that work across the labeled suite (docs/DETECTION.md)."""
+
+    block: int = 8  # points per baseline block
+    window_blocks: int = 8  # the baseline is the median of this many recent block medians
+    min_history: int = 24  # valid points a series needs before it can cross (warm-up of the detector itself)
+    ratio: float = 5.0  # a gradient norm crosses at ratio x its baseline ...
+    z: float = 6.0  # ... and this many robust sigmas (log space) above it
+    readapt_blocks: int = 6  # blocks above threshold after which the new level becomes the baseline
+    update_ratio_ratio: float = 5.0  # update/param ratio crossing: this many times its own baseline ...
+    update_ratio_z: float = 6.0
+    update_ratio_floor: float = 1e-2  # ... and above the range that is healthy for most layers
+    loss_ratio: float = 5.0  # loss spike: ratio x the loss baseline ...
+    loss_z: float = 6.0  # ... and this many robust sigmas above it
+    loss_min_history: int = 8  # loss series are often short (one point per epoch)
+    max_ratio: float = 50.0  # however noisy a series, this many times its baseline always crosses
+    merge_gap: int = 10  # crossings at most this many logged steps apart form one episode
+    loss_link_points: int = 50  # a loss spike this many logged steps after an episode's end "followed" it
+    early_points: int = 10  # non-finite values within the first logged steps point at initialization
+    loss_scale_floor: float = 1.0  # an AMP loss scale below this means the overflows are not benign
+    loss_scale_drop: float = 2.0**10  # ... so does a scale this many times below its running maximum
+    clip_quantile: float = 0.99  # suggested clip threshold: this quantile of the healthy total gradient norm
+    depth_growth: float = 10.0  # layer norms growing this much through depth (monotonically) -> advise normalization
+    max_layers: int = 20  # findings kept per episode
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.window_blocks < 1:
+            raise ValueError("block and window_blocks must be at least 1")
+        for name in ("ratio", "update_ratio_ratio", "loss_ratio"):
+            if not getattr(self, name) > 1.0:
+                raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
+        if self.merge_gap < 0 or self.min_history < 0:
+            raise ValueError("merge_gap and min_history must be non-negative")
+
+
+@dataclass
+class LayerFinding:
+    """One layer's part in an episode: which metric crossed, when first, when highest, and how far above baseline."""
+
+    name: str
+    metric: str  # grad_norm | update_ratio | grad_max_abs | nonfinite_count | total_grad_norm
+    first_step: int
+    peak_step: int
+    peak_value: float
+    ratio: float  # peak / baseline; inf for non-finite values
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "metric": self.metric, "first_step": self.first_step, "peak_step": self.peak_step,
+                "peak_value": _json_float(self.peak_value), "ratio": _json_float(self.ratio)}
+
+
+@dataclass
+class Episode:
+    """A step range where gradients exploded (or went non-finite, or AMP skipped steps)."""
+
+    kind: str
+    start_step: int
+    end_step: int
+    peak_step: int
+    severity: float  # peak over baseline; inf when values went non-finite
+    layers: list[LayerFinding]  # ranked: [0] is the offending layer
+    loss_spike_step: int | None = None
+    advice: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
+        return {"kind": self.kind, "start_step": self.start_step, "end_step": self.end_step,
+                "peak_step": self.peak_step, "severity": _json_float(self.severity),
+                "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
+                "advice": list(self.advice)}
+
+
+@dataclass
+class LossSpike:
+    """A loss excursion above its own baseline; ``episode`` is the index of the gradient episode it followed."""
+
+    step: int
+    value: float
+    baseline: float
+    ratio: float
+    episode: int | None = None
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "value": _json_float(self.value), "baseline": _json_float(self.baseline),
+                "ratio": _json_float(self.ratio), "episode": self.episode}
+
+
+@dataclass
+class Report:
+    """What the detector found in one run (the auditor's per-run JSON object)."""
+
+    run: str
+    source: str
+    steps: int
+    episodes: list[Episode]
+    loss_spikes: list[LossSpike]
+    warnings: list[str]
+
+    def to_json(self) -> dict:
+        return {"run": self.run, "source": self.source, "steps": self.steps,
+                "episodes": [e.to_json() for e in self.episodes],
+                "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings)}
+
+
+def _json_float(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------------- robust baseline
+
+
+def _nanmedian0(a: np.ndarray) -> np.ndarray:
+    """Median along axis 0 ignoring NaN (NaN where a column has no value); sort-based, so it is fast and exact."""
+    s = np.sort(a, axis=0)  # NaN sorts last
+    nan = np.isnan(a)
+    k = a.shape[0]
+    if not nan.any():
+        return 0.5 * (s[(k - 1) // 2] + s[k // 2])
+    n = k - nan.sum(axis=0)
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.maximum(n // 2, 0)
+    cols = np.arange(a.shape[1])
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (s[lo, cols] + s[hi, cols])
+    med[n == 0] = np.nan
+    return med
+
+
+class _Baseline:
+    """Robust log-space baseline of ``n`` parallel series (columns), advanced one finished block at a time."""
+
+    def __init__(self, n: int, cfg: DetectorConfig, ratio: float, z: float, min_history: int | None = None) -> None:
+        self.cfg = cfg
+        self.min_history = cfg.min_history if min_history is None else min_history
+        self.log_ratio = math.log(ratio)
+        self.log_max = math.log(max(cfg.max_ratio, ratio))
+        self.z = z
+        k = cfg.window_blocks
+        self.med = np.full((k, n), np.nan)
+        self.mad = np.full((k, n), np.nan)
+        self.pos = 0
+        self.hist = np.zeros(n, dtype=np.int64)
+        self.hot = np.zeros(n, dtype=np.int64)
+        self._limits: tuple[np.ndarray, np.ndarray] | None = None
+        # online buffer of the block being filled
+        self.buf = np.full((cfg.block, n), np.nan)
+        self.buf_flag = np.zeros((cfg.block, n), dtype=bool)
+        self.buf_raw = np.full((cfg.block, n), np.nan)
+        self.fill = 0
+
+    @property
+    def n(self) -> int:
+        return self.med.shape[1]
+
+    def grow(self, n: int) -> None:
+        """Add columns (layers seen for the first time); they start with no history."""
+        extra = n - self.n
+        if extra <= 0:
+            return
+
+        def pad(a: np.ndarray, value: float | bool) -> np.ndarray:
+            return np.concatenate([a, np.full((a.shape[0], extra), value, dtype=a.dtype)], axis=1)
+
+        self.med, self.mad = pad(self.med, np.nan), pad(self.mad, np.nan)
+        self.buf, self.buf_raw = pad(self.buf, np.nan), pad(self.buf_raw, np.nan)
+        self.buf_flag = pad(self.buf_flag, False)
+        self.hist = np.concatenate([self.hist, np.zeros(extra, dtype=np.int64)])
+        self.hot = np.concatenate([self.hot, np.zeros(extra, dtype=np.int64)])
+        self._limits = None
+
+    def limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(baseline, threshold) in log space for the points of the current block; threshold +inf while warming up."""
+        if self._limits is None:
+            base = _nanmedian0(self.med)
+            sigma = _nanmedian0(self.mad) * _MAD_TO_SIGMA
+            with np.errstate(invalid="ignore"):
+                thr = base + np.clip(self.z * sigma, self.log_ratio, self.log_max)
+            thr[(self.hist < self.min_history) | np.isnan(thr)] = np.inf
+            self._limits = (base, thr)
+        return self._limits
+
+    def push(self, clean: np.ndarray, flagged: np.ndarray, raw: np.ndarray) -> None:
+        """Finish a block: ``clean`` holds its valid, uncrossed log values (NaN elsewhere), ``raw`` all finite ones."""
+        cfg = self.cfg
+        base, _ = self.limits()
+        med = _nanmedian0(clean)
+        mad = _nanmedian0(np.abs(clean - med))
+        nflag = flagged.sum(axis=0)
+        self.hot = np.where(nflag * 2 > clean.shape[0], self.hot + 1, 0)
+        readapt = self.hot >= cfg.readapt_blocks
+        if readapt.any():
+            rmed = _nanmedian0(raw)
+            rmad = _nanmedian0(np.abs(raw - rmed))
+            med = np.where(readapt, rmed, med)
+            mad = np.where(readapt, rmad, mad)
+        carry = np.isnan(med) & (nflag > 0)  # every point crossed: keep the baseline where it was
+        med = np.where(carry, base, med)
+        self.med[self.pos] = med
+        self.mad[self.pos] = mad
+        self.pos = (self.pos + 1) % cfg.window_blocks
+        self.hist += (~np.isnan(clean)).sum(axis=0)
+        self._limits = None
+
+    def judge(self, logv: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Crossings of ``logv`` (rows of the current block) and their log excess over the baseline."""
+        base, thr = self.limits()
+        with np.errstate(invalid="ignore"):
+            cross = valid & (logv > thr)
+            excess = logv - base
+        return cross, excess, base
+
+    def step(self, logv: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Online: judge one point of every column, then buffer it (finishing the block when full)."""
+        cross, excess, _ = self.judge(logv, valid)
+        self.buf[self.fill] = np.where(valid & ~cross, logv, np.nan)
+        self.buf_flag[self.fill] = cross
+        self.buf_raw[self.fill] = np.where(valid, logv, np.nan)
+        self.fill += 1
+        if self.fill == self.cfg.block:
+            self.push(self.buf, self.buf_flag, self.buf_raw)
+            self.buf = np.full_like(self.buf, np.nan)
+            self.buf_raw = np.full_like(self.buf_raw, np.nan)
+            self.buf_flag = np.zeros_like(self.buf_flag)
+            self.fill = 0
+        return cross, excess
+
+    def run(self, values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offline: all points ``[N, n]`` block by block (logs taken per block to bound memory).
+
+        Returns the crossings ``[N, n]`` and the log baseline of each block ``[blocks, n]``.
+        """
+        b = self.cfg.block
+        cross = np.zeros(values.shape, dtype=bool)
+        bases = np.empty(((values.shape[0] + b - 1) // b, values.shape[1]))
+        for k, start in enumerate(range(0, values.shape[0], b)):
+            rows = slice(start, start + b)
+            v, ok = _log_positive(values[rows])
+            ok &= valid[rows]
+            c, _, base = self.judge(v, ok)
+            cross[rows], bases[k] = c, base
+            if v.shape[0] == b:
+                self.push(np.where(ok & ~c, v, np.nan), c, np.where(ok, v, np.nan))
+        return cross, bases
+
+
+def _log_positive(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Natural log of positive finite values, and the mask of those values."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(v) & (v > 0)
+        return np.where(ok, np.log(np.where(ok, v, 1.0)), np.nan), ok
+
+
+def baseline_band(
+    steps: np.ndarray, values: np.ndarray, config: DetectorConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(robust baseline, explosion threshold) per point of one series, in value units, for the UI's drill-down band.
+
+    The threshold is +inf where the series has too little history to judge (and NaN baseline where it has none).
+    """
+    cfg = config or DetectorConfig()
+    steps = np.asarray(steps)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if steps.shape[0] != values.shape[0]:
+        raise ValueError(f"steps ({steps.shape[0]}) and values ({values.shape[0]}) differ in length")
+    logv, ok = _log_positive(values[:, None])
+    tracker = _Baseline(1, cfg, cfg.ratio, cfg.z)
+    b = cfg.block
+    base = np.full(values.shape[0], np.nan)
+    thr = np.full(values.shape[0], np.inf)
+    for start in range(0, values.shape[0], b):
+        rows = slice(start, start + b)
+        v, valid = logv[rows], ok[rows]
+        c, _, lb = tracker.judge(v, valid)
+        base[rows] = lb[0]
+        thr[rows] = tracker.limits()[1][0]
+        if v.shape[0] == b:
+            tracker.push(np.where(valid & ~c, v, np.nan), c, np.where(valid, v, np.nan))
+    return np.exp(base), np.exp(thr)
+
+
+# ----------------------------------------------------------------------------------------------- per-point records
+
+
+@dataclass
+class _Row:
+    """What one logged step contributed to an episode (kept only for steps with a crossing)."""
+
+    u: int  # index on the run's step axis (every distinct logged step)
+    step: int
+    cols: np.ndarray  # layer columns that crossed or went non-finite
+    metric: np.ndarray  # per col: 0 grad norm, 1 update ratio, 2 non-finite
+    value: np.ndarray  # per col: the metric's value (non-finite count for non-finite)
+    ratio: np.ndarray  # per col: value / baseline (inf for non-finite)
+    total: tuple[float, float] | None  # (value, ratio) of the total gradient norm when it crossed
+    overflow: bool  # an AMP overflow skip (benign): reported as overflow_skip
+    loss_nonfinite: bool
+    norms: np.ndarray | None  # the layers' gradient norms at this step (for depth advice)
+    update_ratio: np.ndarray | None
+
+
+_METRIC_NAMES = ("grad_norm", "update_ratio", "nonfinite_count")
+
+
+class _Engine:
+    """State shared by the offline and online paths; holds the judgement of every series."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        self.cfg = cfg
+        self.grad = _Baseline(0, cfg, cfg.ratio, cfg.z)
+        self.upd = _Baseline(0, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z)
+        self.total = _Baseline(1, cfg, cfg.ratio, cfg.z)
+        self.loss = _Baseline(1, cfg, cfg.loss_ratio, cfg.loss_z, cfg.loss_min_history)
+        self.scale_max = -np.inf
+        self.prev_scale: float | None = None
+
+
+_GRAD_METRIC_NAME = {True: "grad_norm", False: "grad_max_abs"}
+
+
+def _scale_state(engine: _Engine, scale: float | None, skipped: float | None) -> tuple[bool, bool]:
+    """(skipped, collapsed) for one step from the AMP loss scale and skip flag; updates the running maximum."""
+    cfg = engine.cfg
+    is_skip = skipped is not None and math.isfinite(skipped) and skipped > 0.5
+    collapsed = False
+    if scale is not None and math.isfinite(scale):
+        if skipped is None and engine.prev_scale is not None and scale < engine.prev_scale:
+            is_skip = True
+        collapsed = scale < cfg.loss_scale_floor or scale * cfg.loss_scale_drop < engine.scale_max
+        engine.scale_max = max(engine.scale_max, scale)
+        engine.prev_scale = scale
+    return is_skip, collapsed
+
+
+# ------------------------------------------------------------------------------------------------ episode building
+
+
+def _group(us: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """Index ranges [i, j) of sorted step indices ``us`` whose neighbours are at most ``gap`` apart."""
+    if us.size == 0:
+        return []
+    cut = np.nonzero(np.diff(us) > gap)[0] + 1
+    bounds = np.concatenate([[0], cut, [us.size]])
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(bounds) - 1)]
+
+
+def _findings(rows: list[_Row], layers: list[str], grad_metric: str, cfg: DetectorConfig) -> list[LayerFinding]:
+    """Per layer: first crossing, peak; ranked by first crossing, then by how far above baseline."""
+    best: dict[int, list] = {}  # col -> [first_u, first_step, peak_ratio, peak_step, peak_value, metric, nonfin]
+    total: list | None = None
+    for r in rows:
+        for c, m, v, ra in zip(r.cols.tolist(), r.metric.tolist(), r.value.tolist(), r.ratio.tolist(), strict=True):
+            cur = best.get(c)
+            if cur is None:
+                best[c] = [r.u, r.step, ra, r.step, v, m]
+            elif ra > cur[2] or (ra == cur[2] and m == 2 and v > cur[4]):
+                cur[2], cur[3], cur[4], cur[5] = ra, r.step, v, m
+        if r.total is not None:
+            v, ra = r.total
+            if total is None:
+                total = [r.u, r.step, ra, r.step, v]
+            elif ra > total[2]:
+                total[2], total[3], total[4] = ra, r.step, v
+    names = {0: grad_metric, 1: "update_ratio", 2: "nonfinite_count"}
+    order = sorted(best.items(), key=lambda kv: (kv[1][0], -kv[1][2], -kv[1][4] if kv[1][5] == 2 else 0.0, kv[0]))
+    out = [LayerFinding(layers[c], names[m], int(step0), int(pstep), float(val), float(ra))
+           for c, (_, step0, ra, pstep, val, m) in order[: cfg.max_layers]]
+    if not out and total is not None:
+        out.append(LayerFinding(TOTAL, TOTAL, int(total[1]), int(total[3]), float(total[4]), float(total[2])))
+    return out
+
+
+def _build(
+    rows: list[_Row],
+    layers: list[str],
+    grad_metric: str,
+    loss_rows: list[tuple[int, int, float, float, float]],
+    ctx: _Context,
+    cfg: DetectorConfig,
+) -> tuple[list[Episode], list[LossSpike]]:
+    """Episodes and loss spikes from the per-step crossing rows (the same code for offline and online)."""
+    episodes: list[Episode] = []
+    spans: list[tuple[int, int]] = []  # (first u, last u) of each episode, in list order
+    for overflow in (False, True):
+        sel = [r for r in rows if r.overflow == overflow]
+        us = np.asarray([r.u for r in sel], dtype=np.int64)
+        for i, j in _group(us, cfg.merge_gap):
+            grp = sel[i:j]
+            nonfinite = any(r.loss_nonfinite or bool((r.metric == 2).any()) for r in grp) or any(
+                r.total is not None and not math.isfinite(r.total[1]) for r in grp)
+            kind = "overflow_skip" if overflow else ("nonfinite" if nonfinite else "explosion")
+            finds = _findings(grp, layers, grad_metric, cfg)
+            peak_row = _peak_row(grp)
+            severity = max([f.ratio for f in finds] + [r.total[1] for r in grp if r.total is not None] + [1.0])
+            if any(r.loss_nonfinite for r in grp):
+                severity = math.inf
+            ep = Episode(kind, grp[0].step, grp[-1].step, peak_row.step, float(severity), finds)
+            episodes.append(ep)
+            spans.append((grp[0].u, grp[-1].u))
+    order = sorted(range(len(episodes)), key=lambda k: (episodes[k].start_step, episodes[k].kind))
+    episodes = [episodes[k] for k in order]
+    spans = [spans[k] for k in order]
+
+    spikes = _loss_spikes(loss_rows, cfg)
+    for s, su in spikes:
+        for k, ep in enumerate(episodes):
+            if ep.kind == "overflow_skip":
+                continue
+            first_u, last_u = spans[k]
+            if first_u <= su <= last_u + cfg.loss_link_points:
+                s.episode = k
+                if ep.loss_spike_step is None:
+                    ep.loss_spike_step = s.step
+                break
+    for k, ep in enumerate(episodes):
+        grp_rows = [r for r in rows if spans[k][0] <= r.u <= spans[k][1] and r.overflow == (ep.kind == "overflow_skip")]
+        ep.advice = _advice(ep, grp_rows, layers, episodes, ctx, cfg)
+    return episodes, [s for s, _ in spikes]
+
+
+def _peak_row(grp: list[_Row]) -> _Row:
+    def key(r: _Row) -> float:
+        if r.loss_nonfinite or bool((r.metric == 2).any()):
+            return math.inf
+        vals = list(r.ratio.tolist())
+        if r.total is not None:
+            vals.append(r.total[1])
+        return max(vals) if vals else 0.0
+
+    best = grp[0]
+    for r in grp[1:]:
+        if key(r) > key(best):
+            best = r
+    return best
+
+
+def _loss_spikes(loss_rows: list[tuple[int, int, float, float, float]], cfg: DetectorConfig):
+    """One LossSpike per group of crossing loss points, at its highest ratio; with its step index for linking."""
+    us = np.asarray([r[0] for r in loss_rows], dtype=np.int64)
+    out = []
+    for i, j in _group(us, cfg.merge_gap):
+        grp = loss_rows[i:j]
+        u, step, value, base, ratio = max(grp, key=lambda r: r[4])
+        out.append((LossSpike(int(step), float(value), float(base), float(ratio)), int(grp[0][0])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- advice
+
+
+@dataclass
+class _Context:
+    """Run-level facts the advice draws on."""
+
+    first_step: int
+    early_step: int  # the last step of the first ``early_points`` logged steps
+    total_steps: np.ndarray  # total gradient norm (logged, or from the layers)
+    total_values: np.ndarray
+    lr_steps: np.ndarray
+    lr_values: np.ndarray
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _advice(ep: Episode, rows: list[_Row], layers: list[str], episodes: list[Episode], ctx: _Context,
+            cfg: DetectorConfig) -> list[str]:
+    out: list[str] = []
+    if ep.kind == "overflow_skip":
+        out.append(f"AMP skipped {len(rows)} optimizer step(s) for gradient overflow while the loss scale backed "
+                   "off; this is normal mixed-precision behaviour and no update was applied.")
+        return out
+    top = ep.layers[0] if ep.layers else None
+    if ep.kind == "nonfinite":
+        if ep.start_step <= ctx.early_step:
+            out.append(f"Non-finite gradients from the first logged steps (step {ep.start_step}): check the "
+                       "initialization (weight scale), the inputs (NaN/Inf or unnormalised features) and the loss "
+                       "(log of 0, division by 0) before tuning the optimizer.")
+        else:
+            where = f" in {top.name}" if top is not None and top.name != TOTAL else ""
+            out.append(f"Gradients became non-finite{where} at step {ep.start_step}; guard the step (skip or "
+                       "clip non-finite updates) and look for the numerical operation that overflowed.")
+        if any(r.overflow is False and r.loss_nonfinite for r in rows):
+            out.append(f"The loss itself was non-finite during steps {ep.start_step}-{ep.end_step}.")
+    # clip threshold from the healthy total-norm distribution
+    healthy = _healthy_total(ctx, episodes)
+    if healthy.size >= 20 and ep.kind == "explosion":
+        q = float(np.quantile(healthy, cfg.clip_quantile))
+        peak = max((r.total[0] for r in rows if r.total is not None), default=None)
+        peak_txt = f"; this episode's total norm reached {_fmt(peak)}" if peak is not None else ""
+        out.append(f"Clip the total gradient norm at about {_fmt(q)} (the {cfg.clip_quantile:.0%} quantile of the "
+                   f"healthy total norm, median {_fmt(float(np.median(healthy)))}{peak_txt}).")
+    # update ratios far too high
+    ur_rows = [(r, k) for r in rows for k in np.nonzero(r.metric == 1)[0].tolist()]
+    if ur_rows:
+        r, k = max(ur_rows, key=lambda rk: rk[0].value[rk[1]])
+        name, val = layers[int(r.cols[k])], float(r.value[k])
+        out.append(f"Update ratio ||dw||/||w|| of {name} reached {_fmt(val)} at step {r.step} (healthy layers stay "
+                   f"around 1e-3..1e-2; {_fmt(float(r.ratio[k]))}x its own baseline): the learning rate is too high "
+                   "for this layer; lower it or give the layer its own parameter group.")
+    elif top is not None and top.name != TOTAL and ep.kind == "explosion":
+        out.append(f"{top.name} crossed first (step {top.first_step}) and peaked at {_fmt(top.ratio)}x its own "
+                   f"baseline ({top.metric} {_fmt(top.peak_value)} at step {top.peak_step}).")
+    # LR rose shortly before the episode
+    lr_txt = _lr_rise(ep, ctx)
+    if lr_txt:
+        out.append(lr_txt)
+    depth = _depth_growth(ep, rows, layers, cfg)
+    if depth:
+        out.append(depth)
+    if ep.loss_spike_step is not None:
+        out.append(f"The loss spiked at step {ep.loss_spike_step}, {ep.loss_spike_step - ep.start_step} steps after "
+                   "the episode began.")
+    return out
+
+
+def _healthy_total(ctx: _Context, episodes: list[Episode]) -> np.ndarray:
+    steps, vals = ctx.total_steps, ctx.total_values
+    if steps.size == 0:
+        return vals
+    keep = np.isfinite(vals) & (vals > 0)
+    for ep in episodes:
+        if ep.kind != "overflow_skip":
+            keep &= (steps < ep.start_step) | (steps > ep.end_step)
+    return vals[keep]
+
+
+def _lr_rise(ep: Episode, ctx: _Context) -> str | None:
+    if ctx.lr_steps.size < 2:
+        return None
+    before = ctx.lr_steps <= ep.start_step
+    if before.sum() < 2:
+        return None
+    lrs, st = ctx.lr_values[before], ctx.lr_steps[before]
+    cur = lrs[-1]
+    ok = np.isfinite(lrs) & (lrs > 0)
+    if not ok.all() or not cur > 0:
+        return None
+    lowest = np.minimum.accumulate(lrs[::-1])[::-1]  # lowest LR from each point to the episode
+    rise = cur / lowest
+    if rise.max() < 2.0:
+        return None
+    i = int(np.nonzero(rise >= 2.0)[0][-1])
+    j = i + int(np.argmax(lrs[i:] >= 2.0 * lrs[i]))
+    return (f"The learning rate rose from {_fmt(float(lrs[i]))} to {_fmt(float(cur))} (at step {int(st[j])}, "
+            f"{ep.start_step - int(st[j])} steps before the episode): lower it or lengthen the warm-up.")
+
+
+def _depth_growth(ep: Episode, rows: list[_Row], layers: list[str], cfg: DetectorConfig) -> str | None:
+    """Norms that grow steadily through the model's depth at the episode's peak point to normalization/residuals."""
+    peak = next((r for r in rows if r.step == ep.peak_step and r.norms is not None), None)
+    if peak is None or peak.norms is None:
+        return None
+    g = peak.norms
+    ok = np.isfinite(g) & (g > 0)
+    if ok.sum() < 4:
+        return None
+    idx = np.nonzero(ok)[0]
+    lg = np.log10(g[ok])
+    if np.std(lg) == 0:
+        return None
+    corr = float(np.corrcoef(np.arange(idx.size), lg)[0, 1])
+    spread = float(10 ** (lg.max() - lg.min()))
+    if abs(corr) < 0.9 or spread < cfg.depth_growth:
+        return None
+    hi, lo = (idx[-1], idx[0]) if corr > 0 else (idx[0], idx[-1])
+    return (f"At step {peak.step} the gradient norm grows {_fmt(spread)}x steadily through depth, from "
+            f"{_fmt(float(g[lo]))} in {layers[lo]} to {_fmt(float(g[hi]))} in {layers[hi]}: add normalization "
+            "(LayerNorm/BatchNorm) or residual connections, or use a depth-scaled initialization.")
+
+
+# -------------------------------------------------------------------------------------------------------- offline
+
+
+def _series(run: RunData, name: str) -> Series | None:
+    s = run.series.get(name)
+    if s is None or len(s.steps) == 0:
+        return None
+    return s
+
+
+def _on_axis(axis: np.ndarray, s: Series | None) -> np.ndarray:
+    """Values of a series on the union step axis (NaN where it was not logged)."""
+    out = np.full(axis.shape[0], np.nan)
+    if s is not None:
+        out[np.searchsorted(axis, np.asarray(s.steps, dtype=np.int64))] = np.asarray(s.values, dtype=np.float64)
+    return out
+
+
+def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
+    """Judge one run offline (vectorised over layers and blocks)."""
+    cfg = config or DetectorConfig()
+    engine = _Engine(cfg)
+    warnings: list[str] = []
+    names = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr")
+    ser = {n: _series(run, n) for n in names}
+    steps = np.asarray(run.steps, dtype=np.int64)
+    parts = [steps] + [np.asarray(s.steps, dtype=np.int64) for s in ser.values() if s is not None]
+    axis = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    n_layers = len(run.layers)
+
+    # AMP state per step of the axis (sequential by nature, but only over steps that logged a scale or skip flag)
+    skip_u = np.zeros(axis.shape[0], dtype=bool)
+    collapse_u = np.zeros(axis.shape[0], dtype=bool)
+    scale_ax, skip_ax = _on_axis(axis, ser["loss_scale"]), _on_axis(axis, ser["step_skipped"])
+    has_skip = ser["step_skipped"] is not None
+    amp_idx = np.nonzero(~np.isnan(scale_ax) | ~np.isnan(skip_ax))[0]
+    for u in amp_idx.tolist():
+        sc = None if np.isnan(scale_ax[u]) else float(scale_ax[u])
+        sk = None if not has_skip else (0.0 if np.isnan(skip_ax[u]) else float(skip_ax[u]))
+        skip_u[u], collapse_u[u] = _scale_state(engine, sc, sk)
+    overflow_u = skip_u & ~collapse_u
+
+    rows: dict[int, _Row] = {}
+    grad_metric = "grad_norm"
+    norms = None
+    if n_layers and steps.size:
+        lm = run.layer_metrics
+        present = run.present if run.present.shape == (steps.size, n_layers) else np.ones((steps.size, n_layers), bool)
+        gm = lm.get("grad_norm")
+        if gm is None:
+            gm = lm.get("grad_max_abs")
+            grad_metric = "grad_max_abs"
+        lu = np.searchsorted(axis, steps)
+        skipped_pts = skip_u[lu]
+        valid_all = present & ~skipped_pts[:, None]
+        nonfin = np.zeros((steps.size, n_layers), dtype=bool)
+        nfc = lm.get("nonfinite_count")
+        if nfc is not None:
+            with np.errstate(invalid="ignore"):
+                nonfin |= present & (nfc > 0)
+        for m in ("grad_norm", "grad_max_abs"):
+            if lm.get(m) is not None:
+                nonfin |= present & ~np.isfinite(lm[m])
+        crosses = []
+        if gm is not None:
+            norms = gm
+            c, bases = _run_fresh(engine, "grad", n_layers, gm, valid_all & ~nonfin)
+            crosses.append((0, c, bases, gm))
+        ur = run.update_ratio()
+        if ur is not None:
+            c, bases = _run_fresh(engine, "upd", n_layers, ur, valid_all & ~nonfin)
+            c &= ur > cfg.update_ratio_floor
+            crosses.append((1, c, bases, ur))
+        active = nonfin.any(axis=1)
+        for _, c, _, _ in crosses:
+            active |= c.any(axis=1)
+        for i in np.nonzero(active)[0].tolist():
+            cols_l, met_l, val_l, rat_l = [], [], [], []
+            for m, c, bases, vals in crosses:
+                cc = np.nonzero(c[i])[0]
+                cols_l.append(cc)
+                met_l.append(np.full(cc.size, m, dtype=np.int64))
+                val_l.append(vals[i, cc].astype(np.float64))
+                rat_l.append(np.exp(_log_positive(vals[i])[0][cc] - bases[i // cfg.block, cc]))
+            nf = np.nonzero(nonfin[i])[0]
+            cols_l.append(nf)
+            met_l.append(np.full(nf.size, 2, dtype=np.int64))
+            val_l.append(_nonfinite_value(lm, i, nf))
+            rat_l.append(np.full(nf.size, np.inf))
+            u = int(lu[i])
+            rows[u] = _Row(u, int(axis[u]), np.concatenate(cols_l), np.concatenate(met_l), np.concatenate(val_l),
+                           np.concatenate(rat_l), None, bool(skip_u[u] and not collapse_u[u]), False,
+                           None if norms is None else np.asarray(norms[i], dtype=np.float64),
+                           None if ur is None else np.asarray(ur[i], dtype=np.float64))
+
+    # total gradient norm
+    tot = ser["total_grad_norm"]
+    if tot is not None:
+        tu = np.searchsorted(axis, np.asarray(tot.steps, dtype=np.int64))
+        tv = np.asarray(tot.values, dtype=np.float64)
+        nonfinite_t = ~np.isfinite(tv)
+        c, bases = engine.total.run(tv[:, None], ~skip_u[tu][:, None])
+        logv = _log_positive(tv)[0]
+        for k in np.nonzero(c[:, 0] | nonfinite_t)[0].tolist():
+            u = int(tu[k])
+            row = rows.get(u) or _empty_row(u, int(axis[u]), bool(overflow_u[u]))
+            ratio = math.inf if nonfinite_t[k] else float(np.exp(logv[k] - bases[k // cfg.block, 0]))
+            row.total = (float(tv[k]), ratio)
+            rows[u] = row
+    # loss: non-finite -> episode; spikes -> LossSpike
+    loss_rows: list[tuple[int, int, float, float, float]] = []
+    loss = ser["loss"]
+    if loss is not None:
+        lv = np.asarray(loss.values, dtype=np.float64)
+        lsu = np.searchsorted(axis, np.asarray(loss.steps, dtype=np.int64))
+        if np.any(np.isfinite(lv) & (lv <= 0)):
+            warnings.append("loss has non-positive values; loss spikes are judged on its positive values only")
+        c, bases = engine.loss.run(lv[:, None], ~skip_u[lsu][:, None])
+        logv = _log_positive(lv)[0]
+        for k in np.nonzero(c[:, 0])[0].tolist():
+            base = bases[k // cfg.block, 0]
+            loss_rows.append((int(lsu[k]), int(loss.steps[k]), float(lv[k]), float(np.exp(base)),
+                              float(np.exp(logv[k] - base))))
+        for k in np.nonzero(~np.isfinite(lv))[0].tolist():
+            u = int(lsu[k])
+            row = rows.get(u) or _empty_row(u, int(axis[u]), bool(overflow_u[u]))
+            row.loss_nonfinite = not row.overflow
+            rows[u] = row
+    # collapse of the loss scale without any other signal is still a non-finite episode
+    for u in np.nonzero(skip_u & collapse_u)[0].tolist():
+        row = rows.get(u) or _empty_row(u, int(axis[u]), False)
+        if not row.loss_nonfinite and row.total is None and not (row.metric == 2).any():
+            row.total = (math.nan, math.inf)
+        rows[u] = row
+    for u in np.nonzero(overflow_u)[0].tolist():
+        rows[u] = rows.get(u) or _empty_row(u, int(axis[u]), True)
+
+    ordered = [rows[u] for u in sorted(rows)]
+    ctx = _context(axis, ser, run, steps, norms, cfg)
+    if norms is None and tot is None:
+        warnings.append("no gradient norms in this run: only the loss was judged")
+    episodes, spikes = _build(ordered, list(run.layers), grad_metric, loss_rows, ctx, cfg)
+    return Report(run.name, run.source, int(axis.size), episodes, spikes, warnings)
+
+
+def _run_fresh(engine: _Engine, which: str, n: int, values: np.ndarray, valid: np.ndarray):
+    tracker = getattr(engine, which)
+    tracker.grow(n)
+    return tracker.run(values, valid)
+
+
+def _nonfinite_value(lm: dict[str, np.ndarray], i: int, cols: np.ndarray) -> np.ndarray:
+    nfc = lm.get("nonfinite_count")
+    if nfc is None:
+        return np.full(cols.size, np.nan)
+    return np.asarray(nfc[i, cols], dtype=np.float64)
+
+
+def _empty_row(u: int, step: int, overflow: bool) -> _Row:
+    z = np.zeros(0, dtype=np.int64)
+    return _Row(u, step, z, z, np.zeros(0), np.zeros(0), None, overflow, False, None, None)
+
+
+def _context(axis: np.ndarray, ser: dict[str, Series | None], run: RunData, steps: np.ndarray,
+             norms: np.ndarray | None, cfg: DetectorConfig) -> _Context:
+    early = int(axis[min(cfg.early_points, axis.size) - 1]) if axis.size else 0
+    tot = ser["total_grad_norm"]
+    if tot is not None:
+        ts, tv = np.asarray(tot.steps, dtype=np.int64), np.asarray(tot.values, dtype=np.float64)
+    elif norms is not None:
+        ts, tv = steps, _total_from_layers(norms, run.present)
+    else:
+        ts, tv = np.zeros(0, dtype=np.int64), np.zeros(0)
+    lr = ser["lr"]
+    ls = np.asarray(lr.steps, dtype=np.int64) if lr is not None else np.zeros(0, dtype=np.int64)
+    lv = np.asarray(lr.values, dtype=np.float64) if lr is not None else np.zeros(0)
+    return _Context(int(axis[0]) if axis.size else 0, early, ts, tv, ls, lv)
+
+
+def _total_from_layers(norms: np.ndarray, present: np.ndarray | None) -> np.ndarray:
+    """Root of the sum of squares per step, in row chunks so a 500 x 100k run needs no float64 copy of itself."""
+    out = np.empty(norms.shape[0])
+    use_present = present is not None and present.shape == norms.shape
+    for a in range(0, norms.shape[0], 4096):
+        g = np.asarray(norms[a:a + 4096], dtype=np.float64)
+        if use_present:
+            g = np.where(present[a:a + 4096], g, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[a:a + 4096] = np.sqrt(np.sum(g * g, axis=-1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- online
+
+
+class OnlineDetector:
+    """Judges steps as they arrive, with the same arithmetic as :func:`detect` (so the same episodes), O(layers) each.
+
+    Call :meth:`update` once per logged step, in increasing step order, with that step's per-layer metrics (arrays
+    aligned with ``layers``: ``grad_norm``, ``param_norm``, ``update_norm``, ``grad_max_abs``, ``nonfinite_count``) and
+    per-step scalars (``loss``, ``lr``, ``total_grad_norm``, ``loss_scale``, ``step_skipped``). It returns the episodes
+    that open at this step (as known so far); :meth:`report` gives the final, complete picture.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, *, name: str = "", source: str = "tb_gradient_plugin"):
+        self.cfg = config or DetectorConfig()
+        self.name, self.source = name, source
+        self._engine = _Engine(self.cfg)
+        self._layers: list[str] = []
+        self._col: dict[str, int] = {}
+        self._rows: list[_Row] = []
+        self._loss_rows: list[tuple[int, int, float, float, float]] = []
+        self._u = -1
+        self._last_step: int | None = None
+        self._last_active = {False: None, True: None}
+        self._grad_metric: str | None = None
+        self._has_amp_skip = False
+        self._total: tuple[list[int], list[float]] = ([], [])
+        self._layer_total: tuple[list[int], list[float]] = ([], [])
+        self._lr: tuple[list[int], list[float]] = ([], [])
+        self._steps: list[int] = []
+        self._loss_nonpositive = False
+        self._saw_norms = False
+
+    def update(
+        self, step: int, layers: Sequence[str], metrics: dict[str, np.ndarray], scalars: dict[str, float]
+    ) -> list[Episode]:
+        """Judge one logged step; returns the episodes that opened at it."""
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"steps must increase: got {step} after {self._last_step}")
+        layers = list(layers)
+        for m, arr in metrics.items():
+            if np.asarray(arr).reshape(-1).shape[0] != len(layers):
+                raise ValueError(f"metric {m!r} has {np.asarray(arr).size} values for {len(layers)} layers")
+        self._last_step = step
+        self._u += 1
+        u = self._u
+        self._steps.append(step)
+        eng, cfg = self._engine, self.cfg
+        sc = {k: float(v) for k, v in scalars.items() if v is not None}
+        if "step_skipped" in sc:
+            self._has_amp_skip = True
+        skip, collapse = False, False
+        if "loss_scale" in sc or "step_skipped" in sc:
+            sk = sc.get("step_skipped", 0.0 if self._has_amp_skip else None)
+            skip, collapse = _scale_state(eng, sc.get("loss_scale"), sk)
+        overflow = skip and not collapse
+        row: _Row | None = None
+        if layers:
+            row = self._layer_row(u, step, layers, metrics, skip, overflow)
+        if "total_grad_norm" in sc:
+            tv = sc["total_grad_norm"]
+            self._total[0].append(step)
+            self._total[1].append(tv)
+            logv, ok = _log_positive(np.asarray([tv]))
+            cross, excess = eng.total.step(logv, ok & (not skip))
+            if cross[0] or not math.isfinite(tv):
+                row = row or _empty_row(u, step, overflow)
+                row.total = (tv, math.inf if not math.isfinite(tv) else float(np.exp(excess[0])))
+        if "loss" in sc:
+            lv = sc["loss"]
+            if math.isfinite(lv) and lv <= 0:
+                self._loss_nonpositive = True
+            logv, ok = _log_positive(np.asarray([lv]))
+            base = eng.loss.limits()[0][0]
+            cross, excess = eng.loss.step(logv, ok & (not skip))
+            if cross[0]:
+                self._loss_rows.append((u, step, lv, float(np.exp(base)), float(np.exp(excess[0]))))
+            if not math.isfinite(lv):
+                row = row or _empty_row(u, step, overflow)
+                row.loss_nonfinite = not row.overflow
+        if skip and collapse:
+            row = row or _empty_row(u, step, False)
+            if not row.loss_nonfinite and row.total is None and not (row.metric == 2).any():
+                row.total = (math.nan, math.inf)
+        if overflow and row is None:
+            row = _empty_row(u, step, True)
+        if "lr" in sc:
+            self._lr[0].append(step)
+            self._lr[1].append(sc["lr"])
+        if row is None:
+            return []
+        self._rows.append(row)
+        last = self._last_active[row.overflow]
+        self._last_active[row.overflow] = u
+        if last is not None and u - last <= cfg.merge_gap:
+            return []
+        ctx = _Context(self._steps[0], self._early_step(), np.zeros(0, dtype=np.int64), np.zeros(0),
+                       np.zeros(0, dtype=np.int64), np.zeros(0))
+        eps, _ = _build([row], self._layers, self._grad_metric or "grad_norm", [], ctx, cfg)
+        return eps
+
+    def _early_step(self) -> int:
+        return self._steps[min(self.cfg.early_points, len(self._steps)) - 1]
+
+    def _layer_row(self, u: int, step: int, layers: list[str], metrics: dict[str, np.ndarray], skip: bool,
+                   overflow: bool) -> _Row | None:
+        eng, cfg = self._engine, self.cfg
+        for name in layers:
+            if name not in self._col:
+                self._col[name] = len(self._layers)
+                self._layers.append(name)
+        n = len(self._layers)
+        idx = np.asarray([self._col[x] for x in layers], dtype=np.int64)
+
+        def full(metric: str) -> np.ndarray | None:
+            if metric not in metrics:
+                return None
+            out = np.full(n, np.nan, dtype=np.float32)
+            out[idx] = np.asarray(metrics[metric], dtype=np.float32).reshape(-1)
+            return out
+
+        present = np.zeros(n, dtype=bool)
+        present[idx] = True
+        gm = full("grad_norm")
+        gmax = full("grad_max_abs")
+        if self._grad_metric is None and (gm is not None or gmax is not None):
+            self._grad_metric = "grad_norm" if gm is not None else "grad_max_abs"
+        g = gm if self._grad_metric == "grad_norm" else gmax
+        nonfin = np.zeros(n, dtype=bool)
+        nfc = full("nonfinite_count")
+        with np.errstate(invalid="ignore"):
+            if nfc is not None:
+                nonfin |= present & (nfc > 0)
+            for arr in (gm, gmax):
+                if arr is not None:
+                    nonfin |= present & ~np.isfinite(arr)
+        valid = present & (not skip) & ~nonfin
+        cols_l, met_l, val_l, rat_l = [], [], [], []
+        if g is not None:
+            self._saw_norms = True
+            eng.grad.grow(n)
+            logv, ok = _log_positive(g)
+            c, e = eng.grad.step(logv, ok & valid)
+            cc = np.nonzero(c)[0]
+            cols_l.append(cc)
+            met_l.append(np.full(cc.size, 0, dtype=np.int64))
+            val_l.append(g[cc].astype(np.float64))
+            rat_l.append(np.exp(e[cc]))
+            gp = np.where(present, g.astype(np.float64), 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                self._layer_total[0].append(step)
+                self._layer_total[1].append(float(np.sqrt(np.sum(gp * gp))))
+        ur = None
+        upd, par = full("update_norm"), full("param_norm")
+        if upd is not None and par is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ur = (upd / par).astype(np.float32)
+            eng.upd.grow(n)
+            logv, ok = _log_positive(ur)
+            c, e = eng.upd.step(logv, ok & valid)
+            c &= ur > cfg.update_ratio_floor
+            cc = np.nonzero(c)[0]
+            cols_l.append(cc)
+            met_l.append(np.full(cc.size, 1, dtype=np.int64))
+            val_l.append(ur[cc].astype(np.float64))
+            rat_l.append(np.exp(e[cc]))
+        nf = np.nonzero(nonfin)[0]
+        cols_l.append(nf)
+        met_l.append(np.full(nf.size, 2, dtype=np.int64))
+        val_l.append(np.full(nf.size, np.nan) if nfc is None else nfc[nf].astype(np.float64))
+        rat_l.append(np.full(nf.size, np.inf))
+        cols = np.concatenate(cols_l)
+        if cols.size == 0:
+            return None
+        return _Row(u, step, cols, np.concatenate(met_l), np.concatenate(val_l), np.concatenate(rat_l), None,
+                    overflow, False, None if g is None else g.astype(np.float64),
+                    None if ur is None else ur.astype(np.float64))
+
+    def report(self) -> Report:
+        """The episodes and loss spikes of everything seen so far (equal to :func:`detect` on the same data)."""
+        cfg = self.cfg
+        warnings: list[str] = []
+        if self._loss_nonpositive:
+            warnings.append("loss has non-positive values; loss spikes are judged on its positive values only")
+        if self._total[0]:
+            ts, tv = np.asarray(self._total[0], dtype=np.int64), np.asarray(self._total[1])
+        else:
+            ts, tv = np.asarray(self._layer_total[0], dtype=np.int64), np.asarray(self._layer_total[1])
+        if not self._saw_norms and not self._total[0]:
+            warnings.append("no gradient norms in this run: only the loss was judged")
+        first = self._steps[0] if self._steps else 0
+        ctx = _Context(first, self._early_step() if self._steps else 0, ts, tv,
+                       np.asarray(self._lr[0], dtype=np.int64), np.asarray(self._lr[1], dtype=np.float64))
+        episodes, spikes = _build(self._rows, self._layers, self._grad_metric or "grad_norm", self._loss_rows,
+                                  ctx, cfg)
+        return Report(self.name, self.source, len(self._steps), episodes, spikes, warnings)

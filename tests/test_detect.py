@@ -1,0 +1,274 @@
+"""Detection engine: episodes, ranking, loss spikes, advice, online == offline, and the labeled suite (small size)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import detection_suite as suite
+from tb_gradient_plugin.detect import (
+    DetectorConfig,
+    OnlineDetector,
+    Report,
+    baseline_band,
+    detect,
+)
+from tb_gradient_plugin.reader import EventFileReader
+from tb_gradient_plugin.runs import RunData, Series
+from tb_gradient_plugin.writer import GradientWriter
+
+
+def _run(n_steps: int = 2000, n_layers: int = 12, seed: int = 0, **series) -> RunData:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_steps)
+    trend = np.exp(-t / 300.0) * 3 + np.minimum(1, t / 100) + 0.002 * t / 10  # warm-up, decay, late rise
+    g = (trend[:, None] * np.exp(rng.normal(0, 0.2, (n_steps, n_layers)))
+         * np.linspace(1, 2, n_layers)[None, :]).astype(np.float32)
+    layers = [f"layer{j}" for j in range(n_layers)]
+    ser = {k: Series(np.arange(n_steps, dtype=np.int64), np.asarray(v, dtype=np.float64)) for k, v in series.items()}
+    return RunData(name="r", source="tb_gradient_plugin", layers=layers, steps=t.astype(np.int64),
+                   layer_metrics={"grad_norm": g, "nonfinite_count": np.zeros_like(g),
+                                  "param_norm": np.full_like(g, 10.0), "update_norm": np.full_like(g, 0.01)},
+                   present=np.ones((n_steps, n_layers), dtype=bool), series=ser)
+
+
+def _online(run: RunData, config: DetectorConfig | None = None) -> Report:
+    """Feed a RunData step by step into the online detector (as a training loop would)."""
+    det = OnlineDetector(config, name=run.name, source=run.source)
+    axis = np.unique(np.concatenate([run.steps] + [s.steps for s in run.series.values()]))
+    pos = {int(s): i for i, s in enumerate(run.steps.tolist())}
+    ser_pos = {k: {int(s): i for i, s in enumerate(v.steps.tolist())} for k, v in run.series.items()}
+    for step in axis.tolist():
+        layers, metrics = [], {}
+        i = pos.get(step)
+        if i is not None:
+            cols = np.nonzero(run.present[i])[0]
+            layers = [run.layers[c] for c in cols]
+            metrics = {m: a[i, cols] for m, a in run.layer_metrics.items()}
+        scalars = {k: float(run.series[k].values[p[step]]) for k, p in ser_pos.items() if step in p}
+        det.update(step, layers, metrics, scalars)
+    return det.report()
+
+
+def test_healthy_run_with_warmup_decay_and_late_rise_is_quiet():
+    rep = detect(_run())
+    assert [e for e in rep.episodes] == []
+    assert rep.loss_spikes == []
+
+
+def test_spike_is_an_episode_ranked_by_first_crossing_then_magnitude():
+    run = _run()
+    g = run.layer_metrics["grad_norm"]
+    g[1000, 7] *= 40  # the origin crosses first ...
+    g[1001, 2] *= 400  # ... a bigger crossing one step later ranks second
+    g[1001, 9] *= 30
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.kind == "explosion"
+    assert (ep.start_step, ep.end_step) == (1000, 1001)
+    assert [f.name for f in ep.layers] == ["layer7", "layer2", "layer9"]
+    assert ep.peak_step == 1001 and ep.severity == pytest.approx(ep.layers[1].ratio)
+    assert 25 < ep.layers[0].ratio < 70
+
+
+def test_nonfinite_is_always_an_episode_even_in_the_first_steps_with_init_advice():
+    run = _run()
+    run.layer_metrics["grad_norm"][2, 3] = np.nan
+    run.layer_metrics["nonfinite_count"][2, 3] = 17
+    run.layer_metrics["grad_norm"][1500, 5] = np.inf
+    rep = detect(run)
+    kinds = [(e.kind, e.start_step) for e in rep.episodes]
+    assert kinds == [("nonfinite", 2), ("nonfinite", 1500)]
+    first = rep.episodes[0]
+    assert first.layers[0].name == "layer3" and first.layers[0].peak_value == 17
+    assert any("initialization" in a for a in first.advice)
+    assert not any("initialization" in a for a in rep.episodes[1].advice)
+    doc = json.loads(json.dumps(rep.to_json()))  # strict JSON: inf became null
+    assert doc["episodes"][0]["severity"] is None
+
+
+def test_amp_overflow_sawtooth_is_reported_apart_but_a_collapsing_scale_is_an_episode():
+    n = 2000
+    scale = np.full(n, 2.0**16)
+    skipped = np.zeros(n)
+    for s in (400, 900, 1400):  # benign: one overflow, the scale halves and grows back
+        skipped[s] = 1
+        scale[s:s + 200] /= 2
+    skipped[1700:1730] = 1  # collapse: the scale halves every step
+    scale[1700:1730] = 2.0**16 / 2.0 ** np.arange(1, 31)
+    scale[1730:] = scale[1729]
+    run = _run(n, loss_scale=scale, step_skipped=skipped)
+    g = run.layer_metrics["grad_norm"]
+    for s in list(np.nonzero(skipped)[0]):
+        g[s, :4] = np.inf
+    rep = detect(run)
+    over = [e for e in rep.episodes if e.kind == "overflow_skip"]
+    bad = [e for e in rep.episodes if e.kind != "overflow_skip"]
+    assert [e.start_step for e in over][:3] == [400, 900, 1400]
+    assert len(bad) == 1 and bad[0].kind == "nonfinite" and 1700 < bad[0].start_step < 1730
+
+
+def test_update_ratio_far_too_high_names_the_layer_and_value():
+    run = _run()
+    run.layer_metrics["update_norm"][1200:1210, 4] = 3.0  # ratio 0.3 against a baseline of 1e-3
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.layers[0].name == "layer4" and ep.layers[0].metric == "update_ratio"
+    assert any("layer4 reached 0.3" in a and "learning rate" in a for a in ep.advice)
+
+
+def test_update_ratio_jump_within_the_healthy_range_is_not_an_episode():
+    run = _run()
+    run.layer_metrics["update_norm"][1200:1210, 4] = 0.08  # 8x its baseline, but a ratio of only 0.008
+    assert detect(run).episodes == []
+
+
+def test_loss_spike_links_to_the_episode_and_orphan_spikes_are_reported():
+    n = 2000
+    rng = np.random.default_rng(3)
+    loss = 2 * np.exp(-np.arange(n) / 700) * np.exp(rng.normal(0, 0.03, n)) + 0.3
+    loss[1004] *= 20  # follows the gradient episode at 1000
+    loss[1600] *= 20  # no gradient episode
+    run = _run(n, loss=loss)
+    run.layer_metrics["grad_norm"][1000, 1] *= 100
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.loss_spike_step == 1004
+    assert [(s.step, s.episode) for s in rep.loss_spikes] == [(1004, 0), (1600, None)]
+    assert rep.loss_spikes[0].ratio > 10
+
+
+def test_clip_advice_comes_from_the_healthy_total_norm():
+    run = _run()
+    run.layer_metrics["grad_norm"][1000, 1] *= 100
+    total = np.sqrt((run.layer_metrics["grad_norm"].astype(np.float64) ** 2).sum(axis=1))
+    healthy = np.delete(total, 1000)
+    q = np.quantile(healthy, 0.99)
+    (ep,) = detect(run).episodes
+    clip = [a for a in ep.advice if a.startswith("Clip")]
+    assert clip and f"{q:.3g}" in clip[0]
+
+
+def test_growth_through_depth_advises_normalization():
+    run = _run(n_layers=10)
+    g = run.layer_metrics["grad_norm"]
+    g[1000, :] *= (10.0 ** np.linspace(3, 0, 10)).astype(np.float32)  # 1000x at the input, 1x at the output
+    (ep,) = detect(run).episodes
+    assert ep.layers[0].name == "layer0"
+    assert any("through depth" in a and "normalization" in a for a in ep.advice)
+
+
+def test_lr_raise_is_named_in_the_advice():
+    n = 2000
+    lr = np.where(np.arange(n) < 900, 1e-3, 1e-1)
+    run = _run(n, lr=lr)
+    run.layer_metrics["grad_norm"][950:960, :] *= 100
+    (ep,) = detect(run).episodes
+    assert any("learning rate rose from 0.001 to 0.1" in a and "at step 900" in a for a in ep.advice)
+
+
+def test_level_shift_costs_one_episode_not_the_rest_of_the_run():
+    run = _run()
+    run.layer_metrics["grad_norm"][800:, :] *= 20
+    eps = detect(run).episodes
+    assert len(eps) == 1 and eps[0].start_step == 800 and eps[0].end_step < 1000
+
+
+def test_total_norm_only_run_and_loss_only_run():
+    n = 1500
+    rng = np.random.default_rng(1)
+    tot = np.exp(rng.normal(0, 0.1, n))
+    tot[700] = 500.0
+    run = RunData("hf", "hf_trainer", series={"total_grad_norm": Series(np.arange(n) * 10, tot)})
+    (ep,) = detect(run).episodes
+    assert ep.start_step == 7000 and ep.layers[0].name == "total_grad_norm"
+    loss = np.exp(rng.normal(0, 0.05, n))
+    loss[900] = np.nan
+    rep = detect(RunData("lo", "plain", series={"loss": Series(np.arange(n), loss)}))
+    assert [(e.kind, e.start_step) for e in rep.episodes] == [("nonfinite", 900)]
+    assert any("only the loss" in w for w in rep.warnings)
+
+
+def test_online_gives_the_same_report_as_offline_on_the_same_data():
+    cases = [suite.synthetic_case(7, 40, 2500), suite.synthetic_case(8, 30, 2000, amp=True)]
+    run = _run(loss=np.linspace(3, 1, 2000), lr=np.full(2000, 1e-3))
+    run.layer_metrics["grad_norm"][1000, 1] *= 100
+    run.present[:300, 11] = False  # a layer added late
+    run.present[1200:1300, 3] = False  # and one frozen for a while
+    for rd in [run] + [c.run for c in cases]:
+        off, on = detect(rd), _online(rd)
+        assert off.episodes, rd.name
+        assert on.to_json() == off.to_json(), rd.name
+
+
+def test_online_returns_episodes_as_they_open_and_rejects_bad_input():
+    det = OnlineDetector()
+    opened = []
+    rng = np.random.default_rng(0)
+    for step in range(300):
+        g = np.exp(rng.normal(0, 0.1, 3))
+        if step == 200:
+            g[1] = 1000.0
+        opened += [(step, e.layers[0].name) for e in det.update(step, ["a", "b", "c"], {"grad_norm": g}, {})]
+    assert opened == [(200, "b")]
+    with pytest.raises(ValueError, match="increase"):
+        det.update(10, ["a"], {"grad_norm": np.ones(1)}, {})
+    with pytest.raises(ValueError, match="values for 2 layers"):
+        det.update(400, ["a", "b"], {"grad_norm": np.ones(3)}, {})
+    with pytest.raises(ValueError, match="ratio"):
+        DetectorConfig(ratio=1.0)
+
+
+def test_baseline_band_follows_the_series_and_flags_the_spike():
+    steps = np.arange(1000)
+    vals = np.exp(np.linspace(0, 3, 1000))  # grows 20x over the run: followed, not flagged
+    vals[600] *= 100
+    base, thr = baseline_band(steps, vals)
+    assert np.all(np.isinf(thr[:16]))
+    ok = np.isfinite(thr)
+    assert np.all(vals[ok & (steps != 600)] < thr[ok & (steps != 600)])
+    assert vals[600] > thr[600]
+    assert 0.5 < vals[599] / base[599] < 2
+
+
+def test_detect_reads_a_run_written_by_our_writer(tmp_path):
+    rng = np.random.default_rng(5)
+    layers = ["enc.0", "enc.1", "head"]
+    with GradientWriter(tmp_path) as w:
+        for step in range(400):
+            g = np.exp(rng.normal(0, 0.1, 3))
+            if step == 300:
+                g[1] *= 200
+            w.write(step, layers, grad_norm=g, loss=1.0 + rng.random() * 0.01)
+    batches = [EventFileReader(str(p)).read() for p in tmp_path.iterdir()]
+    recs = [r for b in batches for r in b.layer_records]
+    grad = np.stack([r.values for r in recs])
+    steps = np.asarray([r.step for r in recs], dtype=np.int64)
+    run = RunData("w", "tb_gradient_plugin", layers, steps, {"grad_norm": grad}, np.ones(grad.shape, bool))
+    (ep,) = detect(run).episodes
+    assert (ep.start_step, ep.layers[0].name) == (300, "enc.1")
+
+
+def test_labeled_suite_small_meets_the_goals_and_beats_every_baseline():
+    cases = suite.synthetic_cases(small=True)
+    scores, _ = suite.evaluate(cases)
+    ours = scores.pop("ours")
+    assert ours.recall >= 0.98
+    assert ours.false_per_10k <= 0.1
+    assert ours.top1 >= 0.9
+    for name, s in scores.items():
+        assert ours.f1 > s.f1, name
+
+
+def test_realruns_loss_only(realruns):
+    cases = {c.name: c for c in suite.thirdparty_cases(str(realruns))}
+    ppo = detect(cases["ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763"].run)
+    assert [s.step for s in ppo.loss_spikes] and all(24576 <= s.step <= 36864 for s in ppo.loss_spikes)
+    for name in ("ZakSingh__omelette/lightning_logs/math", "Aydana1__Enhancing_YOLOv5l/runs/train/exp31"):
+        rep = detect(cases[name].run)
+        assert rep.episodes == [] and rep.loss_spikes == [], name
+    assert math.isfinite(detect(cases["dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80"].run)
+                         .loss_spikes[0].ratio)
