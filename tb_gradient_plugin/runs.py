@@ -1,10 +1,29 @@
-"""Run store: a logdir becomes runs, and each run becomes dense per-run arrays for the detector, plugin and auditor."""
+"""Run store: a logdir becomes runs, and each run becomes dense per-run arrays for the detector, plugin and auditor.
+
+A *run* is a directory holding event files, named by its path relative to the logdir (``"."`` for the logdir
+itself), as TensorBoard names runs. One exception: Keras' ``TensorBoard`` callback splits one training run into
+``<run>/train`` and ``<run>/validation``; those two directories are read as the single run ``<run>`` (validation tags
+become validation series), because a loss spike and the validation loss it degrades belong to one report.
+
+Every event file is read once, and afterwards only the bytes appended to it (one :class:`EventFileReader` per file,
+one shared ``layouts`` dict per run), so the plugin can poll live runs cheaply. Runs written by other tools are
+mapped onto our series by :func:`map_tag` (the table is documented in ``docs/TAG_MAPPING.md``); tags it does not
+recognise are listed in :attr:`RunData.unknown_tags`, never guessed at.
+"""
 
 from __future__ import annotations
 
+import os
+import posixpath
+import re
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import format as fmt
+from .reader import EventFileReader, LayerRecord, ScalarRecord, is_remote
 
 
 @dataclass
@@ -37,12 +56,811 @@ class RunData:
     histograms: np.ndarray | None = None  # int64 [len(hist_steps), len(layers), HIST_BINS], or None
     warnings: list[str] = field(default_factory=list)
     unknown_tags: list[str] = field(default_factory=list)
+    events: int = 0  # intact events read: 0 means nothing at all could be read
+    bytes_read: int = 0
 
     def update_ratio(self) -> np.ndarray | None:
-        """update_norm / param_norm per (step, layer), or None when either is missing."""
+        """update_norm / param_norm per (step, layer), or None when either is missing.
+
+        Tools that log only the ratio (Composer) give it directly as the ``update_ratio`` layer metric.
+        """
+        direct = self.layer_metrics.get("update_ratio")
+        if direct is not None:
+            return direct
         upd = self.layer_metrics.get("update_norm")
         par = self.layer_metrics.get("param_norm")
         if upd is None or par is None:
             return None
         with np.errstate(divide="ignore", invalid="ignore"):
             return (upd / par).astype(np.float32)
+
+    @property
+    def num_values(self) -> int:
+        """Logged values held (per-layer entries plus series points): the unit of the auditor's throughput."""
+        per_layer = int(self.present.sum()) * max(1, len(self.layer_metrics))
+        return per_layer + sum(len(s.steps) for s in self.series.values())
+
+    def last_step(self) -> int | None:
+        """The largest step of any per-layer metric or series, or None for an empty run."""
+        candidates = [int(self.steps[-1])] if len(self.steps) else []
+        candidates += [int(s.steps[-1]) for s in self.series.values() if len(s.steps)]
+        return max(candidates) if candidates else None
+
+
+# --------------------------------------------------------------------------------------------------- tag mapping
+
+#: Tool names as they appear in ``RunData.source``.
+OURS = "tb_gradient_plugin"
+
+#: Series tags of other tools: tag -> (series, priority, tool hint). Lower priority wins when a run has several tags
+#: for one series; a tool hint is a tag that only that tool writes.
+_SERIES_TAGS: dict[str, tuple[str, int, str | None]] = {
+    # loss
+    "loss": ("loss", 2, None),
+    "train/loss": ("loss", 1, None),
+    "train_loss": ("loss", 2, None),
+    "training_loss": ("loss", 3, None),
+    "Loss/train": ("loss", 3, None),
+    "loss/train": ("loss", 3, None),
+    "training/loss": ("loss", 3, None),
+    "loss/train/total": ("loss", 1, "composer"),
+    "batch_loss": ("loss", 1, "keras"),
+    "epoch_loss": ("loss", 4, "keras"),
+    # learning rate
+    "lr": ("lr", 2, None),
+    "learning_rate": ("lr", 2, None),
+    "train/lr": ("lr", 2, None),
+    "train/learning_rate": ("lr", 1, "hf_trainer"),
+    "charts/learning_rate": ("lr", 3, None),
+    "x/lr0": ("lr", 2, "yolov5"),
+    "epoch_learning_rate": ("lr", 4, "keras"),
+    "batch_learning_rate": ("lr", 3, "keras"),
+    # total gradient norm
+    "grad_norm": ("total_grad_norm", 2, None),
+    "total_grad_norm": ("total_grad_norm", 2, None),
+    "total_norm": ("total_grad_norm", 2, None),
+    "grad_norm/total": ("total_grad_norm", 2, None),
+    "grad_norm_total": ("total_grad_norm", 2, None),
+    "gradient_norm": ("total_grad_norm", 3, None),
+    "train/grad_norm": ("total_grad_norm", 1, "hf_trainer"),
+    "l2_norm/grad/global": ("total_grad_norm", 1, "composer"),
+    # validation loss
+    "val_loss": ("val_loss", 2, None),
+    "val/loss": ("val_loss", 2, None),
+    "eval/loss": ("val_loss", 1, "hf_trainer"),
+    "valid_loss": ("val_loss", 3, None),
+    "validation_loss": ("val_loss", 3, None),
+    "Loss/val": ("val_loss", 3, None),
+    "loss/val": ("val_loss", 3, None),
+    "Loss/validation": ("val_loss", 3, None),
+    "validation/loss": ("val_loss", 3, None),
+    # mixed precision
+    "loss_scale": ("loss_scale", 2, None),
+    "train/loss_scale": ("loss_scale", 2, None),
+    "scaler/scale": ("loss_scale", 3, None),
+    "amp/loss_scale": ("loss_scale", 3, None),
+}
+
+#: Keras' ``validation/`` directory: tags mapped there (the same names mean the validation series).
+_VALIDATION_TAGS: dict[str, tuple[str, int, str | None]] = {
+    "epoch_loss": ("val_loss", 1, "keras"),
+    "evaluation_loss_vs_iterations": ("val_loss", 2, "keras"),
+    "loss": ("val_loss", 3, None),
+}
+
+#: YOLOv5 logs its loss as components (box, object, class, and segmentation in -seg models); its total loss is their
+#: sum, which is what this store calls ``loss`` / ``val_loss``.
+_SUM_TAGS: dict[str, tuple[str, int, str | None]] = {
+    f"{split}/{part}_loss": (series, 1, "yolov5")
+    for split, series in (("train", "loss"), ("val", "val_loss"))
+    for part in ("box", "obj", "cls", "seg")
+}
+
+#: Bookkeeping tags every tool writes that carry nothing to audit (kept out of ``unknown_tags`` to keep it useful).
+_BOOKKEEPING = {"epoch", "batch", "step", "global_step", "hp_metric", "train/epoch", "trainer/global_step"}
+_BOOKKEEPING_PATTERNS = (re.compile(r"^_hparams_/"), re.compile(r"/text_summary$"), re.compile(r"^keras$"))
+
+#: Tool hints of tags that are not themselves mapped.
+_TOOL_HINTS = (
+    (re.compile(r"^hp_metric$"), "lightning"),
+    (re.compile(r"^metrics/mAP_0\.5"), "yolov5"),
+    (re.compile(r"^train/(train_runtime|train_samples_per_second|total_flos)$"), "hf_trainer"),
+    (re.compile(r"^evaluation_\w+_vs_iterations$"), "keras"),
+    (re.compile(r"^(epoch|batch)_\w+$"), "keras"),
+)
+
+_LR_MONITOR = re.compile(r"^lr-[A-Za-z0-9_]+(?:/(?:pg|group)0)?$")  # Lightning LearningRateMonitor, Composer
+
+
+@dataclass(frozen=True)
+class ParamTag:
+    """A per-parameter norm tag: folds into the per-layer ``metric`` of the layer owning ``param``."""
+
+    metric: str  # grad_norm | param_norm | update_norm | grad_max_abs | update_ratio
+    param: str  # parameter path, dotted
+    fold: str  # "l2": root of the sum of squares; "max": maximum
+    level: int  # Lightning's _step (0) / plain (1) / _epoch (2): one level per metric is used, so units do not mix
+    tool: str | None
+
+
+@dataclass(frozen=True)
+class SeriesTag:
+    """A tag that is (a component of) one of our series."""
+
+    series: str
+    priority: float
+    tool: str | None
+    summed: bool = False  # a component: the series is the sum of the components logged at a step
+
+
+_LIGHTNING_NORM = re.compile(r"^grad_(?P<norm>[0-9.]+|inf)_norm(?P<rest>/.+|_total)$")
+_SUFFIX = re.compile(r"^(?P<base>.+?)(?P<sfx>_step|_epoch)$")
+_PARAM_FAMILIES: tuple[tuple[re.Pattern[str], str, str, str, str | None], ...] = (
+    # (pattern with group p, metric, fold, separator of the parameter path, tool)
+    (re.compile(r"^(?:[^/]+/)?grads_norm/(?P<p>.+)$"), "grad_norm", "l2", "/", "ignite"),
+    (re.compile(r"^(?:[^/]+/)?weights_norm/(?P<p>.+)$"), "param_norm", "l2", "/", "ignite"),
+    (re.compile(r"^l2_norm/grad/(?P<p>.+)$"), "grad_norm", "l2", ".", "composer"),
+    (re.compile(r"^l2_norm/param/(?P<p>.+)$"), "param_norm", "l2", ".", "composer"),
+    (re.compile(r"^l2_norm/update/(?P<p>.+)$"), "update_norm", "l2", ".", "composer"),
+    (re.compile(r"^l2_norm_ratio/update_param/(?P<p>.+)$"), "update_ratio", "max", ".", "composer"),
+    (re.compile(r"^(?:grad_norm|grad_norms|gradient_norm|grad_norm_per_param)/(?P<p>.+)$"), "grad_norm", "l2", ".",
+     None),
+    (re.compile(r"^(?:param_norm|weight_norm)/(?P<p>.+)$"), "param_norm", "l2", ".", None),
+)
+
+
+def map_tag(tag: str, role: str = "main") -> SeriesTag | ParamTag | None:
+    """What a scalar tag of another tool means to us; ``None`` when unknown.
+
+    ``role`` is ``"validation"`` for tags of a Keras ``validation/`` directory.
+    """
+    if role == "validation":
+        hit = _VALIDATION_TAGS.get(tag)
+        return SeriesTag(*hit) if hit else None
+    hit = _SERIES_TAGS.get(tag)
+    if hit:
+        return SeriesTag(*hit)
+    hit = _SUM_TAGS.get(tag)
+    if hit:
+        return SeriesTag(*hit, summed=True)
+    if _LR_MONITOR.match(tag):
+        return SeriesTag("lr", 3, None)
+    m = _LIGHTNING_NORM.match(tag)
+    if m:
+        return _lightning_norm(m.group("norm"), m.group("rest"))
+    m = _SUFFIX.match(tag)
+    if m:  # Lightning's on_step/on_epoch copies of a logged metric
+        base = map_tag(m.group("base"))
+        if isinstance(base, SeriesTag) and not base.summed:
+            if m.group("sfx") == "_step":
+                return SeriesTag(base.series, base.priority - 0.5, "lightning")
+            if base.series == "val_loss":
+                return SeriesTag("val_loss", base.priority + 0.5, "lightning")
+            return SeriesTag(base.series + "_epoch", base.priority, "lightning")
+    for pattern, metric, fold, sep, tool in _PARAM_FAMILIES:
+        m = pattern.match(tag)
+        if m and m.group("p") not in ("total", "global"):
+            return ParamTag(metric, m.group("p").replace(sep, "."), fold, 1, tool)
+    return None
+
+
+def _lightning_norm(norm: str, rest: str) -> SeriesTag | ParamTag | None:
+    level = 1
+    m = _SUFFIX.match(rest)
+    if m:
+        rest, level = m.group("base"), (0 if m.group("sfx") == "_step" else 2)
+    if norm in ("2", "2.0"):
+        if rest == "_total":
+            return SeriesTag("total_grad_norm", 1, "lightning")  # its _step/_epoch copies: map_tag's suffix rule
+        return ParamTag("grad_norm", rest[1:], "l2", level, "lightning")
+    if norm == "inf" and rest != "_total":
+        return ParamTag("grad_max_abs", rest[1:], "max", level, "lightning")
+    return None
+
+
+def layer_of(param: str) -> str:
+    """The layer owning a parameter: its path minus the last component (``layer1.weight`` -> ``layer1``).
+
+    A path of one component, or one ending in a number (already a layer, like ``encoder.layers.3``), is its own layer.
+    """
+    head, dot, last = param.rpartition(".")
+    if not dot or not head or last.isdigit():
+        return param
+    return head
+
+
+def _is_bookkeeping(tag: str) -> bool:
+    return tag in _BOOKKEEPING or any(p.search(tag) for p in _BOOKKEEPING_PATTERNS)
+
+
+# ------------------------------------------------------------------------------------------------ array helpers
+
+
+def dedupe_series(steps: np.ndarray, values: np.ndarray) -> Series:
+    """Sort by step and keep one value per step: the last one written, unless a value at that step is non-finite.
+
+    A NaN logged at a step is never hidden behind a finite value logged again at the same step (resumed runs,
+    Lightning's double ``epoch`` entries).
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    n = len(steps)
+    if n == 0:
+        return Series(steps, values)
+    order = np.argsort(steps, kind="stable")
+    s, v = steps[order], values[order]
+    starts = np.r_[True, s[1:] != s[:-1]]
+    if starts.all():
+        return Series(s, v)
+    group = np.cumsum(starts) - 1
+    score = np.arange(n) + (~np.isfinite(v)) * n
+    best = np.full(int(group[-1]) + 1, -1, dtype=np.int64)
+    np.maximum.at(best, group, score)
+    pick = np.where(best >= n, best - n, best)
+    return Series(s[pick], v[pick])
+
+
+class _ScalarAcc:
+    """Raw values of one tag, kept as appended chunks until the run is assembled."""
+
+    __slots__ = ("steps", "values", "cache")
+
+    def __init__(self) -> None:
+        self.steps: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.cache: Series | None = None
+
+    def add(self, steps: np.ndarray, values: np.ndarray) -> None:
+        self.steps.append(steps)
+        self.values.append(values)
+        self.cache = None
+
+    def series(self) -> Series:
+        if self.cache is None:
+            if len(self.steps) > 1:
+                self.steps, self.values = [np.concatenate(self.steps)], [np.concatenate(self.values)]
+            self.cache = dedupe_series(self.steps[0], self.values[0])
+        return self.cache
+
+
+class _LayerTable:
+    """Our per-layer metrics as growing dense buffers.
+
+    New steps after the last one (a live run) are appended in place into spare capacity, so arrays handed out
+    earlier (views of the first rows) never change; anything else (steps out of order, a resumed run rewriting
+    steps) rebuilds fresh buffers.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.steps = np.zeros(0, dtype=np.int64)
+        self.layers: list[str] = []
+        self.index: dict[str, int] = {}
+        self.metrics: dict[str, np.ndarray] = {}
+        self.present = np.zeros((0, 0), dtype=bool)
+        self.hist: list[LayerRecord] = []
+
+    def _layer(self, name: str) -> int:
+        j = self.index.get(name)
+        if j is None:
+            j = self.index[name] = len(self.layers)
+            self.layers.append(name)
+        return j
+
+    def add(self, records: list[LayerRecord]) -> None:
+        groups: dict[tuple[str, tuple[str, ...]], tuple[list[int], list[np.ndarray]]] = {}
+        for rec in records:
+            if rec.metric == fmt.HISTOGRAM_METRIC:
+                self.hist.append(rec)
+                key = None
+            else:
+                key = (rec.metric, rec.layers)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = ([], [])
+                group[0].append(rec.step)
+                group[1].append(rec.values)
+            if key is None or len(groups[key][0]) == 1:
+                for name in rec.layers:
+                    self._layer(name)
+        if not groups:
+            return
+        arrays = {key: (np.asarray(st, dtype=np.int64), np.stack(vals)) for key, (st, vals) in groups.items()}
+        if self._adopt(arrays):
+            return
+        new_steps = np.unique(np.concatenate([st for st, _ in arrays.values()]))
+        if self.n and new_steps[0] <= self.steps[self.n - 1]:
+            self._rebuild(new_steps)
+            rows_of = self.steps[:self.n]
+        else:
+            self._append(new_steps)
+            rows_of = self.steps[:self.n]
+        for (metric, layers), (st, vals) in arrays.items():
+            buf = self.metrics.get(metric)
+            if buf is None:
+                buf = self.metrics[metric] = np.full(self.present.shape, np.nan, dtype=np.float32)
+            rows = np.searchsorted(rows_of, st)
+            cols = np.fromiter((self.index[name] for name in layers), dtype=np.int64, count=len(layers))
+            contiguous_rows = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+            contiguous_cols = len(cols) and cols[-1] - cols[0] == len(cols) - 1 and bool(np.all(np.diff(cols) == 1))
+            if contiguous_rows and contiguous_cols:
+                r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+                buf[r, c] = vals
+                self.present[r, c] = True
+            else:
+                buf[rows[:, None], cols[None, :]] = vals
+                self.present[rows[:, None], cols[None, :]] = True
+
+    def _adopt(self, arrays: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]]) -> bool:
+        """The common first read (one layout, every metric at the same increasing steps): the stacked arrays become
+        the buffers as they are, with no second copy. Later appends grow them by doubling."""
+        if self.n:
+            return False
+        layers = tuple(self.layers)
+        steps = next(iter(arrays.values()))[0]
+        if any(key[1] != layers or not np.array_equal(st, steps) for key, (st, _) in arrays.items()):
+            return False
+        if len(steps) > 1 and not np.all(np.diff(steps) > 0):
+            return False
+        self.steps = steps
+        self.metrics = {metric: vals.astype(np.float32, copy=False) for (metric, _), (_, vals) in arrays.items()}
+        self.present = np.ones((len(steps), len(layers)), dtype=bool)
+        self.n = len(steps)
+        return True
+
+    def _capacity(self, rows: int, cols: int) -> tuple[int, int]:
+        cap_r, cap_c = self.present.shape
+        return (max(rows, cap_r * 2, 64) if rows > cap_r else cap_r,
+                max(cols, cap_c * 2, 8) if cols > cap_c else cap_c)
+
+    def _resize(self, cap_r: int, cap_c: int, row_map: np.ndarray | None = None) -> None:
+        """Fresh buffers of the given capacity; old rows copied to ``row_map`` (default: the same rows)."""
+        rows = np.arange(self.n) if row_map is None else row_map
+        n_old, c_old = self.n, min(self.present.shape[1], cap_c)
+        for metric, buf in list(self.metrics.items()):
+            new = np.full((cap_r, cap_c), np.nan, dtype=np.float32)
+            new[rows, :c_old] = buf[:n_old, :c_old]
+            self.metrics[metric] = new
+        present = np.zeros((cap_r, cap_c), dtype=bool)
+        present[rows, :c_old] = self.present[:n_old, :c_old]
+        self.present = present
+
+    def _append(self, new_steps: np.ndarray) -> None:
+        total = self.n + len(new_steps)
+        cap_r, cap_c = self._capacity(total, len(self.layers))
+        if (cap_r, cap_c) != self.present.shape:
+            self._resize(cap_r, cap_c)
+            steps = np.zeros(cap_r, dtype=np.int64)
+            steps[:self.n] = self.steps[:self.n]
+            self.steps = steps
+        self.steps[self.n:total] = new_steps
+        self.n = total
+
+    def _rebuild(self, new_steps: np.ndarray) -> None:
+        old = self.steps[:self.n]
+        union = np.union1d(old, new_steps)
+        cap_r, cap_c = self._capacity(len(union), len(self.layers))
+        self._resize(max(cap_r, len(union)), cap_c, row_map=np.searchsorted(union, old))
+        self.steps = np.zeros(self.present.shape[0], dtype=np.int64)
+        self.steps[:len(union)] = union
+        self.n = len(union)
+
+    def histograms(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.hist:
+            return np.zeros(0, dtype=np.int64), None
+        hist_steps = np.unique(np.fromiter((r.step for r in self.hist), dtype=np.int64, count=len(self.hist)))
+        out = np.zeros((len(hist_steps), len(self.layers), fmt.HIST_BINS), dtype=np.int64)
+        for rec in self.hist:  # one record per logged step (low cadence): a loop over records, not values
+            cols = [self.index[name] for name in rec.layers]
+            out[np.searchsorted(hist_steps, rec.step), cols] = rec.values
+        return hist_steps, out
+
+
+def _fold(params: list[tuple[str, Series]], fold: str, order: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-parameter series -> per-layer dense arrays: (steps, values [S, L] float32, present [S, L])."""
+    steps = np.unique(np.concatenate([s.steps for _, s in params]))
+    index = {name: j for j, name in enumerate(order)}
+    shape = (len(steps), len(order))
+    present = np.zeros(shape, dtype=bool)
+    if fold == "l2":
+        acc = np.zeros(shape, dtype=np.float64)
+        for layer, s in params:
+            rows, j = np.searchsorted(steps, s.steps), index[layer]
+            acc[rows, j] += s.values * s.values
+            present[rows, j] = True
+        acc = np.sqrt(acc)
+    else:
+        acc = np.full(shape, -np.inf, dtype=np.float64)
+        for layer, s in params:
+            rows, j = np.searchsorted(steps, s.steps), index[layer]
+            acc[rows, j] = np.fmax(acc[rows, j], np.abs(s.values))
+            nan = np.isnan(s.values)
+            acc[rows[nan], j] = np.nan
+            present[rows, j] = True
+    acc[~present] = np.nan
+    return steps, acc.astype(np.float32), present
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+
+
+class _Run:
+    """Readers and accumulated values of one run; assembled into a :class:`RunData` on demand (cached)."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        self.readers: dict[str, tuple[EventFileReader, str]] = {}
+        self.finished: set[str] = set()
+        self.layouts: dict[str, tuple[str, ...]] = {}
+        self.table = _LayerTable()
+        self.scalars: dict[tuple[str, str], _ScalarAcc] = {}
+        self.other_tags: dict[tuple[str, str], None] = {}
+        self.tf2_files = False
+        self.lightning_hparams = False
+        self.events = 0
+        self.version = 0
+        self.problem_count = 0
+        self.cache: RunData | None = None
+
+    def add_file(self, path: str, role: str) -> None:
+        if path not in self.readers:
+            self.readers[path] = (EventFileReader(path, self.layouts), role)
+            self.tf2_files |= path.endswith(".v2")
+
+    def read(self, finished: Iterable[str] = ()) -> bool:
+        """Read new bytes of every file; ``finished`` files are read to the end and their truncated tail reported."""
+        changed = False
+        done = set(finished)
+        for path in sorted(self.readers):
+            reader, role = self.readers[path]
+            batch = reader.read()
+            if path in done and path not in self.finished:
+                self.finished.add(path)
+                reader.finish()
+            if batch.events:
+                changed = True
+                self.events += batch.events
+                if batch.layer_records:
+                    self.table.add(batch.layer_records)
+                if batch.scalars:
+                    self._add_scalars(batch.scalars, role)
+                for tag in batch.other_tags:
+                    self.other_tags.setdefault((role, tag))
+        problems = sum(len(r.problems) for r, _ in self.readers.values())
+        if problems != self.problem_count:
+            self.problem_count = problems
+            changed = True
+        if changed:
+            self.version += 1
+            self.cache = None
+        return changed
+
+    def _add_scalars(self, records: list[ScalarRecord], role: str) -> None:
+        tags = [("ours" if r.ours else role, r.tag) for r in records]
+        steps = np.fromiter((r.step for r in records), dtype=np.int64, count=len(records))
+        values = np.fromiter((r.value for r in records), dtype=np.float64, count=len(records))
+        keys = list(dict.fromkeys(tags))
+        if len(keys) == 1:
+            self._acc(keys[0]).add(steps, values)
+            return
+        code = {k: i for i, k in enumerate(keys)}
+        codes = np.fromiter((code[t] for t in tags), dtype=np.int64, count=len(tags))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
+        for i, key in enumerate(keys):
+            sel = order[bounds[i]:bounds[i + 1]]
+            self._acc(key).add(steps[sel], values[sel])
+
+    def _acc(self, key: tuple[str, str]) -> _ScalarAcc:
+        acc = self.scalars.get(key)
+        if acc is None:
+            acc = self.scalars[key] = _ScalarAcc()
+        return acc
+
+    # ---------------------------------------------------------------------------------------------------- assemble
+
+    def data(self) -> RunData:
+        if self.cache is None:
+            self.cache = self._assemble()
+        return self.cache
+
+    def _assemble(self) -> RunData:
+        t = self.table
+        run = RunData(name=self.name, source=OURS, events=self.events,
+                      bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()))
+        if t.n:
+            run.layers = list(t.layers)
+            run.steps = t.steps[:t.n]
+            ncols = len(t.layers)
+            run.present = t.present[:t.n, :ncols]
+            run.layer_metrics = {m: buf[:t.n, :ncols] for m, buf in t.metrics.items()}
+        elif t.hist:
+            run.layers = list(t.layers)
+            run.present = np.zeros((0, len(t.layers)), dtype=bool)
+        run.hist_steps, run.histograms = t.histograms()
+        ours = bool(t.n or t.hist) or any(role == "ours" for role, _ in self.scalars)
+
+        series_candidates: dict[str, list[tuple[float, tuple[str, str], SeriesTag]]] = {}
+        param_tags: list[tuple[ParamTag, Series]] = []
+        tools: dict[str, int] = {}
+        unknown: list[str] = []
+        for key, acc in self.scalars.items():
+            role, tag = key
+            if role == "ours":
+                run.series[tag] = acc.series()
+                continue
+            meaning = map_tag(tag, role)
+            if meaning is None:
+                self._hint(tag, tools)
+                if not _is_bookkeeping(tag):
+                    unknown.append(tag if role == "main" else f"{role}/{tag}")
+                continue
+            if meaning.tool:
+                tools[meaning.tool] = tools.get(meaning.tool, 0) + 1
+            if isinstance(meaning, ParamTag):
+                param_tags.append((meaning, acc.series()))
+            else:
+                series_candidates.setdefault(meaning.series, []).append((meaning.priority, key, meaning))
+        for role, tag in self.other_tags:
+            self._hint(tag, tools)
+            if not _is_bookkeeping(tag):
+                unknown.append(tag if role == "main" else f"{role}/{tag}")
+        self._choose_series(run, series_candidates)
+        if not t.n and param_tags:
+            self._fold_layers(run, param_tags)
+        run.unknown_tags = sorted(set(unknown))
+        run.source = OURS if ours else self._source(tools)
+        for reader, _ in self.readers.values():
+            run.warnings.extend(self._warning(p) for p in reader.problems)
+        if self.readers and not self.events:
+            run.warnings.append("no intact event could be read from this run's files")
+        return run
+
+    def _warning(self, problem) -> str:
+        rel = problem.path[len(self.path):].lstrip("/\\") if problem.path.startswith(self.path) else problem.path
+        return f"{rel}@{problem.offset}: {problem.message}"
+
+    @staticmethod
+    def _hint(tag: str, tools: dict[str, int]) -> None:
+        for pattern, tool in _TOOL_HINTS:
+            if pattern.search(tag):
+                tools[tool] = tools.get(tool, 0) + 1
+                return
+
+    def _source(self, tools: dict[str, int]) -> str:
+        if self.tf2_files:
+            tools["keras"] = tools.get("keras", 0) + 1
+        if self.lightning_hparams:
+            tools["lightning"] = tools.get("lightning", 0) + 1
+        if not tools:
+            return "plain" if self.events else "unknown"
+        return max(tools.items(), key=lambda kv: kv[1])[0]
+
+    def _choose_series(self, run: RunData, candidates: dict[str, list[tuple[float, tuple[str, str], SeriesTag]]]
+                       ) -> None:
+        loss_tag = None
+        for name in sorted(candidates, key=lambda n: n != "loss"):  # loss first: val_loss depends on it
+            if name in run.series:
+                continue  # our own writer's series win
+            options = candidates[name]
+            if name == "val_loss" and loss_tag != "epoch_loss":
+                # Keras: a per-batch loss (Keras' or ours) is in iterations, so is evaluation_loss_vs_iterations
+                options = [(0.0 if k[1] == "evaluation_loss_vs_iterations" else p, k, m) for p, k, m in options]
+            best = min(p for p, _, _ in options)
+            chosen = [(k, m) for p, k, m in options if p == best]
+            if name == "loss":
+                loss_tag = chosen[0][0][1]
+            if len(chosen) > 1 and chosen[0][1].summed:
+                parts = [self.scalars[k].series() for k, _ in chosen]
+                steps = np.unique(np.concatenate([s.steps for s in parts]))
+                total = np.zeros(len(steps))
+                for s in parts:
+                    total[np.searchsorted(steps, s.steps)] += s.values
+                run.series[name] = Series(steps, total)
+            else:
+                run.series[name] = self.scalars[chosen[0][0]].series()
+
+    @staticmethod
+    def _fold_layers(run: RunData, param_tags: list[tuple[ParamTag, Series]]) -> None:
+        by_metric: dict[str, list[tuple[ParamTag, Series]]] = {}
+        for tag, series in param_tags:
+            by_metric.setdefault(tag.metric, []).append((tag, series))
+        order: list[str] = list(dict.fromkeys(layer_of(tag.param) for tag, _ in param_tags))
+        folded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for metric, items in by_metric.items():
+            level = min(tag.level for tag, _ in items)
+            params = [(layer_of(tag.param), s) for tag, s in items if tag.level == level and len(s.steps)]
+            if params:
+                folded[metric] = _fold(params, items[0][0].fold, order)
+        if not folded:
+            return
+        steps = np.unique(np.concatenate([st for st, _, _ in folded.values()]))
+        run.layers = order
+        run.steps = steps
+        run.present = np.zeros((len(steps), len(order)), dtype=bool)
+        # A layer counts as logged where its gradient was (a frozen layer's parameter norm alone is not a gradient
+        # that went missing); without gradient norms, wherever anything was logged.
+        grad = next((m for m in ("grad_norm", "grad_max_abs") if m in folded), None)
+        for metric, (st, values, present) in folded.items():
+            rows = np.searchsorted(steps, st)
+            full = np.full((len(steps), len(order)), np.nan, dtype=np.float32)
+            full[rows] = values
+            if grad is None or metric == grad:
+                run.present[rows] |= present
+            run.layer_metrics[metric] = full
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+
+
+def _is_event_file(name: str) -> bool:
+    return "tfevents" in name
+
+
+_KERAS_SPLITS = {"train": "main", "validation": "validation"}
+
+
+def _list_event_dirs(root: str) -> dict[str, list[str]]:
+    """Directory (relative to ``root``, posix, ``"."`` for root) -> full paths of its event files."""
+    found: dict[str, list[str]] = {}
+    if is_remote(root):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(root)
+        if not fs.exists(base):
+            return found
+        base = base.rstrip("/")
+        for path in fs.find(base, withdirs=False):
+            directory, name = posixpath.split(path)
+            if _is_event_file(name):
+                rel = posixpath.relpath(directory, base) if directory != base else "."
+                found.setdefault(rel, []).append(fs.unstrip_protocol(path))
+        return found
+    local = root[len("file://"):] if root.startswith("file://") else root
+    for directory, _dirs, files in os.walk(local):
+        events = [os.path.join(directory, f) for f in files if _is_event_file(f)]
+        if events:
+            rel = os.path.relpath(directory, local).replace(os.sep, "/")
+            found[rel] = events
+    return found
+
+
+def _keras_parents(dirs: dict[str, list[str]]) -> set[str]:
+    """Directories whose ``train``/``validation`` children are one Keras run (a TF2 ``.v2`` file in either)."""
+    parents = set()
+    for rel, files in dirs.items():
+        parent, _, base = rel.rpartition("/")
+        if rel != "." and base in _KERAS_SPLITS and any(f.endswith(".v2") for f in files):
+            parents.add(parent or ".")
+    return parents
+
+
+def _group_runs(dirs: dict[str, list[str]], root: str) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Run name -> (run directory path, [(event file, role)]), merging Keras ``train``/``validation`` pairs."""
+    keras = _keras_parents(dirs)
+    runs: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    for rel, files in sorted(dirs.items()):
+        parent, _, base = rel.rpartition("/")
+        parent = parent or "."
+        if rel != "." and base in _KERAS_SPLITS and parent in keras:
+            name, role = parent, _KERAS_SPLITS[base]
+        else:
+            name, role = rel, "main"
+        entry = runs.setdefault(name, (_join(root, name), []))
+        entry[1].extend((f, role) for f in sorted(files))
+    return runs
+
+
+def _join(root: str, rel: str) -> str:
+    if rel == ".":
+        return root
+    if is_remote(root):
+        return root.rstrip("/") + "/" + rel
+    return os.path.join(root, *rel.split("/"))
+
+
+def _check_exists(logdir: str) -> None:
+    if is_remote(logdir):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(logdir)
+        if not fs.exists(base):
+            raise FileNotFoundError(f"no such logdir: {logdir}")
+    elif not os.path.isdir(logdir[len("file://"):] if logdir.startswith("file://") else logdir):
+        raise FileNotFoundError(f"no such logdir (or not a directory): {logdir}")
+
+
+def find_runs(logdir: str) -> list[tuple[str, str]]:
+    """(run name, run directory) of every run under ``logdir``, sorted by name. Raises if ``logdir`` is missing."""
+    _check_exists(logdir)
+    return [(name, entry[0]) for name, entry in sorted(_group_runs(_list_event_dirs(logdir), logdir).items())]
+
+
+def _has_lightning_hparams(run_dir: str) -> bool:
+    if is_remote(run_dir):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(run_dir)
+        return fs.exists(base.rstrip("/") + "/hparams.yaml")
+    return os.path.isfile(os.path.join(run_dir, "hparams.yaml"))
+
+
+def load_run(path: str, name: str | None = None) -> RunData:
+    """Read one run directory once, to the end (its files are complete: a truncated tail is reported).
+
+    A Keras run's ``train/`` and ``validation/`` subdirectories are part of the run.
+    """
+    _check_exists(path)
+    dirs = _list_event_dirs(path)
+    files: list[tuple[str, str]] = [(f, "main") for f in sorted(dirs.get(".", []))]
+    if "." in _keras_parents(dirs):
+        for sub, role in _KERAS_SPLITS.items():
+            files.extend((f, role) for f in sorted(dirs.get(sub, [])))
+    if name is None:
+        name = posixpath.basename(path.rstrip("/\\").replace(os.sep, "/")) or "."
+    run = _Run(name, path)
+    run.lightning_hparams = _has_lightning_hparams(path)
+    for f, role in files:
+        run.add_file(f, role)
+    run.read(finished=[f for f, _ in files])
+    return run.data()
+
+
+# -------------------------------------------------------------------------------------------------- the store
+
+
+class RunStore:
+    """All runs under a logdir (or a TensorBoard ``logdir_spec``), kept up to date by :meth:`refresh`.
+
+    Thread-safe: the plugin refreshes from one thread while request threads call :meth:`get`.
+    """
+
+    def __init__(self, logdir: str, *, spec: dict[str, str] | None = None) -> None:
+        self.logdir = logdir
+        self._roots: list[tuple[str, str]] = list(spec.items()) if spec else [("", logdir)]
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+
+    def refresh(self) -> bool:
+        """Find new runs and files, read only new bytes; True if anything changed."""
+        with self._lock:
+            changed = False
+            for prefix, root in self._roots:
+                for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items():
+                    full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
+                    run = self._runs.get(full)
+                    if run is None:
+                        run = self._runs[full] = _Run(full, run_dir)
+                        run.lightning_hparams = _has_lightning_hparams(run_dir)
+                        changed = True
+                    for f, role in files:
+                        run.add_file(f, role)
+                    changed |= run.read(finished=self._finished(files))
+            return changed
+
+    @staticmethod
+    def _finished(files: list[tuple[str, str]]) -> list[str]:
+        """Files that a newer file in the same directory has replaced: their writer is done with them."""
+        by_dir: dict[str, list[str]] = {}
+        for f, _ in files:
+            by_dir.setdefault(posixpath.dirname(f.replace(os.sep, "/")), []).append(f)
+        return [f for group in by_dir.values() for f in sorted(group)[:-1]]
+
+    def run_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._runs)
+
+    def get(self, run: str) -> RunData:
+        """The run's arrays (cached until its data changes). KeyError for an unknown run name."""
+        with self._lock:
+            if run not in self._runs:
+                raise KeyError(run)
+            return self._runs[run].data()
+
+    def version(self, run: str) -> int:
+        """Increases whenever the run's data changes: a cache key for anything derived from it."""
+        with self._lock:
+            if run not in self._runs:
+                raise KeyError(run)
+            return self._runs[run].version

@@ -1,0 +1,262 @@
+"""The auditor's HTML report: one self-contained file (inline SVG and PNG data URIs, no script, no network).
+
+Per run: the loss with its spikes, the layer x step heatmap of gradient norms with the episodes shaded, the ranked
+offending layers and the advice. Charts are reduced with the plugin's max-pooling (:mod:`binning`), so a one-step
+spike is visible at any report width. :func:`chart_data` runs in the auditor's worker processes and returns a small
+picklable dict, so a report over hundreds of runs never holds their arrays; :func:`render` turns those dicts into HTML.
+Every name that came from a file (runs, layers, tags, advice) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from .binning import bin_steps, envelope, max_pool
+from .runs import RunData
+
+HEATMAP_BINS = 240
+LOSS_BINS = 600
+MAX_HEATMAP_LAYERS = 96
+_W, _LOSS_H = 900, 180
+
+# Perceptually ordered colour ramp (low -> high gradient norm), interpolated in between.
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+_ABSENT = (235, 235, 235)
+_NONFINITE = (230, 0, 120)
+
+
+def _floats(a: np.ndarray) -> list[float | None]:
+    return [float(x) if math.isfinite(x) else None for x in np.asarray(a, dtype=np.float64).tolist()]
+
+
+def chart_data(run: RunData, report_json: dict) -> dict:
+    """What the report draws for one run, reduced to at most a few thousand numbers."""
+    out: dict = {"loss": None, "val_loss": None, "heatmap": None}
+    for name in ("loss", "val_loss"):
+        s = run.series.get(name)
+        if s is not None and len(s.steps):
+            env = envelope(s.values, bin_steps(s.steps, LOSS_BINS))
+            out[name] = {"start": env.bin_start.tolist(), "end": env.bin_end.tolist(), "max": _floats(env.max),
+                         "min": _floats(env.min), "nonfinite": env.nonfinite.tolist()}
+    metric = next((m for m in ("grad_norm", "grad_max_abs") if m in run.layer_metrics), None)
+    if metric and len(run.steps) and run.layers:
+        ranked = [f["name"] for e in report_json["episodes"] for f in e["layers"]]
+        keep = _layers_to_show(run.layers, ranked)
+        bins = bin_steps(run.steps, HEATMAP_BINS)
+        values = run.layer_metrics[metric][:, keep]
+        pooled, nonfinite = max_pool(values, bins, run.present[:, keep])
+        out["heatmap"] = {"metric": metric, "layers": [run.layers[j] for j in keep], "total_layers": len(run.layers),
+                          "start": bins.bin_start.tolist(), "end": bins.bin_end.tolist(),
+                          "values": pooled.T.astype(np.float32), "nonfinite": nonfinite.T}
+    return out
+
+
+def _layers_to_show(layers: Sequence[str], ranked: Sequence[str]) -> list[int]:
+    """All layers (model order) when few; otherwise the offending ones plus an even sample of the rest."""
+    n = len(layers)
+    if n <= MAX_HEATMAP_LAYERS:
+        return list(range(n))
+    index = {name: j for j, name in enumerate(layers)}
+    chosen = {index[name] for name in ranked if name in index}
+    chosen = set(sorted(chosen)[:MAX_HEATMAP_LAYERS // 2])
+    room = MAX_HEATMAP_LAYERS - len(chosen)
+    chosen |= set(np.linspace(0, n - 1, room).round().astype(int).tolist())
+    return sorted(chosen)
+
+
+# ------------------------------------------------------------------------------------------------------- pictures
+
+
+def _png(rgb: np.ndarray) -> str:
+    """A truecolour PNG data URI from a uint8 [h, w, 3] array (zlib + the four chunks a PNG needs)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _colours(values: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """log10 of the pooled values on the colour ramp; returns the image and the log10 range it spans."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(values > 0, np.log10(values), np.nan)
+    finite = np.isfinite(logs)
+    lo, hi = (float(np.min(logs[finite])), float(np.max(logs[finite]))) if finite.any() else (0.0, 1.0)
+    t = np.clip((logs - lo) / max(hi - lo, 1e-9), 0, 1) * (len(_RAMP) - 1)
+    t = np.where(finite, t, 0)
+    i = np.minimum(t.astype(int), len(_RAMP) - 2)
+    f = (t - i)[..., None]
+    rgb = _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
+    rgb[~finite] = _ABSENT
+    rgb[nonfinite] = _NONFINITE
+    return rgb.astype(np.uint8), lo, hi
+
+
+def _x(step: float, first: int, last: int, width: float) -> float:
+    return (step - first) / max(last - first + 1, 1) * width
+
+
+def _episode_bands(episodes: list[dict], first: int, last: int, width: float, height: float) -> str:
+    parts = []
+    for e in episodes:
+        x0 = _x(e["start_step"], first, last, width)
+        x1 = max(_x(e["end_step"] + 1, first, last, width), x0 + 2)
+        colour = "#e6007820" if e["kind"] == "nonfinite" else "#ff8c0030"
+        edge = "#e60078" if e["kind"] == "nonfinite" else "#ff8c00"
+        parts.append(f'<rect x="{x0:.1f}" y="0" width="{x1 - x0:.1f}" height="{height}" fill="{colour}" '
+                     f'stroke="{edge}" stroke-width="1"><title>{html.escape(e["kind"])} {e["start_step"]}'
+                     f'–{e["end_step"]}</title></rect>')
+    return "".join(parts)
+
+
+def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict]) -> str:
+    loss, val = chart["loss"], chart["val_loss"]
+    lines = [s for s in (loss, val) if s is not None]
+    first = min(s["start"][0] for s in lines)
+    last = max(s["end"][-1] for s in lines)
+    vals = [v for s in lines for v in s["max"] + s["min"] if v is not None]
+    positive = [v for v in vals if v > 0]
+    log = bool(positive) and len(positive) == len(vals) and max(positive) / min(positive) > 100
+    if vals:
+        lo, hi = (math.log10(min(positive)), math.log10(max(positive))) if log else (min(vals), max(vals))
+    else:
+        lo, hi = 0.0, 1.0
+    span = (hi - lo) or 1.0
+
+    def y(v: float) -> float:
+        return _LOSS_H - 4 - ((math.log10(v) if log else v) - lo) / span * (_LOSS_H - 8)
+
+    def path(s: dict, key: str) -> str:
+        out, pen = [], "M"
+        for st, en, v in zip(s["start"], s["end"], s[key], strict=True):
+            if v is None:
+                pen = "M"
+                continue
+            out.append(f"{pen}{_x((st + en) / 2, first, last, _W):.1f},{y(v):.1f}")
+            pen = "L"
+        return " ".join(out)
+
+    body = [_episode_bands(episodes, first, last, _W, _LOSS_H)]
+    for s, colour, label in ((loss, "#1f77b4", "loss"), (val, "#2ca02c", "val_loss")):
+        if s is None:
+            continue
+        body.append(f'<path d="{path(s, "min")}" stroke="{colour}" stroke-opacity="0.35" fill="none"/>')
+        body.append(f'<path d="{path(s, "max")}" stroke="{colour}" fill="none"><title>{label}</title></path>')
+        for st, bad in zip(s["start"], s["nonfinite"], strict=True):
+            if bad:
+                body.append(f'<text x="{_x(st, first, last, _W):.1f}" y="12" fill="#e60078" font-size="12">'
+                            f'NaN<title>{label} non-finite at {st}</title></text>')
+    for sp in spikes:
+        if sp.get("value") is not None and (sp["value"] > 0 or not log):
+            body.append(f'<circle cx="{_x(sp["step"], first, last, _W):.1f}" cy="{y(sp["value"]):.1f}" r="4" '
+                        f'fill="none" stroke="#d62728" stroke-width="2"><title>loss spike at step {sp["step"]}'
+                        f'</title></circle>')
+    scale = "log scale" if log else "linear scale"
+    return (f'<figure><svg viewBox="0 0 {_W} {_LOSS_H}" width="{_W}" height="{_LOSS_H}" class="chart" role="img">'
+            f'{"".join(body)}</svg><figcaption>loss (blue){" and val_loss (green)" if val else ""}, {scale}, '
+            f'steps {first}–{last}; red circles: loss spikes; shaded: episodes</figcaption></figure>')
+
+
+def _heatmap_html(hm: dict, episodes: list[dict]) -> str:
+    values = np.asarray(hm["values"], dtype=np.float64)
+    rgb, lo, hi = _colours(values, np.asarray(hm["nonfinite"], dtype=bool))
+    rows, cols = values.shape
+    row_h = max(3, min(14, 420 // max(rows, 1)))
+    height = rows * row_h
+    first, last = hm["start"][0], hm["end"][-1]
+    labels = "".join(f'<div style="height:{row_h}px">{html.escape(name)}</div>' for name in hm["layers"]) \
+        if row_h >= 10 else ""
+    shown = f'{rows} of {hm["total_layers"]} layers' if rows < hm["total_layers"] else f"{rows} layers"
+    return (f'<figure><div class="hm"><div class="labels">{labels}</div><div class="hmimg" style="height:{height}px">'
+            f'<img src="{_png(rgb)}" width="{_W}" height="{height}" alt="heatmap">'
+            f'<svg viewBox="0 0 {_W} {height}" width="{_W}" height="{height}">'
+            f'{_episode_bands(episodes, first, last, _W, height)}</svg></div></div>'
+            f'<figcaption>{html.escape(hm["metric"])} per layer (rows, model order, {shown}) and step (columns, '
+            f'max per column, steps {first}–{last}); colour log10 {lo:.2f} … {hi:.2f}; grey: not logged; '
+            f'magenta: NaN/Inf</figcaption></figure>')
+
+
+# --------------------------------------------------------------------------------------------------------- render
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px}h2{font-size:17px;margin-top:32px;border-top:1px solid #ddd;padding-top:16px;word-break:break-all}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+word-break:break-word;vertical-align:top}th{background:#f4f4f4}.ok{color:#217a21}.bad{color:#b00020;font-weight:600}
+.chart{background:#fafafa;border:1px solid #eee}.hm{display:flex;gap:6px}.labels{font-size:10px;line-height:1;
+text-align:right;max-width:220px;overflow:hidden;white-space:nowrap}.hmimg{position:relative}
+.hmimg img{image-rendering:pixelated;display:block}.hmimg svg{position:absolute;left:0;top:0}
+figure{margin:8px 0}figcaption{font-size:12px;color:#666}.warn{color:#8a5a00}code{word-break:break-all}
+"""
+
+
+def _summary_table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        rep = r["report"]
+        kinds = sorted({e["kind"] for e in rep["episodes"]})
+        cls = "bad" if {"explosion", "nonfinite"} & set(kinds) else "ok"
+        rows.append(f'<tr><td><a href="#run-{r["index"]}">{html.escape(rep["run"])}</a></td>'
+                    f'<td>{html.escape(rep["source"])}</td><td>{rep["steps"]}</td><td>{r["layers"]}</td>'
+                    f'<td class="{cls}">{len(rep["episodes"])} {html.escape(", ".join(kinds))}</td>'
+                    f'<td>{len(rep["loss_spikes"])}</td><td>{len(rep["warnings"])}</td></tr>')
+    return ("<table><tr><th>run</th><th>source</th><th>steps</th><th>layers</th><th>episodes</th>"
+            f"<th>loss spikes</th><th>warnings</th></tr>{''.join(rows)}</table>")
+
+
+def _episodes_table(episodes: list[dict]) -> str:
+    rows = []
+    for e in episodes:
+        layers = ", ".join(f'{html.escape(f["name"])} ({_ratio(f.get("ratio"))})' for f in e["layers"][:5])
+        after = "" if e["loss_spike_step"] is None else f'{e["loss_spike_step"] - e["start_step"]} steps after start'
+        advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
+        rows.append(f'<tr><td class="bad">{html.escape(e["kind"])}</td><td>{e["start_step"]}–{e["end_step"]}</td>'
+                    f'<td>{e["peak_step"]}</td><td>{_ratio(e["severity"])}</td><td>{layers}</td><td>{after}</td>'
+                    f'<td><ul>{advice}</ul></td></tr>')
+    return ("<table><tr><th>kind</th><th>steps</th><th>peak</th><th>severity</th><th>offending layers (ratio)</th>"
+            f"<th>loss spike</th><th>advice</th></tr>{''.join(rows)}</table>")
+
+
+def _ratio(x: float | None) -> str:
+    return "non-finite" if x is None else f"{x:.3g}×"
+
+
+def render(results: list[dict], title: str = "Gradient audit") -> str:
+    """The whole report. ``results`` are the auditor's per-run results (``report`` JSON, ``layers``, ``chart``)."""
+    sections = []
+    for r in results:
+        rep, chart = r["report"], r.get("chart") or {}
+        parts = [f'<h2 id="run-{r["index"]}">{html.escape(rep["run"])} '
+                 f'<small>({html.escape(rep["source"])}, {rep["steps"]} steps, {r["layers"]} layers)</small></h2>']
+        if rep["episodes"]:
+            parts.append(_episodes_table(rep["episodes"]))
+        else:
+            parts.append('<p class="ok">No gradient episode found.</p>')
+        if chart.get("loss") or chart.get("val_loss"):
+            parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"]))
+        if chart.get("heatmap"):
+            parts.append(_heatmap_html(chart["heatmap"], rep["episodes"]))
+        elif not chart.get("loss"):
+            parts.append("<p>Nothing to draw: this run logged neither a loss nor per-layer norms.</p>")
+        if rep["warnings"]:
+            parts.append("<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in rep["warnings"])
+                         + "</ul>")
+        if r.get("unknown_tags"):
+            tags = ", ".join(f"<code>{html.escape(t)}</code>" for t in r["unknown_tags"][:50])
+            more = f" and {len(r['unknown_tags']) - 50} more" if len(r["unknown_tags"]) > 50 else ""
+            parts.append(f"<p><small>Tags not used by the audit: {tags}{more}</small></p>")
+        sections.append("".join(parts))
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{_summary_table(results)}'
+            f'{"".join(sections)}</body></html>')

@@ -1,0 +1,488 @@
+"""Run store: logdirs written by our writer and by other tools' writers become the right per-run arrays."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from tb_gradient_plugin import GradientWriter
+from tb_gradient_plugin.runs import (
+    ParamTag,
+    RunStore,
+    SeriesTag,
+    dedupe_series,
+    find_runs,
+    layer_of,
+    load_run,
+    map_tag,
+)
+
+LAYERS = ["embed", "block0.attn", "block0.mlp", "head"]
+
+
+def write_run(path: Path, steps: range, layers=LAYERS, *, spike: tuple[int, int] | None = None,
+              nan_at: int | None = None) -> np.ndarray:
+    """Write a run with our writer; returns the grad_norm matrix written (steps x layers)."""
+    rng = np.random.default_rng(len(str(path)))
+    grads = np.exp(rng.normal(0, 0.1, (len(steps), len(layers)))).astype(np.float32)
+    if spike:
+        grads[spike[0] - steps.start, spike[1]] *= 1000
+    if nan_at is not None:
+        grads[nan_at - steps.start, 1] = np.nan
+    with GradientWriter(path) as w:
+        for i, step in enumerate(steps):
+            w.write(step, layers, grad_norm=grads[i], param_norm=np.full(len(layers), 10.0),
+                    update_norm=grads[i] * 1e-3, loss=1.0 / (1 + step), lr=1e-3, total_grad_norm=1.0)
+    return grads
+
+
+def tfevents(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if "tfevents" in p.name)
+
+
+# ------------------------------------------------------------------------------------------------------ our runs
+
+
+def test_our_run_arrays(tmp_path):
+    grads = write_run(tmp_path / "a", range(0, 50))
+    run = load_run(str(tmp_path / "a"))
+    assert run.name == "a" and run.source == "tb_gradient_plugin"
+    assert run.layers == LAYERS
+    np.testing.assert_array_equal(run.steps, np.arange(50))
+    np.testing.assert_array_equal(run.layer_metrics["grad_norm"], grads)
+    assert run.layer_metrics["grad_norm"].dtype == np.float32
+    assert run.present.all()
+    np.testing.assert_allclose(run.update_ratio(), grads * 1e-3 / 10.0, rtol=1e-5)
+    assert set(run.series) >= {"loss", "lr", "total_grad_norm"}
+    np.testing.assert_allclose(run.series["loss"].values, 1.0 / (1 + np.arange(50)), rtol=1e-6)
+    assert run.warnings == [] and run.unknown_tags == []
+
+
+def test_run_names_like_tensorboard(tmp_path):
+    write_run(tmp_path, range(3))
+    write_run(tmp_path / "exp1", range(3))
+    write_run(tmp_path / "group" / "exp2", range(3))
+    (tmp_path / "no_events").mkdir()
+    assert [n for n, _ in find_runs(str(tmp_path))] == [".", "exp1", "group/exp2"]
+    store = RunStore(str(tmp_path))
+    assert store.refresh() is True
+    assert store.run_names() == [".", "exp1", "group/exp2"]
+    assert store.get("group/exp2").layers == LAYERS
+    # names are names, never paths
+    for bad in ("../etc", str(tmp_path / "exp1"), "group", "exp1/"):
+        with pytest.raises(KeyError):
+            store.get(bad)
+        with pytest.raises(KeyError):
+            store.version(bad)
+
+
+def test_logdir_spec_prefixes_names(tmp_path):
+    write_run(tmp_path / "x", range(3))
+    write_run(tmp_path / "y" / "inner", range(3))
+    store = RunStore("", spec={"base": str(tmp_path / "x"), "other": str(tmp_path / "y")})
+    store.refresh()
+    assert store.run_names() == ["base", "other/inner"]
+
+
+def test_layers_change_and_absent_is_not_nan(tmp_path):
+    with GradientWriter(tmp_path) as w:
+        w.write(0, ["a", "b"], grad_norm=[1.0, 2.0])
+        w.write(1, ["b", "c"], grad_norm=[3.0, np.nan])  # "a" frozen, "c" new and NaN
+    run = load_run(str(tmp_path))
+    assert run.layers == ["a", "b", "c"]
+    np.testing.assert_array_equal(run.present, [[True, True, False], [False, True, True]])
+    g = run.layer_metrics["grad_norm"]
+    assert g[1, 1] == 3.0 and np.isnan(g[1, 2]) and run.present[1, 2]
+
+
+def test_histograms_align_with_layers(tmp_path):
+    from tb_gradient_plugin.format import HIST_BINS, histogram_counts
+
+    rng = np.random.default_rng(0)
+    counts = np.stack([histogram_counts(rng.normal(size=100) * 10.0**k) for k in range(3)])
+    with GradientWriter(tmp_path) as w:
+        w.write(0, ["a", "b", "c"], grad_norm=[1, 2, 3])
+        w.write_histograms(0, ["c", "a", "b"], counts)
+        w.write_histograms(10, ["c", "a", "b"], counts * 2)
+    run = load_run(str(tmp_path))
+    np.testing.assert_array_equal(run.hist_steps, [0, 10])
+    assert run.histograms.shape == (2, 3, HIST_BINS)
+    np.testing.assert_array_equal(run.histograms[0, 0], counts[1])  # layer "a" was second in the histogram
+    np.testing.assert_array_equal(run.histograms[1, 2], counts[0] * 2)
+
+
+# -------------------------------------------------------------------------------------------- incremental reading
+
+
+def test_refresh_reads_only_new_bytes_and_bumps_version(tmp_path):
+    w = GradientWriter(tmp_path / "live")
+    for s in range(100):
+        w.write(s, LAYERS, grad_norm=np.ones(4) * s, loss=1.0)
+    w.flush()
+    store = RunStore(str(tmp_path))
+    assert store.refresh()
+    first = store.get("live")
+    v1 = store.version("live")
+    assert len(first.steps) == 100
+    assert store.refresh() is False and store.version("live") == v1 and store.get("live") is first
+    for s in range(100, 250):
+        w.write(s, LAYERS[1:] + ["new_head"], grad_norm=np.ones(4) * s, loss=1.0)
+    w.flush()
+    assert store.refresh() is True
+    assert store.version("live") > v1
+    second = store.get("live")
+    assert len(second.steps) == 250 and second.layers == LAYERS + ["new_head"]
+    assert second.layer_metrics["grad_norm"][249, 4] == 249 and not second.present[249, 0]
+    # what was handed out before is unchanged (live readers of the plugin keep a consistent snapshot)
+    assert first.layer_metrics["grad_norm"].shape == (100, 4)
+    np.testing.assert_array_equal(first.layer_metrics["grad_norm"][:, 0], np.arange(100))
+    w.close()
+    store.refresh()
+    size = sum(p.stat().st_size for p in tfevents(tmp_path))
+    assert store.get("live").bytes_read == size  # every byte read exactly once
+
+
+def test_steps_out_of_order_and_rewritten(tmp_path):
+    with GradientWriter(tmp_path) as w:
+        for s in (5, 6, 7):
+            w.write(s, ["a"], grad_norm=[float(s)])
+    store = RunStore(str(tmp_path))
+    store.refresh()
+    with GradientWriter(tmp_path, filename_suffix=".resumed") as w:  # a resumed run rewrites step 6, adds 1
+        w.write(1, ["a"], grad_norm=[1.0])
+        w.write(6, ["a"], grad_norm=[60.0])
+    store.refresh()
+    run = store.get(".")
+    np.testing.assert_array_equal(run.steps, [1, 5, 6, 7])
+    np.testing.assert_array_equal(run.layer_metrics["grad_norm"][:, 0], [1, 5, 60, 7])
+
+
+WRITER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from tb_gradient_plugin import GradientWriter
+    with GradientWriter(sys.argv[1], flush_secs=0.05) as w:
+        for s in range(int(sys.argv[2])):
+            w.write(s, ["a", "b", "c"], grad_norm=np.full(3, float(s)), loss=1.0)
+            if s % 50 == 0:
+                w.flush()
+                time.sleep(0.01)
+""")
+
+
+@pytest.mark.slow
+def test_file_appended_while_reading(tmp_path):
+    """A second process writes while the store polls: every step arrives, each exactly once, in order."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs" / "run"), "3000"])
+    store = RunStore(str(tmp_path / "logs"))
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = proc.poll() is not None
+        if store.refresh():
+            seen.append(len(store.get("run").steps))
+        if done:
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=30) == 0
+    store.refresh()
+    run = store.get("run")
+    np.testing.assert_array_equal(run.steps, np.arange(3000))
+    np.testing.assert_array_equal(run.layer_metrics["grad_norm"][:, 2], np.arange(3000))
+    assert run.warnings == []
+    assert len(seen) >= 2 and seen == sorted(seen)  # it was read in pieces, growing
+
+
+# ----------------------------------------------------------------------------------------------------- damage
+
+
+def test_corrupt_middle_keeps_the_rest(tmp_path):
+    write_run(tmp_path, range(200))
+    path = tfevents(tmp_path)[0]
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 40] = b"\xff" * 40
+    path.write_bytes(bytes(data))
+    run = load_run(str(tmp_path))
+    assert 150 < len(run.steps) < 200
+    assert run.steps[0] == 0 and run.steps[-1] == 199
+    assert run.warnings and all(path.name in w for w in run.warnings)
+
+
+def test_truncated_tail_warned_only_when_finished(tmp_path):
+    write_run(tmp_path, range(20))
+    path = tfevents(tmp_path)[0]
+    path.write_bytes(path.read_bytes()[:-7])
+    store = RunStore(str(tmp_path))
+    store.refresh()
+    assert len(store.get(".").steps) == 19 and store.get(".").warnings == []  # maybe still being written
+    run = load_run(str(tmp_path))  # the auditor: every file is finished
+    assert len(run.steps) == 19
+    assert any("ends inside a record" in w for w in run.warnings)
+
+
+def test_older_file_finished_when_newer_appears(tmp_path):
+    write_run(tmp_path, range(20))
+    path = tfevents(tmp_path)[0]
+    path.write_bytes(path.read_bytes()[:-7])
+    store = RunStore(str(tmp_path))
+    store.refresh()
+    assert store.get(".").warnings == []
+    time.sleep(1.1)  # file names carry the second they were created
+    with GradientWriter(tmp_path) as w:
+        w.write(100, LAYERS, grad_norm=np.ones(4))
+    assert store.refresh()
+    assert any("ends inside a record" in w for w in store.get(".").warnings)
+
+
+def test_garbage_file_and_empty_logdir(tmp_path):
+    assert find_runs(str(tmp_path)) == []
+    store = RunStore(str(tmp_path))
+    assert store.refresh() is False and store.run_names() == []
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "events.out.tfevents.1.host").write_bytes(os.urandom(5000))
+    run = load_run(str(tmp_path / "junk"))
+    assert run.events == 0 and run.warnings
+    with pytest.raises(FileNotFoundError):
+        find_runs(str(tmp_path / "missing"))
+    assert RunStore(str(tmp_path / "missing")).refresh() is False  # a live logdir may not exist yet
+
+
+# ------------------------------------------------------------------------------------------------- fsspec
+
+
+def test_memory_filesystem(tmp_path):
+    write_run(tmp_path / "r1", range(30))
+    write_run(tmp_path / "r2" / "sub", range(10))
+    fs = fsspec.filesystem("memory")
+    for p in tfevents(tmp_path):
+        rel = p.relative_to(tmp_path).as_posix()
+        with fs.open(f"/auditlogs/{rel}", "wb") as f:
+            f.write(p.read_bytes())
+    try:
+        url = "memory://auditlogs"
+        assert [n for n, _ in find_runs(url)] == ["r1", "r2/sub"]
+        store = RunStore(url)
+        store.refresh()
+        assert store.run_names() == ["r1", "r2/sub"]
+        local = load_run(str(tmp_path / "r1"))
+        remote = store.get("r1")
+        np.testing.assert_array_equal(remote.layer_metrics["grad_norm"], local.layer_metrics["grad_norm"])
+        assert load_run(url + "/r2/sub").steps.tolist() == list(range(10))
+    finally:
+        fs.rm("/auditlogs", recursive=True)
+
+
+# ----------------------------------------------------------------------------------------------- tag mapping
+
+
+@pytest.mark.parametrize(("tag", "expected"), [
+    ("train/loss", SeriesTag("loss", 1, None)),
+    ("train/grad_norm", SeriesTag("total_grad_norm", 1, "hf_trainer")),
+    ("train_loss_step", SeriesTag("loss", 1.5, "lightning")),
+    ("train_loss_epoch", SeriesTag("loss_epoch", 2, "lightning")),
+    ("grad_2.0_norm/layer1.weight_step", ParamTag("grad_norm", "layer1.weight", "l2", 0, "lightning")),
+    ("grad_2.0_norm/layer1.weight", ParamTag("grad_norm", "layer1.weight", "l2", 1, "lightning")),
+    ("grad_2.0_norm_total_step", SeriesTag("total_grad_norm", 0.5, "lightning")),
+    ("grad_2.0_norm_total_epoch", SeriesTag("total_grad_norm_epoch", 1, "lightning")),
+    ("grad_inf_norm/fc.bias", ParamTag("grad_max_abs", "fc.bias", "max", 1, "lightning")),
+    ("grads_norm/fc1/weight", ParamTag("grad_norm", "fc1.weight", "l2", 1, "ignite")),
+    ("training/grads_norm/fc1/weight", ParamTag("grad_norm", "fc1.weight", "l2", 1, "ignite")),
+    ("l2_norm/grad/model.fc.weight", ParamTag("grad_norm", "model.fc.weight", "l2", 1, "composer")),
+    ("l2_norm/grad/global", SeriesTag("total_grad_norm", 1, "composer")),
+    ("l2_norm_ratio/update_param/fc.weight", ParamTag("update_ratio", "fc.weight", "max", 1, "composer")),
+    ("lr-AdamW", SeriesTag("lr", 3, None)),
+    ("val/obj_loss", SeriesTag("val_loss", 1, "yolov5", summed=True)),
+    ("accuracy", None),
+    ("grad_1.0_norm/fc.weight", None),
+])
+def test_map_tag(tag, expected):
+    assert map_tag(tag) == expected
+
+
+def test_validation_role_and_layer_of():
+    assert map_tag("epoch_loss", "validation").series == "val_loss"
+    assert map_tag("epoch_loss").series == "loss"
+    assert layer_of("layer1.weight") == "layer1"
+    assert layer_of("encoder.layers.3.mlp.fc1.bias") == "encoder.layers.3.mlp.fc1"
+    assert layer_of("cls_token") == "cls_token"
+    assert layer_of("encoder.layers.3") == "encoder.layers.3"
+
+
+def test_dedupe_keeps_last_but_never_hides_nan():
+    s = dedupe_series(np.array([3, 1, 2, 2, 3, 3]), np.array([30.0, 10.0, np.nan, 20.0, 31.0, 32.0]))
+    np.testing.assert_array_equal(s.steps, [1, 2, 3])
+    assert s.values[0] == 10 and np.isnan(s.values[1]) and s.values[2] == 32
+
+
+def _summary_writer(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
+def test_lightning_style_param_norms_fold_per_layer(tmp_path):
+    """Per-parameter L2 norms fold into per-layer norms (root of the sum of squares), _step preferred to _epoch."""
+    rng = np.random.default_rng(1)
+    params = {"l1.weight": 3.0, "l1.bias": 4.0, "l2.weight": 1.0, "l2.bias": 0.5}
+    expected = {"l1": [], "l2": []}
+    with _summary_writer(tmp_path) as sw:
+        for step in range(20):
+            scale = rng.uniform(0.5, 2)
+            for name, base in params.items():
+                sw.add_scalar(f"grad_2.0_norm/{name}_step", base * scale, step)
+                sw.add_scalar(f"grad_2.0_norm/{name}_epoch", 999.0, step)
+            sw.add_scalar("grad_2.0_norm_total_step", 5.0 * scale, step)
+            sw.add_scalar("train_loss_step", 1.0 / (step + 1), step)
+            sw.add_scalar("train_loss_epoch", 7.0, step)
+            sw.add_scalar("train_acc", 0.5, step)
+            sw.add_scalar("epoch", 0, step)
+            expected["l1"].append(np.hypot(3.0, 4.0) * scale)
+            expected["l2"].append(np.hypot(1.0, 0.5) * scale)
+    (tmp_path / "hparams.yaml").write_text("lr: 0.1\n")
+    run = load_run(str(tmp_path))
+    assert run.source == "lightning"
+    assert run.layers == ["l1", "l2"]
+    np.testing.assert_allclose(run.layer_metrics["grad_norm"][:, 0], expected["l1"], rtol=1e-5)
+    np.testing.assert_allclose(run.layer_metrics["grad_norm"][:, 1], expected["l2"], rtol=1e-5)
+    np.testing.assert_allclose(run.series["loss"].values, 1.0 / (np.arange(20) + 1), rtol=1e-6)
+    assert set(run.series) == {"loss", "loss_epoch", "total_grad_norm"}
+    assert run.unknown_tags == ["train_acc"]
+
+
+@pytest.mark.parametrize(("tags", "source", "series", "layers"), [
+    ({"train/loss": 1, "train/grad_norm": 2, "train/learning_rate": 3, "train/epoch": 0.1, "eval/loss": 4},
+     "hf_trainer", {"loss": 1, "total_grad_norm": 2, "lr": 3, "val_loss": 4}, {}),
+    ({"training/loss": 1, "grads_norm/fc1/weight": 3, "grads_norm/fc1/bias": 4, "weights_norm/fc1/weight": 6},
+     "ignite", {"loss": 1}, {"grad_norm": {"fc1": 5.0}, "param_norm": {"fc1": 6.0}}),
+    ({"loss/train/total": 1, "l2_norm/grad/global": 2, "l2_norm/grad/enc.fc.weight": 2, "lr-DecoupledAdamW/group0": 3,
+      "l2_norm/param/enc.fc.weight": 8, "l2_norm/update/enc.fc.weight": 0.08},
+     "composer", {"loss": 1, "total_grad_norm": 2, "lr": 3},
+     {"grad_norm": {"enc.fc": 2.0}, "param_norm": {"enc.fc": 8.0}, "update_norm": {"enc.fc": 0.08}}),
+    ({"train/box_loss": 1, "train/obj_loss": 2, "train/cls_loss": 3, "val/box_loss": 1, "val/obj_loss": np.nan,
+      "x/lr0": 0.01, "metrics/mAP_0.5": 0.5}, "yolov5", {"loss": 6, "val_loss": np.nan, "lr": 0.01}, {}),
+    ({"Loss/train": 1, "total_norm": 2, "lr": 3, "Loss/val": 4, "gibberish": 5},
+     "plain", {"loss": 1, "total_grad_norm": 2, "lr": 3, "val_loss": 4}, {}),
+])
+def test_other_tools_tags(tmp_path, tags, source, series, layers):
+    with _summary_writer(tmp_path) as sw:
+        for step in range(5):
+            for tag, value in tags.items():
+                sw.add_scalar(tag, value, step)
+    run = load_run(str(tmp_path))
+    assert run.source == source
+    assert set(run.series) == set(series)
+    for name, value in series.items():
+        np.testing.assert_allclose(run.series[name].values, np.full(5, value), rtol=1e-6)
+        np.testing.assert_array_equal(run.series[name].steps, np.arange(5))
+    for metric, per_layer in layers.items():
+        for layer, value in per_layer.items():
+            np.testing.assert_allclose(run.layer_metrics[metric][:, run.layers.index(layer)], value, rtol=1e-6)
+    if source == "plain":
+        assert run.unknown_tags == ["gibberish"]
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+REALRUNS = {
+    # run directory: (source, series it must have)
+    "dparra2399__LearnedCoWSiP/experiments/illum_models/n1024_k8_sigma10_photonstarved": ("lightning",
+                                                                                         {"loss", "val_loss"}),
+    "dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80": ("lightning", {"loss", "val_loss"}),
+    "dparra2399__LearnedCoWSiP/experiments/illum_peak_models/n1024_k8_sigma10_peak030_counts1000":
+        ("lightning", {"loss", "val_loss"}),
+    "dparra2399__LearnedCoWSiP/experiments/illum_peak_models/n1024_k8_sigma10_peak030_counts1000_fourier":
+        ("lightning", {"loss", "val_loss"}),
+    "ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763": ("plain", {"lr"}),
+    "Aydana1__Enhancing_YOLOv5l/runs/train/yolov5m6_34": ("yolov5", {"loss", "val_loss", "lr"}),
+    "Aydana1__Enhancing_YOLOv5l/runs/train/exp31": ("yolov5", {"loss", "val_loss", "lr"}),
+    "TheCodeheadMT__TensorBoard-Tutorial/archive/logs/mod1-reuters-1690485395": ("keras", {"loss", "val_loss"}),
+    "aarugunj27__EnzymeKcatAnaylsis/logs": ("hf_trainer", {"loss", "total_grad_norm", "lr"}),
+    "ZakSingh__omelette/lightning_logs/math": ("lightning", {"loss"}),
+    "inwaves__prob-models/lightning_logs/version_82": ("lightning", {"loss"}),
+    "AnAccountWithoutAName__Deep-Lineary-Gated-Networks/lightning_logs/version_0": ("lightning", {"loss", "val_loss"}),
+}
+
+
+def test_realruns_discovered_as_twelve_runs(realruns):
+    assert [name for name, _ in find_runs(str(realruns))] == sorted(REALRUNS)
+
+
+@pytest.mark.parametrize("rel", sorted(REALRUNS))
+def test_realrun_mapping(realruns, rel):
+    source, series = REALRUNS[rel]
+    run = load_run(str(realruns / rel))
+    assert run.source == source
+    assert set(run.series) == series
+    for s in run.series.values():
+        assert len(s.steps) and np.all(np.diff(s.steps) > 0)
+    assert "epoch" not in run.unknown_tags and "hp_metric" not in run.unknown_tags
+
+
+def test_realrun_values(realruns):
+    """Spot checks against the values the third-party files are documented to hold."""
+    yolo = load_run(str(realruns / "Aydana1__Enhancing_YOLOv5l/runs/train/yolov5m6_34"))
+    val = yolo.series["val_loss"]
+    assert np.isnan(val.values[val.steps == 10][0])  # val/obj_loss and val/cls_loss are NaN at epoch 10
+    assert np.isfinite(yolo.series["loss"].values).all()
+    keras = load_run(str(realruns / "TheCodeheadMT__TensorBoard-Tutorial/archive/logs/mod1-reuters-1690485395"))
+    assert keras.series["loss"].values[0] == pytest.approx(2.387, abs=1e-3)
+    assert keras.series["val_loss"].values.min() == pytest.approx(0.814, abs=1e-3)
+    assert int(np.argmin(keras.series["val_loss"].values)) == 8
+    assert any("dense_3/kernel_0/histogram" in t for t in keras.unknown_tags)
+    hf = load_run(str(realruns / "aarugunj27__EnzymeKcatAnaylsis/logs"))
+    np.testing.assert_array_equal(hf.series["total_grad_norm"].steps, np.arange(10, 101, 10))
+    assert hf.series["total_grad_norm"].values[-1] == pytest.approx(55.32, abs=0.01)
+    ppo = load_run(str(realruns / "ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763"))
+    assert any("ends inside a record" in w for w in ppo.warnings)  # the committed file is cut 21 bytes short
+    assert "losses/value_loss" in ppo.unknown_tags
+
+
+def test_realruns_copied_and_grown_live(realruns, tmp_path):
+    """A third-party file delivered in pieces (as a live job writes it) ends with the same arrays."""
+    src = realruns / "dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80"
+    event = tfevents(src)[0]
+    whole = load_run(str(src))
+    dst = tmp_path / "run"
+    dst.mkdir()
+    shutil.copy(src / "hparams.yaml", dst / "hparams.yaml")
+    data = event.read_bytes()
+    store = RunStore(str(tmp_path))
+    versions = []
+    with open(dst / event.name, "wb") as f:
+        for cut in np.linspace(0, len(data), 7).astype(int)[1:]:
+            f.write(data[f.tell():cut])
+            f.flush()
+            store.refresh()
+            versions.append(store.version("run"))
+    run = store.get("run")
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    for name in ("loss", "val_loss"):
+        np.testing.assert_array_equal(run.series[name].steps, whole.series[name].steps)
+        np.testing.assert_array_equal(run.series[name].values, whole.series[name].values)
+    assert run.source == "lightning"
+
+
+def test_two_hundred_small_runs(tmp_path):
+    for i in range(200):
+        with GradientWriter(tmp_path / f"sweep/trial_{i:03d}") as w:
+            for s in range(5):
+                w.write(s, ["a", "b"], grad_norm=[1.0 + i, 2.0], loss=1.0)
+    store = RunStore(str(tmp_path))
+    store.refresh()
+    names = store.run_names()
+    assert len(names) == 200 and names[0] == "sweep/trial_000"
+    assert store.get("sweep/trial_137").layer_metrics["grad_norm"][0, 0] == 138.0
+    assert store.refresh() is False
