@@ -53,13 +53,12 @@ def tag_for(metric: str) -> str:
     return TAG_PREFIX + metric
 
 
+_METRIC_OF_TAG = {TAG_PREFIX + m: m for m in LAYER_METRICS + STEP_METRICS + SCALAR_METRICS + (HISTOGRAM_METRIC,)}
+
+
 def metric_of(tag: str) -> str | None:
     """Inverse of :func:`tag_for`; ``None`` for tags that are not ours."""
-    if not tag.startswith(TAG_PREFIX):
-        return None
-    metric = tag[len(TAG_PREFIX):]
-    known = LAYER_METRICS + STEP_METRICS + SCALAR_METRICS + (HISTOGRAM_METRIC,)
-    return metric if metric in known else None
+    return _METRIC_OF_TAG.get(tag)
 
 
 def layout_id(layers: Sequence[str]) -> str:
@@ -169,6 +168,7 @@ def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary
 # ------------------------------------------------------------------------------------------------------------ decode
 
 
+_F32 = np.dtype("<f4")
 _NUMERIC_KINDS = {
     types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
     types_pb2.DT_DOUBLE: (np.dtype("<f8"), "double_val"),
@@ -206,7 +206,20 @@ def tensor_to_numpy(tensor: tensor_pb2.TensorProto) -> np.ndarray:
 
 
 def is_ours(value: summary_pb2.Summary.Value) -> bool:
-    return value.HasField("metadata") and value.metadata.plugin_data.plugin_name == PLUGIN_NAME
+    return value.metadata.plugin_data.plugin_name == PLUGIN_NAME
+
+
+def layer_vector(tensor: tensor_pb2.TensorProto, n_layers: int) -> np.ndarray:
+    """Decode a per-layer metric tensor, checking it holds one value per layer (fast path for packed float32)."""
+    content = tensor.tensor_content
+    if tensor.dtype == types_pb2.DT_FLOAT and content and len(tensor.tensor_shape.dim) == 1:
+        if len(content) != 4 * n_layers or tensor.tensor_shape.dim[0].size != n_layers:
+            raise FormatError(f"tensor of {len(content) // 4} values does not match a layout of {n_layers} layers")
+        return np.frombuffer(content, dtype=_F32)
+    arr = tensor_to_numpy(tensor)
+    if arr.shape != (n_layers,):
+        raise FormatError(f"shape {arr.shape} does not match a layout of {n_layers} layers")
+    return arr
 
 
 def is_scalar(value: summary_pb2.Summary.Value) -> bool:

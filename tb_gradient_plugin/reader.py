@@ -20,6 +20,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import crc32c as _crc32c
 import numpy as np
@@ -73,6 +74,7 @@ class RecordReader:
         self.pending_bytes = 0  # bytes after ``offset`` that do not yet form a complete record
         self.problems: list[Problem] = []
         self.bytes_read = 0
+        self.has_more = False  # the last read stopped at its byte limit, not at the end of the file
 
     # ------------------------------------------------------------------------------------------------------- file io
 
@@ -99,18 +101,24 @@ class RecordReader:
 
         return size, read
 
-    def read_records(self) -> Iterator[tuple[int, memoryview]]:
+    def read_records(self, max_bytes: int | None = None) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(offset, data)`` for each complete, intact record appended since the last call.
 
-        ``data`` is a view into the read buffer: copy it to keep it past the next record.
+        ``data`` is a view into the read buffer: copy it to keep it past the next record. With ``max_bytes`` the
+        call stops after about that many bytes (at a chunk boundary) and sets ``has_more``; call again to go on.
         """
+        self.has_more = False
         try:
             size, read = self._size_and_reader()
         except FileNotFoundError:
             return
+        start = self.offset
+        chunk = CHUNK_BYTES if max_bytes is None else max(1, min(CHUNK_BYTES, max_bytes))
         while self.offset < size:
-            want = min(size - self.offset, CHUNK_BYTES)
-            buf = read(self.offset, want)
+            if max_bytes is not None and self.offset - start >= max_bytes:
+                self.has_more = True
+                break
+            buf = read(self.offset, min(size - self.offset, chunk))
             if not buf:
                 break
             self.bytes_read += len(buf)
@@ -180,8 +188,7 @@ class RecordReader:
 # ---------------------------------------------------------------------------------------------------------- decoding
 
 
-@dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(NamedTuple):
     """One per-layer metric (or histogram) of one step, already attributed to its layers."""
 
     step: int
@@ -191,8 +198,7 @@ class LayerRecord:
     values: np.ndarray  # float32 [layers] for metrics, int64 [layers, HIST_BINS] for histograms
 
 
-@dataclass(frozen=True)
-class ScalarRecord:
+class ScalarRecord(NamedTuple):
     """A scalar: one of our per-step series (``tag`` = metric name, ``ours``) or any other tool's scalar tag."""
 
     step: int
@@ -208,6 +214,7 @@ class Batch:
     scalars: list[ScalarRecord] = field(default_factory=list)
     other_tags: set[str] = field(default_factory=set)  # tags seen that are neither ours nor scalars
     events: int = 0
+    has_more: bool = False
 
 
 class EventFileReader:
@@ -232,10 +239,14 @@ class EventFileReader:
     def problems(self) -> list[Problem]:
         return self.records.problems
 
-    def read(self) -> Batch:
-        """Decode every complete record appended since the last call."""
+    def read(self, max_bytes: int | None = None) -> Batch:
+        """Decode the complete records appended since the last call (about ``max_bytes`` of them at most).
+
+        With a limit, ``batch.has_more`` says whether to call again: bounded batches keep a large file's decoded
+        protos from piling up in memory before the caller has folded them into its arrays.
+        """
         batch = Batch()
-        for offset, data in self.records.read_records():
+        for offset, data in self.records.read_records(max_bytes):
             try:
                 event = event_pb2.Event.FromString(data)
             except (DecodeError, RecursionError, ValueError) as exc:
@@ -244,6 +255,7 @@ class EventFileReader:
             batch.events += 1
             if event.WhichOneof("what") == "summary":
                 self._decode_summary(offset, event, batch)
+        batch.has_more = self.records.has_more
         return batch
 
     def _metadata(self, content: bytes) -> fmt.Metadata:
@@ -277,8 +289,8 @@ class EventFileReader:
         metric = fmt.metric_of(value.tag)
         if metric is None:
             raise fmt.FormatError("unknown metric under the gradients plugin")
-        arr = fmt.tensor_to_numpy(value.tensor)
         if metric in fmt.STEP_METRICS:
+            arr = fmt.tensor_to_numpy(value.tensor)
             if arr.size != 1:
                 raise fmt.FormatError("per-step value is not a single number")
             batch.scalars.append(ScalarRecord(step, wall, metric, float(arr.reshape(-1)[0]), True))
@@ -297,9 +309,12 @@ class EventFileReader:
                     "(damaged record); its values are dropped until the list is repeated",
                 )
             return
-        expected = (len(layers), fmt.HIST_BINS) if metric == fmt.HISTOGRAM_METRIC else (len(layers),)
-        if arr.shape != expected:
-            raise fmt.FormatError(f"shape {arr.shape} does not match layout of {len(layers)} layers")
+        if metric == fmt.HISTOGRAM_METRIC:
+            arr = fmt.tensor_to_numpy(value.tensor)
+            if arr.shape != (len(layers), fmt.HIST_BINS):
+                raise fmt.FormatError(f"histogram shape {arr.shape} does not match a layout of {len(layers)} layers")
+        else:
+            arr = fmt.layer_vector(value.tensor, len(layers))
         batch.layer_records.append(LayerRecord(step, wall, metric, layers, arr))
 
     def finish(self) -> None:

@@ -91,6 +91,8 @@ class RunData:
 
 #: Tool names as they appear in ``RunData.source``.
 OURS = "tb_gradient_plugin"
+#: Event bytes decoded per batch while loading a run: bounds the transient memory of decoded protos.
+READ_BATCH_BYTES = 64 * 1024 * 1024
 
 #: Series tags of other tools: tag -> (series, priority, tool hint). Lower priority wins when a run has several tags
 #: for one series; a tool hint is a tag that only that tool writes.
@@ -514,19 +516,21 @@ class _Run:
         done = set(finished)
         for path in sorted(self.readers):
             reader, role = self.readers[path]
-            batch = reader.read()
+            batch = None
+            while batch is None or batch.has_more:
+                batch = reader.read(max_bytes=READ_BATCH_BYTES)
+                if batch.events:
+                    changed = True
+                    self.events += batch.events
+                    if batch.layer_records:
+                        self.table.add(batch.layer_records)
+                    if batch.scalars:
+                        self._add_scalars(batch.scalars, role)
+                    for tag in batch.other_tags:
+                        self.other_tags.setdefault((role, tag))
             if path in done and path not in self.finished:
                 self.finished.add(path)
                 reader.finish()
-            if batch.events:
-                changed = True
-                self.events += batch.events
-                if batch.layer_records:
-                    self.table.add(batch.layer_records)
-                if batch.scalars:
-                    self._add_scalars(batch.scalars, role)
-                for tag in batch.other_tags:
-                    self.other_tags.setdefault((role, tag))
         problems = sum(len(r.problems) for r, _ in self.readers.values())
         if problems != self.problem_count:
             self.problem_count = problems
