@@ -1,0 +1,120 @@
+"""Overhead of GradientMonitorCallback on ``model.fit`` (Keras 3, TensorFlow backend, CPU).
+
+Two models: a small conv net on 32x32x3 inputs and a 10-layer dense model, batch 128. For each, three copies with the
+same weights are fitted: plain, with the callback logging every step, and every 10 steps. Fits are interleaved (the
+order rotates each repeat) after a warm-up fit that traces and compiles; each timed fit runs ``--steps`` steps.
+Prints the median milliseconds per step of each variant and its ratio to plain fit, both as a ratio of medians and as
+the median of the per-repeat (paired) ratios, on two clocks: wall time, and the process's CPU time (with TensorFlow on
+one thread, the CPU clock is what to compare on a machine shared with other work, where wall time is mostly noise).
+
+Goals (conv net): every 10 steps <= 1.02x, every step <= 1.10x. The dense model's ratios are reported as measured.
+
+    python benchmarks/bench_keras.py [--repeats 7] [--threads 1] [--no-jit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tb_gradient_plugin.keras import GradientMonitorCallback  # noqa: E402
+
+BATCH = 128
+
+
+def conv_net() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(16, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
+def dense_net() -> keras.Model:
+    return keras.Sequential([keras.Input((256,))]
+                            + [keras.layers.Dense(256, activation="relu") for _ in range(9)]
+                            + [keras.layers.Dense(10)])
+
+
+MODELS = {"conv net 32x32": (conv_net, (32, 32, 3)), "dense x10": (dense_net, (256,))}
+
+
+def bench(name: str, build, shape: tuple[int, ...], steps: int, repeats: int, jit: bool, logdir: str) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(steps * BATCH, *shape)).astype("float32")
+    y = rng.integers(0, 10, size=(steps * BATCH,))
+    keras.utils.set_random_seed(0)
+    weights = build().get_weights()
+    variants = {}
+    for variant, every in (("plain", None), ("every 1", 1), ("every 10", 10)):
+        model = build()
+        model.set_weights(weights)
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=jit)
+        callbacks = [] if every is None else [GradientMonitorCallback(os.path.join(logdir, name, variant), every)]
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)  # warm-up
+        variants[variant] = (model, callbacks)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for r in range(repeats):
+        for variant in order[r % 3:] + order[:r % 3]:
+            model, callbacks = variants[variant]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+            wall[variant].append((time.perf_counter() - start) / steps)
+            cpu[variant].append((time.process_time() - start_cpu) / steps)
+    for _, callbacks in variants.values():
+        for cb in callbacks:
+            cb.close()
+    return {"wall": wall, "cpu": cpu}
+
+
+def report(times: dict[str, list[float]], clock: str) -> None:
+    plain = statistics.median(times["plain"])
+    for variant, ts in times.items():
+        med = statistics.median(ts)
+        paired = statistics.median(t / p for t, p in zip(ts, times["plain"], strict=True))
+        print(f"  {clock:4s} {variant:9s} {med * 1e3:8.2f} ms/step   ratio {med / plain:5.3f}x   paired {paired:5.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--conv-steps", type=int, default=20)
+    parser.add_argument("--dense-steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads (0: TF's default)")
+    parser.add_argument("--no-jit", action="store_true", help="compile with jit_compile=False (default: XLA)")
+    args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    jit = not args.no_jit
+    threads = args.threads or "default"
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, jit_compile={jit}, threads={threads}, "
+          f"batch {BATCH}, {args.repeats} interleaved repeats")
+    with tempfile.TemporaryDirectory() as logdir:
+        for name, (build, shape) in MODELS.items():
+            steps = args.conv_steps if name.startswith("conv") else args.dense_steps
+            clocks = bench(name, build, shape, steps, args.repeats, jit, logdir)
+            print(f"\n{name}: {steps} steps per fit")
+            for clock, times in clocks.items():
+                report(times, clock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Keras 3 integration: ``GradientMonitorCallback`` records the gradients ``model.fit`` actually applies.
+
+No Keras callback sees gradients, and Keras' ``train_step`` is compiled (``tf.function``, often XLA). So the callback
+hooks in one level lower: it wraps the compiled optimizer's ``apply`` (which every ``train_step`` reaches through
+``apply_gradients``) and ``scale_loss`` (which receives the batch loss), and has the train function traced again.
+The wrappers run *inside* the traced step and, on logged steps only (a ``tf.cond`` on the step counter), compute every
+statistic on the device into a small ring buffer of non-trainable variables. The callback reads that buffer once per
+logged batch (one host transfer) and hands the numbers to :class:`~tb_gradient_plugin.writer.GradientWriter`.
+Unlogged steps cost two branch tests and a counter increment.
+
+Between fits the hooks stay in the traced function, switched off by a flag, so calling ``fit`` again with the same
+callback does not trace (or XLA-compile) again. ``close()`` removes them: the optimizer gets its own methods back and
+the train function is traced afresh on the next ``fit``.
+
+Only the TensorFlow backend is supported; the check happens when the callback is constructed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from .writer import GradientWriter
+
+__all__ = ["GradientMonitorCallback"]
+
+_MISSING = object()
+#: Columns of a ``before`` row: step, loss, lr, loss scale, total norm, then 4 blocks of one value per layer.
+_PRE_FIXED = 5
+#: Columns of an ``after`` row: step, skipped, then the update norms.
+_POST_FIXED = 2
+
+
+def _check_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"GradientMonitorCallback supports Keras' TensorFlow backend only; this process uses the {backend!r} "
+            "backend. Set KERAS_BACKEND=tensorflow before importing keras (PyTorch users: "
+            "tb_gradient_plugin.torch.GradientMonitor)."
+        )
+
+
+def _validate_model(model: Any) -> None:
+    """Clear errors for models the monitor cannot observe (before ``fit`` fails somewhere less readable)."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"GradientMonitorCallback needs a Keras 3 model (keras.Model), got {type(model).__module__}."
+            f"{type(model).__qualname__}"
+        )
+    if not getattr(model, "compiled", False):
+        raise RuntimeError("the model is not compiled: call model.compile(optimizer=..., loss=...) before fit")
+    if getattr(model, "optimizer", None) is None:
+        raise RuntimeError("the model was compiled without an optimizer, so there are no applied gradients to record")
+
+
+def _layer_paths(model: keras.Model) -> dict[int, str]:
+    """``id(variable)`` -> path of the layer that owns it directly, relative to the model (``encoder/dense_1``)."""
+    owners: dict[int, str] = {}
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(model, "")]
+    while stack:
+        layer, path = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        for var in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+            owners.setdefault(id(var), path or model.name)
+        children = list(getattr(layer, "_layers", []))
+        for child in reversed(children):  # reversed: the stack pops them in model order
+            stack.append((child, f"{path}/{child.name}" if path else child.name))
+    return owners
+
+
+def _group_by_layer(variables: Sequence[Any], owners: dict[int, str]) -> tuple[list[str], list[list[int]]]:
+    """Layer names in first-seen (model) order, and the indices of ``variables`` each layer owns."""
+    names: list[str] = []
+    groups: list[list[int]] = []
+    index: dict[str, int] = {}
+    for i, var in enumerate(variables):
+        name = owners.get(id(var))
+        if name is None:  # a variable not owned by any layer of the model: name it after its own path
+            name = str(getattr(var, "path", "") or getattr(var, "name", f"variable_{i}")).rsplit("/", 1)[0]
+        if name not in index:
+            index[name] = len(names)
+            names.append(name)
+            groups.append([])
+        groups[index[name]].append(i)
+    return names, groups
+
+
+@dataclass
+class _Probe:
+    """Device-side state for one set of trainable variables (one trace of the train step)."""
+
+    layers: list[str]
+    groups: list[list[int]]
+    snapshots: list[Any]  # tf.Variable per trainable variable: its value before the logged step's update
+    pre: Any  # tf.Variable float64 [slots, _PRE_FIXED + 4 * layers]
+    post: Any  # tf.Variable float64 [slots, _POST_FIXED + layers]
+    slots: int
+    has_loss: bool
+    loss_scaled: bool  # whether the optimizer is a LossScaleOptimizer (record loss scale and skipped steps)
+
+
+class GradientMonitorCallback(keras.callbacks.Callback):
+    """Per-layer gradient health of ``model.fit`` for TensorBoard, without touching ``train_step``.
+
+    Records, every ``every`` optimizer steps and per Keras layer (name: the layer's path in the model), the L2 norm,
+    max |g| and non-finite count of the gradient the optimizer is given (unscaled under mixed precision, before the
+    optimizer's own clipping), the parameter norm before the step and the norm of the actual update
+    ``w_after - w_before``; per step the total gradient norm, the batch loss, the learning rate and, with a
+    ``LossScaleOptimizer``, the loss scale and whether the step was skipped for overflow.
+
+    Files go to ``log_dir/train``, the directory Keras' own ``TensorBoard(log_dir)`` callback writes its training
+    summaries to, so both appear as one run. See ``docs/KERAS.md``.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, every: int = 1, *, flush_secs: float = 2.0) -> None:
+        _check_backend()
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.log_dir = os.fspath(log_dir)
+        self.every = every
+        self._flush_secs = flush_secs
+        self._writer: GradientWriter | None = None
+        self._step_var: Any = None  # int64: steps this callback has counted (the next step's number)
+        self._loss_var: Any = None  # float64: the batch loss of the step being traced
+        self._probes: dict[tuple[int, ...], _Probe] = {}
+        self._active: list[_Probe] = []
+        self._enabled: Any = None  # bool: whether the hooks record (off between fits)
+        self._optimizer: Any = None  # the optimizer whose methods are wrapped
+        self._hooked_function: Any = None  # the model's train function traced with the hooks
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._last_written = -1
+        self._epoch_base = 0
+        self._batch_begin = 0
+        self._loss_traced = False
+
+    # ------------------------------------------------------------------------------------------------ keras hooks
+
+    def set_model(self, model: Any) -> None:
+        if not isinstance(model, keras.Model):
+            _validate_model(model)  # raises the TypeError for non-Keras models
+        super().set_model(model)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        import tensorflow as tf
+
+        model = self.model
+        _validate_model(model)
+        optimizer = model.optimizer
+        if self._writer is None or self._writer.closed:
+            self._writer = GradientWriter(os.path.join(self.log_dir, "train"), flush_secs=self._flush_secs)
+        if self._step_var is None:
+            with tf.init_scope():
+                self._step_var = tf.Variable(int(optimizer.iterations), dtype=tf.int64, trainable=False,
+                                             name="gradient_monitor_step")
+                self._loss_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="gradient_monitor_loss")
+                self._enabled = tf.Variable(False, trainable=False, name="gradient_monitor_enabled")
+        if optimizer is not self._optimizer:
+            self._detach()
+            other = getattr(vars(optimizer).get("apply"), "gradient_monitor", None)
+            if other is not None:  # one monitor per optimizer: the newest takes over
+                other._detach()
+            self._install(model, optimizer)
+        if model.train_function is None or model.train_function is not self._hooked_function:
+            # Not traced with the hooks (first fit, or recompiled since): trace it again, lazily on first call.
+            model.make_train_function(force=True)
+            self._hooked_function = model.train_function
+            self._active = []
+        self._enabled.assign(True)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_base = int(self._step_var.numpy())
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Steps [lo, hi] ran in this execution (hi may overshoot on a short last execution: an extra read at worst).
+        lo, hi = self._epoch_base + self._batch_begin, self._epoch_base + batch
+        if hi // self.every >= -(-lo // self.every):
+            self._drain()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._drain()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # The hooks stay in the traced train function, switched off, so the next fit need not trace it again.
+        self._enabled.assign(False)
+        self._drain()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Detach from the model (its optimizer and train function lose the hooks) and close the event file."""
+        model = self.model
+        if model is not None and self._hooked_function is not None and model.train_function is self._hooked_function:
+            model.make_train_function(force=True)
+        self._detach()
+        if self._writer is not None:
+            self._writer.close()
+
+    # ------------------------------------------------------------------------------------------------ installation
+
+    def _install(self, model: keras.Model, optimizer: Any) -> None:
+        original_apply = optimizer.apply
+        original_scale_loss = optimizer.scale_loss
+        owners = _layer_paths(model)
+
+        def scale_loss(loss):
+            self._record_loss(loss)
+            return original_scale_loss(loss)
+
+        def apply(grads, trainable_variables=None):
+            return self._apply(optimizer, original_apply, owners, grads, trainable_variables)
+
+        apply.gradient_monitor = self
+        self._optimizer = optimizer
+        self._patch(optimizer, "scale_loss", scale_loss)
+        self._patch(optimizer, "apply", apply)
+
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        self._restore.append((obj, name, vars(obj).get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def _detach(self) -> None:
+        """Restore the optimizer's methods and forget the device state (a new trace will be needed)."""
+        if self._enabled is not None:
+            self._enabled.assign(False)
+        while self._restore:
+            obj, name, previous = self._restore.pop()
+            if previous is _MISSING:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, previous)
+        self._optimizer = None
+        self._hooked_function = None
+        self._probes.clear()
+        self._active = []
+
+    # ---------------------------------------------------------------------------------------- traced (in-graph) code
+
+    def _record_loss(self, loss: Any) -> None:
+        import tensorflow as tf
+
+        self._loss_traced = True
+        self._loss_var.assign(tf.cast(tf.stop_gradient(tf.reduce_mean(loss)), tf.float64))
+
+    def _probe(self, optimizer: Any, variables: list[Any], owners: dict[int, str], has_loss: bool) -> _Probe:
+        import tensorflow as tf
+
+        key = tuple(id(v) for v in variables) + (int(has_loss),)
+        probe = self._probes.get(key)
+        if probe is None:
+            layers, groups = _group_by_layer(variables, owners)
+            spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            slots = -(-spe // self.every) + 1
+            with tf.init_scope():
+                snapshots = [tf.Variable(tf.zeros(tuple(v.shape), tf.as_dtype(v.dtype)), trainable=False)
+                             for v in variables]
+                pre = tf.Variable(tf.fill([slots, _PRE_FIXED + 4 * len(layers)], tf.constant(-1.0, tf.float64)),
+                                  trainable=False)
+                post = tf.Variable(tf.fill([slots, _POST_FIXED + len(layers)], tf.constant(-1.0, tf.float64)),
+                                   trainable=False)
+            loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            probe = _Probe(layers, groups, snapshots, pre, post, slots, has_loss, loss_scaled)
+            self._probes[key] = probe
+        if all(p is not probe for p in self._active):
+            self._active.append(probe)
+        return probe
+
+    def _apply(self, optimizer: Any, original_apply: Any, owners: dict[int, str], grads: Any, variables: Any) -> Any:
+        import tensorflow as tf
+
+        if variables is None:
+            variables = list(optimizer._trainable_variables)
+        grads, variables = list(grads), list(variables)
+        if not optimizer.built:  # as apply() would, but first: its state (loss scale, counters) is read below
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(variables)
+        pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        if not pairs:  # nothing to measure, but the step still counts
+            result = original_apply(grads, variables)
+            self._step_var.assign_add(1)
+            self._loss_traced = False
+            return result
+        live_grads = [tf.convert_to_tensor(g) for g, _ in pairs]
+        live_vars = [v for _, v in pairs]
+        probe = self._probe(optimizer, live_vars, owners, self._loss_traced)
+        every = tf.constant(self.every, tf.int64)
+        step = tf.convert_to_tensor(self._step_var.read_value())
+        logged = tf.logical_and(self._enabled.read_value(), tf.equal(step % every, 0))
+        slot = (step // every) % probe.slots
+
+        loss_scaled = probe.loss_scaled
+        scale = (tf.cast(tf.convert_to_tensor(optimizer.dynamic_scale), tf.float64) if loss_scaled
+                 else tf.constant(float(optimizer.loss_scale_factor or 1.0), tf.float64))
+        counter = optimizer.inner_optimizer._iterations if loss_scaled else optimizer._iterations
+        applied_before = tf.convert_to_tensor(counter)
+        lr = tf.cast(tf.convert_to_tensor(optimizer.learning_rate), tf.float64)
+        loss = self._loss_var.read_value() if probe.has_loss else tf.constant(math.nan, tf.float64)
+
+        def before():
+            row = self._before_row(probe, live_grads, live_vars, step, loss, lr, scale)
+            probe.pre.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
+            return tf.constant(True)
+
+        tf.cond(logged, before, lambda: tf.constant(False))
+        result = original_apply(grads, variables)
+
+        def after():
+            skipped = tf.cast(tf.equal(tf.convert_to_tensor(counter), applied_before), tf.float64)
+            updates = []
+            for idxs in probe.groups:
+                total = tf.add_n([
+                    tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(live_vars[i].value), tf.float64)
+                                            - tf.cast(probe.snapshots[i].read_value(), tf.float64)))
+                    for i in idxs
+                ])
+                updates.append(tf.sqrt(total))
+            row = tf.concat([tf.stack([tf.cast(step, tf.float64), skipped]), tf.stack(updates)], 0)
+            probe.post.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
+            return tf.constant(True)
+
+        tf.cond(logged, after, lambda: tf.constant(False))
+        self._step_var.assign_add(1)
+        self._loss_traced = False  # the next trace must see its own scale_loss call
+        return result
+
+    @staticmethod
+    def _before_row(probe: _Probe, grads: list[Any], variables: list[Any], step: Any, loss: Any, lr: Any,
+                    scale: Any) -> Any:
+        """Gradient and parameter statistics of a logged step, and the weight snapshot for the update norm."""
+        import tensorflow as tf
+
+        g_sumsq, g_max, params = [], [], []
+        for g, v, snap in zip(grads, variables, probe.snapshots, strict=True):
+            value = tf.convert_to_tensor(v.value)
+            snap.assign(value)
+            g_sumsq.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float64))))
+            g_max.append(tf.cast(tf.reduce_max(tf.abs(g)), tf.float64) if g.shape.num_elements() != 0
+                         else tf.constant(0.0, tf.float64))
+            params.append(tf.reduce_sum(tf.square(tf.cast(value, tf.float64))))
+        layer_sumsq = tf.stack([tf.add_n([g_sumsq[i] for i in idxs]) for idxs in probe.groups])
+        layer_max = tf.stack([tf.reduce_max(tf.stack([g_max[i] for i in idxs])) for idxs in probe.groups])
+        param_norm = tf.sqrt(tf.stack([tf.add_n([params[i] for i in idxs]) for idxs in probe.groups]))
+        total_sumsq = tf.reduce_sum(layer_sumsq)
+
+        def count_nonfinite():
+            per_var = [tf.cast(tf.size(g, tf.int64) - tf.math.count_nonzero(tf.math.is_finite(g), dtype=tf.int64),
+                               tf.float64) for g in grads]
+            return tf.stack([tf.add_n([per_var[i] for i in idxs]) for idxs in probe.groups])
+
+        # Squares summed in float64 cannot overflow from finite float32 entries: a finite sum means no NaN/Inf.
+        nonfinite = tf.cond(tf.math.is_finite(total_sumsq),
+                            lambda: tf.zeros([len(probe.groups)], tf.float64), count_nonfinite)
+        # A NaN entry makes the layer's sum of squares NaN; max|g| follows it (reduce_max may skip NaN).
+        layer_max = tf.where(tf.math.is_nan(layer_sumsq), tf.constant(math.nan, tf.float64), layer_max)
+        fixed = tf.stack([tf.cast(step, tf.float64), loss, lr, scale, tf.sqrt(total_sumsq) / scale])
+        return tf.concat([fixed, tf.sqrt(layer_sumsq) / scale, param_norm, layer_max / scale, nonfinite], 0)
+
+    # ----------------------------------------------------------------------------------------------- host side
+
+    def _drain(self) -> None:
+        """Write every complete logged step in the ring buffers that is newer than the last one written."""
+        if self._writer is None:
+            return
+        rows: list[tuple[int, _Probe, np.ndarray, np.ndarray]] = []
+        for probe in self._active:
+            pre, post = probe.pre.numpy(), probe.post.numpy()
+            for i in range(probe.slots):
+                step = int(pre[i, 0])
+                if step > self._last_written and int(post[i, 0]) == step:
+                    rows.append((step, probe, pre[i], post[i]))
+        rows.sort(key=lambda r: r[0])
+        for step, probe, pre, post in rows:
+            n = len(probe.layers)
+            blocks = pre[_PRE_FIXED:].reshape(4, n)
+            extras: dict[str, Any] = {}
+            if probe.has_loss:
+                extras["loss"] = pre[1]
+            if probe.loss_scaled:
+                extras["loss_scale"] = pre[3]
+                extras["step_skipped"] = post[1]
+            self._writer.write(
+                step, probe.layers,
+                grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:],
+                grad_max_abs=blocks[2], nonfinite_count=blocks[3], total_grad_norm=pre[4], lr=pre[2], **extras,
+            )
+            self._last_written = step
