@@ -506,6 +506,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "episodes": len(report.episodes),
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),
                 "has_histograms": data.histograms is not None and len(data.hist_steps) > 0,
+                "metrics": sorted(data.layer_metrics) + (["update_ratio"] if data.update_ratio_available() else []),
                 "version": int(version),
                 "episodes_version": int(seen),
             })

@@ -59,6 +59,11 @@ class RunData:
     events: int = 0  # intact events read: 0 means nothing at all could be read
     bytes_read: int = 0
 
+    def update_ratio_available(self) -> bool:
+        """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""
+        metrics = self.layer_metrics
+        return "update_ratio" in metrics or ("update_norm" in metrics and "param_norm" in metrics)
+
     def update_ratio(self) -> np.ndarray | None:
         """update_norm / param_norm per (step, layer), or None when either is missing.
 

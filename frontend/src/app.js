@@ -1,0 +1,239 @@
+// The tab: run pickers, the shared step range and layer selection, one RunPanel per selected run, live reload.
+
+import { getJson } from "./api.js";
+import { h, message } from "./dom.js";
+import { RunPanel } from "./panel.js";
+import { Theme } from "./theme.js";
+
+/** TensorBoard's own auto-reload period. */
+const RELOAD_MS = 30000;
+const LOADING_POLL_MS = 1000;
+const METRICS = [
+  ["grad_norm", "log10 grad norm"],
+  ["update_ratio", "log10 update ratio"],
+  ["grad_max_abs", "log10 max |grad|"],
+  ["param_norm", "log10 param norm"],
+];
+
+export class App {
+  constructor(root) {
+    this.root = root;
+    this.theme = new Theme();
+    this.runs = [];
+    this.metric = "grad_norm";
+    this.view = null;
+    this.layer = null;
+    this.panels = [];
+    this.full = { start: 0, end: 1 };
+    this.polling = false;
+    this.loading = false;
+
+    this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: () => this.selectRuns() });
+    this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: () => this.selectRuns() });
+    this.metricSelect = h("select", { id: "metric", "aria-label": "Heatmap metric", onchange: (e) => this.setMetric(e.target.value) },
+      METRICS.map(([value, label]) => h("option", { value, text: label })));
+    this.resetButton = h("button", { id: "reset-zoom", type: "button", disabled: true, text: "Reset zoom",
+      onclick: () => this.setView(null, null) });
+    this.status = h("span", { class: "status", role: "status" });
+    this.main = h("div", { class: "panels" });
+    this.el = h("div", { class: "app" },
+      h("div", { class: "toolbar" },
+        h("label", {}, h("span", { text: "Run" }), this.runA),
+        h("label", {}, h("span", { text: "Compare with" }), this.runB),
+        h("label", {}, h("span", { text: "Heatmap" }), this.metricSelect),
+        this.resetButton,
+        this.status),
+      this.main);
+    this.theme.onChange(() => this.panels.forEach((p) => p.redraw()));
+  }
+
+  palette() {
+    return this.theme.palette;
+  }
+
+  async start() {
+    this.root.append(this.el);
+    this.main.replaceChildren(message("loading", "Loading runs…"));
+    await this.poll(true);
+    setInterval(() => this.poll(false), RELOAD_MS);
+    this.watchReloadButton();
+  }
+
+  /** Also reload when the user presses TensorBoard's reload button (same-origin parent). */
+  watchReloadButton() {
+    let doc = null;
+    try {
+      doc = window.parent !== window ? window.parent.document : null;
+    } catch {
+      doc = null;
+    }
+    if (!doc) return;
+    doc.addEventListener("click", (e) => {
+      if (e.target instanceof Element && e.target.closest(".reload-button")) this.poll(false);
+    }, true);
+  }
+
+  async poll(first) {
+    if (this.polling) return;
+    this.polling = true;
+    try {
+      const answer = await getJson("runs");
+      this.status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+      this.status.classList.remove("error");
+      this.loading = Boolean(answer.loading);
+      await this.updateRuns(answer.runs, first);
+      if (answer.error) this.status.textContent = `TensorBoard could not read the logdir: ${answer.error}`;
+      // While the backend is still reading the logdir, look again soon instead of at the next reload.
+      if (this.loading) setTimeout(() => this.poll(false), LOADING_POLL_MS);
+    } catch (err) {
+      if (first || !this.panels.length) {
+        this.main.replaceChildren(message("error", "Could not load the list of runs.", err.message,
+          "Check that TensorBoard is still running, then press its reload button."));
+      }
+      this.status.textContent = `Reload failed: ${err.message}`;
+      this.status.classList.add("error");
+    } finally {
+      this.polling = false;
+    }
+  }
+
+  async updateRuns(runs, first) {
+    const before = new Map(this.runs.map((r) => [r.run, r]));
+    this.runs = runs;
+    const names = runs.map((r) => r.run);
+    const listChanged = first || names.join("\n") !== [...before.keys()].join("\n");
+    if (!runs.length) {
+      this.fillSelects();
+      this.disposePanels();
+      this.main.replaceChildren(this.loading ? message("loading", "Reading the logdir…") : message("empty", "No runs with gradient data yet.",
+        "Log training with tb_gradient_plugin (GradientMonitor for PyTorch, GradientMonitorCallback for Keras, "
+        + "or GradientWriter), or point TensorBoard at runs written by Lightning, Hugging Face, Keras, YOLOv5 or "
+        + "Ignite: their loss and gradient norms show here too.",
+        "This page checks for new data every 30 seconds and when you press TensorBoard's reload button."));
+      return;
+    }
+    if (listChanged) this.fillSelects();
+    if (!this.panels.length || this.panels.some((p) => !names.includes(p.info.run))) {
+      await this.selectRuns();
+      return;
+    }
+    await Promise.all(this.panels.map((p) => {
+      const info = runs.find((r) => r.run === p.info.run);
+      return info.version !== p.info.version ? p.refresh(info) : null;
+    }));
+  }
+
+  fillSelects() {
+    const keepA = this.runA.value;
+    const keepB = this.runB.value;
+    const option = (r) => h("option", { value: r.run, text: r.episodes ? `${r.run} (${r.episodes} ⚠)` : r.run });
+    this.runA.replaceChildren(...this.runs.map(option));
+    this.runB.replaceChildren(h("option", { value: "", text: "— none —" }), ...this.runs.map(option));
+    const names = this.runs.map((r) => r.run);
+    // Default: the run with the most episodes, so the first look shows a problem if there is one.
+    const worst = [...this.runs].sort((a, b) => b.episodes - a.episodes)[0];
+    this.runA.value = names.includes(keepA) ? keepA : worst ? worst.run : "";
+    this.runB.value = names.includes(keepB) ? keepB : "";
+  }
+
+  async selectRuns() {
+    const chosen = [this.runA.value, this.runB.value].filter((r, i, all) => r && all.indexOf(r) === i);
+    const current = this.panels.map((p) => p.info.run);
+    if (chosen.join("\n") === current.join("\n")) return;
+    this.disposePanels();
+    this.view = null;
+    this.resetButton.disabled = true;
+    this.panels = chosen.map((run) => new RunPanel(this, this.runs.find((r) => r.run === run)));
+    this.main.classList.toggle("compare", this.panels.length > 1);
+    this.main.replaceChildren(...this.panels.map((p) => p.el));
+    await Promise.all(this.panels.map((p) => p.load()));
+    if (this.layer) this.panels.forEach((p) => p.showLayer(this.layer));
+  }
+
+  disposePanels() {
+    for (const p of this.panels) p.destroy();
+    this.panels = [];
+  }
+
+  setMetric(metric) {
+    this.metric = metric;
+    for (const p of this.panels) p.loadHeatmap();
+  }
+
+  // ----------------------------------------------------------------------------------------- shared step axis
+
+  fullRange() {
+    return this.full;
+  }
+
+  range() {
+    return this.view || this.full;
+  }
+
+  /** A panel got new data: the shared step axis and colour scale may have grown. */
+  dataChanged() {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const p of this.panels) {
+      const r = p.stepRange();
+      if (r) {
+        lo = Math.min(lo, r[0]);
+        hi = Math.max(hi, r[1]);
+      }
+    }
+    if (lo <= hi) {
+      const full = { start: lo, end: Math.max(hi, lo + 1) };
+      if (full.start !== this.full.start || full.end !== this.full.end) {
+        this.full = full;
+        for (const p of this.panels) p.applyView(null, false);
+      }
+    }
+    let cLo = Infinity;
+    let cHi = -Infinity;
+    for (const p of this.panels) {
+      const e = p.heatmapData ? p.heatmap.logExtent() : null;
+      if (e) {
+        cLo = Math.min(cLo, e[0]);
+        cHi = Math.max(cHi, e[1]);
+      }
+    }
+    for (const p of this.panels) p.setColorRange(cLo <= cHi ? [cLo, cHi] : null);
+  }
+
+  /** Zoom every chart to `view` ({start, end} in steps; null = everything). */
+  setView(view, origin) {
+    let next = null;
+    if (view) {
+      const start = Math.max(this.full.start, Math.min(view.start, view.end));
+      const end = Math.min(this.full.end, Math.max(view.start, view.end));
+      if (end > start && (start > this.full.start || end < this.full.end)) next = { start, end };
+    }
+    const same = next && this.view ? next.start === this.view.start && next.end === this.view.end : next === this.view;
+    if (same) return;
+    this.view = next;
+    this.resetButton.disabled = !next;
+    document.documentElement.dataset.view = next ? `${Math.round(next.start)}-${Math.round(next.end)}` : "";
+    for (const p of this.panels) p.applyView(origin, true);
+  }
+
+  zoomToEpisode(ep) {
+    const last = Math.max(ep.end_step, ep.loss_spike_step ?? ep.end_step);
+    const pad = Math.max(5, Math.round((last - ep.start_step + 1) * 1.5));
+    this.setView({ start: ep.start_step - pad, end: last + pad }, null);
+    if (ep.layers && ep.layers.length) this.selectLayer(ep.layers[0].name);
+  }
+
+  zoomAround(step) {
+    const span = this.full.end - this.full.start;
+    const pad = Math.max(10, Math.round(span * 0.03));
+    this.setView({ start: step - pad, end: step + pad }, null);
+  }
+
+  selectLayer(name) {
+    this.layer = name;
+    for (const p of this.panels) {
+      if (name) p.showLayer(name);
+      else p.hideLayer();
+    }
+  }
+}

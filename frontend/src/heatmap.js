@@ -1,0 +1,421 @@
+// Layer × step heatmap on a plain canvas. The backend sends at most one bin per CSS pixel (max-pooled), so drawing
+// is one pass over the pixels into an ImageData whatever the run size; ECharts' heatmap would build one element per
+// cell and needs category axes, which cannot share the step axis with the line charts.
+
+import { h, formatStep, formatValue } from "./dom.js";
+import { GUTTER, RIGHT, niceTicks } from "./layout.js";
+import { VIRIDIS, rgba } from "./theme.js";
+
+const TRACK = 18; // episode / spike / non-finite track above the cells
+const AXIS = 20; // step labels below the cells
+const DRAG_MIN_PX = 5;
+
+export function plotHeight(layerCount) {
+  return Math.max(120, Math.min(540, layerCount * 18));
+}
+
+export class Heatmap {
+  /**
+   * @param {object} opts
+   * @param {() => object} opts.palette current theme colours
+   * @param {(layer: string) => void} opts.onSelectLayer a row was clicked
+   * @param {(range: {start: number, end: number} | null) => void} opts.onZoom a step range was dragged (null: reset)
+   */
+  constructor({ palette, onSelectLayer, onZoom }) {
+    this.palette = palette;
+    this.onSelectLayer = onSelectLayer;
+    this.onZoom = onZoom;
+    this.data = null;
+    this.range = null;
+    this.colorRange = null;
+    this.selected = null;
+    this.spikes = [];
+    this.hover = null;
+    this.drag = null;
+    this.canvas = h("canvas", { class: "hm-canvas" });
+    this.labels = h("div", { class: "hm-labels", style: { top: `${TRACK}px`, width: `${GUTTER - 12}px` } });
+    this.tooltip = h("div", { class: "tooltip hm-tooltip", hidden: true });
+    this.el = h("div", { class: "heatmap" }, this.canvas, this.labels, this.tooltip);
+    this.canvas.addEventListener("mousemove", (e) => this.onMove(e));
+    this.canvas.addEventListener("mouseleave", () => this.onLeave());
+    this.canvas.addEventListener("mousedown", (e) => this.onDown(e));
+    this.canvas.addEventListener("dblclick", () => this.onZoom(null));
+    window.addEventListener("mouseup", (e) => this.onUp(e));
+    new ResizeObserver(() => this.draw()).observe(this.el);
+  }
+
+  /** Heatmap route answer, and the step range on screen ({start, end}). */
+  setData(data, range) {
+    this.data = data;
+    this.setRangeAttributes(range);
+    this.el.style.height = `${TRACK + plotHeight(data.layers.length) + AXIS}px`;
+    this.renderLabels();
+    this.draw();
+  }
+
+  setRange(range) {
+    this.setRangeAttributes(range);
+    this.draw();
+  }
+
+  setRangeAttributes(range) {
+    this.range = range;
+    this.el.dataset.viewStart = String(Math.round(range.start));
+    this.el.dataset.viewEnd = String(Math.round(range.end));
+  }
+
+  setColorRange(range) {
+    this.colorRange = range;
+    this.draw();
+  }
+
+  setSelected(layer) {
+    this.selected = layer;
+    this.renderLabels();
+    this.draw();
+  }
+
+  setSpikes(steps) {
+    this.spikes = steps;
+    this.draw();
+  }
+
+  /** [min, max] of log10 of the finite positive values, or null when there are none. */
+  logExtent() {
+    if (!this.data) return null;
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const row of this.data.values) {
+      for (const v of row) {
+        if (v !== null && v > 0 && Number.isFinite(v)) {
+          const l = Math.log10(v);
+          if (l < lo) lo = l;
+          if (l > hi) hi = l;
+        }
+      }
+    }
+    return lo <= hi ? [lo, hi] : null;
+  }
+
+
+  // ------------------------------------------------------------------------------------------------------ geometry
+
+  geometry() {
+    const width = this.el.clientWidth;
+    const layers = this.data ? this.data.layers.length : 0;
+    const ph = plotHeight(layers);
+    return { width, pw: Math.max(10, width - GUTTER - RIGHT), ph, rowH: layers ? ph / layers : ph };
+  }
+
+  /** x in CSS pixels, relative to the plot's left edge, of a (fractional) step. */
+  xOf(step, pw) {
+    const { start, end } = this.range;
+    const span = Math.max(1, end - start);
+    return ((step - start) / span) * pw;
+  }
+
+  stepAt(x, pw) {
+    const { start, end } = this.range;
+    return start + (x / pw) * Math.max(1, end - start);
+  }
+
+  // ------------------------------------------------------------------------------------------------------ drawing
+
+  renderLabels() {
+    if (!this.data) return;
+    const { rowH } = this.geometry();
+    const offending = new Map(this.data.offending.map((name, i) => [name, i + 1]));
+    const dense = rowH >= 11;
+    const rows = [];
+    this.data.layers.forEach((name, r) => {
+      const rank = offending.get(name);
+      if (!dense && !rank && name !== this.selected) return;
+      const height = Math.max(rowH, 13);
+      const label = h(
+        "div",
+        {
+          class: `row-label${rank ? " offending" : ""}${name === this.selected ? " selected" : ""}`,
+          title: rank ? `${name} — offending layer #${rank}` : name,
+          dataset: { layer: name, rank: rank ? String(rank) : undefined },
+          style: { top: `${r * rowH + rowH / 2 - height / 2}px`, height: `${height}px`, lineHeight: `${height}px` },
+          onclick: () => this.onSelectLayer(name),
+        },
+        rank ? h("span", { class: "rank", text: `#${rank}` }) : null,
+        h("span", { class: "name", text: name }),
+      );
+      rows.push(label);
+    });
+    this.labels.style.height = `${plotHeight(this.data.layers.length)}px`;
+    this.labels.replaceChildren(...rows);
+  }
+
+  draw() {
+    if (!this.data || !this.range || !this.el.isConnected) return;
+    const pal = this.palette();
+    const { width, pw, ph, rowH } = this.geometry();
+    const height = TRACK + ph + AXIS;
+    const dpr = window.devicePixelRatio || 1;
+    this.canvas.width = Math.round(width * dpr);
+    this.canvas.height = Math.round(height * dpr);
+    this.canvas.style.width = `${width}px`;
+    this.canvas.style.height = `${height}px`;
+    const ctx = this.canvas.getContext("2d");
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
+    const cells = this.cells(pal, Math.round(pw * dpr), Math.round(ph * dpr));
+    ctx.putImageData(cells.image, Math.round(GUTTER * dpr), Math.round(TRACK * dpr));
+    this.el.dataset.drawnCells = String(cells.drawn);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    this.drawOverlays(ctx, pal, pw, ph, rowH);
+    this.drawAxis(ctx, pal, pw, ph);
+  }
+
+  /** The cells as an image, rebuilt only when data, range, colours or size changed (hover redraws reuse it). */
+  cells(pal, pw, ph) {
+    const key = [this.data, this.range.start, this.range.end, ...(this.colorRange || []), pal.dark, pw, ph];
+    if (!this.cellCache || key.some((v, i) => v !== this.cellCache.key[i])) {
+      this.cellCache = { key, ...this.drawCells(pal, pw, ph) };
+    }
+    return this.cellCache;
+  }
+
+  drawCells(pal, pw, ph) {
+    const { values, nonfinite, bin_start: bs, bin_end: be, layers } = this.data;
+    const image = new ImageData(pw, ph);
+    const pixels = new Uint32Array(image.data.buffer);
+    const pack = ([r, g, b]) => ((255 << 24) | (b << 16) | (g << 8) | r) >>> 0;
+    const absent = pack(hexRgb(pal.absent));
+    pixels.fill(absent);
+    const lut = VIRIDIS.map(pack);
+    const bad = pack(pal.nonfinite);
+    const [lo, hi] = this.colorRange || this.logExtent() || [0, 1];
+    const scale = hi > lo ? 255 / (hi - lo) : 0;
+    const L = layers.length;
+    let drawn = 0;
+    for (let b = 0; b < bs.length; b++) {
+      const xa = Math.max(0, Math.floor(this.xOf(bs[b] - 0.5, pw)));
+      const xb = Math.min(pw, Math.max(xa + 1, Math.floor(this.xOf(be[b] + 0.5, pw))));
+      if (xb <= 0 || xa >= pw) continue;
+      for (let r = 0; r < L; r++) {
+        const v = values[r][b];
+        const isBad = nonfinite[r][b] === 1;
+        if (v === null && !isBad) continue;
+        let color;
+        if (isBad) color = bad;
+        else if (!(v > 0)) color = lut[0];
+        else color = lut[Math.max(0, Math.min(255, Math.round((Math.log10(v) - lo) * scale)))];
+        drawn++;
+        const ya = Math.floor((r * ph) / L);
+        const yb = Math.max(ya + 1, Math.floor(((r + 1) * ph) / L));
+        for (let y = ya; y < yb; y++) pixels.fill(color, y * pw + xa, y * pw + xb);
+      }
+    }
+    return { image, drawn };
+  }
+
+  drawOverlays(ctx, pal, pw, ph, rowH) {
+    const { layers, offending, episodes, nonfinite, bin_start: bs, bin_end: be } = this.data;
+    const X = (step) => GUTTER + this.xOf(step, pw);
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(GUTTER, 0, pw, TRACK + ph);
+    ctx.clip();
+    // Episodes: a bar in the track and an outline over the cells.
+    for (const ep of episodes) {
+      const color = pal.episode[ep.kind] || pal.accent;
+      const xa = X(ep.start_step - 0.5);
+      const xb = Math.max(xa + 2, X(ep.end_step + 0.5));
+      ctx.fillStyle = rgba(color, pal.episodeAlpha / 2);
+      ctx.fillRect(xa, TRACK, xb - xa, ph);
+      ctx.fillStyle = color;
+      ctx.fillRect(xa, 3, xb - xa, 6);
+      ctx.strokeStyle = color;
+      ctx.lineWidth = 1.5;
+      ctx.strokeRect(xa, TRACK + 0.75, xb - xa, ph - 1.5);
+    }
+    // Bins holding a non-finite gradient: a tick in the track.
+    ctx.fillStyle = rgba(rgbHex(pal.nonfinite), 1);
+    for (let b = 0; b < bs.length; b++) {
+      if (nonfinite.some((row) => row[b] === 1)) {
+        const xa = X(bs[b] - 0.5);
+        ctx.fillRect(xa, 10, Math.max(2, X(be[b] + 0.5) - xa), 6);
+      }
+    }
+    // Loss spikes: a downward triangle at the top of the track.
+    ctx.fillStyle = pal.spike;
+    for (const step of this.spikes) {
+      const x = X(step);
+      ctx.beginPath();
+      ctx.moveTo(x - 4, TRACK - 9);
+      ctx.lineTo(x + 4, TRACK - 9);
+      ctx.lineTo(x, TRACK - 2);
+      ctx.fill();
+    }
+    ctx.restore();
+    // Offending rows and the selected row: outlined across the plot, marked at the gutter.
+    const rowBox = (name) => {
+      const r = layers.indexOf(name);
+      return r < 0 ? null : [TRACK + r * rowH, Math.max(rowH, 2)];
+    };
+    offending.forEach((name, i) => {
+      const box = rowBox(name);
+      if (!box) return;
+      // Outline just outside the row, so that the row's own cells stay visible however thin it is.
+      const lw = i === 0 ? 2 : 1;
+      const gap = box[1] < 4 ? 1.5 : 0;
+      ctx.strokeStyle = pal.accent;
+      ctx.lineWidth = lw;
+      ctx.strokeRect(GUTTER - lw / 2, box[0] - lw / 2 - gap, pw + lw, box[1] + lw + 2 * gap);
+      ctx.fillStyle = pal.accent;
+      ctx.beginPath();
+      const cy = box[0] + box[1] / 2;
+      ctx.moveTo(GUTTER - 9, cy - 5);
+      ctx.lineTo(GUTTER - 2, cy);
+      ctx.lineTo(GUTTER - 9, cy + 5);
+      ctx.fill();
+    });
+    const sel = this.selected ? rowBox(this.selected) : null;
+    if (sel) {
+      ctx.strokeStyle = pal.selected;
+      ctx.lineWidth = 1.5;
+      ctx.setLineDash([4, 3]);
+      ctx.strokeRect(GUTTER, sel[0] - 2.75, pw, sel[1] + 5.5);
+      ctx.setLineDash([]);
+    }
+    if (this.hover && this.hover.row >= 0 && !this.drag) {
+      ctx.strokeStyle = pal.text;
+      ctx.lineWidth = 1;
+      ctx.strokeRect(GUTTER, TRACK + this.hover.row * rowH, pw, Math.max(rowH, 1));
+    }
+    if (this.drag && this.drag.x1 !== undefined) {
+      const xa = Math.min(this.drag.x0, this.drag.x1);
+      ctx.fillStyle = rgba(pal.selected, 0.25);
+      ctx.fillRect(GUTTER + xa, TRACK, Math.abs(this.drag.x1 - this.drag.x0), ph);
+    }
+  }
+
+  drawAxis(ctx, pal, pw, ph) {
+    const { start, end } = this.range;
+    ctx.fillStyle = pal.textMuted;
+    ctx.strokeStyle = pal.axis;
+    ctx.font = "11px Roboto, sans-serif";
+    ctx.textAlign = "center";
+    ctx.textBaseline = "top";
+    ctx.lineWidth = 1;
+    for (const t of niceTicks(start, end, Math.max(2, Math.floor(pw / 90)))) {
+      if (t !== Math.round(t)) continue;
+      const x = GUTTER + this.xOf(t, pw);
+      ctx.beginPath();
+      ctx.moveTo(x, TRACK + ph);
+      ctx.lineTo(x, TRACK + ph + 4);
+      ctx.stroke();
+      ctx.fillText(formatStep(t), x, TRACK + ph + 6);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------------- interaction
+
+  locate(event) {
+    const rect = this.canvas.getBoundingClientRect();
+    const { pw, ph, rowH } = this.geometry();
+    const x = event.clientX - rect.left - GUTTER;
+    const y = event.clientY - rect.top - TRACK;
+    const inPlot = x >= 0 && x <= pw && y >= 0 && y < ph;
+    return { x: Math.max(0, Math.min(pw, x)), y, pw, inPlot, row: inPlot ? Math.floor(y / rowH) : -1 };
+  }
+
+  onMove(event) {
+    if (!this.data || !this.range) return;
+    const at = this.locate(event);
+    if (this.drag) {
+      this.drag.x1 = at.x;
+      this.draw();
+      return;
+    }
+    this.hover = at.inPlot ? at : null;
+    this.canvas.style.cursor = at.inPlot ? "crosshair" : "default";
+    this.draw();
+    if (!at.inPlot || at.row >= this.data.layers.length) {
+      this.tooltip.hidden = true;
+      return;
+    }
+    const step = this.stepAt(at.x, at.pw);
+    const b = findBin(this.data.bin_start, this.data.bin_end, step);
+    const name = this.data.layers[at.row];
+    const lines = [h("div", { class: "tt-title", text: name })];
+    if (b >= 0) {
+      const v = this.data.values[at.row][b];
+      const bad = this.data.nonfinite[at.row][b] === 1;
+      const s0 = this.data.bin_start[b];
+      const s1 = this.data.bin_end[b];
+      lines.push(h("div", { text: s0 === s1 ? `step ${formatStep(s0)}` : `steps ${formatStep(s0)}–${formatStep(s1)}` }));
+      lines.push(h("div", { text: `${metricName(this.data.metric)}: ${bad ? "non-finite (NaN/Inf)" : formatValue(v)}` }));
+      if (!bad && v > 0) lines.push(h("div", { class: "tt-muted", text: `log10 = ${Math.log10(v).toFixed(2)}` }));
+    }
+    const rank = this.data.offending.indexOf(name);
+    if (rank >= 0) lines.push(h("div", { class: "tt-accent", text: `offending layer #${rank + 1}` }));
+    lines.push(h("div", { class: "tt-muted", text: "click: layer details · drag: zoom · double-click: reset" }));
+    this.tooltip.replaceChildren(...lines);
+    this.tooltip.hidden = false;
+    const left = GUTTER + at.x + 14;
+    const flip = left + 260 > this.el.clientWidth;
+    this.tooltip.style.left = flip ? "" : `${left}px`;
+    this.tooltip.style.right = flip ? `${this.el.clientWidth - GUTTER - at.x + 14}px` : "";
+    this.tooltip.style.top = `${TRACK + at.y + 12}px`;
+  }
+
+  onLeave() {
+    this.hover = null;
+    this.tooltip.hidden = true;
+    if (!this.drag) this.draw();
+  }
+
+  onDown(event) {
+    if (event.button !== 0 || !this.data || !this.range) return;
+    const at = this.locate(event);
+    if (!at.inPlot) return;
+    event.preventDefault();
+    this.drag = { x0: at.x, row: at.row, pw: at.pw };
+  }
+
+  onUp(event) {
+    if (!this.drag) return;
+    const drag = this.drag;
+    this.drag = null;
+    const x1 = drag.x1 === undefined ? drag.x0 : drag.x1;
+    if (Math.abs(x1 - drag.x0) >= DRAG_MIN_PX) {
+      const a = Math.round(this.stepAt(Math.min(drag.x0, x1), drag.pw));
+      const b = Math.round(this.stepAt(Math.max(drag.x0, x1), drag.pw));
+      this.onZoom({ start: a, end: Math.max(b, a + 1) });
+    } else if (event.target === this.canvas && drag.row >= 0 && drag.row < this.data.layers.length) {
+      this.onSelectLayer(this.data.layers[drag.row]);
+    }
+    this.draw();
+  }
+}
+
+export function metricName(metric) {
+  return { grad_norm: "grad norm", update_ratio: "update ratio", param_norm: "param norm",
+    grad_max_abs: "max |grad|", update_norm: "update norm" }[metric] || metric;
+}
+
+function findBin(starts, ends, step) {
+  let lo = 0;
+  let hi = starts.length - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    if (step < starts[mid] - 0.5) hi = mid - 1;
+    else if (step > ends[mid] + 0.5) lo = mid + 1;
+    else return mid;
+  }
+  return -1;
+}
+
+function hexRgb(hex) {
+  const n = parseInt(hex.slice(1), 16);
+  return [(n >> 16) & 255, (n >> 8) & 255, n & 255];
+}
+
+function rgbHex([r, g, b]) {
+  return `#${((1 << 24) | (r << 16) | (g << 8) | b).toString(16).slice(1)}`;
+}

@@ -1,0 +1,18 @@
+// Horizontal geometry shared by the heatmap and the ECharts step charts, so one step sits at one x in every chart.
+
+/** Width in CSS pixels of the layer-name column left of every plot. */
+export const GUTTER = 180;
+/** Right margin of every plot (room for a second y axis on the loss chart). */
+export const RIGHT = 56;
+
+/** Nice round tick values covering [lo, hi], about `count` of them. */
+export function niceTicks(lo, hi, count) {
+  if (!(hi > lo)) return [lo];
+  const raw = (hi - lo) / Math.max(1, count);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const norm = raw / mag;
+  const step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(t);
+  return ticks;
+}

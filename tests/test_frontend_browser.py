@@ -1,0 +1,323 @@
+"""The Gradients tab in a real Chromium against a real ``tensorboard`` process.
+
+The logdir is written by ``GradientWriter``: one run with a gradient explosion in one layer followed by a loss spike
+(and a layer whose name is an HTML injection attempt), and one healthy run for the side-by-side comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tbserver import TensorBoardServer
+
+from tb_gradient_plugin import GradientWriter
+from tb_gradient_plugin import format as fmt
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+#: Screenshots land beside the test results (not in docs/, which holds the curated ones the README shows).
+SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+HOSTILE = "<img src=x onerror=alert(1)>"
+LAYERS = ["embed", "encoder.0.attn", "encoder.0.mlp", HOSTILE, "encoder.1.attn", "encoder.1.mlp", "head"]
+CULPRIT = "encoder.1.mlp"
+STEPS = 400
+EXPLOSION = range(250, 256)
+LOSS_SPIKE = 259
+
+
+def _write_run(path: Path, *, explode: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scale = np.array([0.5, 1.0, 2.0, 0.8, 1.2, 3.0, 0.3])
+    param = np.array([20.0, 30.0, 40.0, 25.0, 35.0, 45.0, 10.0])
+    with GradientWriter(path) as writer:
+        for step in range(STEPS):
+            grad = scale * np.exp(rng.normal(0.0, 0.1, len(LAYERS)))
+            loss = 2.0 * np.exp(-step / 200) + 0.3 + rng.normal(0.0, 0.01)
+            if explode and step in EXPLOSION:
+                grad[LAYERS.index(CULPRIT)] *= 2000.0
+                grad[LAYERS.index("encoder.1.attn")] *= 20.0
+            if explode and step == LOSS_SPIKE:
+                loss *= 12.0
+            update = 1e-3 * grad
+            writer.write(step, LAYERS, grad_norm=grad, param_norm=param, update_norm=update,
+                         grad_max_abs=grad / 4, nonfinite_count=np.zeros(len(LAYERS)),
+                         total_grad_norm=float(np.sqrt((grad**2).sum())), loss=loss, lr=1e-3)
+            if step % 50 == 0:
+                counts = np.zeros((len(LAYERS), fmt.HIST_BINS), dtype=np.int64)
+                counts[:, 20:30] = rng.integers(1, 100, size=(len(LAYERS), 10))
+                writer.write_histograms(step, LAYERS, counts)
+
+
+def _write_live(path: Path, steps: range) -> None:
+    rng = np.random.default_rng(steps.start)
+    with GradientWriter(path) as writer:
+        for step in steps:
+            writer.write(step, LAYERS[:3], grad_norm=np.exp(rng.normal(0.0, 0.1, 3)), loss=1.0)
+
+
+def _write_loss_only(path: Path) -> None:
+    """What a run of another tool often holds: loss and total gradient norm, no per-layer statistics."""
+    with GradientWriter(path) as writer:
+        for step in range(200):
+            writer.write(step, [], loss=1.0 / (1 + step), total_grad_norm=2.0)
+
+
+def write_logdir(root: str | Path) -> Path:
+    """The test logdir: runs ``exploding``, ``healthy``, ``live`` (grown by a test) and ``loss_only``."""
+    root = Path(root)
+    _write_run(root / "exploding", explode=True, seed=1)
+    _write_run(root / "healthy", explode=False, seed=2)
+    _write_live(root / "live", range(100))
+    _write_loss_only(root / "loss_only")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_logdir(tmp_path_factory.mktemp("frontend_logs"))
+
+
+@pytest.fixture(scope="module")
+def server(logdir: Path):
+    with TensorBoardServer(logdir) as tb:
+        yield tb
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM} (install the Debian package 'chromium')")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Tab:
+    """One browser page on the Gradients tab, recording console errors, page errors and dialogs."""
+
+    def __init__(self, browser, server: TensorBoardServer, color_scheme: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1400}, color_scheme=color_scheme)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("dialog", self._on_dialog)
+        self.page.goto(server.url + "#gradients")
+        self.page.wait_for_selector("iframe", timeout=60_000)
+        self.frame = self._plugin_frame()
+        self.frame.wait_for_selector(".run-panel .heatmap[data-drawn-cells]", timeout=60_000)
+
+    def _on_dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _plugin_frame(self):
+        deadline = 600
+        for _ in range(deadline):
+            for frame in self.page.frames:
+                if "plugin_entry.html" in frame.url and "gradients" in frame.url:
+                    return frame
+            self.page.wait_for_timeout(100)
+        raise AssertionError(f"no Gradients iframe among {[f.url for f in self.page.frames]}")
+
+    def panel(self, run: str):
+        return self.frame.locator(f".run-panel[data-run={json.dumps(run)}]")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture()
+def tab_factory(browser, server):
+    tabs: list[Tab] = []
+
+    def make(color_scheme: str = "light") -> Tab:
+        tab = Tab(browser, server, color_scheme)
+        tabs.append(tab)
+        return tab
+
+    yield make
+    for tab in tabs:
+        errors, dialogs = tab.errors, tab.dialogs
+        tab.close()
+        assert not dialogs, f"the page opened dialogs: {dialogs}"
+        assert not errors, f"console errors: {errors}"
+
+
+def _auditor_report(logdir: Path) -> dict:
+    """The offline auditor's JSON for the exploding run (the same detector the plugin serves)."""
+    from tb_gradient_plugin.detect import detect
+    from tb_gradient_plugin.runs import load_run
+
+    return detect(load_run(str(logdir / "exploding"), "exploding")).to_json()
+
+
+def _brightest_pixel_y(frame, run: str) -> float:
+    """CSS y (relative to the heatmap canvas) of the brightest cell: where the explosion is drawn."""
+    return frame.evaluate(
+        """(run) => {
+            const canvas = document.querySelector(`.run-panel[data-run="${CSS.escape(run)}"] .hm-canvas`);
+            const ctx = canvas.getContext("2d");
+            const img = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+            let best = -1, bestY = -1;
+            for (let i = 0; i < img.length; i += 4) {
+                // Viridis' top end is yellow: high red and green, low blue.
+                const score = img[i] + img[i + 1] - 2 * img[i + 2];
+                if (score > best) { best = score; bestY = Math.floor(i / 4 / canvas.width); }
+            }
+            return bestY / (canvas.height / canvas.getBoundingClientRect().height);
+        }""",
+        run,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+
+
+def test_tab_flags_episode_offending_layer_and_loss_spike(tab_factory, server, logdir: Path) -> None:
+    tab = tab_factory("light")
+    page, frame = tab.page, tab.frame
+    assert page.locator("plugin-selector .plugin-name", has_text="Gradients").count() >= 1
+
+    report = server.get_json("data/plugin/gradients/episodes?run=exploding")
+    auditor = _auditor_report(logdir)
+    assert report["episodes"] and auditor["episodes"]
+    top = report["episodes"][0]["layers"][0]["name"]
+    assert top == auditor["episodes"][0]["layers"][0]["name"] == CULPRIT
+
+    panel = tab.panel("exploding")
+    episodes = panel.locator(".episode")
+    assert episodes.count() == len(report["episodes"]) >= 1
+    assert episodes.first.get_attribute("data-kind") == "explosion"
+    assert panel.locator(".episode .layer-chip.top").first.get_attribute("data-layer") == top
+
+    heatmap = panel.locator(".heatmap")
+    assert int(heatmap.get_attribute("data-drawn-cells")) >= len(LAYERS) * 100
+    highlighted = panel.locator(".row-label.offending[data-rank='1']")
+    assert highlighted.count() == 1
+    assert highlighted.get_attribute("data-layer") == top
+    assert highlighted.locator(".name").text_content() == top
+    # The brightest cell of the canvas lies in the top offending layer's row.
+    canvas_box = panel.locator(".hm-canvas").bounding_box()
+    label_box = highlighted.bounding_box()
+    y = _brightest_pixel_y(frame, "exploding")
+    assert label_box["y"] - canvas_box["y"] - 2 <= y <= label_box["y"] - canvas_box["y"] + label_box["height"] + 2
+
+    loss = server.get_json("data/plugin/gradients/loss?run=exploding")
+    spike_steps = [s["step"] for s in loss["spikes"]]
+    assert LOSS_SPIKE in spike_steps
+    chart = panel.locator(".loss-chart")
+    assert chart.get_attribute("data-spike-steps") == ",".join(map(str, spike_steps))
+    assert chart.locator("canvas").count() >= 1
+    assert panel.locator(".spike-chip").count() == len(spike_steps)
+    assert panel.locator(".spike-chip").first.get_attribute("data-step") == str(spike_steps[0])
+
+    # The hostile layer name is shown as text, and nothing it says ran.
+    hostile = panel.locator(".row-label").filter(has_text="onerror")
+    assert hostile.count() == 1
+    assert hostile.get_attribute("data-layer") == HOSTILE
+    assert hostile.locator(".name").text_content() == HOSTILE
+    heat_box = panel.locator(".hm-canvas").bounding_box()
+    hostile_box = hostile.bounding_box()
+    tab.page.mouse.move(heat_box["x"] + heat_box["width"] / 2, hostile_box["y"] + hostile_box["height"] / 2)
+    tooltip = panel.locator(".hm-tooltip .tt-title")
+    tooltip.wait_for()
+    assert tooltip.text_content() == HOSTILE
+    assert frame.locator("img").count() == 0
+    tab.page.mouse.move(0, 0)
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "gradients_light.png"))
+
+
+def test_clicking_an_episode_zooms_every_chart(tab_factory) -> None:
+    tab = tab_factory("light")
+    panel = tab.panel("exploding")
+    heatmap = panel.locator(".heatmap")
+    full_start, full_end = int(heatmap.get_attribute("data-view-start")), int(heatmap.get_attribute("data-view-end"))
+    assert (full_start, full_end) == (0, STEPS - 1)
+
+    def windowed(route: str):
+        def match(request) -> bool:
+            query = urllib.parse.parse_qs(urllib.parse.urlparse(request.url).query)
+            return f"/data/plugin/gradients/{route}" in request.url and "start" in query and "end" in query
+        return match
+
+    episode = panel.locator(".episode").first
+    start, end = int(episode.get_attribute("data-start")), int(episode.get_attribute("data-end"))
+    with tab.page.expect_request(windowed("heatmap")) as heat_req, tab.page.expect_request(windowed("loss")):
+        episode.click()
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(heat_req.value.url).query)
+    zoom_start, zoom_end = int(query["start"][0]), int(query["end"][0])
+    assert zoom_start <= start and end <= zoom_end
+    assert zoom_end - zoom_start < (full_end - full_start) / 4
+    tab.frame.wait_for_function(
+        "([a, b]) => { const h = document.querySelector('.run-panel .heatmap');"
+        " return h.dataset.viewStart === String(a) && h.dataset.viewEnd === String(b); }",
+        arg=[zoom_start, zoom_end])
+    # The zoomed heatmap is re-binned by the backend: one bin per step in this short window.
+    tab.frame.wait_for_function(
+        "(n) => Number(document.querySelector('.run-panel .heatmap').dataset.drawnCells) <= n", arg=len(LAYERS) * 80)
+    # The drill-down opens on the episode's top layer, on the same step window.
+    drill = panel.locator(".drill")
+    drill.wait_for(state="visible")
+    assert drill.get_attribute("data-layer") == CULPRIT
+    assert panel.locator(".drill .layer-chart canvas").count() >= 3
+    tab.frame.locator("#reset-zoom").click()
+    tab.frame.wait_for_function(
+        "(b) => document.querySelector('.run-panel .heatmap').dataset.viewEnd === String(b)", arg=full_end)
+
+
+def test_comparison_side_by_side_in_dark_mode(tab_factory) -> None:
+    tab = tab_factory("dark")
+    assert tab.frame.evaluate("document.documentElement.classList.contains('dark')")
+    tab.frame.locator("#run-a").select_option("exploding")
+    tab.frame.locator("#run-b").select_option("healthy")
+    healthy = tab.panel("healthy")
+    healthy.locator(".heatmap[data-drawn-cells]").wait_for()
+    assert tab.frame.locator(".run-panel").count() == 2
+    assert healthy.locator(".episode").count() == 0
+    assert healthy.locator(".row-label.offending").count() == 0
+    both = [tab.panel(r).locator(".heatmap") for r in ("exploding", "healthy")]
+    assert both[0].get_attribute("data-view-end") == both[1].get_attribute("data-view-end")
+    tab.panel("exploding").locator(".row-label[data-rank='1']").click()
+    tab.panel("healthy").locator(".drill .layer-chart canvas").first.wait_for()
+    assert tab.panel("healthy").locator(".drill").get_attribute("data-layer") == CULPRIT
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    tab.page.screenshot(path=str(SCREENSHOTS / "gradients_dark.png"))
+
+
+def test_run_without_layers_and_live_reload(tab_factory, logdir: Path) -> None:
+    tab = tab_factory("light")
+    frame = tab.frame
+    frame.locator("#run-a").select_option("loss_only")
+    panel = tab.panel("loss_only")
+    note = panel.locator(".heatmap-block .message-empty")
+    note.wait_for()
+    assert "no per-layer data" in note.text_content()
+    assert "GradientMonitor" in note.text_content()
+    panel.locator(".loss-chart canvas").first.wait_for()
+
+    frame.locator("#run-a").select_option("live")
+    heatmap = tab.panel("live").locator(".heatmap[data-drawn-cells]")
+    heatmap.wait_for()
+    assert heatmap.get_attribute("data-view-end") == "99"
+    _write_live(logdir / "live", range(100, 200))
+    # TensorBoard's reload button makes the tab look for new data at once (it also looks every 30 s).
+    tab.page.locator(".reload-button").click()
+    frame.wait_for_function(
+        "() => document.querySelector('.run-panel .heatmap').dataset.viewEnd === '199'", timeout=30_000)
