@@ -171,7 +171,8 @@ def _print_tables(results: Sequence[dict], console) -> None:
     from rich.table import Table
 
     summary = Table(title="Gradient audit", title_justify="left")
-    summary.add_column("run", overflow="fold")
+    longest = max((len(r["report"]["run"]) for r in results), default=3)
+    summary.add_column("run", overflow="fold", min_width=min(32, longest))
     for col in ("source", "steps", "layers", "episodes", "loss spikes"):
         summary.add_column(col, no_wrap=True)
     for r in results:
@@ -191,7 +192,7 @@ def _print_tables(results: Sequence[dict], console) -> None:
         for col in ("kind", "steps", "peak", "severity", "offending layers (peak / baseline)", "loss spike"):
             table.add_column(col, overflow="fold")
         for e in rep["episodes"]:
-            layers = "\n".join(f"{i + 1}. {_esc(f['name'])} [{f.get('metric', '')}] {_ratio(f.get('ratio'))}"
+            layers = "\n".join(_esc(f"{i + 1}. {f['name']} [{f.get('metric', '')}] {_ratio(f.get('ratio'))}")
                                for i, f in enumerate(e["layers"][:3]))
             if len(e["layers"]) > 3:
                 layers += f"\n(+{len(e['layers']) - 3} more)"
@@ -200,9 +201,14 @@ def _print_tables(results: Sequence[dict], console) -> None:
             table.add_row(e["kind"], f"{e['start_step']}–{e['end_step']}", str(e["peak_step"]),
                           _ratio(e["severity"]), layers, spike)
         console.print(table)
+        # the same advice for several episodes (e.g. every AMP overflow skip) is printed once, with where it applies
+        advice: dict[str, list[str]] = {}
         for e in rep["episodes"]:
             for line in e["advice"]:
-                console.print(f"  • [{e['kind']} at {e['start_step']}] {_esc(line)}", highlight=False)
+                advice.setdefault(line, []).append(f"{e['kind']} at {e['start_step']}")
+        for line, where in advice.items():
+            label = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} more"
+            console.print(_esc(f"  • [{label}] {line}"), highlight=False)
 
 
 def _esc(text: str) -> str:
