@@ -6,7 +6,9 @@ Run ``python benchmarks/detection_suite.py`` (full size) or ``--small`` (the siz
    late rise, per-layer and shared noise) with injected single-step spikes, ramps, plateaus, NaN bursts, update-ratio
    blow-ups and an AMP loss-scale collapse; healthy runs with an AMP overflow sawtooth. Labels are the injected
    windows and their origin layer;
-2. third-party event files (loss only), labeled from their documented excursions.
+2. real small training runs (``suite_real_runs.py``: MLP, RNN, transformer, Keras; LR raised mid-run, and their
+   healthy twins), recorded with the real monitors and labeled from their cause;
+3. third-party event files (loss only), labeled from their documented excursions.
 
 Baselines score the same series (each layer's gradient norm and the total norm, or the loss for loss-only runs);
 every detector counts non-finite values as detections and ignores steps AMP skipped; their crossings are grouped into
@@ -493,8 +495,26 @@ def table(scores: dict[str, Score]) -> str:
     return "\n".join(lines)
 
 
-def all_cases(small: bool, realruns: str | None) -> list[Case]:
+def real_cases(root: str, names: list[str] | None = None) -> list[Case]:
+    """The trained runs of the given recipes (all by default) under ``root``, trained there first where missing,
+    labeled from their own cause."""
+    try:
+        from benchmarks import suite_real_runs as real
+    except ImportError:  # run as a script from benchmarks/
+        import suite_real_runs as real
+
+    real.train(root, names)
+    cases = []
+    for name, run, cause, layer in real.load(root):
+        labels = [Label(int(cause["step"]), int(run.steps[-1]), "explosion", layer)] if cause else []
+        cases.append(Case(name, "real", run, labels))
+    return cases
+
+
+def all_cases(small: bool, realruns: str | None, trained: str | None = None) -> list[Case]:
     cases = synthetic_cases(small)
+    if trained:
+        cases += real_cases(trained)
     if realruns:
         cases += thirdparty_cases(realruns)
     return cases
@@ -504,15 +524,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="the reduced size the unit tests use")
     ap.add_argument("--realruns", default=None, help="directory of the third-party event files")
+    ap.add_argument("--trained", default=None,
+                    help="directory for the real small training runs (trained there on first use)")
     ap.add_argument("--speed", action="store_true", help="only time detect() on 500 layers x 100k steps")
     args = ap.parse_args(argv)
     if args.speed:
+        import resource
+
         offline, online = speed()
-        print(f"offline detect(): 500 layers x 100,000 steps in {offline:.2f} s; "
-              f"online: {online * 1e3:.3f} ms per step of 500 layers")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"offline detect(): 500 layers x 100,000 steps in {offline:.2f} s (peak RSS of this process "
+              f"{peak:.0f} MB, of which 600 MB are the input arrays); online: {online * 1e3:.3f} ms per step of "
+              "500 layers")
         return 0
     t0 = time.perf_counter()
-    cases = all_cases(args.small, args.realruns)
+    cases = all_cases(args.small, args.realruns, args.trained)
     print(f"{len(cases)} cases built in {time.perf_counter() - t0:.1f} s")
     groups = sorted({c.group for c in cases})
     for grp in groups + ["all"]:
@@ -522,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
         print(table(scores))
         print("\nwall time: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     return 0
-
 
 
 def speed(n_layers: int = 500, n_steps: int = 100_000) -> tuple[float, float]:

@@ -139,12 +139,19 @@ def _event_bytes(targets: Sequence[tuple[str, str]], enough: int) -> int:
     return total
 
 
+def _fails(episode: dict, fail_on: str) -> bool:
+    """Validation findings are never explosions: ``explosion`` ignores them, a NaN evaluation still fails
+    ``nonfinite``."""
+    if episode["kind"] not in FAIL_KINDS[fail_on]:
+        return False
+    return fail_on != "explosion" or not episode.get("validation")
+
+
 def failing(results: Sequence[dict], fail_on: str) -> list[dict]:
     """The results whose findings match ``--fail-on``."""
     if fail_on == "any":
         return [r for r in results if r["report"]["episodes"] or r["report"]["loss_spikes"]]
-    kinds = FAIL_KINDS[fail_on]
-    return [r for r in results if any(e["kind"] in kinds for e in r["report"]["episodes"])]
+    return [r for r in results if any(_fails(e, fail_on) for e in r["report"]["episodes"])]
 
 
 def audit_json(results: Sequence[dict], fail_on: str) -> dict:

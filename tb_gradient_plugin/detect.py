@@ -30,7 +30,14 @@ import numpy as np
 from .runs import RunData, Series
 
 #: Kinds of episodes; the first two are findings (an auditor fails on them), the last is informational.
-EPISODE_KINDS = ("explosion", "nonfinite", "overflow_skip")
+EPISODE_KINDS = ("explosion", "nonfinite", "overflow_skip", "val_degradation")
+#: The kind of validation findings: a validation metric worsened after its best point, or went non-finite. Not a
+#: gradient explosion (``Episode.validation`` says which and why), so ``--fail-on explosion`` does not fail on it.
+VAL_KIND = "val_degradation"
+#: Validation series the run store provides, by name: whether higher is better (a metric) or lower (a loss).
+VALIDATION_SERIES = {"val_loss": False, "val_acc": True, "val_accuracy": True, "val_map": True}
+#: Any series named ``val_metric/<name>`` is a validation metric that should rise (e.g. ``val_metric/f1``).
+VAL_METRIC_PREFIX = "val_metric/"
 #: Name used in findings for the run-level total gradient norm (not a layer of the model).
 TOTAL = "total_grad_norm"
 _MAD_TO_SIGMA = 1.4826
@@ -49,7 +56,7 @@ class DetectorConfig:
     update_ratio_ratio: float = 5.0  # update/param ratio crossing: this many times its own baseline ...
     update_ratio_z: float = 6.0
     update_ratio_floor: float = 1e-2  # ... and above the range that is healthy for most layers
-    loss_ratio: float = 5.0  # loss spike: ratio x the loss baseline ...
+    loss_ratio: float = 10.0  # loss spike: ratio x the loss baseline (a noisy loss often makes benign 5x steps) ...
     loss_z: float = 6.0  # ... and this many robust sigmas above it
     loss_min_history: int = 8  # loss series are often short (one point per epoch)
     max_ratio: float = 50.0  # however noisy a series, this many times its baseline always crosses
@@ -61,6 +68,10 @@ class DetectorConfig:
     clip_quantile: float = 0.99  # suggested clip threshold: this quantile of the healthy total gradient norm
     depth_growth: float = 10.0  # layer norms growing this much through depth (monotonically) -> advise normalization
     max_layers: int = 20  # findings kept per episode
+    val_min_points: int = 5  # finite validation points needed to judge a degradation
+    val_patience: int = 3  # ... of which at least this many after the best point
+    val_smooth: int = 3  # running median over this many evaluations before the best point is chosen
+    val_min_worsening: float = 0.05  # recent validation this much worse (relative) than its best: degraded
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.window_blocks < 1:
@@ -100,13 +111,14 @@ class Episode:
     layers: list[LayerFinding]  # ranked: [0] is the offending layer
     loss_spike_step: int | None = None
     advice: list[str] = field(default_factory=list)
+    validation: dict | None = None  # kind val_degradation: the ValidationFinding (start_step = its best step)
 
     def to_json(self) -> dict:
         """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
         return {"kind": self.kind, "start_step": self.start_step, "end_step": self.end_step,
                 "peak_step": self.peak_step, "severity": _json_float(self.severity),
                 "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
-                "advice": list(self.advice)}
+                "advice": list(self.advice), "validation": self.validation}
 
 
 @dataclass
@@ -125,6 +137,44 @@ class LossSpike:
 
 
 @dataclass
+class ValidationFinding:
+    """One validation series judged: its best point (the early-stopping point) and, when it worsened, why.
+
+    ``cause`` is None (no degradation), ``overfitting`` (worse while the training loss kept improving),
+    ``instability`` (worse from a gradient episode or loss spike at ``related_step``), ``degradation`` (the training
+    loss did not improve either, or is unknown) or ``nonfinite`` (a NaN/Inf evaluation at ``worst_step``).
+    """
+
+    series: str
+    higher_is_better: bool
+    cause: str | None
+    best_step: int | None
+    best_value: float
+    worst_step: int
+    worst_value: float
+    last_step: int
+    change: float  # recent value over best (or best over recent, for a metric that should rise); inf: non-finite
+    nonfinite_steps: list[int]
+    last_value: float = math.nan
+    related_step: int | None = None
+    train_before: float = math.nan  # median training loss around the best point, and recently
+    train_now: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.last_value):
+            self.last_value = self.worst_value
+
+    def to_json(self) -> dict:
+        return {"series": self.series, "higher_is_better": self.higher_is_better, "cause": self.cause,
+                "best_step": self.best_step, "early_stopping_step": self.best_step,
+                "best_value": _json_float(self.best_value), "worst_step": self.worst_step,
+                "worst_value": _json_float(self.worst_value), "last_step": self.last_step,
+                "last_value": _json_float(self.last_value), "change": _json_float(self.change),
+                "nonfinite_steps": list(self.nonfinite_steps), "related_step": self.related_step,
+                "train_loss_before": _json_float(self.train_before), "train_loss_now": _json_float(self.train_now)}
+
+
+@dataclass
 class Report:
     """What the detector found in one run (the auditor's per-run JSON object)."""
 
@@ -134,11 +184,13 @@ class Report:
     episodes: list[Episode]
     loss_spikes: list[LossSpike]
     warnings: list[str]
+    validation: list[ValidationFinding] = field(default_factory=list)  # one per validation series (+ NaN findings)
 
     def to_json(self) -> dict:
         return {"run": self.run, "source": self.source, "steps": self.steps,
                 "episodes": [e.to_json() for e in self.episodes],
-                "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings)}
+                "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings),
+                "validation": [v.to_json() for v in self.validation]}
 
 
 def _json_float(x: float) -> float | None:
@@ -264,24 +316,6 @@ class _Baseline:
             self.fill = 0
         return cross, excess
 
-    def run(self, values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Offline: all points ``[N, n]`` block by block (logs taken per block to bound memory).
-
-        Returns the crossings ``[N, n]`` and the log baseline of each block ``[blocks, n]``.
-        """
-        b = self.cfg.block
-        cross = np.zeros(values.shape, dtype=bool)
-        bases = np.empty(((values.shape[0] + b - 1) // b, values.shape[1]))
-        for k, start in enumerate(range(0, values.shape[0], b)):
-            rows = slice(start, start + b)
-            v, ok = _log_positive(values[rows])
-            ok &= valid[rows]
-            c, _, base = self.judge(v, ok)
-            cross[rows], bases[k] = c, base
-            if v.shape[0] == b:
-                self.push(np.where(ok & ~c, v, np.nan), c, np.where(ok, v, np.nan))
-        return cross, bases
-
 
 def _log_positive(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Natural log of positive finite values, and the mask of those values."""
@@ -303,20 +337,259 @@ def baseline_band(
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if steps.shape[0] != values.shape[0]:
         raise ValueError(f"steps ({steps.shape[0]}) and values ({values.shape[0]}) differ in length")
-    logv, ok = _log_positive(values[:, None])
-    tracker = _Baseline(1, cfg, cfg.ratio, cfg.z)
-    b = cfg.block
-    base = np.full(values.shape[0], np.nan)
-    thr = np.full(values.shape[0], np.inf)
-    for start in range(0, values.shape[0], b):
-        rows = slice(start, start + b)
-        v, valid = logv[rows], ok[rows]
-        c, _, lb = tracker.judge(v, valid)
-        base[rows] = lb[0]
-        thr[rows] = tracker.limits()[1][0]
-        if v.shape[0] == b:
-            tracker.push(np.where(valid & ~c, v, np.nan), c, np.where(valid, v, np.nan))
-    return np.exp(base), np.exp(thr)
+    _, base, thr = _solve(_Points(values[:, None], np.ones((values.shape[0], 1), dtype=bool)), cfg, cfg.ratio, cfg.z,
+                          cfg.min_history, full=True)
+    per_point = np.arange(values.shape[0]) // cfg.block
+    with np.errstate(over="ignore"):
+        return np.exp(base[per_point, 0]), np.exp(thr[per_point, 0])
+
+
+class _Points:
+    """One metric of ``n`` parallel series as log values, computed a row chunk or a set of points at a time.
+
+    The offline solver never holds a float64 copy of a whole metric: at 500 layers x 100k steps that alone would be
+    twice the input. An update ratio is given as ``values / den`` and divided where it is read.
+    """
+
+    def __init__(self, values: np.ndarray, valid: np.ndarray, den: np.ndarray | None = None) -> None:
+        self.values, self.valid, self.den = values, valid, den
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.valid.shape
+
+    def raw(self, rows: slice | np.ndarray, cols: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The metric's values (float32 update ratios, like :meth:`RunData.update_ratio`)."""
+        if self.den is None:
+            return self.values[rows, cols]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (self.values[rows, cols] / self.den[rows, cols]).astype(np.float32)
+
+    def usable(self, rows: slice | np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(values, mask of the valid, finite, positive ones)."""
+        v = self.raw(rows, cols)
+        with np.errstate(invalid="ignore"):
+            return v, self.valid[rows, cols] & np.isfinite(v) & (v > 0)
+
+    def logs(self, rows: slice | np.ndarray, cols: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(log values, usable mask): NaN where a point is not usable."""
+        logv, ok = _log_positive(self.raw(rows, cols))
+        ok &= self.valid[rows, cols]
+        logv[~ok] = np.nan
+        return logv, ok
+
+
+def _nanmedian_last(a: np.ndarray) -> np.ndarray:
+    """Median along the last axis ignoring NaN (NaN where nothing is left); the arithmetic of :func:`_nanmedian0`."""
+    s = np.sort(a, axis=-1)  # NaN sorts last
+    k = a.shape[-1]
+    if not np.isnan(s[..., -1]).any():
+        return 0.5 * (s[..., (k - 1) // 2] + s[..., k // 2])
+    n = k - np.isnan(s).sum(axis=-1)
+    lo = np.maximum((n - 1) // 2, 0)[..., None]
+    hi = np.maximum(n // 2, 0)[..., None]
+    with np.errstate(invalid="ignore"):
+        med = 0.5 * (np.take_along_axis(s, lo, -1)[..., 0] + np.take_along_axis(s, hi, -1)[..., 0])
+    med[n == 0] = np.nan
+    return med
+
+
+def _run_length(flags: np.ndarray) -> np.ndarray:
+    """Per column, how many consecutive rows up to and including each row are True."""
+    idx = np.arange(flags.shape[0])[:, None]
+    last_false = np.maximum.accumulate(np.where(flags, -1, idx), axis=0)
+    return idx - last_false
+
+
+#: Batcher's sorting network for 8 values, without the last two comparators the 4th smallest does not depend on.
+_NETWORK8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1), (2, 3), (4, 5), (6, 7), (2, 4),
+             (3, 5), (1, 4), (3, 6))
+
+
+def _block_floor(x: np.ndarray, ok: np.ndarray, tight: bool) -> np.ndarray:
+    """Per block ``[blocks, b, n]`` (unusable points +inf) and column, a value no larger than its median (+inf if none).
+
+    The block's smallest value; with ``tight``, for a full block of 8, its 4th smallest (from a sorting network: no
+    sort, no log), which rules out far more points of a noisy series.
+    """
+    low = x.min(axis=1)
+    if not tight or x.shape[1] != 8:
+        return low
+    a = [x[:, i] for i in range(8)]
+    for i, j in _NETWORK8:
+        a[i], a[j] = np.minimum(a[i], a[j]), np.maximum(a[i], a[j])
+    return np.where(ok.all(axis=1), np.minimum(a[3], a[4]), low)
+
+
+def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_history: int, *, full: bool = False
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offline judgement of every point, equal to feeding them one by one through :class:`_Baseline`.
+
+    Returns the crossings ``[N, n]`` and, per block, the log baseline and log threshold ``[blocks, n]`` (computed for
+    the blocks that were judged exactly, or for all with ``full``; NaN/+inf elsewhere).
+
+    Sequentially, block ``k``'s baseline depends on the medians of the blocks before it, and those medians on which of
+    their points crossed. Crossings are rare, so this solves the recurrence as a fixed point instead of block by
+    block. First, over all blocks and layers at once and without a single log, a lower bound of every baseline (the
+    smallest of the window's block-median lower bounds, as if nothing had crossed) rules out nearly every point: a
+    point can cross only above ``ratio`` x its baseline. Only the blocks left are judged exactly; then only the (block,
+    layer) pairs whose inputs changed are re-judged, until nothing changes. Dependencies only point forward, so the
+    fixed point is unique and is the sequential result, to the bit.
+    """
+    n_pts, n = pts.shape
+    b, w = cfg.block, cfg.window_blocks
+    kf = n_pts // b  # full blocks (pushed into the baseline); a trailing partial block is only judged
+    ka = -(-n_pts // b)
+    log_ratio, log_max = math.log(ratio), math.log(max(cfg.max_ratio, ratio))
+    cross = np.zeros((n_pts, n), dtype=bool)
+    base = np.full((ka, n), np.nan)
+    thr = np.full((ka, n), np.inf)
+    if n_pts == 0 or n == 0:
+        return cross, base, thr
+    # padded rings: row w + k holds block k's (median, MAD), filled where first needed (every read of a block is
+    # preceded by ensure_stats); block k's window is rows k .. k + w - 1
+    med = np.empty((w + kf, n))
+    mad = np.empty((w + kf, n))
+    med[:w] = mad[:w] = np.nan
+    known = np.zeros((kf, n), dtype=bool)
+    floor = np.empty((w + kf, n))  # lower bounds of the block medians, in value units
+    floor[:w] = np.inf
+    warm = np.zeros((ka, n), dtype=bool)
+
+    def ensure_stats(kk: np.ndarray, jj: np.ndarray) -> None:
+        """Exact (median, MAD) of full blocks not seen yet, as if none of their points crossed (their first guess)."""
+        sel = ~known[kk, jj]
+        if not sel.any():
+            return
+        key = np.unique(kk[sel] * n + jj[sel])
+        uk, uj = key // n, key % n
+        _, _, logv, _ = points(uk, uj)
+        m = _nanmedian_last(logv)
+        med[w + uk, uj], mad[w + uk, uj] = m, _nanmedian_last(np.abs(logv - m[:, None]))
+        known[uk, uj] = True
+
+    def limits(kk: np.ndarray, jj: np.ndarray) -> None:
+        wk = kk[:, None] + np.arange(-w, 0)[None, :]
+        inside = wk >= 0
+        ensure_stats(wk[inside], np.broadcast_to(jj[:, None], wk.shape)[inside])
+        win = wk + w
+        bs = _nanmedian_last(med[win, jj[:, None]])
+        sigma = _nanmedian_last(mad[win, jj[:, None]]) * _MAD_TO_SIGMA
+        with np.errstate(invalid="ignore"):
+            t = bs + np.clip(z * sigma, log_ratio, log_max)
+        t[warm[kk, jj] | np.isnan(t)] = np.inf
+        base[kk, jj], thr[kk, jj] = bs, t
+
+    def points(kk: np.ndarray, jj: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rows = kk[:, None] * b + np.arange(b)[None, :]
+        inside = rows < n_pts
+        rows = np.minimum(rows, n_pts - 1)
+        cols = np.broadcast_to(jj[:, None], rows.shape)
+        logv, ok = pts.logs(rows, cols)
+        logv[~inside] = np.nan
+        return rows, cols, logv, ok & inside
+
+    def judge(kk: np.ndarray, jj: np.ndarray) -> np.ndarray:
+        """Judge the points of the given blocks against their limits; returns their crossing counts."""
+        rows, cols, logv, ok = points(kk, jj)
+        with np.errstate(invalid="ignore"):
+            c = ok & (logv > thr[kk, jj][:, None])
+        cross[rows[ok], cols[ok]] = c[ok]
+        return c.sum(axis=1)
+
+    # first pass, over all blocks and layers at once and in value units (no log): candidates are the points above ratio
+    # x the lower bound of their baseline (with a margin for the rounding of log and exp)
+    seen = np.zeros(n, dtype=np.int64)
+    chunk = max(1, (1 << 21) // (n * b))  # blocks per chunk: about 2M points
+    factor = ratio * (1 - 1e-9)
+    cand: list[np.ndarray] = []
+    for k0 in range(0, ka, chunk):
+        k1 = min(ka, k0 + chunk)
+        v, ok = pts.usable(slice(k0 * b, min(n_pts, k1 * b)))
+        if v.shape[0] < (k1 - k0) * b:  # the trailing partial block
+            pad = (k1 - k0) * b - v.shape[0]
+            v = np.concatenate([v, np.zeros((pad, n), dtype=v.dtype)])
+            ok = np.concatenate([ok, np.zeros((pad, n), dtype=bool)])
+        v, ok = v.reshape(k1 - k0, b, n), ok.reshape(k1 - k0, b, n)
+        nfull = min(k1, kf) - k0
+        if (seen < min_history).any():  # points seen before each block, until every layer has enough
+            counts = ok.sum(axis=1)
+            warm[k0:k1] = (seen + np.cumsum(counts, axis=0) - counts) < min_history
+            seen += counts.sum(axis=0)
+        x = np.where(ok, v, np.inf)
+        for tight in (False, True):  # the cheap floor first; the tight one where it leaves too many candidates
+            floor[w + k0:w + k0 + nfull] = _block_floor(x[:nfull], ok[:nfull], tight)
+            lb = floor[k0:k1 + w - 1]
+            span = 1
+            while span < w:  # sliding minimum over w rows, by doubling: lb[k] is the least floor of block k's window
+                step = min(span, w - span)
+                lb = np.minimum(lb[:-step], lb[step:])
+                span += step
+            lb = lb * factor
+            lb[warm[k0:k1]] = np.inf
+            hot = (x < np.inf) & (x >= lb[:, None, :])
+            hot = hot.any(axis=1)
+            if hot.sum() * 1000 <= hot.size:
+                break
+        ck, cj = np.nonzero(hot)
+        cand.append((ck + k0) * n + cj)
+    nflag = np.zeros((kf, n), dtype=np.int32)
+    if full:
+        kk, jj = np.divmod(np.arange(ka * n), n)
+    else:
+        kk, jj = np.divmod(np.concatenate(cand), n)
+    if kk.size:
+        limits(kk, jj)
+        flags = judge(kk, jj)
+        isfull = kk < kf
+        nflag[kk[isfull], jj[isfull]] = flags[isfull]
+    maj = nflag * 2 > b
+    readapt = np.zeros((kf, n), dtype=bool)
+    hot_cols = np.nonzero(maj.any(axis=0))[0]
+    if hot_cols.size:
+        readapt[:, hot_cols] = _run_length(maj[:, hot_cols]) >= cfg.readapt_blocks
+
+    def settle(kk: np.ndarray, jj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Recompute the (median, MAD) of full blocks from their current inputs; returns the blocks that changed."""
+        ensure_stats(kk, jj)
+        rows, cols, logv, ok = points(kk, jj)
+        flagged = nflag[kk, jj] > 0
+        # the points that crossed are left out, unless the block's level is being adopted as the new normal
+        clean = np.where((readapt[kk, jj] | ~flagged)[:, None] | ~cross[rows, cols], logv, np.nan)
+        new_med = _nanmedian_last(clean)
+        new_mad = _nanmedian_last(np.abs(clean - new_med[:, None]))
+        carry = np.isnan(new_med) & flagged  # every point crossed: the baseline stays where it was
+        new_med[carry] = base[kk, jj][carry]
+        old_med, old_mad = med[w + kk, jj], mad[w + kk, jj]
+        diff = ~((new_med == old_med) | (np.isnan(new_med) & np.isnan(old_med)))
+        diff |= ~((new_mad == old_mad) | (np.isnan(new_mad) & np.isnan(old_mad)))
+        med[w + kk, jj], mad[w + kk, jj] = new_med, new_mad
+        return kk[diff], jj[diff]
+
+    kk, jj = settle(*np.nonzero((nflag > 0) | readapt))
+    while kk.size:
+        # every block whose window holds a changed block is judged again
+        nk = (kk[:, None] + np.arange(1, w + 1)[None, :]).ravel()
+        nj = np.repeat(jj, w)
+        keep = nk < ka
+        key = np.unique(nk[keep] * n + nj[keep])
+        dk, dj = key // n, key % n
+        limits(dk, dj)
+        flags = judge(dk, dj)
+        isfull = dk < kf
+        fk, fj, ff = dk[isfull], dj[isfull], flags[isfull]
+        changed_cols = np.unique(fj[(ff * 2 > b) != maj[fk, fj]])
+        nflag[fk, fj] = ff
+        maj[fk, fj] = ff * 2 > b
+        if changed_cols.size:
+            ra = _run_length(maj[:, changed_cols]) >= cfg.readapt_blocks
+            ek, ei = np.nonzero(ra != readapt[:, changed_cols])
+            readapt[:, changed_cols] = ra
+            if ek.size:
+                key = np.unique(np.concatenate([fk * n + fj, ek * n + changed_cols[ei]]))
+                fk, fj = key // n, key % n
+        kk, jj = settle(fk, fj)
+    return cross, base, thr
 
 
 # ----------------------------------------------------------------------------------------------- per-point records
@@ -385,15 +658,23 @@ def _group(us: np.ndarray, gap: int) -> list[tuple[int, int]]:
 
 
 def _findings(rows: list[_Row], layers: list[str], grad_metric: str, cfg: DetectorConfig) -> list[LayerFinding]:
-    """Per layer: first crossing, peak; ranked by first crossing, then by how far above baseline."""
-    best: dict[int, list] = {}  # col -> [first_u, first_step, peak_ratio, peak_step, peak_value, metric, nonfin]
+    """Per layer: first crossing, peak; ranked by first crossing, then by how far above baseline it was then.
+
+    Layers that cross at the same first step (a learning-rate change reaches every layer at once) are told apart by
+    their ratio at that step, not by their later peak: once the cascade has spread, every layer peaks (or goes
+    non-finite), and the origin is the layer that was furthest out when it began. The peak breaks remaining ties.
+    """
+    best: dict[int, list] = {}  # col -> [first_u, first_step, peak_ratio, peak_step, peak_value, metric, first_ratio]
     total: list | None = None
     for r in rows:
         for c, m, v, ra in zip(r.cols.tolist(), r.metric.tolist(), r.value.tolist(), r.ratio.tolist(), strict=True):
             cur = best.get(c)
             if cur is None:
-                best[c] = [r.u, r.step, ra, r.step, v, m]
-            elif ra > cur[2] or (ra == cur[2] and m == 2 and v > cur[4]):
+                best[c] = [r.u, r.step, ra, r.step, v, m, ra]
+                continue
+            if r.u == cur[0]:
+                cur[6] = max(cur[6], ra)
+            if ra > cur[2] or (ra == cur[2] and m == 2 and v > cur[4]):
                 cur[2], cur[3], cur[4], cur[5] = ra, r.step, v, m
         if r.total is not None:
             v, ra = r.total
@@ -402,9 +683,10 @@ def _findings(rows: list[_Row], layers: list[str], grad_metric: str, cfg: Detect
             elif ra > total[2]:
                 total[2], total[3], total[4] = ra, r.step, v
     names = {0: grad_metric, 1: "update_ratio", 2: "nonfinite_count"}
-    order = sorted(best.items(), key=lambda kv: (kv[1][0], -kv[1][2], -kv[1][4] if kv[1][5] == 2 else 0.0, kv[0]))
+    order = sorted(best.items(), key=lambda kv: (kv[1][0], -kv[1][6], -kv[1][2], -kv[1][4] if kv[1][5] == 2 else 0.0,
+                                                 kv[0]))
     out = [LayerFinding(layers[c], names[m], int(step0), int(pstep), float(val), float(ra))
-           for c, (_, step0, ra, pstep, val, m) in order[: cfg.max_layers]]
+           for c, (_, step0, ra, pstep, val, m, _) in order[: cfg.max_layers]]
     if not out and total is not None:
         out.append(LayerFinding(TOTAL, TOTAL, int(total[1]), int(total[3]), float(total[4]), float(total[2])))
     return out
@@ -421,6 +703,7 @@ def _build(
     """Episodes and loss spikes from the per-step crossing rows (the same code for offline and online)."""
     episodes: list[Episode] = []
     spans: list[tuple[int, int]] = []  # (first u, last u) of each episode, in list order
+    groups: list[list[_Row]] = []
     for overflow in (False, True):
         sel = [r for r in rows if r.overflow == overflow]
         us = np.asarray([r.u for r in sel], dtype=np.int64)
@@ -437,9 +720,11 @@ def _build(
             ep = Episode(kind, grp[0].step, grp[-1].step, peak_row.step, float(severity), finds)
             episodes.append(ep)
             spans.append((grp[0].u, grp[-1].u))
+            groups.append(grp)
     order = sorted(range(len(episodes)), key=lambda k: (episodes[k].start_step, episodes[k].kind))
     episodes = [episodes[k] for k in order]
     spans = [spans[k] for k in order]
+    groups = [groups[k] for k in order]
 
     spikes = _loss_spikes(loss_rows, cfg)
     for s, su in spikes:
@@ -452,9 +737,12 @@ def _build(
                 if ep.loss_spike_step is None:
                     ep.loss_spike_step = s.step
                 break
-    for k, ep in enumerate(episodes):
-        grp_rows = [r for r in rows if spans[k][0] <= r.u <= spans[k][1] and r.overflow == (ep.kind == "overflow_skip")]
-        ep.advice = _advice(ep, grp_rows, layers, episodes, ctx, cfg)
+    healthy = _healthy_total(ctx, episodes)
+    clip = None
+    if healthy.size >= 20:
+        clip = (float(np.quantile(healthy, cfg.clip_quantile)), float(np.median(healthy)))
+    for ep, grp in zip(episodes, groups, strict=True):
+        ep.advice = _advice(ep, grp, layers, clip, ctx, cfg)
     return episodes, [s for s, _ in spikes]
 
 
@@ -504,7 +792,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _advice(ep: Episode, rows: list[_Row], layers: list[str], episodes: list[Episode], ctx: _Context,
+def _advice(ep: Episode, rows: list[_Row], layers: list[str], clip: tuple[float, float] | None, ctx: _Context,
             cfg: DetectorConfig) -> list[str]:
     out: list[str] = []
     if ep.kind == "overflow_skip":
@@ -524,13 +812,12 @@ def _advice(ep: Episode, rows: list[_Row], layers: list[str], episodes: list[Epi
         if any(r.overflow is False and r.loss_nonfinite for r in rows):
             out.append(f"The loss itself was non-finite during steps {ep.start_step}-{ep.end_step}.")
     # clip threshold from the healthy total-norm distribution
-    healthy = _healthy_total(ctx, episodes)
-    if healthy.size >= 20 and ep.kind == "explosion":
-        q = float(np.quantile(healthy, cfg.clip_quantile))
+    if clip is not None and ep.kind == "explosion":
+        q, median = clip
         peak = max((r.total[0] for r in rows if r.total is not None), default=None)
         peak_txt = f"; this episode's total norm reached {_fmt(peak)}" if peak is not None else ""
         out.append(f"Clip the total gradient norm at about {_fmt(q)} (the {cfg.clip_quantile:.0%} quantile of the "
-                   f"healthy total norm, median {_fmt(float(np.median(healthy)))}{peak_txt}).")
+                   f"healthy total norm, median {_fmt(median)}{peak_txt}).")
     # update ratios far too high
     ur_rows = [(r, k) for r in rows for k in np.nonzero(r.metric == 1)[0].tolist()]
     if ur_rows:
@@ -560,9 +847,12 @@ def _healthy_total(ctx: _Context, episodes: list[Episode]) -> np.ndarray:
     if steps.size == 0:
         return vals
     keep = np.isfinite(vals) & (vals > 0)
-    for ep in episodes:
-        if ep.kind != "overflow_skip":
-            keep &= (steps < ep.start_step) | (steps > ep.end_step)
+    eps = [ep for ep in episodes if ep.kind != "overflow_skip"]
+    if eps:  # inside an episode: an odd number of its (start, end] boundaries lie at or before the step
+        starts = np.sort(np.asarray([ep.start_step for ep in eps]))
+        ends = np.sort(np.asarray([ep.end_step for ep in eps]))
+        inside = np.searchsorted(starts, steps, side="right") - np.searchsorted(ends, steps, side="left")
+        keep &= inside <= 0
     return vals[keep]
 
 
@@ -673,27 +963,32 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         for m in ("grad_norm", "grad_max_abs"):
             if lm.get(m) is not None:
                 nonfin |= present & ~np.isfinite(lm[m])
-        crosses = []
+        valid = valid_all & ~nonfin
+        crosses: list[tuple[int, np.ndarray, np.ndarray, _Points]] = []
         if gm is not None:
             norms = gm
-            c, bases = _run_fresh(engine, "grad", n_layers, gm, valid_all & ~nonfin)
-            crosses.append((0, c, bases, gm))
-        ur = run.update_ratio()
-        if ur is not None:
-            c, bases = _run_fresh(engine, "upd", n_layers, ur, valid_all & ~nonfin)
-            c &= ur > cfg.update_ratio_floor
-            crosses.append((1, c, bases, ur))
+            pts = _Points(gm, valid)
+            c, bases, _ = _solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history)
+            crosses.append((0, c, bases, pts))
+        upd = _update_ratio_points(run, valid)
+        if upd is not None:
+            c, bases, _ = _solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history)
+            ci, cj = np.nonzero(c)
+            low = ~(upd.raw(ci, cj) > cfg.update_ratio_floor)
+            c[ci[low], cj[low]] = False
+            crosses.append((1, c, bases, upd))
         active = nonfin.any(axis=1)
         for _, c, _, _ in crosses:
             active |= c.any(axis=1)
         for i in np.nonzero(active)[0].tolist():
             cols_l, met_l, val_l, rat_l = [], [], [], []
-            for m, c, bases, vals in crosses:
+            for m, c, bases, src in crosses:
                 cc = np.nonzero(c[i])[0]
+                vals = src.raw(i)
                 cols_l.append(cc)
                 met_l.append(np.full(cc.size, m, dtype=np.int64))
-                val_l.append(vals[i, cc].astype(np.float64))
-                rat_l.append(np.exp(_log_positive(vals[i])[0][cc] - bases[i // cfg.block, cc]))
+                val_l.append(vals[cc].astype(np.float64))
+                rat_l.append(np.exp(_log_positive(vals)[0][cc] - bases[i // cfg.block, cc]))
             nf = np.nonzero(nonfin[i])[0]
             cols_l.append(nf)
             met_l.append(np.full(nf.size, 2, dtype=np.int64))
@@ -703,7 +998,7 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
             rows[u] = _Row(u, int(axis[u]), np.concatenate(cols_l), np.concatenate(met_l), np.concatenate(val_l),
                            np.concatenate(rat_l), None, bool(skip_u[u] and not collapse_u[u]), False,
                            None if norms is None else np.asarray(norms[i], dtype=np.float64),
-                           None if ur is None else np.asarray(ur[i], dtype=np.float64))
+                           None if upd is None else np.asarray(upd.raw(i), dtype=np.float64))
 
     # total gradient norm
     tot = ser["total_grad_norm"]
@@ -711,7 +1006,7 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         tu = np.searchsorted(axis, np.asarray(tot.steps, dtype=np.int64))
         tv = np.asarray(tot.values, dtype=np.float64)
         nonfinite_t = ~np.isfinite(tv)
-        c, bases = engine.total.run(tv[:, None], ~skip_u[tu][:, None])
+        c, bases, _ = _solve(_Points(tv[:, None], ~skip_u[tu][:, None]), cfg, cfg.ratio, cfg.z, cfg.min_history)
         logv = _log_positive(tv)[0]
         for k in np.nonzero(c[:, 0] | nonfinite_t)[0].tolist():
             u = int(tu[k])
@@ -727,7 +1022,8 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         lsu = np.searchsorted(axis, np.asarray(loss.steps, dtype=np.int64))
         if np.any(np.isfinite(lv) & (lv <= 0)):
             warnings.append("loss has non-positive values; loss spikes are judged on its positive values only")
-        c, bases = engine.loss.run(lv[:, None], ~skip_u[lsu][:, None])
+        c, bases, _ = _solve(_Points(lv[:, None], ~skip_u[lsu][:, None]), cfg, cfg.loss_ratio, cfg.loss_z,
+                             cfg.loss_min_history)
         logv = _log_positive(lv)[0]
         for k in np.nonzero(c[:, 0])[0].tolist():
             base = bases[k // cfg.block, 0]
@@ -752,13 +1048,19 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
     if norms is None and tot is None:
         warnings.append("no gradient norms in this run: only the loss was judged")
     episodes, spikes = _build(ordered, list(run.layers), grad_metric, loss_rows, ctx, cfg)
-    return Report(run.name, run.source, int(axis.size), episodes, spikes, warnings)
+    val = _validation(run.series, ser["loss"], episodes, spikes, cfg)
+    return Report(run.name, run.source, int(axis.size), _with_validation(episodes, spikes, val), spikes, warnings,
+                  val)
 
 
-def _run_fresh(engine: _Engine, which: str, n: int, values: np.ndarray, valid: np.ndarray):
-    tracker = getattr(engine, which)
-    tracker.grow(n)
-    return tracker.run(values, valid)
+def _update_ratio_points(run: RunData, valid: np.ndarray) -> _Points | None:
+    """The update ratio as :meth:`RunData.update_ratio` defines it, divided where it is read (no full copy)."""
+    lm = run.layer_metrics
+    if lm.get("update_ratio") is not None:
+        return _Points(lm["update_ratio"], valid)
+    if lm.get("update_norm") is None or lm.get("param_norm") is None:
+        return None
+    return _Points(lm["update_norm"], valid, lm["param_norm"])
 
 
 def _nonfinite_value(lm: dict[str, np.ndarray], i: int, cols: np.ndarray) -> np.ndarray:
@@ -802,6 +1104,151 @@ def _total_from_layers(norms: np.ndarray, present: np.ndarray | None) -> np.ndar
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ validation
+
+
+def validation_series(name: str) -> bool | None:
+    """Whether a series is a validation metric: False for a loss (lower is better), True for a metric that should
+    rise (accuracy, mAP, anything under ``val_metric/``), None for a series that is not a validation metric."""
+    if name.startswith(VAL_METRIC_PREFIX) and len(name) > len(VAL_METRIC_PREFIX):
+        return True
+    return VALIDATION_SERIES.get(name)
+
+
+def _smooth(v: np.ndarray, width: int) -> np.ndarray:
+    """Centred running median (edges use what they have), so one noisy evaluation makes no best point."""
+    if width <= 1 or v.size < 2 * width + 1:
+        return v
+    h = width // 2
+    pad = np.concatenate([np.full(h, np.nan), v, np.full(h, np.nan)])
+    return np.nanmedian(np.lib.stride_tricks.sliding_window_view(pad, width), axis=1)
+
+
+def _validation(series: dict[str, Series], loss: Series | None, episodes: list[Episode], spikes: list[LossSpike],
+                cfg: DetectorConfig) -> list[ValidationFinding]:
+    """Judge every validation series of a run: its best point, and whether (and why) it worsened after it."""
+    out = []
+    for name in sorted(series):
+        rising = validation_series(name)
+        s = series[name]
+        if rising is None or len(s.steps) == 0:
+            continue
+        steps = np.asarray(s.steps, dtype=np.int64)
+        vals = np.asarray(s.values, dtype=np.float64)
+        fin = np.isfinite(vals)
+        # lower is better in ``score`` for both kinds of series
+        score = np.where(fin, -vals if rising else vals, np.nan)
+        for grp in _runs_of(~fin):
+            before = np.nonzero(fin[:grp[0]])[0]
+            b = int(before[np.argmin(score[before])]) if before.size else None
+            out.append(ValidationFinding(
+                name, bool(rising), "nonfinite", None if b is None else int(steps[b]),
+                math.nan if b is None else float(vals[b]), int(steps[grp[0]]), float(vals[grp[0]]),
+                int(steps[grp[-1]]), math.inf, [int(steps[i]) for i in grp]))
+        idx = np.nonzero(fin)[0]
+        if idx.size < cfg.val_min_points:
+            continue
+        sm = _smooth(score[idx], cfg.val_smooth)
+        k = int(np.argmin(sm))
+        near = idx[max(0, k - cfg.val_smooth // 2):k + cfg.val_smooth // 2 + 1]
+        best = int(near[np.argmin(score[near])])  # the evaluation to stop at: the best raw point near the smooth best
+        after = idx[idx > best]
+        finding = ValidationFinding(name, bool(rising), None, int(steps[best]), float(vals[best]),
+                                    int(steps[idx[-1]]), float(vals[idx[-1]]), int(steps[idx[-1]]), 1.0, [])
+        out.append(finding)
+        recent = after[-max(cfg.val_patience, after.size // 4):]
+        ref = abs(float(sm[k])) or 1.0
+        worse = (score[recent] - sm[k]) / ref
+        if after.size < cfg.val_patience or not np.median(worse) >= cfg.val_min_worsening:
+            raw_best = int(idx[np.argmin(score[idx])])  # not degraded: simply the best evaluation
+            finding.best_step, finding.best_value = int(steps[raw_best]), float(vals[raw_best])
+            continue
+        worst = int(after[np.argmax(score[after])])
+        onset = int(after[np.argmax((score[after] - sm[k]) / ref >= cfg.val_min_worsening)])
+        finding.worst_step, finding.worst_value = int(steps[worst]), float(vals[worst])
+        finding.change = float(1.0 + np.median(worse))
+        finding.cause = _val_cause(finding, int(steps[onset]), loss, episodes, spikes, int(steps[recent[0]]))
+    return out
+
+
+def _runs_of(mask: np.ndarray) -> list[np.ndarray]:
+    idx = np.nonzero(mask)[0]
+    return np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1) if idx.size else []
+
+
+def _val_cause(f: ValidationFinding, onset: int, loss: Series | None, episodes: list[Episode],
+               spikes: list[LossSpike], recent_from: int) -> str:
+    """instability (a gradient episode or loss spike between the best point and the onset of the worsening),
+    overfitting (the training loss kept improving meanwhile) or degradation (neither: training got worse too)."""
+    best = f.best_step
+    for ep in episodes:
+        if ep.kind in ("explosion", "nonfinite") and ep.end_step >= best and ep.start_step <= onset:
+            f.related_step = ep.start_step
+            return "instability"
+    for sp in spikes:
+        if best <= sp.step <= onset:
+            f.related_step = sp.step
+            return "instability"
+    if loss is None or len(loss.steps) == 0:
+        return "degradation"
+    ls, lv = np.asarray(loss.steps), np.asarray(loss.values, dtype=np.float64)
+    ok = np.isfinite(lv)
+    before = lv[ok & (ls <= best)]
+    now = lv[ok & (ls >= recent_from)]
+    if before.size == 0 or now.size == 0:
+        return "degradation"
+    before = before[-max(1, now.size):]
+    f.train_before, f.train_now = float(np.median(before)), float(np.median(now))
+    return "overfitting" if f.train_now < f.train_before else "degradation"
+
+
+def _val_episode(f: ValidationFinding) -> Episode:
+    """The finding as an episode of kind ``val_degradation`` (never an explosion: the auditor's ``--fail-on
+    explosion`` ignores it), with the advice that fits its cause. A non-finite evaluation is a ``nonfinite`` episode
+    (with the same ``validation`` details): NaN weights or activations are a finding whatever the cause."""
+    what = f"validation {f.series}"
+    best_txt = (f"its best point was step {f.best_step} ({_fmt(f.best_value)})" if f.best_step is not None
+                else "there was no finite value before it")
+    if f.cause == "nonfinite":
+        advice = [f"{what} was non-finite at step {f.worst_step}" +
+                  (f" (and {len(f.nonfinite_steps) - 1} more evaluation(s))" if len(f.nonfinite_steps) > 1 else "") +
+                  f"; {best_txt}. Check the evaluation (empty batches, log of 0, an overflow under mixed precision) "
+                  "and the weights of that checkpoint."]
+        return Episode("nonfinite", f.worst_step, f.nonfinite_steps[-1], f.worst_step, math.inf, [], None, advice,
+                       f.to_json())
+    pct = f"{abs(f.change - 1) * 100:.0f}%"
+    head = (f"{what} was best at step {f.best_step} ({_fmt(f.best_value)}) and has been {pct} worse since (last "
+            f"{_fmt(f.last_value)} at step {f.last_step})")
+    if f.cause == "overfitting":
+        advice = [f"{head} while the training loss kept improving ({_fmt(f.train_before)} -> {_fmt(f.train_now)}): "
+                  f"the model is overfitting, not exploding. Stop early at step {f.best_step} (keep that "
+                  "checkpoint), or regularize (weight decay, dropout, augmentation, more data)."]
+    elif f.cause == "instability":
+        advice = [f"{head}, and it began with the training instability at step {f.related_step}: fix that episode "
+                  "(see its advice) rather than stopping early; until then, the checkpoint of step "
+                  f"{f.best_step} is the one to keep."]
+    else:
+        advice = [f"{head} while the training loss did not improve either: "
+                  "training itself stalled or diverged; check the learning rate and the data. The checkpoint of "
+                  f"step {f.best_step} is the best so far."]
+    return Episode(VAL_KIND, f.best_step, f.last_step, f.worst_step, float(f.change), [], None, advice, f.to_json())
+
+
+def _with_validation(episodes: list[Episode], spikes: list[LossSpike], findings: list[ValidationFinding]
+                     ) -> list[Episode]:
+    """Gradient and validation episodes in step order; loss spikes keep pointing at their gradient episode."""
+    extra = [_val_episode(f) for f in findings if f.cause is not None]
+    if not extra:
+        return episodes
+    merged = sorted(range(len(episodes) + len(extra)),
+                    key=lambda k: ((episodes + extra)[k].start_step, k >= len(episodes), k))
+    where = {old: new for new, old in enumerate(merged)}
+    for s in spikes:
+        if s.episode is not None:
+            s.episode = where[s.episode]
+    return [(episodes + extra)[k] for k in merged]
+
+
 # --------------------------------------------------------------------------------------------------------- online
 
 
@@ -833,6 +1280,8 @@ class OnlineDetector:
         self._steps: list[int] = []
         self._loss_nonpositive = False
         self._saw_norms = False
+        self._loss: tuple[list[int], list[float]] = ([], [])
+        self._val: dict[str, tuple[list[int], list[float]]] = {}
 
     def update(
         self, step: int, layers: Sequence[str], metrics: dict[str, np.ndarray], scalars: dict[str, float]
@@ -888,6 +1337,11 @@ class OnlineDetector:
                 row.total = (math.nan, math.inf)
         if overflow and row is None:
             row = _empty_row(u, step, True)
+        for k, v in sc.items():
+            if k == "loss" or validation_series(k) is not None:
+                dest = self._loss if k == "loss" else self._val.setdefault(k, ([], []))
+                dest[0].append(step)
+                dest[1].append(v)
         if "lr" in sc:
             self._lr[0].append(step)
             self._lr[1].append(sc["lr"])
@@ -997,4 +1451,9 @@ class OnlineDetector:
                        np.asarray(self._lr[0], dtype=np.int64), np.asarray(self._lr[1], dtype=np.float64))
         episodes, spikes = _build(self._rows, self._layers, self._grad_metric or "grad_norm", self._loss_rows,
                                   ctx, cfg)
-        return Report(self.name, self.source, len(self._steps), episodes, spikes, warnings)
+        series = {k: Series(np.asarray(st, dtype=np.int64), np.asarray(v, dtype=np.float64))
+                  for k, (st, v) in self._val.items()}
+        loss = Series(np.asarray(self._loss[0], dtype=np.int64), np.asarray(self._loss[1])) if self._loss[0] else None
+        val = _validation(series, loss, episodes, spikes, cfg)
+        return Report(self.name, self.source, len(self._steps), _with_validation(episodes, spikes, val), spikes,
+                      warnings, val)

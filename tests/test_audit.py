@@ -182,15 +182,15 @@ def test_realruns_audit(realruns, tmp_path):
     assert "TensorBoard-Tutorial" in report.read_text(encoding="utf-8")
 
 
-@pytest.mark.xfail(strict=True, reason="the detector does not judge val_loss yet: NaN validation losses (this run's "
-                   "only non-finite values, mapped to val_loss by the run store) open no episode")
 def test_realrun_with_nan_flagged_nonfinite(realruns):
-    """YOLOv5 run whose validation losses are NaN at epoch 10 (its only non-finite values)."""
-    proc = cli("audit", str(realruns), "--json", "--run", "*yolov5m6_34")
+    """YOLOv5 run whose validation losses are NaN at epoch 10 (its only non-finite values): a nonfinite finding,
+    which fails ``--fail-on nonfinite`` but not the default ``explosion`` (it is a validation finding)."""
+    proc = cli("audit", str(realruns), "--json", "--run", "*yolov5m6_34", "--fail-on", "nonfinite")
     assert proc.returncode == 1, proc.stderr
     (run,) = json.loads(proc.stdout)["runs"]
     nonfinite = [e for e in run["episodes"] if e["kind"] == "nonfinite"]
-    assert nonfinite and nonfinite[0]["start_step"] == 10
+    assert nonfinite and nonfinite[0]["start_step"] == 10 and nonfinite[0]["validation"]["cause"] == "nonfinite"
+    assert cli("audit", str(realruns), "--run", "*yolov5m6_34").returncode == 0
 
 
 @pytest.mark.slow

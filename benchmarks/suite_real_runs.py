@@ -1,0 +1,286 @@
+"""Real small training runs for the labeled detection suite, recorded with the real monitors.
+
+Each recipe trains a tiny model on generated data on the CPU (seconds each), once healthy and once with its cause of
+trouble, and records it with :class:`tb_gradient_plugin.torch.GradientMonitor` or
+:class:`tb_gradient_plugin.keras.GradientMonitorCallback` (``every=1``):
+
+- ``mlp``: a 16-layer ReLU MLP (SGD + momentum); the learning rate is raised 100x mid-run;
+- ``rnn``: a ReLU RNN with near-identity recurrence (0.9 I) on sequences of 100 steps, no gradient clipping; the
+  learning rate is raised 100x mid-run;
+- ``transformer``: a 2-layer post-LN transformer encoder (Adam) trained at 1e-4, then switched to a high learning rate
+  (0.1) at once, without warm-up;
+- ``keras``: a 6-layer Keras MLP (SGD); the learning rate is raised 100x mid-run by a callback.
+
+Labels come from the run's own cause, never from a detector: the episode window runs from the step the learning rate
+changed to the end of the run (what follows is its consequence), and the offending layer is the one whose gradient
+norm or update ratio first reaches 10x its median over the 100 logged steps before the change (ties: the larger
+ratio). Healthy twins have no label. ``python benchmarks/suite_real_runs.py DIR`` trains what is missing in ``DIR``
+and prints each run's label, to be checked by eye.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tb_gradient_plugin.runs import RunData, load_run  # noqa: E402
+
+LABEL_FILE = "cause.json"
+PRE_POINTS = 100  # logged steps before the cause that define each layer's normal level
+LABEL_FACTOR = 10.0
+
+
+@dataclass
+class Recipe:
+    name: str
+    train: Callable[[str, int | None, float], None]  # (logdir, step of the LR change or None, LR factor)
+    steps: int
+    change_step: int
+    factor: float
+
+
+# ------------------------------------------------------------------------------------------------------- torch
+
+
+def _torch_loop(logdir: str, model, opt, batch: Callable[[int], tuple], loss_fn: Callable, steps: int,
+                change_step: int | None, factor: float, seed: int) -> None:
+    import torch
+
+    from tb_gradient_plugin.torch import GradientMonitor
+
+    torch.manual_seed(seed)
+    monitor = GradientMonitor(model, opt, logdir, every=1)
+    try:
+        for step in range(steps):
+            if change_step is not None and step == change_step:
+                for g in opt.param_groups:
+                    g["lr"] *= factor
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            monitor.log_loss(loss)
+            loss.backward()
+            opt.step()
+    finally:
+        monitor.close()
+
+
+def _train_mlp(logdir: str, change_step: int | None, factor: float) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    layers: list[nn.Module] = []
+    for _ in range(15):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 1, generator=gen)
+    xs = torch.randn(4096, 32, generator=gen)
+    ys = torch.sin(xs @ w)
+
+    def batch(step: int) -> tuple:
+        i = (step * 32) % 4096
+        return xs[i:i + 32], ys[i:i + 32]
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _torch_loop(logdir, model, opt, batch, nn.functional.mse_loss, 400, change_step, factor, 0)
+
+
+def _train_rnn(logdir: str, change_step: int | None, factor: float) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+    class RNNRegressor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(4, 64, nonlinearity="relu", batch_first=True)
+            self.head = nn.Linear(64, 1)
+            with torch.no_grad():  # near-identity recurrence (IRNN-like; Le et al. 2015 train it only with clipping)
+                self.rnn.weight_hh_l0.copy_(0.9 * torch.eye(64))
+                self.rnn.bias_hh_l0.zero_()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1])
+
+    model = RNNRegressor()
+    gen = torch.Generator().manual_seed(2)
+
+    def batch(step: int) -> tuple:
+        x = torch.randn(16, 100, 4, generator=gen)
+        return x, x[:, :10, 0].sum(dim=1, keepdim=True) * 0.3  # remember the start of a long sequence
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    _torch_loop(logdir, model, opt, batch, nn.functional.mse_loss, 400, change_step, factor, 0)
+
+
+def _train_transformer(logdir: str, change_step: int | None, factor: float) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    vocab, seq = 32, 24
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocab, 64)
+            layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(64, vocab)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            return self.head(self.encoder(self.embed(x), mask=mask, is_causal=True))
+
+    model = TinyLM()
+    gen = torch.Generator().manual_seed(3)
+
+    def batch(step: int) -> tuple:
+        start = torch.randint(0, vocab, (16, 1), generator=gen)
+        stride = torch.randint(1, 4, (16, 1), generator=gen)
+        toks = (start + stride * torch.arange(seq + 1)) % vocab  # arithmetic sequences: learnable next token
+        return toks[:, :-1], toks[:, 1:]
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    _torch_loop(logdir, model, opt, batch, loss_fn, 400, change_step, factor, 0)
+
+
+# ------------------------------------------------------------------------------------------------------- keras
+
+
+def _train_keras(logdir: str, change_step: int | None, factor: float) -> None:
+    import keras
+
+    from tb_gradient_plugin.keras import GradientMonitorCallback
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32 * 400, 16)).astype("float32")
+    y = np.tanh(x @ rng.normal(size=(16, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((16,))] + [keras.layers.Dense(32, activation="relu") for _ in range(5)]
+                             + [keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+
+    class RaiseLR(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+            if change_step is not None and batch == change_step:
+                self.model.optimizer.learning_rate.assign(float(self.model.optimizer.learning_rate) * factor)
+
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+              callbacks=[RaiseLR(), GradientMonitorCallback(logdir, every=1)])
+
+
+RECIPES = [
+    Recipe("mlp", _train_mlp, 400, 250, 100.0),
+    Recipe("rnn", _train_rnn, 400, 250, 100.0),
+    Recipe("transformer", _train_transformer, 400, 250, 1000.0),
+    Recipe("keras", _train_keras, 400, 250, 100.0),
+]
+
+
+# ------------------------------------------------------------------------------------------------------ labels
+
+
+def run_dir(root: str, recipe: Recipe, healthy: bool) -> str:
+    return os.path.join(root, f"{recipe.name}-{'healthy' if healthy else 'lr_raised'}")
+
+
+def train(root: str, names: list[str] | None = None, *, log: Callable[[str], None] = print) -> list[str]:
+    """Train the runs of the given recipes (all by default) that ``root`` does not hold yet; returns their dirs."""
+    out = []
+    for recipe in RECIPES:
+        if names is not None and recipe.name not in names:
+            continue
+        for healthy in (True, False):
+            d = run_dir(root, recipe, healthy)
+            out.append(d)
+            if os.path.exists(os.path.join(d, LABEL_FILE)):
+                continue
+            os.makedirs(d, exist_ok=True)
+            t0 = time.perf_counter()
+            recipe.train(d, None if healthy else recipe.change_step, recipe.factor)
+            cause = None if healthy else {"step": recipe.change_step, "lr_factor": recipe.factor}
+            with open(os.path.join(d, LABEL_FILE), "w") as f:
+                json.dump({"recipe": recipe.name, "cause": cause}, f)
+            log(f"trained {os.path.basename(d)} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def first_crossing_layer(run: RunData, cause_step: int) -> tuple[str | None, int | None]:
+    """The layer whose grad norm or update ratio first reaches 10x its median over the points before the cause."""
+    steps = np.asarray(run.steps)
+    pre = np.nonzero(steps < cause_step)[0][-PRE_POINTS:]
+    post = np.nonzero(steps >= cause_step)[0]
+    best: tuple[int, float, int] | None = None  # (post index, -ratio, layer)
+    metrics = [run.layer_metrics.get("grad_norm"), run.update_ratio()]
+    for m in metrics:
+        if m is None or pre.size == 0:
+            continue
+        vals = np.where(run.present, np.asarray(m, dtype=np.float64), np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = vals[post] / np.nanmedian(vals[pre], axis=0)[None, :]
+            hit = ~(ratio < LABEL_FACTOR)  # non-finite values count as crossing
+        for j in range(vals.shape[1]):
+            rows = np.nonzero(hit[:, j])[0]
+            if rows.size:
+                r = float(ratio[rows[0], j]) if math.isfinite(ratio[rows[0], j]) else math.inf
+                cand = (int(rows[0]), -r, j)
+                if best is None or cand < best:
+                    best = cand
+    if best is None:
+        return None, None
+    return run.layers[best[2]], int(steps[post[best[0]]])
+
+
+def load(root: str) -> list[tuple[str, RunData, dict | None, str | None]]:
+    """(name, run, cause, offending layer) for every trained run under ``root``, in recipe order."""
+    out = []
+    for recipe in RECIPES:
+        for healthy in (True, False):
+            d = run_dir(root, recipe, healthy)
+            if not os.path.exists(os.path.join(d, LABEL_FILE)):
+                continue
+            with open(os.path.join(d, LABEL_FILE)) as f:
+                cause = json.load(f)["cause"]
+            # the Keras callback writes into train/, as Keras' own TensorBoard callback does
+            path = os.path.join(d, "train") if os.path.isdir(os.path.join(d, "train")) else d
+            run = load_run(path, name=os.path.basename(d))
+            layer = first_crossing_layer(run, cause["step"])[0] if cause else None
+            out.append((os.path.basename(d), run, cause, layer))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", help="directory holding (or receiving) the trained runs")
+    ap.add_argument("--only", nargs="*", default=None, help="recipe names (default: all)")
+    args = ap.parse_args(argv)
+    train(args.root, args.only)
+    for name, run, cause, layer in load(args.root):
+        print(f"{name}: {run.steps.size} steps, {len(run.layers)} layers, cause {cause}, offending layer {layer}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
