@@ -1,13 +1,16 @@
 """Overhead of GradientMonitorCallback on ``model.fit`` (Keras 3, TensorFlow backend, CPU).
 
-Two models: a small conv net on 32x32x3 inputs and a 10-layer dense model, batch 128. For each, three copies with the
-same weights are fitted: plain, with the callback logging every step, and every 10 steps. Fits are interleaved (the
-order rotates each repeat) after a warm-up fit that traces and compiles; each timed fit runs ``--steps`` steps.
-Prints the median milliseconds per step of each variant and its ratio to plain fit, both as a ratio of medians and as
-the median of the per-repeat (paired) ratios, on two clocks: wall time, and the process's CPU time (with TensorFlow on
-one thread, the CPU clock is what to compare on a machine shared with other work, where wall time is mostly noise).
+Two models: a small conv net on 32x32x3 inputs and a 10-layer dense model, batch 128. For each, copies with the same
+weights are fitted: plain, with the callback logging every step, and every 10 steps; the dense model also with a
+histogram on every step (``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a
+warm-up fit that traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of
+each variant and its ratio to plain fit, both as a ratio of medians and as the median of the per-repeat (paired)
+ratios, on two clocks: wall time, and the process's CPU time (with TensorFlow on one thread, the CPU clock is what to
+compare on a machine shared with other work, where wall time is mostly noise). For the dense model it also prints a
+histogram step against a norms-only logged step (``hist 1`` / ``every 1``).
 
-Goals (conv net): every 10 steps <= 1.02x, every step <= 1.10x. The dense model's ratios are reported as measured.
+Goals (conv net): every 10 steps <= 1.02x, every step <= 1.10x. Dense model: a histogram step < 2x a norms-only
+logged step. The dense model's other ratios are reported as measured.
 
     python benchmarks/bench_keras.py [--repeats 7] [--threads 1] [--no-jit]
 """
@@ -50,29 +53,36 @@ def dense_net() -> keras.Model:
                             + [keras.layers.Dense(10)])
 
 
-MODELS = {"conv net 32x32": (conv_net, (32, 32, 3)), "dense x10": (dense_net, (256,))}
+#: Variant name -> callback arguments (None: plain fit).
+VARIANTS: dict[str, dict | None] = {"plain": None, "every 1": {"every": 1}, "every 10": {"every": 10}}
+HIST_VARIANT = {"hist 1": {"every": 1, "histograms_every": 1}}
+MODELS = {
+    "conv net 32x32": (conv_net, (32, 32, 3), VARIANTS),
+    "dense x10": (dense_net, (256,), VARIANTS | HIST_VARIANT),
+}
 
 
-def bench(name: str, build, shape: tuple[int, ...], steps: int, repeats: int, jit: bool, logdir: str) -> dict:
+def bench(name: str, build, shape: tuple[int, ...], variant_args: dict[str, dict | None], steps: int, repeats: int,
+          jit: bool, logdir: str) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(steps * BATCH, *shape)).astype("float32")
     y = rng.integers(0, 10, size=(steps * BATCH,))
     keras.utils.set_random_seed(0)
     weights = build().get_weights()
     variants = {}
-    for variant, every in (("plain", None), ("every 1", 1), ("every 10", 10)):
+    for variant, kwargs in variant_args.items():
         model = build()
         model.set_weights(weights)
         model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=jit)
-        callbacks = [] if every is None else [GradientMonitorCallback(os.path.join(logdir, name, variant), every)]
+        callbacks = [] if kwargs is None else [GradientMonitorCallback(os.path.join(logdir, name, variant), **kwargs)]
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)  # warm-up
         variants[variant] = (model, callbacks)
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     order = list(variants)
     for r in range(repeats):
-        for variant in order[r % 3:] + order[:r % 3]:
+        for variant in order[r % len(order):] + order[:r % len(order)]:
             model, callbacks = variants[variant]
             start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
@@ -90,6 +100,11 @@ def report(times: dict[str, list[float]], clock: str) -> None:
         med = statistics.median(ts)
         paired = statistics.median(t / p for t, p in zip(ts, times["plain"], strict=True))
         print(f"  {clock:4s} {variant:9s} {med * 1e3:8.2f} ms/step   ratio {med / plain:5.3f}x   paired {paired:5.3f}x")
+    if "hist 1" in times:
+        hist, norms = times["hist 1"], times["every 1"]
+        paired = statistics.median(h / n for h, n in zip(hist, norms, strict=True))
+        print(f"  {clock:4s} histogram step / norms-only logged step: ratio "
+              f"{statistics.median(hist) / statistics.median(norms):5.3f}x   paired {paired:5.3f}x")
 
 
 def main() -> None:
@@ -108,9 +123,9 @@ def main() -> None:
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, jit_compile={jit}, threads={threads}, "
           f"batch {BATCH}, {args.repeats} interleaved repeats")
     with tempfile.TemporaryDirectory() as logdir:
-        for name, (build, shape) in MODELS.items():
+        for name, (build, shape, variant_args) in MODELS.items():
             steps = args.conv_steps if name.startswith("conv") else args.dense_steps
-            clocks = bench(name, build, shape, steps, args.repeats, jit, logdir)
+            clocks = bench(name, build, shape, variant_args, steps, args.repeats, jit, logdir)
             print(f"\n{name}: {steps} steps per fit")
             for clock, times in clocks.items():
                 report(times, clock)

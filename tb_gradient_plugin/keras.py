@@ -6,7 +6,8 @@ hooks in one level lower: it wraps the compiled optimizer's ``apply`` (which eve
 The wrappers run *inside* the traced step and, on logged steps only (a ``tf.cond`` on the step counter), compute every
 statistic on the device into a small ring buffer of non-trainable variables. The callback reads that buffer once per
 logged batch (one host transfer) and hands the numbers to :class:`~tb_gradient_plugin.writer.GradientWriter`.
-Unlogged steps cost two branch tests and a counter increment.
+Unlogged steps cost two branch tests and a counter increment. Every ``histograms_every`` steps the same row also
+carries each layer's gradient entries counted into the format's fixed log10|g| bins, in one fused pass over all layers.
 
 Between fits the hooks stay in the traced function, switched off by a flag, so calling ``fit`` again with the same
 callback does not trace (or XLA-compile) again. ``close()`` removes them: the optimizer gets its own methods back and
@@ -26,15 +27,20 @@ from typing import Any
 import keras
 import numpy as np
 
+from . import format as fmt
 from .writer import GradientWriter
 
 __all__ = ["GradientMonitorCallback"]
 
 _MISSING = object()
-#: Columns of a ``before`` row: step, loss, lr, loss scale, total norm, then 4 blocks of one value per layer.
+#: Columns of a ``before`` row: step, loss, lr, loss scale, total norm, then 4 blocks of one value per layer and, with
+#: histograms on, ``HIST_BINS`` counts per layer (zeros on a logged step that is not a histogram step).
 _PRE_FIXED = 5
 #: Columns of an ``after`` row: step, skipped, then the update norms.
 _POST_FIXED = 2
+#: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
+#: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
+_BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
 
 
 def _check_backend() -> None:
@@ -95,6 +101,66 @@ def _group_by_layer(variables: Sequence[Any], owners: dict[int, str]) -> tuple[l
     return names, groups
 
 
+def _reference_bin(x: np.floating) -> int:
+    """The bin :func:`tb_gradient_plugin.format.histogram_counts` puts one value into."""
+    return int(np.argmax(fmt.histogram_counts(np.asarray([x]))))
+
+
+def _bin_tops(dtype: np.dtype) -> np.ndarray:
+    """Per bin ``b`` up to the overflow bin, the smallest magnitude of ``dtype`` that belongs above ``b``.
+
+    A bin estimate that is right or one too low, plus ``|g| >= tops[estimate]``, is then exactly the bin
+    :func:`tb_gradient_plugin.format.histogram_counts` gives (exact powers of ten included), with no float64 logarithm
+    per entry. The zero bin's top is the smallest *normal* magnitude: TensorFlow's CPU kernels treat subnormal inputs
+    as zero, so a subnormal magnitude counts as zero everywhere rather than as zero or as underflow depending on the
+    kernel. Above the overflow bin sits only the non-finite bin (top: infinity).
+    """
+    tops = [np.finfo(dtype).tiny]
+    for k, edge in enumerate(fmt.HIST_LOG10_EDGES):
+        target = k + 2
+        x = dtype.type(10.0 ** edge)
+        while _reference_bin(x) < target:
+            x = np.nextafter(x, dtype.type(np.inf))
+        while _reference_bin(np.nextafter(x, dtype.type(0))) >= target:
+            x = np.nextafter(x, dtype.type(0))
+        tops.append(x)
+    tops.append(dtype.type(np.inf))
+    return np.asarray(tops, dtype)
+
+
+_BIN_TOPS: dict[str, np.ndarray] = {}
+
+
+def _histogram_counts(grads: list[Any], groups: list[list[int]], scale: Any) -> Any:
+    """Per-layer counts of the gradient entries on the format's fixed bins, flattened ``[layers * HIST_BINS]``.
+
+    One pass over all layers: the entries are concatenated, binned by ``2 * log10|g|`` corrected against exact
+    thresholds, offset by their layer's first bin and counted by a single ``bincount``. ``scale`` (or ``None``) is the
+    loss scale the entries are divided by, as the optimizer does.
+    """
+    import tensorflow as tf
+
+    dtype = tf.float64 if any(g.dtype == tf.float64 for g in grads) else tf.float32
+    tops = _BIN_TOPS.get(dtype.name)
+    if tops is None:
+        tops = _BIN_TOPS[dtype.name] = _bin_tops(np.dtype(dtype.name))
+    parts = [(layer, tf.reshape(tf.cast(grads[i], dtype), [-1])) for layer, idxs in enumerate(groups) for i in idxs]
+    a = tf.abs(tf.concat([part for _, part in parts], 0))
+    offsets = tf.concat([tf.fill(tf.shape(part), layer * fmt.HIST_BINS) for layer, part in parts], 0)
+    if scale is not None:
+        a = a / tf.cast(scale, dtype)
+    # NaN joins Inf above every finite top. log(0) = -inf clips to the zero bin, +inf to the overflow bin, and the
+    # comparison moves them to where they belong (zero stays, Inf moves up into the non-finite bin).
+    a = tf.where(tf.math.is_nan(a), tf.constant(np.inf, dtype), a)
+    estimate = tf.floor(tf.math.log(a) * (2.0 / math.log(10.0)) + _BIN_OF_LOG)
+    bins = tf.cast(tf.clip_by_value(estimate, fmt.HIST_ZERO, fmt.HIST_OVERFLOW), tf.int32)
+    bins += tf.cast(a >= tf.gather(tf.constant(tops, dtype), bins), tf.int32)
+    size = len(groups) * fmt.HIST_BINS
+    # The raw op takes the number of bins as a constant (tf.math.bincount derives it from the data: not XLA-able).
+    return tf.raw_ops.DenseBincount(input=bins + offsets, size=tf.constant(size, tf.int32),
+                                    weights=tf.zeros([0], tf.int32), binary_output=False)
+
+
 @dataclass
 class _Probe:
     """Device-side state for one set of trainable variables (one trace of the train step)."""
@@ -102,7 +168,7 @@ class _Probe:
     layers: list[str]
     groups: list[list[int]]
     snapshots: list[Any]  # tf.Variable per trainable variable: its value before the logged step's update
-    pre: Any  # tf.Variable float64 [slots, _PRE_FIXED + 4 * layers]
+    pre: Any  # tf.Variable float64 [slots, _PRE_FIXED + 4 * layers (+ HIST_BINS * layers)]
     post: Any  # tf.Variable float64 [slots, _POST_FIXED + layers]
     slots: int
     has_loss: bool
@@ -118,17 +184,25 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     ``w_after - w_before``; per step the total gradient norm, the batch loss, the learning rate and, with a
     ``LossScaleOptimizer``, the loss scale and whether the step was skipped for overflow.
 
+    With ``histograms_every=N`` (0: off), every N steps also records each layer's gradient entries counted into the
+    format's fixed log10|g| bins (unscaled, like the norms), so a blow-up shows whether the whole distribution moved or
+    a few entries did. A histogram step is also a logged step: all the statistics above are recorded with it.
+
     Files go to ``log_dir/train``, the directory Keras' own ``TensorBoard(log_dir)`` callback writes its training
     summaries to, so both appear as one run. See ``docs/KERAS.md``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, every: int = 1, *, flush_secs: float = 2.0) -> None:
+    def __init__(self, log_dir: str | os.PathLike, every: int = 1, *, histograms_every: int = 0,
+                 flush_secs: float = 2.0) -> None:
         _check_backend()
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        if isinstance(histograms_every, bool) or not isinstance(histograms_every, int) or histograms_every < 0:
+            raise ValueError(f"histograms_every must be a non-negative integer (0: off), got {histograms_every!r}")
         self.log_dir = os.fspath(log_dir)
         self.every = every
+        self.histograms_every = histograms_every
         self._flush_secs = flush_secs
         self._writer: GradientWriter | None = None
         self._step_var: Any = None  # int64: steps this callback has counted (the next step's number)
@@ -187,7 +261,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         # Steps [lo, hi] ran in this execution (hi may overshoot on a short last execution: an extra read at worst).
         lo, hi = self._epoch_base + self._batch_begin, self._epoch_base + batch
-        if hi // self.every >= -(-lo // self.every):
+        if any(n and hi // n >= -(-lo // n) for n in (self.every, self.histograms_every)):
             self._drain()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -263,12 +337,13 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         if probe is None:
             layers, groups = _group_by_layer(variables, owners)
             spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
-            slots = -(-spe // self.every) + 1
+            # One row per recorded step of an execution (see the row index in _apply), plus one.
+            slots = sum(-(-spe // n) for n in (self.every, self.histograms_every) if n) + 1
+            width = _PRE_FIXED + (4 + (fmt.HIST_BINS if self.histograms_every else 0)) * len(layers)
             with tf.init_scope():
                 snapshots = [tf.Variable(tf.zeros(tuple(v.shape), tf.as_dtype(v.dtype)), trainable=False)
                              for v in variables]
-                pre = tf.Variable(tf.fill([slots, _PRE_FIXED + 4 * len(layers)], tf.constant(-1.0, tf.float64)),
-                                  trainable=False)
+                pre = tf.Variable(tf.fill([slots, width], tf.constant(-1.0, tf.float64)), trainable=False)
                 post = tf.Variable(tf.fill([slots, _POST_FIXED + len(layers)], tf.constant(-1.0, tf.float64)),
                                    trainable=False)
             loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -296,10 +371,20 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         live_grads = [tf.convert_to_tensor(g) for g, _ in pairs]
         live_vars = [v for _, v in pairs]
         probe = self._probe(optimizer, live_vars, owners, self._loss_traced)
-        every = tf.constant(self.every, tf.int64)
         step = tf.convert_to_tensor(self._step_var.read_value())
-        logged = tf.logical_and(self._enabled.read_value(), tf.equal(step % every, 0))
-        slot = (step // every) % probe.slots
+        every = tf.constant(self.every, tf.int64)
+        row_index = step // every
+        due = tf.equal(step % every, 0)
+        hist_step = tf.constant(False)
+        if self.histograms_every:
+            hist_every = tf.constant(self.histograms_every, tf.int64)
+            hist_step = tf.equal(step % hist_every, 0)
+            due = tf.logical_or(due, hist_step)
+            # Strictly increasing over recorded steps, and it grows by at most ceil(spe / every) + ceil(spe /
+            # histograms_every) within one execution: distinct ring slots for all the rows one execution writes.
+            row_index += step // hist_every
+        logged = tf.logical_and(self._enabled.read_value(), due)
+        slot = row_index % probe.slots
 
         loss_scaled = probe.loss_scaled
         scale = (tf.cast(tf.convert_to_tensor(optimizer.dynamic_scale), tf.float64) if loss_scaled
@@ -311,6 +396,14 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
         def before():
             row = self._before_row(probe, live_grads, live_vars, step, loss, lr, scale)
+            if self.histograms_every:
+                n = len(probe.groups) * fmt.HIST_BINS
+                unscale = scale if loss_scaled or optimizer.loss_scale_factor else None
+                counts = tf.cond(
+                    hist_step,
+                    lambda: tf.cast(_histogram_counts(live_grads, probe.groups, unscale), tf.float64),
+                    lambda: tf.zeros([n], tf.float64))
+                row = tf.concat([row, counts], 0)
             probe.pre.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
             return tf.constant(True)
 
@@ -371,7 +464,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     # ----------------------------------------------------------------------------------------------- host side
 
     def _drain(self) -> None:
-        """Write every complete logged step in the ring buffers that is newer than the last one written."""
+        """Write every complete recorded step in the ring buffers that is newer than the last one written."""
         if self._writer is None:
             return
         rows: list[tuple[int, _Probe, np.ndarray, np.ndarray]] = []
@@ -384,7 +477,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         rows.sort(key=lambda r: r[0])
         for step, probe, pre, post in rows:
             n = len(probe.layers)
-            blocks = pre[_PRE_FIXED:].reshape(4, n)
+            blocks = pre[_PRE_FIXED:_PRE_FIXED + 4 * n].reshape(4, n)
             extras: dict[str, Any] = {}
             if probe.has_loss:
                 extras["loss"] = pre[1]
@@ -396,4 +489,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:],
                 grad_max_abs=blocks[2], nonfinite_count=blocks[3], total_grad_norm=pre[4], lr=pre[2], **extras,
             )
+            if self.histograms_every and step % self.histograms_every == 0:
+                counts = pre[_PRE_FIXED + 4 * n:].reshape(n, fmt.HIST_BINS)
+                self._writer.write_histograms(step, probe.layers, np.rint(counts).astype(np.int64))
             self._last_written = step
