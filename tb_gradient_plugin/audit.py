@@ -179,9 +179,11 @@ def _print_tables(results: Sequence[dict], console) -> None:
 
     summary = Table(title="Gradient audit", title_justify="left")
     longest = max((len(r["report"]["run"]) for r in results), default=3)
-    summary.add_column("run", overflow="fold", min_width=min(32, longest))
-    for col in ("source", "steps", "layers", "episodes", "loss spikes"):
+    summary.add_column("run", overflow="fold", min_width=min(24, longest))
+    for col in ("source", "steps", "layers"):
         summary.add_column(col, no_wrap=True)
+    summary.add_column("episodes", overflow="fold")
+    summary.add_column("loss spikes", no_wrap=True)
     for r in results:
         rep = r["report"]
         kinds = sorted({e["kind"] for e in rep["episodes"]})

@@ -141,6 +141,17 @@ _SERIES_TAGS: dict[str, tuple[str, int, str | None]] = {
     "loss/val": ("val_loss", 3, None),
     "Loss/validation": ("val_loss", 3, None),
     "validation/loss": ("val_loss", 3, None),
+    "valid/loss": ("val_loss", 3, None),
+    "test/loss": ("val_loss", 4, None),
+    "test_loss": ("val_loss", 4, None),
+    # validation metrics that should rise (judged by the detector's validation check)
+    "val_acc": ("val_accuracy", 2, None),
+    "val_accuracy": ("val_accuracy", 2, None),
+    "val/acc": ("val_accuracy", 2, None),
+    "val/accuracy": ("val_accuracy", 2, None),
+    "eval/accuracy": ("val_accuracy", 1, "hf_trainer"),
+    "metrics/mAP_0.5": ("val_map", 1, "yolov5"),
+    "metrics/mAP_0.5:0.95": ("val_map", 2, "yolov5"),
     # mixed precision
     "loss_scale": ("loss_scale", 2, None),
     "train/loss_scale": ("loss_scale", 2, None),
@@ -152,6 +163,8 @@ _SERIES_TAGS: dict[str, tuple[str, int, str | None]] = {
 _VALIDATION_TAGS: dict[str, tuple[str, int, str | None]] = {
     "epoch_loss": ("val_loss", 1, "keras"),
     "evaluation_loss_vs_iterations": ("val_loss", 2, "keras"),
+    "epoch_accuracy": ("val_accuracy", 1, "keras"),
+    "evaluation_accuracy_vs_iterations": ("val_accuracy", 2, "keras"),
     "loss": ("val_loss", 3, None),
 }
 

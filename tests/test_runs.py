@@ -371,7 +371,8 @@ def test_lightning_style_param_norms_fold_per_layer(tmp_path):
      "composer", {"loss": 1, "total_grad_norm": 2, "lr": 3},
      {"grad_norm": {"enc.fc": 2.0}, "param_norm": {"enc.fc": 8.0}, "update_norm": {"enc.fc": 0.08}}),
     ({"train/box_loss": 1, "train/obj_loss": 2, "train/cls_loss": 3, "val/box_loss": 1, "val/obj_loss": np.nan,
-      "x/lr0": 0.01, "metrics/mAP_0.5": 0.5}, "yolov5", {"loss": 6, "val_loss": np.nan, "lr": 0.01}, {}),
+      "x/lr0": 0.01, "metrics/mAP_0.5": 0.5}, "yolov5", {"loss": 6, "val_loss": np.nan, "lr": 0.01, "val_map": 0.5},
+     {}),
     ({"Loss/train": 1, "total_norm": 2, "lr": 3, "Loss/val": 4, "gibberish": 5},
      "plain", {"loss": 1, "total_grad_norm": 2, "lr": 3, "val_loss": 4}, {}),
 ])
@@ -406,13 +407,15 @@ REALRUNS = {
     "dparra2399__LearnedCoWSiP/experiments/illum_peak_models/n1024_k8_sigma10_peak030_counts1000_fourier":
         ("lightning", {"loss", "val_loss"}),
     "ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763": ("plain", {"lr"}),
-    "Aydana1__Enhancing_YOLOv5l/runs/train/yolov5m6_34": ("yolov5", {"loss", "val_loss", "lr"}),
-    "Aydana1__Enhancing_YOLOv5l/runs/train/exp31": ("yolov5", {"loss", "val_loss", "lr"}),
-    "TheCodeheadMT__TensorBoard-Tutorial/archive/logs/mod1-reuters-1690485395": ("keras", {"loss", "val_loss"}),
+    "Aydana1__Enhancing_YOLOv5l/runs/train/yolov5m6_34": ("yolov5", {"loss", "val_loss", "lr", "val_map"}),
+    "Aydana1__Enhancing_YOLOv5l/runs/train/exp31": ("yolov5", {"loss", "val_loss", "lr", "val_map"}),
+    "TheCodeheadMT__TensorBoard-Tutorial/archive/logs/mod1-reuters-1690485395": ("keras",
+                                                                                {"loss", "val_loss", "val_accuracy"}),
     "aarugunj27__EnzymeKcatAnaylsis/logs": ("hf_trainer", {"loss", "total_grad_norm", "lr"}),
     "ZakSingh__omelette/lightning_logs/math": ("lightning", {"loss"}),
     "inwaves__prob-models/lightning_logs/version_82": ("lightning", {"loss"}),
-    "AnAccountWithoutAName__Deep-Lineary-Gated-Networks/lightning_logs/version_0": ("lightning", {"loss", "val_loss"}),
+    "AnAccountWithoutAName__Deep-Lineary-Gated-Networks/lightning_logs/version_0": (
+        "lightning", {"loss", "val_loss", "val_accuracy"}),
 }
 
 
