@@ -12,7 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _realruns_dir() -> Path:
     env = os.environ.get("TB_GRADIENT_REALRUNS")
-    return Path(env) if env else REPO.parent / "shared" / "realruns"
+    if env:
+        return Path(env)
+    for base in (REPO, REPO.parent):  # shared/ inside the checkout, or beside it
+        if (base / "shared" / "realruns" / "README.md").is_file():
+            return base / "shared" / "realruns"
+    return REPO.parent / "shared" / "realruns"
 
 
 @pytest.fixture(scope="session")
