@@ -14,6 +14,7 @@ clipping threshold needs. See ``docs/PYTORCH.md``.
 from __future__ import annotations
 
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from . import format as fmt
+from . import optim_updates
+from .guard import GUARD_RAISE, ExplosionGuard, GradientExplosionError, OnExplosion
 from .writer import GradientWriter
 
 __all__ = ["GradientMonitor", "discover_layers"]
@@ -93,6 +96,23 @@ def discover_layers(
     return list(groups.items())
 
 
+def _update_mode(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> str | bool:
+    """Validated ``update_norms``: ``"auto"`` (``True``), ``"copy"``, ``"state"`` or ``False``."""
+    if value is True:
+        return "auto"
+    if value is False:
+        return False
+    if value not in ("auto", "copy", "state"):
+        raise ValueError(f"update_norms must be 'auto', 'copy', 'state', True or False, got {value!r}")
+    if value == "state":
+        for opt in optimizers:
+            reason = optim_updates.unsupported_reason(opt)
+            if reason is not None:
+                raise ValueError(f"update_norms='state' is not possible for {type(opt).__name__}: {reason}; "
+                                 "use 'auto' to fall back to a weights copy")
+    return value
+
+
 def _stat_dtype(device: torch.device) -> torch.dtype:
     # Sums of squares in float64 so a norm of 1e20 does not overflow; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
@@ -158,6 +178,9 @@ class _StepState:
     skipped: list[torch.Tensor] = field(default_factory=list)
     lr: float | None = None
     snapshots: dict[int, tuple[list[torch.Tensor], _Plan]] = field(default_factory=dict)
+    state_updates: dict[int, tuple[optim_updates.StateUpdate, _Plan]] = field(default_factory=dict)
+    update_lost: bool = False  # an optimizer's update was not determined: no update norms this step
+    guard_action: int | None = None  # the explosion guard's decision for this step, once made
 
 
 class GradientMonitor:
@@ -171,6 +194,9 @@ class GradientMonitor:
 
     Only rank 0 of a distributed job writes; with sharded (DTensor / FSDP2) parameters every rank takes part in the
     reductions, so the norms are those of the full tensors.
+
+    ``on_explosion="warn" | "raise" | "skip" | callable`` turns on the explosion guard (:mod:`.guard`): every step
+    is then measured and judged before the optimizer applies it (see ``docs/INTEGRATIONS.md``).
     """
 
     def __init__(
@@ -182,20 +208,22 @@ class GradientMonitor:
         writer: Any = None,
         every: int = 1,
         scaler: Any = None,
-        update_norms: bool = True,
+        update_norms: bool | Literal["auto", "copy", "state"] = "auto",
         histograms_every: int = 0,
-        grads_at: Literal["backward", "step"] = "backward",
+        grads_at: Literal["backward", "step", "manual"] = "backward",
         include: str | None = None,
         exclude: str | None = None,
         group_depth: int | None = None,
         group_by: Callable[[str], str] | None = None,
         flush_secs: float = 2.0,
+        on_explosion: OnExplosion = None,
     ) -> None:
         for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-        if grads_at not in ("backward", "step"):
-            raise ValueError(f"grads_at must be 'backward' or 'step', got {grads_at!r}")
+        if grads_at not in ("backward", "step", "manual"):
+            raise ValueError(f"grads_at must be 'backward', 'step' or 'manual', got {grads_at!r}")
+        self._guard = ExplosionGuard.resolve(on_explosion)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
@@ -236,7 +264,14 @@ class GradientMonitor:
         self._opt_index = {id(o): k for k, o in enumerate(optimizers)}
         self.every = every
         self.histograms_every = histograms_every
-        self.update_norms = update_norms
+        self.update_norms = _update_mode(update_norms, optimizers)
+        # Per optimizer, how its update norms are computed: "state" (from its own state) or "copy" (weights copy).
+        self._update_paths: list[str | None] = [
+            None if not self.update_norms else
+            "copy" if self.update_norms == "copy" or optim_updates.unsupported_reason(o) else "state"
+            for o in optimizers
+        ]
+        self._copy_only: set[int] = set()  # optimizers whose state once failed to determine the update
         self.grads_at = grads_at
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
 
@@ -244,7 +279,8 @@ class GradientMonitor:
         dist = torch.distributed
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         # Replicated training (DDP): other ranks hold the same gradients, so they need not compute anything.
-        self._inert = self.rank != 0 and not self._sharded
+        # With a guard every rank judges the (identical) gradients itself, so all ranks skip the same steps.
+        self._inert = self.rank != 0 and not self._sharded and self._guard is None
         self._writer: GradientWriter | None = None
         self._owns_writer = False
         if self.rank == 0:
@@ -274,6 +310,8 @@ class GradientMonitor:
                     raise TypeError(f"{type(opt).__name__} has no step hooks (needs torch >= 2.0)")
                 self._handles.append(opt.register_step_pre_hook(_weak(ref, "_pre_step")))
                 self._handles.append(opt.register_step_post_hook(_weak(ref, "_post_step")))
+                if self._guard is not None and grads_at != "manual":
+                    self._handles.append(opt.register_step_pre_hook(_weak(ref, "_guard_pre_step")))
             if self._scaler is not None:
                 self._wrap_scaler(ref)
             self._sync_grad_hooks()
@@ -303,6 +341,33 @@ class GradientMonitor:
             self._loss = loss.detach()
         else:
             self._loss = float(loss)
+
+    @property
+    def update_norm_paths(self) -> tuple[str | None, ...]:
+        """Per optimizer, where the last logged step's update norms came from: ``"state"`` (the optimizer's own
+        state, no weights copy), ``"copy"`` (a weights copy) or None (``update_norms=False``)."""
+        return tuple(self._update_paths)
+
+    @property
+    def guard(self) -> ExplosionGuard | None:
+        """The explosion guard (``on_explosion=``), or None when it is off; ``guard.decisions`` lists what it did."""
+        return self._guard
+
+    def capture_gradients(self) -> None:
+        """Measure the coming step's gradients now, as they are, and let the explosion guard judge the step.
+
+        For ``grads_at="manual"``: integrations call it where their framework holds the step's final gradients
+        before the optimizer applies them (Lightning's ``on_before_optimizer_step``: unscaled, not yet clipped). The
+        gradients must already be unscaled. With a guard set, a step it skips has every gradient set to None here.
+        """
+        self._check_open()
+        if self._inert or not self._active():
+            return
+        state = self._state_now()
+        self._capture_grads(None)
+        if self._scaler is not None:
+            state.loss_scale = self._scale_tensor()
+        self._guard_step()
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -349,7 +414,7 @@ class GradientMonitor:
         return self.histograms_every > 0 and self._step % self.histograms_every == 0
 
     def _active(self) -> bool:
-        return self._logged() or self._hist_step()
+        return self._logged() or self._hist_step() or self._guard is not None
 
     def _sync_grad_hooks(self) -> None:
         """Have the end-of-backward capture hooks registered exactly while the coming step is recorded."""
@@ -388,7 +453,7 @@ class GradientMonitor:
         found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for optimizers that unscale themselves
         if isinstance(found_inf, torch.Tensor):
             state.skipped.append(found_inf.detach().reshape(-1)[:1].clone())
-        if state.grads is None:
+        if state.grads is None and self.grads_at != "manual":
             grad_scale = getattr(optimizer, "grad_scale", None)
             if isinstance(found_inf, torch.Tensor):
                 scale = grad_scale.detach().clone() if isinstance(grad_scale, torch.Tensor) else None
@@ -403,15 +468,27 @@ class GradientMonitor:
         plan = self._plan_for(self._params[k], self._layer_of[k])
         if not plan.groups:
             return
+        from_state = self._update_from_state(k, optimizer)
         snaps: list[torch.Tensor] = []
         for g in plan.groups:
             local = [_local(p.detach()) for p in g.params]
             norms = torch._foreach_norm(local, 2, dtype=torch.float32)
             self._accumulate(state, "param_sq", g, torch.stack(norms).to(_stat_dtype(g.index.device)).square_())
-            if self.update_norms:
+            if self.update_norms and not from_state:
                 snaps.extend(t.clone() for t in local)
-        if self.update_norms:
+        if from_state:
+            state.state_updates[k] = (optim_updates.StateUpdate(optimizer, [g.params for g in plan.groups]), plan)
+        elif self.update_norms:
             state.snapshots[k] = (snaps, plan)
+
+    def _update_from_state(self, k: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step's update norms of optimizer ``k`` come from its state (else from a weights copy)."""
+        if not self.update_norms:
+            return False
+        use = self.update_norms != "copy" and k not in self._copy_only
+        use = use and optim_updates.unsupported_reason(optimizer) is None
+        self._update_paths[k] = "state" if use else "copy"
+        return use
 
     def _post_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         k = self._opt_index[id(optimizer)]
@@ -428,7 +505,70 @@ class GradientMonitor:
                 del before
                 self._accumulate(state, "update_sq", g, torch.stack(norms).to(_stat_dtype(g.index.device)).square_())
             del snaps
+        if state is not None and k in state.state_updates:
+            self._state_update_norms(state, k, optimizer, *state.state_updates.pop(k))
         self._optimizer_done(k)
+
+    def _state_update_norms(self, state: _StepState, k: int, optimizer: torch.optim.Optimizer,
+                            pending: optim_updates.StateUpdate, plan: _Plan) -> None:
+        """Update norms of the step just taken from the optimizer's state (see :mod:`.optim_updates`)."""
+        try:
+            values = pending.finish([_stat_dtype(g.index.device) for g in plan.groups])
+        except optim_updates.UpdateModelError as err:
+            # Which update the step made is unknown: record none for this step rather than a wrong one.
+            state.update_lost = True
+            self._copy_only.add(k)
+            self._update_paths[k] = "copy"
+            warnings.warn(f"update norms of step {self._step} are not recorded ({err}); "
+                          f"{type(optimizer).__name__} uses a weights copy from now on", RuntimeWarning, stacklevel=2)
+            return
+        for g, sq in zip(plan.groups, values, strict=True):
+            self._accumulate(state, "update_sq", g, sq)
+
+    def _guard_pre_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        """Registered after ``_pre_step``: the step's gradients are measured by now and not yet applied."""
+        self._guard_step()
+
+    def _guard_step(self) -> None:
+        """Feed the guard this step's gradient statistics (one host transfer) and carry out its decision, once."""
+        state = self._state
+        if self._guard is None or state is None or state.grads is None or state.guard_action is not None:
+            return
+        if "grad_sq" not in state.grads:
+            return  # no monitored parameter has a gradient: nothing to judge
+        parts = [state.grads["grad_sq"], state.grads["grad_max"], state.grads["nonfinite"]]
+        if state.skipped:  # found_inf of an optimizer that unscales itself
+            parts.append(sum(s.to(parts[0].device).float().clamp(max=1) for s in state.skipped).reshape(1))
+        if state.loss_scale is not None:
+            parts.append(state.loss_scale.reshape(1))
+        n = len(self.layers)
+        host = torch.cat([t.reshape(-1).to(parts[0].device, torch.float64) for t in parts]).cpu().numpy()
+        present = state.present
+        grad_sq = host[:n][present]
+        metrics = {"grad_norm": np.sqrt(grad_sq), "grad_max_abs": host[n:2 * n][present],
+                   "nonfinite_count": host[2 * n:3 * n][present]}
+        scalars = {"total_grad_norm": float(np.sqrt(grad_sq.sum()))}
+        if self._scaler is not None or state.skipped:
+            # Under a loss scaler non-finite gradients are an overflow the scaler skips, not an explosion (unless
+            # the scale collapses, which the detector sees from the loss scale).
+            found = float(host[3 * n]) if state.skipped else float(metrics["nonfinite_count"].sum() > 0)
+            scalars["step_skipped"] = found
+        if state.loss_scale is not None:
+            scalars["loss_scale"] = float(host[-1])
+        names = [name for name, here in zip(self.layers, present, strict=True) if here]
+        try:
+            decision = self._guard.check(self._step, names, metrics, scalars)
+        except GradientExplosionError:
+            state.guard_action = GUARD_RAISE
+            self._finish_step()  # the step is over: record it (with the decision) before training stops
+            self.flush()
+            raise
+        state.guard_action = decision.action
+        if decision.skip:  # standard optimizers leave a parameter without gradient (and its state) untouched
+            for opt in self._optimizers:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
 
     def _wrap_scaler(self, ref: weakref.ReferenceType) -> None:
         """See steps ``GradScaler.step`` skips: it then never calls ``optimizer.step``, so no step hook fires."""
@@ -526,7 +666,7 @@ class GradientMonitor:
         plan = self._plan_for(self._all_params, self._all_layer_of)
         state.grads, state.present, state.hist = {}, plan.present, None
         state.loss_scale = scale
-        logged, hist = self._logged(), self._hist_step()
+        logged, hist = self._logged() or self._guard is not None, self._hist_step()
         for g in plan.groups:
             grads = [_local(p.grad.detach()) for p in g.params]
             dev = g.index.device
@@ -571,7 +711,7 @@ class GradientMonitor:
             if name in state.grads:
                 parts.append((name, state.grads[name]))
         for name in ("param_sq", "update_sq"):
-            if getattr(state, name) is not None:
+            if getattr(state, name) is not None and not (name == "update_sq" and state.update_lost):
                 parts.append((name, getattr(state, name)))
         if isinstance(loss, torch.Tensor):
             parts.append(("loss", loss))
@@ -598,7 +738,10 @@ class GradientMonitor:
         if not names:
             return
         kwargs: dict[str, Any] = {}
-        if "grad_sq" in values:
+        if state.guard_action is not None:
+            kwargs["guard_action"] = float(state.guard_action)
+        # With a guard every step is measured; only logged steps, and steps the guard acted on, are written.
+        if "grad_sq" in values and (self._logged() or bool(state.guard_action)):
             grad_sq = values["grad_sq"][present]
             kwargs["grad_norm"] = np.sqrt(grad_sq)
             kwargs["grad_max_abs"] = values["grad_max"][present]

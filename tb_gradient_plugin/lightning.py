@@ -1,0 +1,114 @@
+"""Lightning integration: ``Trainer(callbacks=[GradientMonitorCallback()])`` records per-layer gradient health.
+
+A thin adapter over :class:`tb_gradient_plugin.torch.GradientMonitor`. Gradients are measured in
+``on_before_optimizer_step``, the one point where Lightning holds a step's final gradients: after backward (and after
+all ``accumulate_grad_batches`` micro-batches), already unscaled under 16-bit AMP, and before ``gradient_clip_val``
+clips them. The explosion guard (``on_explosion=``) judges the step there too, so ``"skip"`` can still refuse it.
+The data goes into the trainer's ``TensorBoardLogger`` event file, beside the scalars Lightning logs. See
+``docs/INTEGRATIONS.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .guard import ExplosionGuard, OnExplosion
+from .torch import GradientMonitor
+
+__all__ = ["GradientMonitorCallback"]
+
+
+class GradientMonitorCallback(pl.Callback):
+    """Records per-layer gradient statistics of a ``LightningModule`` during ``Trainer.fit``.
+
+    ``logdir`` None (the default) writes into the trainer's ``TensorBoardLogger`` run (into its own event file, so the
+    Gradients tab and Lightning's scalars are one run); without a TensorBoard logger, into ``trainer.log_dir``. The
+    other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`. Steps are numbered like
+    ``trainer.global_step`` (the step Lightning logs ``self.log`` values at).
+    """
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike | None = None,
+        *,
+        every: int = 1,
+        on_explosion: OnExplosion = None,
+        update_norms: bool = True,
+        histograms_every: int = 0,
+        include: str | None = None,
+        exclude: str | None = None,
+        group_depth: int | None = None,
+        group_by: Callable[[str], str] | None = None,
+        flush_secs: float = 2.0,
+    ) -> None:
+        super().__init__()
+        for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        self.logdir = os.fspath(logdir) if logdir is not None else None
+        # Resolved now so that a bad argument fails when the callback is built, not after the first epoch.
+        self._guard_spec = ExplosionGuard.resolve(on_explosion)
+        self._guard: ExplosionGuard | None = None
+        self._options: dict[str, Any] = {
+            "every": every, "update_norms": update_norms, "histograms_every": histograms_every, "include": include,
+            "exclude": exclude, "group_depth": group_depth, "group_by": group_by, "flush_secs": flush_secs,
+        }
+        self.monitor: GradientMonitor | None = None
+
+    # --------------------------------------------------------------------------------------------------- lifecycle
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+        logdir, writer = self._target(trainer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.monitor = GradientMonitor(
+            pl_module, list(trainer.optimizers), logdir, writer=writer, scaler=scaler, grads_at="manual",
+            on_explosion=self._new_guard(), **self._options,
+        )
+        self.monitor.set_global_step(trainer.global_step)  # resumed runs continue their numbering
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.monitor is not None and not self.monitor.closed:
+            self.monitor.capture_gradients()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()  # before the logger is finalized: the last step must reach its file
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    # ------------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def guard(self) -> ExplosionGuard | None:
+        """The explosion guard of the current (or last) fit, with ``guard.decisions``; None when it is off."""
+        return self._guard
+
+    def _new_guard(self) -> ExplosionGuard | None:
+        """A fresh guard per fit: its detector must not judge a new run against the last one's baseline."""
+        spec = self._guard_spec
+        self._guard = None if spec is None else ExplosionGuard(spec.action, spec.config)
+        return self._guard
+
+    def _target(self, trainer: pl.Trainer) -> tuple[str | None, Any]:
+        """Where rank 0 writes: the given logdir, else the TensorBoardLogger's open file, else ``trainer.log_dir``."""
+        if not trainer.is_global_zero:
+            return None, None
+        if self.logdir is not None:
+            return self.logdir, None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return None, logger.experiment
+        return trainer.log_dir or trainer.default_root_dir, None
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
