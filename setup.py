@@ -17,9 +17,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["tb_gradient_plugin", "tb_gradient_plugin.*"]),
-    package_data={"tb_gradient_plugin": ["static/*", "static/**/*"]},
-    include_package_data=True,
+    # static/ holds the built frontend bundle (data, not code): listed as a package so its files are installed
+    packages=find_packages(include=["tb_gradient_plugin", "tb_gradient_plugin.*"]) + ["tb_gradient_plugin.static"],
+    package_data={"tb_gradient_plugin.static": ["*"]},
     install_requires=[
         "tensorboard>=2.16",
         "protobuf>=4.21",
