@@ -8,7 +8,9 @@ Run ``python benchmarks/detection_suite.py`` (full size) or ``--small`` (the siz
    windows and their origin layer;
 2. real small training runs (``suite_real_runs.py``: MLP, RNN, transformer, Keras; LR raised mid-run, and their
    healthy twins), recorded with the real monitors and labeled from their cause;
-3. third-party event files (loss only), labeled from their documented excursions.
+3. third-party event files (loss only), labeled from their documented excursions;
+4. the healthy runs of ``demo_logs/`` (real CPU training: MLP, clipped RNN, fp16 AMP with overflow skips, Keras),
+   unlabeled: every episode there is a false one.
 
 Baselines score the same series (each layer's gradient norm and the total norm, or the loss for loss-only runs);
 every detector counts non-finite values as detections and ignores steps AMP skipped; their crossings are grouped into
@@ -252,6 +254,19 @@ def thirdparty_cases(root: str) -> list[Case]:
         run = RunData(name=rel, source="plain", series={"loss": loss})
         cases.append(Case(rel, "thirdparty", run, labels, loss_only=True))
     return cases
+
+
+#: The healthy runs of the committed demo logdir (real CPU training): no labels, so every detection is
+#: false. ``amp_overflow`` is fp16 autocast + GradScaler whose gradient norms grow 100x over its first 50 steps while
+#: the loss falls: early training, not an explosion.
+DEMO_HEALTHY = ("amp_overflow", "mlp_healthy", "rnn_clipped", "keras_sane")
+
+
+def demo_cases(root: str) -> list[Case]:
+    from tb_gradient_plugin.runs import load_run
+
+    return [Case(f"demo/{name}", "demo", load_run(os.path.join(root, name), name=name), [])
+            for name in DEMO_HEALTHY if os.path.isdir(os.path.join(root, name))]
 
 
 # ----------------------------------------------------------------------------------------------- published rules
@@ -511,12 +526,14 @@ def real_cases(root: str, names: list[str] | None = None) -> list[Case]:
     return cases
 
 
-def all_cases(small: bool, realruns: str | None, trained: str | None = None) -> list[Case]:
+def all_cases(small: bool, realruns: str | None, trained: str | None = None, demo: str | None = None) -> list[Case]:
     cases = synthetic_cases(small)
     if trained:
         cases += real_cases(trained)
     if realruns:
         cases += thirdparty_cases(realruns)
+    if demo:
+        cases += demo_cases(demo)
     return cases
 
 
@@ -526,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--realruns", default=None, help="directory of the third-party event files")
     ap.add_argument("--trained", default=None,
                     help="directory for the real small training runs (trained there on first use)")
+    ap.add_argument("--demo", default=None, help="the demo logdir (its healthy runs score false episodes)")
     ap.add_argument("--speed", action="store_true", help="only time detect() on 500 layers x 100k steps")
     args = ap.parse_args(argv)
     if args.speed:
@@ -538,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
               "500 layers")
         return 0
     t0 = time.perf_counter()
-    cases = all_cases(args.small, args.realruns, args.trained)
+    cases = all_cases(args.small, args.realruns, args.trained, args.demo)
     print(f"{len(cases)} cases built in {time.perf_counter() - t0:.1f} s")
     groups = sorted({c.group for c in cases})
     for grp in groups + ["all"]:

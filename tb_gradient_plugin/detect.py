@@ -11,22 +11,26 @@ the points that crossed the threshold left out; the baseline of the next block i
 * the noise term keeps noisy small-batch series quiet without losing sensitivity on smooth ones;
 * a level that stays above the threshold for ``readapt_blocks`` blocks is accepted as the new normal, so a
   deliberate change (a new LR) costs one episode, not the rest of the run;
+* until a series has a full window of history (``mature_history``) only ``max_ratio`` crosses: gradient norms grow
+  10-100x over the first tens of steps of a healthy run, and a baseline of a few blocks of that growth is no reference;
 * the state of a series is a few blocks of numbers: offline it is run block by block over all layers at once
   (vectorised numpy), online point by point with the very same arithmetic, so both report the same episodes.
 
 Non-finite values always make an episode (kind ``nonfinite``). AMP overflow skips (the optimizer step skipped and the
 loss scale backed off) are reported apart as ``overflow_skip``, unless the loss scale collapses, in which case they
-are a ``nonfinite`` episode.
+are a ``nonfinite`` episode. With gradient histograms, an episode's advice says whether the mass of the offending
+layer's distribution moved (a scale problem) or a thin tail of it (a few units, a bad batch).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import format as fmt
 from .runs import RunData, Series
 
 #: Kinds of episodes; the first two are findings (an auditor fails on them), the last is informational.
@@ -50,6 +54,7 @@ class DetectorConfig:
     block: int = 8  # points per baseline block
     window_blocks: int = 8  # the baseline is the median of this many recent block medians
     min_history: int = 24  # valid points a series needs before it can cross (warm-up of the detector itself)
+    mature_history: int = 64  # until a series has this many valid points (a full window), only max_ratio crosses
     ratio: float = 5.0  # a gradient norm crosses at ratio x its baseline ...
     z: float = 6.0  # ... and this many robust sigmas (log space) above it
     readapt_blocks: int = 6  # blocks above threshold after which the new level becomes the baseline
@@ -68,10 +73,13 @@ class DetectorConfig:
     clip_quantile: float = 0.99  # suggested clip threshold: this quantile of the healthy total gradient norm
     depth_growth: float = 10.0  # layer norms growing this much through depth (monotonically) -> advise normalization
     max_layers: int = 20  # findings kept per episode
-    val_min_points: int = 5  # finite validation points needed to judge a degradation
+    hist_mass_shift: float = 0.5  # histograms: the median |g| moved this many decades -> the mass of the distribution
+    hist_tail_shift: float = 1.0  # ... else the largest |g| moved this many decades -> a thin tail
+    val_min_points: int = 8  # finite validation points needed to judge a degradation
     val_patience: int = 3  # ... of which at least this many after the best point
     val_smooth: int = 3  # running median over this many evaluations before the best point is chosen
-    val_min_worsening: float = 0.05  # recent validation this much worse (relative) than its best: degraded
+    val_min_worsening: float = 0.05  # recent validation this much worse (relative) than its best: degraded ...
+    val_noise_z: float = 3.0  # ... and this many times the series' own evaluation-to-evaluation noise
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.window_blocks < 1:
@@ -79,8 +87,8 @@ class DetectorConfig:
         for name in ("ratio", "update_ratio_ratio", "loss_ratio"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
-        if self.merge_gap < 0 or self.min_history < 0:
-            raise ValueError("merge_gap and min_history must be non-negative")
+        if self.merge_gap < 0 or self.min_history < 0 or self.mature_history < 0:
+            raise ValueError("merge_gap, min_history and mature_history must be non-negative")
 
 
 @dataclass
@@ -221,9 +229,10 @@ def _nanmedian0(a: np.ndarray) -> np.ndarray:
 class _Baseline:
     """Robust log-space baseline of ``n`` parallel series (columns), advanced one finished block at a time."""
 
-    def __init__(self, n: int, cfg: DetectorConfig, ratio: float, z: float, min_history: int | None = None) -> None:
+    def __init__(self, n: int, cfg: DetectorConfig, ratio: float, z: float, min_history: int, mature: int) -> None:
         self.cfg = cfg
-        self.min_history = cfg.min_history if min_history is None else min_history
+        self.min_history = min_history
+        self.mature = mature
         self.log_ratio = math.log(ratio)
         self.log_max = math.log(max(cfg.max_ratio, ratio))
         self.z = z
@@ -267,6 +276,8 @@ class _Baseline:
             sigma = _nanmedian0(self.mad) * _MAD_TO_SIGMA
             with np.errstate(invalid="ignore"):
                 thr = base + np.clip(self.z * sigma, self.log_ratio, self.log_max)
+            young = self.hist < self.mature
+            thr[young] = base[young] + self.log_max
             thr[(self.hist < self.min_history) | np.isnan(thr)] = np.inf
             self._limits = (base, thr)
         return self._limits
@@ -290,7 +301,7 @@ class _Baseline:
         self.med[self.pos] = med
         self.mad[self.pos] = mad
         self.pos = (self.pos + 1) % cfg.window_blocks
-        self.hist += (~np.isnan(clean)).sum(axis=0)
+        self.hist += (~np.isnan(raw)).sum(axis=0)
         self._limits = None
 
     def judge(self, logv: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -338,7 +349,7 @@ def baseline_band(
     if steps.shape[0] != values.shape[0]:
         raise ValueError(f"steps ({steps.shape[0]}) and values ({values.shape[0]}) differ in length")
     _, base, thr = _solve(_Points(values[:, None], np.ones((values.shape[0], 1), dtype=bool)), cfg, cfg.ratio, cfg.z,
-                          cfg.min_history, full=True)
+                          cfg.min_history, cfg.mature_history, full=True)
     per_point = np.arange(values.shape[0]) // cfg.block
     with np.errstate(over="ignore"):
         return np.exp(base[per_point, 0]), np.exp(thr[per_point, 0])
@@ -421,8 +432,8 @@ def _block_floor(x: np.ndarray, ok: np.ndarray, tight: bool) -> np.ndarray:
     return np.where(ok.all(axis=1), np.minimum(a[3], a[4]), low)
 
 
-def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_history: int, *, full: bool = False
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_history: int, mature: int, *,
+           full: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Offline judgement of every point, equal to feeding them one by one through :class:`_Baseline`.
 
     Returns the crossings ``[N, n]`` and, per block, the log baseline and log threshold ``[blocks, n]`` (computed for
@@ -455,6 +466,7 @@ def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_histor
     floor = np.empty((w + kf, n))  # lower bounds of the block medians, in value units
     floor[:w] = np.inf
     warm = np.zeros((ka, n), dtype=bool)
+    young = np.zeros((ka, n), dtype=bool)  # fewer than ``mature`` points before the block: only log_max crosses
 
     def ensure_stats(kk: np.ndarray, jj: np.ndarray) -> None:
         """Exact (median, MAD) of full blocks not seen yet, as if none of their points crossed (their first guess)."""
@@ -477,6 +489,8 @@ def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_histor
         sigma = _nanmedian_last(mad[win, jj[:, None]]) * _MAD_TO_SIGMA
         with np.errstate(invalid="ignore"):
             t = bs + np.clip(z * sigma, log_ratio, log_max)
+        y = young[kk, jj]
+        t[y] = bs[y] + log_max
         t[warm[kk, jj] | np.isnan(t)] = np.inf
         base[kk, jj], thr[kk, jj] = bs, t
 
@@ -512,9 +526,11 @@ def _solve(pts: _Points, cfg: DetectorConfig, ratio: float, z: float, min_histor
             ok = np.concatenate([ok, np.zeros((pad, n), dtype=bool)])
         v, ok = v.reshape(k1 - k0, b, n), ok.reshape(k1 - k0, b, n)
         nfull = min(k1, kf) - k0
-        if (seen < min_history).any():  # points seen before each block, until every layer has enough
+        if (seen < max(min_history, mature)).any():  # points seen before each block, until every layer has enough
             counts = ok.sum(axis=1)
-            warm[k0:k1] = (seen + np.cumsum(counts, axis=0) - counts) < min_history
+            before = seen + np.cumsum(counts, axis=0) - counts
+            warm[k0:k1] = before < min_history
+            young[k0:k1] = before < mature
             seen += counts.sum(axis=0)
         x = np.where(ok, v, np.inf)
         for tight in (False, True):  # the cheap floor first; the tight one where it leaves too many candidates
@@ -620,10 +636,12 @@ class _Engine:
 
     def __init__(self, cfg: DetectorConfig) -> None:
         self.cfg = cfg
-        self.grad = _Baseline(0, cfg, cfg.ratio, cfg.z)
-        self.upd = _Baseline(0, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z)
-        self.total = _Baseline(1, cfg, cfg.ratio, cfg.z)
-        self.loss = _Baseline(1, cfg, cfg.loss_ratio, cfg.loss_z, cfg.loss_min_history)
+        hist = (cfg.min_history, cfg.mature_history)
+        self.grad = _Baseline(0, cfg, cfg.ratio, cfg.z, *hist)
+        self.upd = _Baseline(0, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, *hist)
+        self.total = _Baseline(1, cfg, cfg.ratio, cfg.z, *hist)
+        # loss series are often one point per epoch: no young phase beyond their own minimum history
+        self.loss = _Baseline(1, cfg, cfg.loss_ratio, cfg.loss_z, cfg.loss_min_history, cfg.loss_min_history)
         self.scale_max = -np.inf
         self.prev_scale: float | None = None
 
@@ -786,6 +804,8 @@ class _Context:
     total_values: np.ndarray
     lr_steps: np.ndarray
     lr_values: np.ndarray
+    #: a layer's gradient histograms: (steps, counts [k, HIST_BINS]) of the steps that logged it, or None
+    hist: Callable[[str], tuple[np.ndarray, np.ndarray] | None] | None = None
 
 
 def _fmt(x: float) -> str:
@@ -819,13 +839,16 @@ def _advice(ep: Episode, rows: list[_Row], layers: list[str], clip: tuple[float,
         out.append(f"Clip the total gradient norm at about {_fmt(q)} (the {cfg.clip_quantile:.0%} quantile of the "
                    f"healthy total norm, median {_fmt(median)}{peak_txt}).")
     # update ratios far too high
+    hist = _histogram_advice(ep, ctx, cfg)
     ur_rows = [(r, k) for r in rows for k in np.nonzero(r.metric == 1)[0].tolist()]
     if ur_rows:
         r, k = max(ur_rows, key=lambda rk: rk[0].value[rk[1]])
         name, val = layers[int(r.cols[k])], float(r.value[k])
+        cause = ("the update was far too large for this layer, from a few of its entries (see its histogram)"
+                 if hist is not None and hist[1] == "tail" else "the learning rate is too high for this layer; "
+                 "lower it or give the layer its own parameter group")
         out.append(f"Update ratio ||dw||/||w|| of {name} reached {_fmt(val)} at step {r.step} (healthy layers stay "
-                   f"around 1e-3..1e-2; {_fmt(float(r.ratio[k]))}x its own baseline): the learning rate is too high "
-                   "for this layer; lower it or give the layer its own parameter group.")
+                   f"around 1e-3..1e-2; {_fmt(float(r.ratio[k]))}x its own baseline): {cause}.")
     elif top is not None and top.name != TOTAL and ep.kind == "explosion":
         out.append(f"{top.name} crossed first (step {top.first_step}) and peaked at {_fmt(top.ratio)}x its own "
                    f"baseline ({top.metric} {_fmt(top.peak_value)} at step {top.peak_step}).")
@@ -836,6 +859,8 @@ def _advice(ep: Episode, rows: list[_Row], layers: list[str], clip: tuple[float,
     depth = _depth_growth(ep, rows, layers, cfg)
     if depth:
         out.append(depth)
+    if hist is not None:
+        out.append(hist[0])
     if ep.loss_spike_step is not None:
         out.append(f"The loss spiked at step {ep.loss_spike_step}, {ep.loss_spike_step - ep.start_step} steps after "
                    "the episode began.")
@@ -898,6 +923,113 @@ def _depth_growth(ep: Episode, rows: list[_Row], layers: list[str], cfg: Detecto
     return (f"At step {peak.step} the gradient norm grows {_fmt(spread)}x steadily through depth, from "
             f"{_fmt(float(g[lo]))} in {layers[lo]} to {_fmt(float(g[hi]))} in {layers[hi]}: add normalization "
             "(LayerNorm/BatchNorm) or residual connections, or use a depth-scaled initialization.")
+
+
+# ---------------------------------------------------------------------------------------------------- histograms
+
+#: log10|g| span of every histogram bin, in the format's bin order: exact zeros and non-finite entries sit two decades
+#: beyond the outermost bins, so a shift into or out of them counts as a large one.
+_HIST_LO = np.concatenate([[fmt.HIST_LOG10_EDGES[0] - 2, fmt.HIST_LOG10_EDGES[0] - 1], fmt.HIST_LOG10_EDGES[:-1],
+                           [fmt.HIST_LOG10_EDGES[-1], fmt.HIST_LOG10_EDGES[-1] + 2]])
+_HIST_HI = np.concatenate([[fmt.HIST_LOG10_EDGES[0] - 2, fmt.HIST_LOG10_EDGES[0]], fmt.HIST_LOG10_EDGES[1:],
+                           [fmt.HIST_LOG10_EDGES[-1] + 1, fmt.HIST_LOG10_EDGES[-1] + 2]])
+
+
+def hist_quantile(counts: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of log10|g| from one fixed-bin histogram (linear within a bin; NaN for an empty one).
+
+    Zeros rank below every magnitude and non-finite entries above, so "the top 0.1 %" includes NaN/Inf entries.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    total = c.sum()
+    if not total > 0:
+        return math.nan
+    cum = np.cumsum(c)
+    target = min(max(q, 0.0), 1.0) * total
+    # the first bin whose cumulative count reaches the target: occupied, unless q is 0 (then the first occupied one)
+    k = int(np.searchsorted(cum, target, side="left")) if target > 0 else int(np.nonzero(c)[0][0])
+    frac = (target - (cum[k] - c[k])) / c[k]
+    return float(_HIST_LO[k] + min(max(frac, 0.0), 1.0) * (_HIST_HI[k] - _HIST_LO[k]))
+
+
+def hist_share_above(counts: np.ndarray, log10: float) -> float:
+    """Share of the entries of one fixed-bin histogram above ``log10`` (linear within a bin; NaN for an empty one)."""
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    total = c.sum()
+    if not total > 0:
+        return math.nan
+    width = _HIST_HI - _HIST_LO
+    with np.errstate(invalid="ignore", divide="ignore"):
+        part = np.where(width > 0, (_HIST_HI - log10) / width, (_HIST_LO > log10).astype(np.float64))
+    return float((c * np.clip(part, 0.0, 1.0)).sum() / total)
+
+
+def _magnitude(log10: float) -> str:
+    if log10 <= _HIST_LO[fmt.HIST_ZERO]:
+        return "0"
+    if log10 >= _HIST_HI[fmt.HIST_NONFINITE]:
+        return "non-finite"
+    return _fmt(10.0 ** log10)
+
+
+def _histogram_advice(ep: Episode, ctx: _Context, cfg: DetectorConfig) -> tuple[str, str] | None:
+    """Whether the bulk of the offending layer's gradient entries grew (``mass``) or a thin tail of them (``tail``).
+
+    Compares the layer's histogram nearest the episode's peak (inside the episode) with its last one before the
+    episode. The median entry moving means every unit's gradient grew: a scale problem (learning rate,
+    initialization). Only the top entries moving means a few units or a few samples: a bad batch, an outlier token,
+    corrupted inputs; lowering the learning rate for the whole model does not fix that.
+    """
+    if ctx.hist is None or not ep.layers or ep.layers[0].name == TOTAL or ep.kind == "overflow_skip":
+        return None
+    name = ep.layers[0].name
+    got = ctx.hist(name)
+    if got is None:
+        return None
+    steps, counts = got
+    before = np.nonzero(steps < ep.start_step)[0]
+    inside = np.nonzero((steps >= ep.start_step) & (steps <= ep.end_step))[0]
+    if before.size == 0 or inside.size == 0:
+        return None
+    b = int(before[-1])
+    a = int(inside[np.argmin(np.abs(steps[inside] - ep.layers[0].peak_step))])
+    med_b, med_a = hist_quantile(counts[b], 0.5), hist_quantile(counts[a], 0.5)
+    top_b, top_a = hist_quantile(counts[b], 1.0), hist_quantile(counts[a], 1.0)  # upper edge of the top bin
+    above_med = hist_share_above(counts[a], med_b)
+    total = int(counts[a].sum())
+    beyond = int(np.rint(hist_share_above(counts[a], top_b) * total))
+    nonfinite = int(counts[a][fmt.HIST_NONFINITE])
+    where = f"{name}'s gradient histogram at step {int(steps[a])} vs step {int(steps[b])} (before the episode)"
+    nf_txt = f"; {nonfinite} of {total} entries are non-finite" if nonfinite else ""
+    if med_a - med_b >= cfg.hist_mass_shift:
+        return (f"{where}: the median |g| moved from {_magnitude(med_b)} to {_magnitude(med_a)}; {above_med:.0%} of "
+                f"the entries are above the old median{nf_txt}. Most entries grew: a scale problem (learning rate, "
+                "initialization), not a few outliers.", "mass")
+    if top_a - top_b >= cfg.hist_tail_shift:
+        return (f"{where}: the median |g| stayed at {_magnitude(med_a)} (was {_magnitude(med_b)}) while the largest "
+                f"entries grew from below {_magnitude(top_b)} to {_magnitude(top_a)}; only {beyond} of {total} "
+                f"entries ({beyond / total:.2%}) lie beyond the old largest{nf_txt}. A thin tail grew (a few units, a "
+                "bad batch, an outlier token or sample): look at the data of that step and skip or clip outliers; "
+                "lowering the learning rate for the whole model is not the fix.", "tail")
+    return None
+
+
+def _run_histograms(run: RunData) -> Callable[[str], tuple[np.ndarray, np.ndarray] | None] | None:
+    """Lookup of one layer's logged histograms in a RunData (steps where the layer was not logged left out)."""
+    if run.histograms is None or len(run.hist_steps) == 0:
+        return None
+    col = {name: j for j, name in enumerate(run.layers)}
+    steps, hist = np.asarray(run.hist_steps, dtype=np.int64), run.histograms
+
+    def of(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        j = col.get(name)
+        if j is None or j >= hist.shape[1]:
+            return None
+        counts = np.asarray(hist[:, j])
+        logged = counts.sum(axis=1) > 0
+        return (steps[logged], counts[logged]) if logged.any() else None
+
+    return of
 
 
 # -------------------------------------------------------------------------------------------------------- offline
@@ -968,11 +1100,12 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         if gm is not None:
             norms = gm
             pts = _Points(gm, valid)
-            c, bases, _ = _solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history)
+            c, bases, _ = _solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
             crosses.append((0, c, bases, pts))
         upd = _update_ratio_points(run, valid)
         if upd is not None:
-            c, bases, _ = _solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history)
+            c, bases, _ = _solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history,
+                                 cfg.mature_history)
             ci, cj = np.nonzero(c)
             low = ~(upd.raw(ci, cj) > cfg.update_ratio_floor)
             c[ci[low], cj[low]] = False
@@ -1006,7 +1139,8 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         tu = np.searchsorted(axis, np.asarray(tot.steps, dtype=np.int64))
         tv = np.asarray(tot.values, dtype=np.float64)
         nonfinite_t = ~np.isfinite(tv)
-        c, bases, _ = _solve(_Points(tv[:, None], ~skip_u[tu][:, None]), cfg, cfg.ratio, cfg.z, cfg.min_history)
+        c, bases, _ = _solve(_Points(tv[:, None], ~skip_u[tu][:, None]), cfg, cfg.ratio, cfg.z, cfg.min_history,
+                             cfg.mature_history)
         logv = _log_positive(tv)[0]
         for k in np.nonzero(c[:, 0] | nonfinite_t)[0].tolist():
             u = int(tu[k])
@@ -1023,7 +1157,7 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         if np.any(np.isfinite(lv) & (lv <= 0)):
             warnings.append("loss has non-positive values; loss spikes are judged on its positive values only")
         c, bases, _ = _solve(_Points(lv[:, None], ~skip_u[lsu][:, None]), cfg, cfg.loss_ratio, cfg.loss_z,
-                             cfg.loss_min_history)
+                             cfg.loss_min_history, cfg.loss_min_history)
         logv = _log_positive(lv)[0]
         for k in np.nonzero(c[:, 0])[0].tolist():
             base = bases[k // cfg.block, 0]
@@ -1088,7 +1222,7 @@ def _context(axis: np.ndarray, ser: dict[str, Series | None], run: RunData, step
     lr = ser["lr"]
     ls = np.asarray(lr.steps, dtype=np.int64) if lr is not None else np.zeros(0, dtype=np.int64)
     lv = np.asarray(lr.values, dtype=np.float64) if lr is not None else np.zeros(0)
-    return _Context(int(axis[0]) if axis.size else 0, early, ts, tv, ls, lv)
+    return _Context(int(axis[0]) if axis.size else 0, early, ts, tv, ls, lv, _run_histograms(run))
 
 
 def _total_from_layers(norms: np.ndarray, present: np.ndarray | None) -> np.ndarray:
@@ -1146,7 +1280,12 @@ def _validation(series: dict[str, Series], loss: Series | None, episodes: list[E
                 math.nan if b is None else float(vals[b]), int(steps[grp[0]]), float(vals[grp[0]]),
                 int(steps[grp[-1]]), math.inf, [int(steps[i]) for i in grp]))
         idx = np.nonzero(fin)[0]
-        if idx.size < cfg.val_min_points:
+        if idx.size == 0:
+            continue
+        if idx.size < cfg.val_min_points:  # too few evaluations to tell a worsening from noise: only the best one
+            raw_best = int(idx[np.argmin(score[idx])])
+            out.append(ValidationFinding(name, bool(rising), None, int(steps[raw_best]), float(vals[raw_best]),
+                                         int(steps[idx[-1]]), float(vals[idx[-1]]), int(steps[idx[-1]]), 1.0, []))
             continue
         sm = _smooth(score[idx], cfg.val_smooth)
         k = int(np.argmin(sm))
@@ -1159,12 +1298,15 @@ def _validation(series: dict[str, Series], loss: Series | None, episodes: list[E
         recent = after[-max(cfg.val_patience, after.size // 4):]
         ref = abs(float(sm[k])) or 1.0
         worse = (score[recent] - sm[k]) / ref
-        if after.size < cfg.val_patience or not np.median(worse) >= cfg.val_min_worsening:
+        # the noise of one evaluation: robust scatter around the running median (0 for a smooth series)
+        noise = _MAD_TO_SIGMA * float(np.median(np.abs(score[idx] - sm))) / ref
+        need = max(cfg.val_min_worsening, cfg.val_noise_z * noise)
+        if after.size < cfg.val_patience or not np.median(worse) >= need:
             raw_best = int(idx[np.argmin(score[idx])])  # not degraded: simply the best evaluation
             finding.best_step, finding.best_value = int(steps[raw_best]), float(vals[raw_best])
             continue
         worst = int(after[np.argmax(score[after])])
-        onset = int(after[np.argmax((score[after] - sm[k]) / ref >= cfg.val_min_worsening)])
+        onset = int(after[np.argmax((score[after] - sm[k]) / ref >= need)])
         finding.worst_step, finding.worst_value = int(steps[worst]), float(vals[worst])
         finding.change = float(1.0 + np.median(worse))
         finding.cause = _val_cause(finding, int(steps[onset]), loss, episodes, spikes, int(steps[recent[0]]))
@@ -1258,7 +1400,8 @@ class OnlineDetector:
     Call :meth:`update` once per logged step, in increasing step order, with that step's per-layer metrics (arrays
     aligned with ``layers``: ``grad_norm``, ``param_norm``, ``update_norm``, ``grad_max_abs``, ``nonfinite_count``) and
     per-step scalars (``loss``, ``lr``, ``total_grad_norm``, ``loss_scale``, ``step_skipped``). It returns the episodes
-    that open at this step (as known so far); :meth:`report` gives the final, complete picture.
+    that open at this step (as known so far); :meth:`report` gives the final, complete picture. Gradient histograms,
+    logged at their own cadence, go to :meth:`add_histograms`; they only feed the advice.
     """
 
     def __init__(self, config: DetectorConfig | None = None, *, name: str = "", source: str = "tb_gradient_plugin"):
@@ -1282,6 +1425,29 @@ class OnlineDetector:
         self._saw_norms = False
         self._loss: tuple[list[int], list[float]] = ([], [])
         self._val: dict[str, tuple[list[int], list[float]]] = {}
+        self._hist: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        self._last_hist_step: int | None = None
+
+    def add_histograms(self, step: int, layers: Sequence[str], counts: np.ndarray) -> None:
+        """Record one step's per-layer gradient histograms (``counts[len(layers), HIST_BINS]`` on the format's bins)."""
+        step = int(step)
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (len(layers), fmt.HIST_BINS):
+            raise ValueError(f"histograms of shape {counts.shape} for {len(layers)} layers x {fmt.HIST_BINS} bins")
+        if self._last_hist_step is not None and step <= self._last_hist_step:
+            raise ValueError(f"histogram steps must increase: got {step} after {self._last_hist_step}")
+        self._last_hist_step = step
+        for name, row in zip(layers, counts, strict=True):
+            if row.sum() > 0:
+                st, rows = self._hist.setdefault(name, ([], []))
+                st.append(step)
+                rows.append(row.copy())
+
+    def _histograms_of(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        got = self._hist.get(name)
+        if got is None:
+            return None
+        return np.asarray(got[0], dtype=np.int64), np.stack(got[1])
 
     def update(
         self, step: int, layers: Sequence[str], metrics: dict[str, np.ndarray], scalars: dict[str, float]
@@ -1448,7 +1614,8 @@ class OnlineDetector:
             warnings.append("no gradient norms in this run: only the loss was judged")
         first = self._steps[0] if self._steps else 0
         ctx = _Context(first, self._early_step() if self._steps else 0, ts, tv,
-                       np.asarray(self._lr[0], dtype=np.int64), np.asarray(self._lr[1], dtype=np.float64))
+                       np.asarray(self._lr[0], dtype=np.int64), np.asarray(self._lr[1], dtype=np.float64),
+                       self._histograms_of if self._hist else None)
         episodes, spikes = _build(self._rows, self._layers, self._grad_metric or "grad_norm", self._loss_rows,
                                   ctx, cfg)
         series = {k: Series(np.asarray(st, dtype=np.int64), np.asarray(v, dtype=np.float64))

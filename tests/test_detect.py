@@ -50,6 +50,10 @@ def _online(run: RunData, config: DetectorConfig | None = None) -> Report:
             metrics = {m: a[i, cols] for m, a in run.layer_metrics.items()}
         scalars = {k: float(run.series[k].values[p[step]]) for k, p in ser_pos.items() if step in p}
         det.update(step, layers, metrics, scalars)
+    if run.histograms is not None:  # histograms come at their own cadence; only the layers logged at each step
+        for k, step in enumerate(run.hist_steps.tolist()):
+            cols = np.nonzero(run.histograms[k].sum(axis=1) > 0)[0]
+            det.add_histograms(step, [run.layers[c] for c in cols], run.histograms[k, cols])
     return det.report()
 
 
@@ -272,3 +276,33 @@ def test_realruns_loss_only(realruns):
         assert rep.episodes == [] and rep.loss_spikes == [], name
     assert math.isfinite(detect(cases["dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80"].run)
                          .loss_spikes[0].ratio)
+
+
+def test_early_growth_before_a_full_baseline_window_is_not_an_explosion_but_a_huge_spike_is():
+    """Gradient norms often grow 10-100x over the first tens of steps (out of the initialization, AMP settling):
+    until a series has a full window of history only a crossing of ``max_ratio`` (50x) counts."""
+    run = _run(n_steps=1000)
+    g = run.layer_metrics["grad_norm"]
+    g[:40] *= np.logspace(-1.5, 0, 40)[:, None].astype(np.float32)  # 30x over the first 40 steps, then steady
+    assert detect(run).episodes == []
+    assert _online(run).episodes == []
+    g[45, 3] *= 200
+    (ep,) = detect(run).episodes
+    assert (ep.start_step, ep.layers[0].name) == (45, "layer3")
+    assert _online(run).to_json() == detect(run).to_json()
+    late = _run(n_steps=1000)
+    late.layer_metrics["grad_norm"][300, 3] *= 20  # the same 20x crossing with a mature baseline is one
+    assert [e.start_step for e in detect(late).episodes] == [300]
+
+
+def test_demo_amp_run_early_growth_is_not_an_explosion():
+    """fp16 autocast + GradScaler, healthy: norms grow 100x over steps 5-45 while the loss falls 0.7 -> 0.04."""
+    import os
+
+    from tb_gradient_plugin.runs import load_run
+
+    run = load_run(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_logs",
+                                "amp_overflow"))
+    rep = detect(run)
+    assert {e.kind for e in rep.episodes} == {"overflow_skip"}
+    assert _online(run).to_json() == rep.to_json()

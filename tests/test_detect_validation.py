@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tb_gradient_plugin.detect import VAL_KIND, detect
+from tb_gradient_plugin.detect import VAL_KIND, DetectorConfig, detect
 from tb_gradient_plugin.runs import RunData, Series, load_run
 from tests.test_detect import _online, _run
 
@@ -137,3 +137,30 @@ def test_real_torch_run_trained_to_overfit(tmp_path):
     found = int(np.nonzero(val.steps == eps[0].validation["best_step"])[0][0])
     assert abs(found - true_best) <= 1
     assert not [e for e in rep.episodes if e.kind in EXPLOSION_KINDS]
+
+
+def test_few_evaluations_or_noise_sized_worsening_is_not_a_degradation():
+    run = _run(loss=np.linspace(3, 0.5, 2000))
+    # flat validation with 12% evaluation noise: the best point is chance, and so is a 5% "worsening" after it
+    noise = np.exp(np.random.default_rng(0).normal(0, 0.12, 19))
+    run.series["val_loss"] = _epochs(noise)
+    rep = detect(run)
+    assert rep.episodes == [] and rep.validation[0].cause is None
+    assert detect(run, DetectorConfig(val_noise_z=0)).validation[0].cause == "overfitting"  # the 5% rule alone
+    # the same noise on a real U-shaped curve (2x worse at the end) is still overfitting
+    run.series["val_loss"] = _epochs(_u_curve(19, 6, np.random.default_rng(1)) * noise)
+    assert detect(run).validation[0].cause == "overfitting"
+    # the same U-shaped curve as the overfitting test but only 5 evaluations: too few to judge, best still named
+    run.series["val_loss"] = _epochs([1.3, 1.0, 1.1, 1.3, 1.4], every=400)
+    rep = detect(run)
+    assert rep.episodes == [] and rep.validation[0].best_step == 800 and rep.validation[0].cause is None
+
+
+def test_realruns_dlgn_chance_level_accuracy_is_not_overfitting(realruns):
+    """5 evaluations of val_acc between 0.46 and 0.52 (chance level): not an overfitting finding."""
+    run = load_run(os.path.join(realruns, "AnAccountWithoutAName__Deep-Lineary-Gated-Networks", "lightning_logs",
+                                "version_0"))
+    rep = detect(run)
+    assert [e for e in rep.episodes if e.kind == VAL_KIND] == []
+    assert {v.series for v in rep.validation} == {"val_loss", "val_accuracy"}
+    assert all(v.cause is None for v in rep.validation)
