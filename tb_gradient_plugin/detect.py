@@ -821,13 +821,19 @@ def _advice(ep: Episode, rows: list[_Row], layers: list[str], clip: tuple[float,
         return out
     top = ep.layers[0] if ep.layers else None
     if ep.kind == "nonfinite":
-        if ep.start_step <= ctx.early_step:
-            out.append(f"Non-finite gradients from the first logged steps (step {ep.start_step}): check the "
+        # the episode may open earlier, with the growth that led to the first non-finite value
+        bad = [r for r in rows if (r.metric == 2).any() or (r.total is not None and not math.isfinite(r.total[0]))]
+        first_bad = bad[0] if bad else None
+        first = first_bad.step if first_bad is not None else ep.start_step
+        if first <= ctx.early_step:
+            out.append(f"Non-finite gradients from the first logged steps (step {first}): check the "
                        "initialization (weight scale), the inputs (NaN/Inf or unnormalised features) and the loss "
                        "(log of 0, division by 0) before tuning the optimizer.")
         else:
-            where = f" in {top.name}" if top is not None and top.name != TOTAL else ""
-            out.append(f"Gradients became non-finite{where} at step {ep.start_step}; guard the step (skip or "
+            cols = [] if first_bad is None else first_bad.cols[first_bad.metric == 2].tolist()
+            where = f" in {layers[cols[0]]}" if cols else ""
+            grew = f" after growing from step {ep.start_step}" if first > ep.start_step else ""
+            out.append(f"Gradients became non-finite{where} at step {first}{grew}; guard the step (skip or "
                        "clip non-finite updates) and look for the numerical operation that overflowed.")
         if any(r.overflow is False and r.loss_nonfinite for r in rows):
             out.append(f"The loss itself was non-finite during steps {ep.start_step}-{ep.end_step}.")
