@@ -835,8 +835,9 @@ def _advice(ep: Episode, rows: list[_Row], layers: list[str], clip: tuple[float,
             grew = f" after growing from step {ep.start_step}" if first > ep.start_step else ""
             out.append(f"Gradients became non-finite{where} at step {first}{grew}; guard the step (skip or "
                        "clip non-finite updates) and look for the numerical operation that overflowed.")
-        if any(r.overflow is False and r.loss_nonfinite for r in rows):
-            out.append(f"The loss itself was non-finite during steps {ep.start_step}-{ep.end_step}.")
+        loss_bad = [r.step for r in rows if r.overflow is False and r.loss_nonfinite]
+        if loss_bad:
+            out.append(f"The loss itself was non-finite from step {loss_bad[0]} (last: {loss_bad[-1]}).")
     # clip threshold from the healthy total-norm distribution
     if clip is not None and ep.kind == "explosion":
         q, median = clip
