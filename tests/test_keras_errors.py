@@ -8,18 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from keras_env import keras, tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tb_gradient_plugin.keras import GradientMonitorCallback  # noqa: E402
-
-try:  # two shared cores: keep TensorFlow to one thread each way (only possible before its first op)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-except RuntimeError:
-    pass
+from tb_gradient_plugin.keras import GradientMonitorCallback
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -3,24 +3,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from keras_env import keras, tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tb_gradient_plugin import format as fmt  # noqa: E402
-from tb_gradient_plugin.keras import GradientMonitorCallback  # noqa: E402
-from tb_gradient_plugin.runs import RunData, load_run  # noqa: E402
-
-try:  # two shared cores: keep TensorFlow to one thread each way (only possible before its first op)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-except RuntimeError:
-    pass
+from tb_gradient_plugin import format as fmt
+from tb_gradient_plugin.keras import GradientMonitorCallback
+from tb_gradient_plugin.runs import RunData, load_run
 
 pytestmark = pytest.mark.slow
 
