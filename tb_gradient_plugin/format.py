@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -169,6 +170,7 @@ def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary
 
 
 _F32 = np.dtype("<f4")
+_F32_SCALAR = struct.Struct("<f")
 _NUMERIC_KINDS = {
     types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
     types_pb2.DT_DOUBLE: (np.dtype("<f8"), "double_val"),
@@ -237,7 +239,18 @@ def is_scalar(value: summary_pb2.Summary.Value) -> bool:
 def scalar_of(value: summary_pb2.Summary.Value) -> float:
     if value.WhichOneof("value") == "simple_value":
         return float(value.simple_value)
-    arr = tensor_to_numpy(value.tensor)
+    return tensor_scalar(value.tensor)
+
+
+def tensor_scalar(tensor: tensor_pb2.TensorProto) -> float:
+    """The one number a rank-0 (or one-element) tensor holds; a fast path for the float32 scalars writers emit."""
+    if tensor.dtype == types_pb2.DT_FLOAT and not tensor.tensor_shape.dim:
+        content = tensor.tensor_content
+        if len(content) == 4:
+            return _F32_SCALAR.unpack(content)[0]
+        if not content and len(tensor.float_val) == 1:
+            return float(tensor.float_val[0])
+    arr = tensor_to_numpy(tensor)
     if arr.size != 1:
         raise FormatError("scalar tensor does not hold exactly one value")
     return float(arr.reshape(-1)[0])

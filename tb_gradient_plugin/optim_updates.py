@@ -1,20 +1,22 @@
 """Update norms ``||w_after - w_before||`` read from the optimizer's own state, without a copy of the weights.
 
 For SGD, Adam and AdamW the step just taken is determined by what the optimizer keeps after it (momentum buffer,
-moments, step count), the gradient and the weights after the step; the norm of it costs a few fused multi-tensor passes
-over state that already exists, where the copy costs a full weights copy (as much memory as the model) and two more
-passes. Whatever this module cannot reproduce exactly (other optimizers, ``capturable`` / ``differentiable``, tensor
-hyperparameters, a subclass's own ``step``, hyperparameters changed while the step ran, ...) is reported by
-:func:`unsupported_reason` so the caller takes the copy instead.
+moments, step count), the gradient and the weights after the step. Its norm then costs one read of the state it needs,
+in pieces through one cache-sized buffer, where the copy costs a full weights copy (as much memory as the model) and
+two more passes. Whatever this module cannot reproduce exactly (other optimizers, ``capturable`` / ``differentiable``,
+tensor hyperparameters, a subclass's own ``step``, 16-bit weights, ...) is reported by :func:`unsupported_reason` so the
+caller takes the copy instead; a hyperparameter changed while the step ran is caught after it
+(:class:`UpdateModelError`).
 
-The models, with ``w`` the weights after the step and ``d`` what the optimizer adds to ``-lr * d`` (its decoupled or L2
-weight decay uses the weights *before* the step, solved for from ``w``: ``w_before = (w + lr * u) / (1 - lr * wd)``):
+The models, with ``w`` the weights after the step and ``buf`` the momentum buffer after it. Weight decay (SGD's, and
+AdamW's decoupled one) acts on the weights *before* the step; they are solved for from ``w``:
+``w_before = (w + lr * u) / (1 - lr * wd)`` where ``u`` is the rest of the step.
 
-* SGD with momentum, not Nesterov: ``dw = -lr * buf`` (buf after the step already holds grad, weight decay, dampening).
+* SGD with momentum, not Nesterov: ``dw = -lr * buf`` (buf already holds gradient, weight decay and dampening).
 * SGD otherwise: ``dw = -lr / (1 - lr * wd) * (s * g + momentum * buf + wd * w)``, ``s = -1`` under ``maximize``
-  (``momentum * buf`` only with Nesterov; buf is after the step).
+  (``momentum * buf`` only with Nesterov).
 * Adam / AdamW: ``u = m_hat / (sqrt(v_hat) + eps)`` from ``exp_avg``, ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad)
-  and the step count after the step; Adam: ``dw = -lr * u`` (L2 decay is inside the moments); decoupled decay (AdamW):
+  and each tensor's step count; Adam: ``dw = -lr * u`` (its L2 decay is inside the moments); decoupled decay (AdamW):
   ``dw = -lr / (1 - lr * wd) * (u + wd * w)``.
 """
 

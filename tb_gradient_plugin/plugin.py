@@ -650,6 +650,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
                         "episode": s.episode} for s in report.loss_spikes],
             "total_grad_norm": line("total_grad_norm"),
             "val_loss": line("val_loss"),
+            # The other validation series the detector judges (accuracy, mAP, val_metric/*), for a second axis.
+            "val_metrics": {name: {**line(name), "higher_is_better": rising} for name in sorted(data.series)
+                            if name != "val_loss" and (rising := _detector().validation_series(name)) is not None},
         }
 
     def _histograms(self, request: wrappers.Request) -> bytes:

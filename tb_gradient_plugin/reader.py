@@ -290,10 +290,7 @@ class EventFileReader:
         if metric is None:
             raise fmt.FormatError("unknown metric under the gradients plugin")
         if metric in fmt.STEP_METRICS:
-            arr = fmt.tensor_to_numpy(value.tensor)
-            if arr.size != 1:
-                raise fmt.FormatError("per-step value is not a single number")
-            batch.scalars.append(ScalarRecord(step, wall, metric, float(arr.reshape(-1)[0]), True))
+            batch.scalars.append(ScalarRecord(step, wall, metric, fmt.tensor_scalar(value.tensor), True))
             return
         if meta.layout is None:
             raise fmt.FormatError("per-layer summary without a layout id")

@@ -435,7 +435,7 @@ class _LayerTable:
 
     def _resize(self, cap_r: int, cap_c: int, row_map: np.ndarray | None = None) -> None:
         """Fresh buffers of the given capacity; old rows copied to ``row_map`` (default: the same rows)."""
-        rows = np.arange(self.n) if row_map is None else row_map
+        rows = slice(0, self.n) if row_map is None else row_map
         n_old, c_old = self.n, min(self.present.shape[1], cap_c)
         for metric, buf in list(self.metrics.items()):
             new = np.full((cap_r, cap_c), np.nan, dtype=np.float32)
@@ -449,12 +449,20 @@ class _LayerTable:
         total = self.n + len(new_steps)
         cap_r, cap_c = self._capacity(total, len(self.layers))
         if (cap_r, cap_c) != self.present.shape:
-            self._resize(cap_r, cap_c)
-            steps = np.zeros(cap_r, dtype=np.int64)
-            steps[:self.n] = self.steps[:self.n]
-            self.steps = steps
+            self._grow(cap_r, cap_c)
         self.steps[self.n:total] = new_steps
         self.n = total
+
+    def _grow(self, cap_r: int, cap_c: int) -> None:
+        self._resize(cap_r, cap_c)
+        steps = np.zeros(cap_r, dtype=np.int64)
+        steps[:self.n] = self.steps[:self.n]
+        self.steps = steps
+
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` steps at once (a file read in batches whose size is known), instead of doubling."""
+        if self.n and rows > self.present.shape[0]:
+            self._grow(rows, self.present.shape[1])
 
     def _rebuild(self, new_steps: np.ndarray) -> None:
         old = self.steps[:self.n]
@@ -536,12 +544,16 @@ class _Run:
             reader, role = self.readers[path]
             batch = None
             while batch is None or batch.has_more:
+                start, rows_before = reader.records.offset, self.table.n
                 batch = reader.read(max_bytes=READ_BATCH_BYTES)
                 if batch.events:
                     changed = True
                     self.events += batch.events
                     if batch.layer_records:
                         self.table.add(batch.layer_records)
+                        if batch.has_more:  # the rest of the file holds about as many steps per byte
+                            per_byte = (self.table.n - rows_before) / max(1, reader.records.offset - start)
+                            self.table.reserve(self.table.n + int(per_byte * reader.records.pending_bytes * 1.02) + 1)
                     if batch.scalars:
                         self._add_scalars(batch.scalars, role)
                     for tag in batch.other_tags:
