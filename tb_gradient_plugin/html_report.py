@@ -29,6 +29,7 @@ _W, _LOSS_H = 900, 180
 # Perceptually ordered colour ramp (low -> high gradient norm), interpolated in between.
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 _ABSENT = (235, 235, 235)
+_ZERO = (0, 0, 0)
 _NONFINITE = (230, 0, 120)
 
 
@@ -99,6 +100,7 @@ def _colours(values: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, flo
     f = (t - i)[..., None]
     rgb = _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
     rgb[~finite] = _ABSENT
+    rgb[values == 0] = _ZERO  # logged, but exactly zero: a dead or disconnected layer, not a missing one
     rgb[nonfinite] = _NONFINITE
     return rgb.astype(np.uint8), lo, hi
 
@@ -183,8 +185,8 @@ def _heatmap_html(hm: dict, episodes: list[dict]) -> str:
             f'<svg viewBox="0 0 {_W} {height}" width="{_W}" height="{height}">'
             f'{_episode_bands(episodes, first, last, _W, height)}</svg></div></div>'
             f'<figcaption>{html.escape(hm["metric"])} per layer (rows, model order, {shown}) and step (columns, '
-            f'max per column, steps {first}–{last}); colour log10 {lo:.2f} … {hi:.2f}; grey: not logged; '
-            f'magenta: NaN/Inf</figcaption></figure>')
+            f'max per column, steps {first}–{last}); colour log10 {lo:.2f} … {hi:.2f}; black: exactly 0; '
+            f'grey: not logged; magenta: NaN/Inf</figcaption></figure>')
 
 
 # --------------------------------------------------------------------------------------------------------- render
