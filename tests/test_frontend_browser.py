@@ -1,7 +1,10 @@
 """The Gradients tab in a real Chromium against a real ``tensorboard`` process.
 
 The logdir is written by ``GradientWriter``: one run with a gradient explosion in one layer followed by a loss spike
-(and a layer whose name is an HTML injection attempt), and one healthy run for the side-by-side comparison.
+(and a layer whose name is an HTML injection attempt), one healthy run for the side-by-side comparison, and one run
+that overfits: its validation loss and accuracy (written by ``torch.utils.tensorboard.SummaryWriter`` next to the
+``GradientWriter`` files) turn after step 200 while the training loss keeps falling, and its last evaluation is NaN.
+The demo test opens the committed ``demo_logs/`` and saves the screenshots the README shows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ CULPRIT = "encoder.1.mlp"
 STEPS = 400
 EXPLOSION = range(250, 256)
 LOSS_SPIKE = 259
+#: The overfitting run: an evaluation every EVAL_EVERY steps, best at VAL_BEST, NaN at the last one.
+EVAL_EVERY = 20
+VAL_BEST = 200
+VAL_NAN = STEPS - 1
+DEMO_LOGS = REPO / "demo_logs"
 
 
 def _write_run(path: Path, *, explode: bool, seed: int) -> None:
@@ -70,9 +78,30 @@ def _write_loss_only(path: Path) -> None:
             writer.write(step, [], loss=1.0 / (1 + step), total_grad_norm=2.0)
 
 
+def _write_validation(path: Path) -> None:
+    """Validation series as PyTorch users write them: ``val_loss`` / ``val_accuracy`` scalars of a SummaryWriter."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    rng = np.random.default_rng(3)
+    writer = SummaryWriter(str(path))
+    try:
+        for step in range(0, STEPS, EVAL_EVERY):
+            turn = ((step - VAL_BEST) / VAL_BEST) ** 2
+            writer.add_scalar("val_loss", 0.6 + 0.5 * turn + rng.normal(0.0, 0.003), step)
+            writer.add_scalar("val_accuracy", 0.9 - 0.2 * turn + rng.normal(0.0, 0.002), step)
+        writer.add_scalar("val_loss", float("nan"), VAL_NAN)
+    finally:
+        writer.close()
+
+
 def write_logdir(root: str | Path) -> Path:
-    """The test logdir: runs ``exploding``, ``healthy``, ``live`` (grown by a test) and ``loss_only``."""
+    """The test logdir: runs ``early_stop`` (overfits), ``exploding``, ``healthy``, ``live`` (grown by a test) and
+    ``loss_only``. ``early_stop`` is written first: it ties with ``exploding`` on alarming episodes (one non-finite
+    evaluation, one explosion), so the tab must open on ``exploding``, the more recent run, though ``early_stop``
+    comes first by name and has more episodes in all."""
     root = Path(root)
+    _write_run(root / "early_stop", explode=False, seed=4)
+    _write_validation(root / "early_stop")
     _write_run(root / "exploding", explode=True, seed=1)
     _write_run(root / "healthy", explode=False, seed=2)
     _write_live(root / "live", range(100))
@@ -141,12 +170,18 @@ class Tab:
         self.context.close()
 
 
+@pytest.fixture(scope="module")
+def demo_server():
+    with TensorBoardServer(DEMO_LOGS) as tb:
+        yield tb
+
+
 @pytest.fixture()
 def tab_factory(browser, server):
     tabs: list[Tab] = []
 
-    def make(color_scheme: str = "light") -> Tab:
-        tab = Tab(browser, server, color_scheme)
+    def make(color_scheme: str = "light", tb: TensorBoardServer | None = None) -> Tab:
+        tab = Tab(browser, tb or server, color_scheme)
         tabs.append(tab)
         return tab
 
@@ -158,12 +193,12 @@ def tab_factory(browser, server):
         assert not errors, f"console errors: {errors}"
 
 
-def _auditor_report(logdir: Path) -> dict:
-    """The offline auditor's JSON for the exploding run (the same detector the plugin serves)."""
+def _auditor_report(logdir: Path, run: str = "exploding") -> dict:
+    """The offline auditor's JSON for a run (the same detector the plugin serves)."""
     from tb_gradient_plugin.detect import detect
     from tb_gradient_plugin.runs import load_run
 
-    return detect(load_run(str(logdir / "exploding"), "exploding")).to_json()
+    return detect(load_run(str(logdir / run), run)).to_json()
 
 
 def _brightest_pixel_y(frame, run: str) -> float:
@@ -192,6 +227,8 @@ def test_tab_flags_episode_offending_layer_and_loss_spike(tab_factory, server, l
     tab = tab_factory("light")
     page, frame = tab.page, tab.frame
     assert page.locator("plugin-selector .plugin-name", has_text="Gradients").count() >= 1
+    # The tab opens on the run with the most explosion / non-finite episodes, the most recent of those that tie.
+    assert frame.locator("#run-a").input_value() == "exploding"
 
     report = server.get_json("data/plugin/gradients/episodes?run=exploding")
     auditor = _auditor_report(logdir)
@@ -277,6 +314,13 @@ def test_clicking_an_episode_zooms_every_chart(tab_factory) -> None:
     drill.wait_for(state="visible")
     assert drill.get_attribute("data-layer") == CULPRIT
     assert panel.locator(".drill .layer-chart canvas").count() >= 3
+    # Its gradient histograms are drawn on the same step axis as the heatmap: same plot edges, same window.
+    hist = panel.locator(".drill .hist-view[data-drawn-columns]")
+    hist.wait_for()
+    assert int(hist.get_attribute("data-steps")) == len(range(0, STEPS, 50))
+    for attr in ("data-view-start", "data-view-end", "data-plot-left", "data-plot-width"):
+        assert hist.get_attribute(attr) == heatmap.get_attribute(attr), attr
+    assert int(hist.get_attribute("data-drawn-columns")) >= 1
     tab.frame.locator("#reset-zoom").click()
     tab.frame.wait_for_function(
         "(b) => document.querySelector('.run-panel .heatmap').dataset.viewEnd === String(b)", arg=full_end)
@@ -321,3 +365,96 @@ def test_run_without_layers_and_live_reload(tab_factory, logdir: Path) -> None:
     tab.page.locator(".reload-button").click()
     frame.wait_for_function(
         "() => document.querySelector('.run-panel .heatmap').dataset.viewEnd === '199'", timeout=30_000)
+
+
+def test_validation_best_step_and_overfitting(tab_factory, logdir: Path) -> None:
+    auditor = _auditor_report(logdir, "early_stop")
+    found = {v["series"]: v for v in auditor["validation"] if v["cause"] != "nonfinite"}
+    val = found["val_loss"]
+    assert val["cause"] == "overfitting"
+    assert abs(val["best_step"] - VAL_BEST) <= EVAL_EVERY
+
+    tab = tab_factory("light")
+    frame = tab.frame
+    frame.locator("#run-a").select_option("early_stop")
+    panel = tab.panel("early_stop")
+    chart = panel.locator(".loss-chart[data-best-steps]")
+    chart.wait_for()
+    chart.locator("canvas").first.wait_for()
+    assert f"val_loss:{val['best_step']}" in chart.get_attribute("data-best-steps").split(",")
+    best = panel.locator(".best-chip[data-series='val_loss']")
+    assert best.get_attribute("data-step") == str(val["best_step"])
+    assert "early stop" in best.text_content()
+    # The NaN evaluation is marked too, and is a non-finite finding of its own.
+    assert chart.get_attribute("data-nan-steps") == str(VAL_NAN)
+    assert panel.locator(".nan-chip").get_attribute("data-step") == str(VAL_NAN)
+    # The second axis offers the validation accuracy beside the total gradient norm.
+    options = panel.locator("select.right-axis option")
+    assert sorted(options.evaluate_all("els => els.map(e => e.value)")) == ["total_grad_norm", "val_accuracy"]
+
+    kinds = [e["kind"] for e in auditor["episodes"]]
+    episodes = panel.locator(".episode")
+    assert episodes.count() == len(kinds)
+    degraded = panel.locator(".episode[data-kind='val_degradation'][data-best-step]").filter(has_text="val loss")
+    assert degraded.count() == 1
+    assert degraded.get_attribute("data-cause") == "overfitting"
+    assert degraded.locator(".cause").text_content() == "overfitting"
+    assert degraded.locator(".best-step").get_attribute("data-step") == str(val["best_step"])
+    nan = panel.locator(".episode.validation[data-kind='nonfinite']")
+    assert nan.count() == 1
+    # Validation findings name no layer: no empty "offending layers" row.
+    assert panel.locator(".episode.validation .ep-layers").count() == 0
+    assert panel.locator(".episode.validation .ep-advice li").count() >= 2
+
+    degraded.click()
+    heatmap = panel.locator(".heatmap")
+    frame.wait_for_function(
+        "(b) => { const h = document.querySelector('.run-panel .heatmap');"
+        " return Number(h.dataset.viewStart) > 0 && Number(h.dataset.viewStart) <= b; }", arg=val["best_step"])
+    assert int(heatmap.get_attribute("data-view-end")) == STEPS - 1
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    tab.page.screenshot(path=str(SCREENSHOTS / "validation_light.png"))
+
+
+def _demo_default_run(server: TensorBoardServer) -> str:
+    """The run the tab should open on for demo_logs, from the auditor's episodes and TensorBoard's run order."""
+    from tb_gradient_plugin.detect import detect
+    from tb_gradient_plugin.runs import find_runs, load_run
+
+    order = server.get_json("data/runs")  # by start time, oldest first
+    best: tuple[int, int] | None = None
+    pick = ""
+    for name, path in find_runs(str(DEMO_LOGS)):
+        episodes = detect(load_run(path, name)).to_json()["episodes"]
+        alarming = sum(e["kind"] in ("explosion", "nonfinite") for e in episodes)
+        recency = max((i for i, r in enumerate(order) if r == name or r.startswith(name + "/")), default=-1)
+        if best is None or (alarming, recency) > best:
+            best, pick = (alarming, recency), name
+    return pick
+
+
+def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:
+    """``make demo`` opens TensorBoard on demo_logs/ at #gradients; these are also the README's screenshots."""
+    expected = _demo_default_run(demo_server)
+    tab = tab_factory("light", demo_server)
+    frame = tab.frame
+    assert frame.locator("#run-a").input_value() == expected
+    assert tab.panel(expected).locator(".episode").count() >= 1
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    tab.page.screenshot(path=str(SCREENSHOTS / "demo_default.png"))
+
+    frame.locator("#run-a").select_option("mlp_lr_raised")
+    panel = tab.panel("mlp_lr_raised")
+    panel.locator(".heatmap[data-drawn-cells]").wait_for()
+    panel.locator(".row-label[data-rank='1']").click()
+    panel.locator(".drill .layer-chart canvas").first.wait_for()
+    tab.page.mouse.move(0, 0)
+    tab.page.screenshot(path=str(SCREENSHOTS / "demo_light.png"))
+
+    dark = tab_factory("dark", demo_server)
+    dark.frame.locator("#run-a").select_option("rnn_no_clip")
+    dark.frame.locator("#run-b").select_option("rnn_clipped")
+    for run in ("rnn_no_clip", "rnn_clipped"):
+        dark.panel(run).locator(".heatmap[data-drawn-cells]").wait_for()
+        dark.panel(run).locator(".loss-chart canvas").first.wait_for()
+    dark.page.screenshot(path=str(SCREENSHOTS / "demo_dark.png"))

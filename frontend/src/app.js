@@ -8,6 +8,10 @@ import { Theme } from "./theme.js";
 /** TensorBoard's own auto-reload period. */
 const RELOAD_MS = 30000;
 const LOADING_POLL_MS = 1000;
+/** Most runs whose episode lists are read to pick the run the tab opens on. */
+const MAX_DEFAULT_PROBES = 40;
+/** Episodes that make a run the one to open on: the gradient blew up. */
+const ALARMING = new Set(["explosion", "nonfinite"]);
 const METRICS = [
   ["grad_norm", "log10 grad norm"],
   ["update_ratio", "log10 update ratio"],
@@ -27,6 +31,7 @@ export class App {
     this.full = { start: 0, end: 1 };
     this.polling = false;
     this.loading = false;
+    this.preferred = null;
 
     this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: () => this.selectRuns() });
     this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: () => this.selectRuns() });
@@ -112,7 +117,10 @@ export class App {
         "This page checks for new data every 30 seconds and when you press TensorBoard's reload button."));
       return;
     }
-    if (listChanged) this.fillSelects();
+    if (listChanged) {
+      if (!this.panels.length) this.preferred = await this.mostInteresting(runs);
+      this.fillSelects();
+    }
     if (!this.panels.length || this.panels.some((p) => !names.includes(p.info.run))) {
       await this.selectRuns();
       return;
@@ -130,10 +138,65 @@ export class App {
     this.runA.replaceChildren(...this.runs.map(option));
     this.runB.replaceChildren(h("option", { value: "", text: "— none —" }), ...this.runs.map(option));
     const names = this.runs.map((r) => r.run);
-    // Default: the run with the most episodes, so the first look shows a problem if there is one.
-    const worst = [...this.runs].sort((a, b) => b.episodes - a.episodes)[0];
-    this.runA.value = names.includes(keepA) ? keepA : worst ? worst.run : "";
+    const fallback = names.includes(this.preferred) ? this.preferred : names[0] || "";
+    this.runA.value = names.includes(keepA) ? keepA : fallback;
     this.runB.value = names.includes(keepB) ? keepB : "";
+  }
+
+  /**
+   * The run to open on, so the first look shows a problem if there is one: the most explosion / non-finite episodes,
+   * ties broken by the most recent run (TensorBoard's own run list is ordered by start time), then by episodes of
+   * any kind.
+   */
+  async mostInteresting(runs) {
+    const recency = await this.recencyRanks(runs);
+    const alarming = new Map();
+    let best = 0;
+    const candidates = runs.filter((r) => r.episodes > 0).sort((a, b) => b.episodes - a.episodes);
+    for (const r of candidates.slice(0, MAX_DEFAULT_PROBES)) {
+      if (r.episodes < best) break; // it cannot hold more alarming episodes than the best so far
+      try {
+        const report = await getJson("episodes", { run: r.run });
+        const n = report.episodes.filter((ep) => ALARMING.has(ep.kind)).length;
+        alarming.set(r.run, n);
+        best = Math.max(best, n);
+      } catch {
+        alarming.set(r.run, 0);
+      }
+    }
+    const key = (r) => [alarming.get(r.run) || 0, recency.get(r.run) ?? -1, r.episodes];
+    let pick = null;
+    for (const r of runs) {
+      if (!pick) {
+        pick = r;
+        continue;
+      }
+      const [a, b] = [key(r), key(pick)];
+      const i = a.findIndex((v, j) => v !== b[j]);
+      if (i >= 0 && a[i] > b[i]) pick = r;
+    }
+    return pick ? pick.run : null;
+  }
+
+  /** Run name -> position in TensorBoard's run list (by start time; higher = more recent), where it answers. */
+  async recencyRanks(runs) {
+    const ranks = new Map();
+    let order;
+    try {
+      order = await getJson("../../runs");
+    } catch {
+      return ranks;
+    }
+    if (!Array.isArray(order)) return ranks;
+    // TensorBoard may name sub-directories as runs of their own (a Keras run's train/ and validation/): such a
+    // name counts for the longest of our runs it lies in.
+    const ours = new Set(runs.map((r) => r.run));
+    order.forEach((name, i) => {
+      let run = typeof name === "string" ? name : "";
+      while (run && !ours.has(run)) run = run.includes("/") ? run.slice(0, run.lastIndexOf("/")) : "";
+      if (run) ranks.set(run, i);
+    });
+    return ranks;
   }
 
   async selectRuns() {
@@ -217,6 +280,14 @@ export class App {
   }
 
   zoomToEpisode(ep) {
+    if (ep.validation) {
+      // From the best (early-stopping) step to the worst evaluation: where the validation curve turned.
+      const first = ep.validation.best_step ?? ep.start_step;
+      const last = Math.max(ep.end_step, ep.validation.worst_step ?? ep.end_step);
+      const pad = Math.max(5, Math.round((last - first + 1) * 0.15), Math.round((this.full.end - this.full.start) * 0.02));
+      this.setView({ start: first - pad, end: last + pad }, null);
+      return;
+    }
     const last = Math.max(ep.end_step, ep.loss_spike_step ?? ep.end_step);
     const pad = Math.max(5, Math.round((last - ep.start_step + 1) * 1.5));
     this.setView({ start: ep.start_step - pad, end: last + pad }, null);

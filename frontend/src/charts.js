@@ -1,8 +1,8 @@
-// ECharts step charts (loss overlay, layer drill-down, histograms). Only the parts used are imported, to keep the
+// ECharts step charts (loss overlay, layer drill-down). Only the parts used are imported, to keep the
 // bundle small. Tooltips are built as DOM elements with textContent, so names are never parsed as HTML.
 
 import * as echarts from "echarts/core";
-import { HeatmapChart, LineChart, ScatterChart } from "echarts/charts";
+import { LineChart, ScatterChart } from "echarts/charts";
 import {
   DataZoomInsideComponent,
   DataZoomSliderComponent,
@@ -11,18 +11,17 @@ import {
   MarkAreaComponent,
   MarkLineComponent,
   TooltipComponent,
-  VisualMapContinuousComponent,
 } from "echarts/components";
 import { CanvasRenderer } from "echarts/renderers";
 
-import { h, formatStep, formatValue } from "./dom.js";
+import { h, formatStep, formatTick, formatValue } from "./dom.js";
 import { GUTTER, RIGHT } from "./layout.js";
-import { VIRIDIS, rgba } from "./theme.js";
+import { rgba } from "./theme.js";
+import { causeLabel, seriesLabel } from "./validation.js";
 
 echarts.use([
-  HeatmapChart, LineChart, ScatterChart, DataZoomInsideComponent, DataZoomSliderComponent, GridComponent,
-  LegendComponent, MarkAreaComponent, MarkLineComponent, TooltipComponent, VisualMapContinuousComponent,
-  CanvasRenderer,
+  LineChart, ScatterChart, DataZoomInsideComponent, DataZoomSliderComponent, GridComponent, LegendComponent,
+  MarkAreaComponent, MarkLineComponent, TooltipComponent, CanvasRenderer,
 ]);
 
 /** An ECharts instance on `el` that follows the element's size. */
@@ -36,7 +35,7 @@ function axisStyle(pal) {
   return {
     axisLine: { lineStyle: { color: pal.axis } },
     axisTick: { lineStyle: { color: pal.axis } },
-    axisLabel: { color: pal.textMuted, fontSize: 11 },
+    axisLabel: { color: pal.textMuted, fontSize: 11, formatter: formatTick },
     splitLine: { lineStyle: { color: pal.grid } },
     nameTextStyle: { color: pal.textMuted, fontSize: 11 },
   };
@@ -75,19 +74,89 @@ function pairs(steps, values, positive = false) {
 }
 
 function episodeAreas(episodes, pal) {
-  return episodes.map((ep) => [
-    {
-      xAxis: ep.start_step - 0.5,
-      itemStyle: { color: rgba(pal.episode[ep.kind] || pal.accent, pal.episodeAlpha) },
-      label: { show: true, position: "insideTop", color: pal.episode[ep.kind] || pal.accent, fontSize: 10,
-        formatter: ep.kind.replace("_", " ") },
-    },
-    { xAxis: ep.end_step + 0.5 },
-  ]);
+  // Several validation series may degrade over the same steps: one area for them, not a darker stack.
+  const seen = new Set();
+  const shown = episodes.filter((ep) => {
+    if (!ep.validation) return true;
+    const key = `${ep.kind}:${ep.start_step}:${ep.end_step}:${ep.validation.cause}`;
+    if (seen.has(key)) return false;
+    seen.add(key);
+    return true;
+  });
+  return shown.map((ep) => {
+    if (ep.validation) {
+      // A validation finding: a dashed frame from the best step to the last evaluation, labelled with its cause, so
+      // it reads as "the evaluations got worse" and never as one more gradient episode.
+      const bad = ep.kind === "nonfinite";
+      const color = bad ? pal.episode.nonfinite : pal.episode.val_degradation;
+      return [
+        {
+          xAxis: ep.start_step - 0.5,
+          itemStyle: { color: rgba(color, bad ? pal.episodeAlpha : pal.episodeAlpha / 2), borderColor: color,
+            borderWidth: 1, borderType: "dashed" },
+          // A NaN evaluation is labelled by its marker line (validationMarkers).
+          label: { show: !bad, position: "insideTopRight", color, fontSize: 10,
+            formatter: `validation: ${causeLabel(ep.validation.cause)}` },
+        },
+        { xAxis: ep.end_step + 0.5 },
+      ];
+    }
+    return [
+      {
+        xAxis: ep.start_step - 0.5,
+        itemStyle: { color: rgba(pal.episode[ep.kind] || pal.accent, pal.episodeAlpha) },
+        label: { show: true, position: "insideTop", color: pal.episode[ep.kind] || pal.accent, fontSize: 10,
+          formatter: ep.kind.replace("_", " ") },
+      },
+      { xAxis: ep.end_step + 0.5 },
+    ];
+  });
 }
 
-/** Loss curve with spikes, episodes shaded behind it, the gap from each episode's peak to the spike it caused. */
-export function lossOption({ loss, episodes, full, pal, logY }) {
+/** A line of the loss route ({steps, values, ...}) that holds at least one point. */
+function hasPoints(line) {
+  return Boolean(line && line.steps && line.steps.length);
+}
+
+/**
+ * The best points (early-stopping points) of the validation findings, and their NaN evaluations: vertical markers
+ * on the step axis, labelled, so the step to keep can be read off the chart.
+ */
+function validationMarkers(validation, pal) {
+  const lines = [];
+  const byStep = new Map();
+  for (const f of validation.filter((v) => v.cause !== "nonfinite" && v.best_step !== null)) {
+    if (!byStep.has(f.best_step)) byStep.set(f.best_step, []);
+    byStep.get(f.best_step).push(f);
+  }
+  for (const [step, found] of byStep) {
+    const degraded = found.some((f) => f.cause !== null);
+    lines.push({
+      xAxis: step,
+      lineStyle: { color: pal.valLine, type: "solid", width: degraded ? 1.5 : 1, opacity: degraded ? 1 : 0.6 },
+      label: { show: true, position: "end", color: pal.valLine, fontSize: 10,
+        formatter: `◆ ${degraded ? "early stop" : "best"} @ ${formatStep(step)}` },
+    });
+  }
+  for (const f of validation.filter((v) => v.cause === "nonfinite")) {
+    for (const step of f.nonfinite_steps) {
+      lines.push({
+        xAxis: step,
+        lineStyle: { color: pal.episode.nonfinite, type: "dashed", width: 1.5 },
+        label: { show: true, position: "end", color: pal.episode.nonfinite, fontSize: 10,
+          formatter: `✕ ${seriesLabel(f.series)} NaN` },
+      });
+    }
+  }
+  return lines;
+}
+
+/**
+ * Loss curve with spikes, episodes shaded behind it, the gap from each episode's peak to the spike it caused; the
+ * validation loss on the same axis with its best step marked; `right` picks the second axis's line: "total_grad_norm"
+ * or one of `loss.val_metrics` (accuracy, mAP...).
+ */
+export function lossOption({ loss, episodes, validation, full, pal, logY, right }) {
   const spikes = loss.spikes || [];
   const gaps = [];
   for (const s of spikes) {
@@ -128,37 +197,67 @@ export function lossOption({ loss, episodes, full, pal, logY }) {
   ];
   if (loss.full_resolution === false && loss.min && loss.max) series.unshift(...envelopeSeries(loss, pal, logY));
   const yAxis = [{ type: logY ? "log" : "value", scale: true, ...axisStyle(pal) }];
-  if (loss.total_grad_norm && loss.total_grad_norm.steps.length) {
-    yAxis.push({ type: "log", position: "right", ...axisStyle(pal), splitLine: { show: false },
-      axisLabel: { color: pal.secondLine, fontSize: 11 } });
+  const metrics = loss.val_metrics || {};
+  const rightLine = right === "total_grad_norm" ? loss.total_grad_norm : metrics[right];
+  if (hasPoints(rightLine)) {
+    const isNorm = right === "total_grad_norm";
+    const color = isNorm ? pal.secondLine : pal.valMetric;
+    yAxis.push({ type: isNorm ? "log" : "value", scale: true, position: "right", ...axisStyle(pal),
+      splitLine: { show: false }, axisLabel: { color, fontSize: 11, formatter: formatTick } });
     series.push({
-      name: "total grad norm",
+      name: isNorm ? "total grad norm" : seriesLabel(right),
       type: "line",
       yAxisIndex: 1,
-      data: pairs(loss.total_grad_norm.steps, loss.total_grad_norm.values, true),
-      showSymbol: false,
-      sampling: "minmax",
-      lineStyle: { width: 1, color: pal.secondLine, opacity: 0.8 },
-      itemStyle: { color: pal.secondLine },
-      z: 2,
+      data: pairs(rightLine.steps, rightLine.values, isNorm),
+      showSymbol: !isNorm && rightLine.steps.length < 200,
+      symbolSize: 4,
+      sampling: isNorm ? "minmax" : undefined,
+      lineStyle: { width: 1, color, opacity: isNorm ? 0.8 : 1, type: isNorm ? "solid" : "dotted" },
+      itemStyle: { color },
+      z: isNorm ? 2 : 4,
     });
   }
-  if (loss.val_loss && loss.val_loss.steps.length) {
+  const best = [];
+  for (const f of validation.filter((v) => v.cause !== "nonfinite" && v.best_step !== null && v.best_value !== null)) {
+    if (f.series === "val_loss") best.push({ value: [f.best_step, f.best_value, f.series], yAxisIndex: 0 });
+    else if (f.series === right && hasPoints(rightLine)) best.push({ value: [f.best_step, f.best_value, f.series] });
+  }
+  if (hasPoints(loss.val_loss)) {
     series.push({
       name: "val loss",
       type: "line",
       data: pairs(loss.val_loss.steps, loss.val_loss.values, logY),
+      showSymbol: loss.val_loss.steps.length < 200,
       symbolSize: 4,
-      lineStyle: { width: 1, color: pal.valLine, type: "dashed" },
+      connectNulls: false,
+      lineStyle: { width: 1.5, color: pal.valLine, type: "dashed" },
       itemStyle: { color: pal.valLine },
       z: 4,
     });
   }
+  for (const [axis, points] of [[0, best.filter((b) => b.value[2] === "val_loss")],
+    [1, best.filter((b) => b.value[2] !== "val_loss")]]) {
+    if (!points.length) continue;
+    series.push({
+      name: "best (early stop)",
+      type: "scatter",
+      yAxisIndex: axis,
+      data: points.map((b) => b.value),
+      symbol: "diamond",
+      symbolSize: 12,
+      itemStyle: { color: pal.valLine, borderColor: pal.background, borderWidth: 1.5 },
+      z: 6,
+    });
+  }
+  series.push({ name: "validation markers", type: "line", data: [], silent: true,
+    markLine: { silent: true, animation: false, symbol: "none", data: validationMarkers(validation, pal) } });
+  const hidden = new Set(["min", "range", "validation markers"]);
   return {
     animation: false,
-    grid: { left: GUTTER, right: RIGHT, top: 28, bottom: 54 },
+    // Room above the plot for the labels of the validation markers.
+    grid: { left: GUTTER, right: RIGHT, top: validation.length ? 44 : 28, bottom: 54 },
     legend: { top: 0, left: GUTTER, textStyle: { color: pal.textMuted, fontSize: 11 }, itemHeight: 8,
-      data: series.map((s) => s.name).filter((n) => n !== "min" && n !== "range") },
+      data: [...new Set(series.map((s) => s.name))].filter((n) => !hidden.has(n)) },
     tooltip: { ...tooltipBase(pal), formatter: lossTooltip },
     xAxis: stepAxis(pal, full),
     yAxis,
@@ -178,7 +277,9 @@ function lossTooltip(params) {
   const rows = [h("div", { class: "tt-title", text: `step ${formatStep(list[0].value[0])}` })];
   for (const p of list) {
     if (p.seriesName === "min" || p.seriesName === "range") continue;
-    if (p.seriesName === "loss spike") {
+    if (p.seriesName === "best (early stop)") {
+      rows.push(h("div", { class: "tt-val", text: `best ${seriesLabel(p.value[2])}: ${formatValue(p.value[1])}` }));
+    } else if (p.seriesName === "loss spike") {
       rows.push(h("div", { class: "tt-accent", text: `loss spike ×${formatValue(p.value[2])} above baseline` }));
       if (p.value[3] !== null && p.value[3] !== undefined) {
         rows.push(h("div", { class: "tt-muted", text: `follows episode #${p.value[3] + 1}` }));
@@ -203,7 +304,7 @@ function envelopeSeries(data, pal, log) {
 }
 
 /** One metric of one layer, with its envelope (when binned) and the detector's baseline / threshold band. */
-export function layerOption({ data, title, range, pal, log }) {
+export function layerOption({ data, title, range, pal, log, episodes = [] }) {
   const { steps } = data;
   const series = [];
   if (!data.full_resolution) series.push(...envelopeSeries(data, pal, log));
@@ -217,7 +318,7 @@ export function layerOption({ data, title, range, pal, log }) {
   }
   series.push({ name: title, type: "line", data: pairs(steps, data.values, log), showSymbol: steps.length < 60,
     symbolSize: 3, sampling: "minmax", lineStyle: { color: pal.line, width: 1.25 }, itemStyle: { color: pal.line },
-    z: 3 });
+    z: 3, markArea: { silent: true, data: episodeAreas(episodes.filter((ep) => !ep.validation), pal) } });
   return {
     animation: false,
     grid: { left: GUTTER, right: RIGHT, top: 24, bottom: 24 },
@@ -240,39 +341,4 @@ function layerTooltip(params) {
     rows.push(h("div", { text: `${p.seriesName}: ${formatValue(p.value[1])}` }));
   }
   return h("div", {}, rows);
-}
-
-/** Histograms of log10|g| over time: steps across, bins up, colour = log(1 + count). */
-export function histogramOption({ data, pal }) {
-  const cells = [];
-  let max = 0;
-  data.counts.forEach((row, i) => {
-    row.forEach((c, j) => {
-      if (c > 0) {
-        const v = Math.log1p(c);
-        if (v > max) max = v;
-        cells.push([i, j, v]);
-      }
-    });
-  });
-  return {
-    animation: false,
-    grid: { left: GUTTER, right: RIGHT, top: 8, bottom: 28 },
-    tooltip: {
-      confine: true,
-      backgroundColor: pal.panel,
-      borderColor: pal.grid,
-      textStyle: { color: pal.text, fontSize: 12 },
-      formatter: (p) => h("div", {},
-        h("div", { class: "tt-title", text: `step ${formatStep(data.steps[p.value[0]])}` }),
-        h("div", { text: `log10|g| bin ${data.bins[p.value[1]]}` }),
-        h("div", { text: `${Math.round(Math.expm1(p.value[2])).toLocaleString("en-US")} entries` })),
-    },
-    xAxis: { type: "category", data: data.steps.map(String), ...axisStyle(pal), splitLine: { show: false } },
-    yAxis: { type: "category", data: data.bins, ...axisStyle(pal), splitLine: { show: false },
-      axisLabel: { color: pal.textMuted, fontSize: 10, interval: 5 } },
-    visualMap: { show: false, min: 0, max: Math.max(1, max), dimension: 2,
-      inRange: { color: VIRIDIS.filter((_, i) => i % 32 === 0 || i === 255).map(([r, g, b]) => `rgb(${r},${g},${b})`) } },
-    series: [{ type: "heatmap", data: cells, progressive: 5000 }],
-  };
 }

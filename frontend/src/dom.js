@@ -50,3 +50,15 @@ export function formatValue(v) {
   if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(3);
   return v.toPrecision(4);
 }
+
+/** Short axis label: plain digits for moderate numbers, 1e+9 style beyond (no float noise like 2.4999999e+36). */
+export function formatTick(v) {
+  if (!Number.isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  if (a === 0) return "0";
+  if (a >= 1e4 || a < 1e-3) {
+    const [m, e] = v.toExponential(1).split("e");
+    return `${m.replace(/\.0$/, "")}e${Number(e)}`;
+  }
+  return String(Number(v.toPrecision(3)));
+}

@@ -2,6 +2,7 @@
 // chart to it; clicking a layer opens its drill-down.
 
 import { h, formatStep, formatValue, message } from "./dom.js";
+import { causeLabel, seriesLabel } from "./validation.js";
 
 const KIND_LABEL = {
   explosion: "Explosion",
@@ -9,6 +10,56 @@ const KIND_LABEL = {
   overflow_skip: "Overflow skips",
   val_degradation: "Validation degradation",
 };
+
+/** A peak-over-baseline ratio; null stands for infinity (a non-finite value). */
+function ratioText(ratio) {
+  return ratio === null || ratio === undefined ? "∞" : formatValue(ratio);
+}
+
+/** Head line of an episode: its kind and steps. Validation findings say what they are about instead of a peak. */
+function episodeHead(ep, i) {
+  const v = ep.validation;
+  if (!v) {
+    return [
+      h("span", { class: "badge", text: `#${i + 1} ${KIND_LABEL[ep.kind] || ep.kind}` }),
+      h("span", { class: "ep-steps", text: ep.start_step === ep.end_step
+        ? `step ${formatStep(ep.start_step)}`
+        : `steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}, peak ${formatStep(ep.peak_step)}` }),
+      h("span", { class: "ep-severity", title: "severity", text: `severity ${ep.severity === null ? "∞ (non-finite)" : formatValue(ep.severity)}` }),
+    ];
+  }
+  const what = seriesLabel(v.series);
+  if (ep.kind === "nonfinite") {
+    const steps = v.nonfinite_steps || [ep.start_step];
+    return [
+      h("span", { class: "badge", text: `#${i + 1} Non-finite ${what}` }),
+      h("span", { class: "ep-steps", text: steps.length > 1
+        ? `${steps.length} evaluations from step ${formatStep(steps[0])}` : `evaluation at step ${formatStep(steps[0])}` }),
+    ];
+  }
+  const worse = v.change === null ? "" : `${Math.abs((v.change - 1) * 100).toFixed(0)}% worse`;
+  return [
+    h("span", { class: "badge", text: `#${i + 1} ${KIND_LABEL[ep.kind]}` }),
+    h("span", { class: `cause cause-${v.cause}`, text: causeLabel(v.cause) }),
+    h("span", { class: "ep-steps", text: `${what}, steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}` }),
+    worse ? h("span", { class: "ep-severity", title: "recent value against the best", text: worse }) : null,
+  ];
+}
+
+/** What a validation finding says in numbers: the best step (where to stop), the worst, and a related episode. */
+function validationFacts(v) {
+  if (v.best_step === null) {
+    return h("div", { class: "ep-val", text: "No finite evaluation before it: there is no best step to go back to." });
+  }
+  return h("div", { class: "ep-val" },
+    h("span", { class: "best-step", dataset: { step: String(v.best_step) },
+      text: `${v.cause === "nonfinite" ? "Last good" : "Best"} ${seriesLabel(v.series)} ${formatValue(v.best_value)} `
+        + `at step ${formatStep(v.best_step)}` }),
+    v.cause !== "nonfinite" ? ` — the early-stopping point; worst ${formatValue(v.worst_value)} at step `
+      + `${formatStep(v.worst_step)}` : null,
+    v.related_step !== null && v.related_step !== undefined
+      ? `; began with the instability at step ${formatStep(v.related_step)}` : null);
+}
 
 export function renderEpisodes(report, { onEpisode, onLayer }) {
   const { episodes, warnings } = report;
@@ -18,11 +69,13 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
     const item = h(
       "li",
       {
-        class: `episode kind-${ep.kind}`,
+        class: `episode kind-${ep.kind}${ep.validation ? " validation" : ""}`,
         tabindex: "0",
         role: "button",
         title: "Zoom every chart to this episode",
-        dataset: { index: String(i), start: String(ep.start_step), end: String(ep.end_step), kind: ep.kind },
+        dataset: { index: String(i), start: String(ep.start_step), end: String(ep.end_step), kind: ep.kind,
+          cause: ep.validation ? String(ep.validation.cause) : undefined,
+          bestStep: ep.validation && ep.validation.best_step !== null ? String(ep.validation.best_step) : undefined },
         onclick: () => onEpisode(ep),
         onkeydown: (e) => {
           if (e.key === "Enter" || e.key === " ") {
@@ -31,26 +84,22 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
           }
         },
       },
-      h("div", { class: "ep-head" },
-        h("span", { class: "badge", text: `#${i + 1} ${KIND_LABEL[ep.kind] || ep.kind}` }),
-        h("span", { class: "ep-steps", text: ep.start_step === ep.end_step
-          ? `step ${formatStep(ep.start_step)}`
-          : `steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}, peak ${formatStep(ep.peak_step)}` }),
-        h("span", { class: "ep-severity", title: "severity", text: `severity ${formatValue(ep.severity)}` })),
+      h("div", { class: "ep-head" }, episodeHead(ep, i)),
+      ep.validation ? validationFacts(ep.validation) : null,
       top.length
         ? h("div", { class: "ep-layers" },
           h("span", { class: "ep-label", text: top.length > 1 ? "Offending layers:" : "Offending layer:" }),
           top.slice(0, 3).map((f, j) => h("button", {
             class: `layer-chip${j === 0 ? " top" : ""}`,
             type: "button",
-            title: `${f.name}: ${f.metric} peaked at ${formatValue(f.peak_value)} (×${formatValue(f.ratio)} its `
+            title: `${f.name}: ${f.metric} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
               + `baseline) at step ${formatStep(f.peak_step)}, first over threshold at step ${formatStep(f.first_step)}`,
             dataset: { layer: f.name },
             onclick: (e) => {
               e.stopPropagation();
               onLayer(f.name, ep);
             },
-          }, h("span", { class: "name", text: f.name }), h("span", { class: "ratio", text: ` ×${formatValue(f.ratio)}` }))),
+          }, h("span", { class: "name", text: f.name }), h("span", { class: "ratio", text: ` ×${ratioText(f.ratio)}` }))),
           top.length > 3 ? h("span", { class: "ep-more", text: `+${top.length - 3} more` }) : null)
         : null,
       ep.loss_spike_step !== null && ep.loss_spike_step !== undefined
@@ -68,7 +117,9 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
     episodes.length
       ? list
       : message("empty", "No explosion, non-finite or overflow episode detected.",
-        `Checked ${formatStep(report.steps)} logged steps. Spikes in the loss alone are still marked on the loss chart.`),
+        `Checked ${formatStep(report.steps)} logged steps. Spikes in the loss alone are still marked on the loss chart.`,
+        ...(report.validation || []).filter((v) => v.best_step !== null).map((v) => `${seriesLabel(v.series)} `
+          + `has not worsened: best ${formatValue(v.best_value)} at step ${formatStep(v.best_step)}.`)),
     (warnings || []).length
       ? h("ul", { class: "warnings" }, warnings.map((w) => h("li", { text: w })))
       : null);

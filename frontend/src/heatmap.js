@@ -3,7 +3,7 @@
 // cell and needs category axes, which cannot share the step axis with the line charts.
 
 import { h, formatStep, formatValue } from "./dom.js";
-import { GUTTER, RIGHT, niceTicks } from "./layout.js";
+import { GUTTER, RIGHT, drawStepAxis } from "./layout.js";
 import { VIRIDIS, rgba } from "./theme.js";
 
 const TRACK = 18; // episode / spike / non-finite track above the cells
@@ -30,6 +30,7 @@ export class Heatmap {
     this.colorRange = null;
     this.selected = null;
     this.spikes = [];
+    this.episodes = null;
     this.hover = null;
     this.drag = null;
     this.canvas = h("canvas", { class: "hm-canvas" });
@@ -72,6 +73,12 @@ export class Heatmap {
   setSelected(layer) {
     this.selected = layer;
     this.renderLabels();
+    this.draw();
+  }
+
+  /** The run's episodes from the episodes route (they say which are validation findings); null: the heatmap's. */
+  setEpisodes(episodes) {
+    this.episodes = episodes;
     this.draw();
   }
 
@@ -165,6 +172,8 @@ export class Heatmap {
     const cells = this.cells(pal, Math.round(pw * dpr), Math.round(ph * dpr));
     ctx.putImageData(cells.image, Math.round(GUTTER * dpr), Math.round(TRACK * dpr));
     this.el.dataset.drawnCells = String(cells.drawn);
+    this.el.dataset.plotLeft = String(GUTTER);
+    this.el.dataset.plotWidth = String(pw);
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     this.drawOverlays(ctx, pal, pw, ph, rowH);
     this.drawAxis(ctx, pal, pw, ph);
@@ -214,17 +223,30 @@ export class Heatmap {
   }
 
   drawOverlays(ctx, pal, pw, ph, rowH) {
-    const { layers, offending, episodes, nonfinite, bin_start: bs, bin_end: be } = this.data;
+    const { layers, offending, nonfinite, bin_start: bs, bin_end: be } = this.data;
+    const episodes = this.episodes || this.data.episodes;
     const X = (step) => GUTTER + this.xOf(step, pw);
     ctx.save();
     ctx.beginPath();
     ctx.rect(GUTTER, 0, pw, TRACK + ph);
     ctx.clip();
-    // Episodes: a bar in the track and an outline over the cells.
+    // Episodes: a bar in the track and an outline over the cells. Validation findings are about the model's
+    // evaluations, not its layers: they get a dashed line in the track only.
     for (const ep of episodes) {
       const color = pal.episode[ep.kind] || pal.accent;
       const xa = X(ep.start_step - 0.5);
       const xb = Math.max(xa + 2, X(ep.end_step + 0.5));
+      if (ep.validation) {
+        ctx.strokeStyle = ep.kind === "nonfinite" ? color : pal.episode.val_degradation;
+        ctx.lineWidth = 3;
+        ctx.setLineDash([5, 3]);
+        ctx.beginPath();
+        ctx.moveTo(xa, 6);
+        ctx.lineTo(xb, 6);
+        ctx.stroke();
+        ctx.setLineDash([]);
+        continue;
+      }
       ctx.fillStyle = rgba(color, pal.episodeAlpha / 2);
       ctx.fillRect(xa, TRACK, xb - xa, ph);
       ctx.fillStyle = color;
@@ -295,22 +317,7 @@ export class Heatmap {
   }
 
   drawAxis(ctx, pal, pw, ph) {
-    const { start, end } = this.range;
-    ctx.fillStyle = pal.textMuted;
-    ctx.strokeStyle = pal.axis;
-    ctx.font = "11px Roboto, sans-serif";
-    ctx.textAlign = "center";
-    ctx.textBaseline = "top";
-    ctx.lineWidth = 1;
-    for (const t of niceTicks(start, end, Math.max(2, Math.floor(pw / 90)))) {
-      if (t !== Math.round(t)) continue;
-      const x = GUTTER + this.xOf(t, pw);
-      ctx.beginPath();
-      ctx.moveTo(x, TRACK + ph);
-      ctx.lineTo(x, TRACK + ph + 4);
-      ctx.stroke();
-      ctx.fillText(formatStep(t), x, TRACK + ph + 6);
-    }
+    drawStepAxis(ctx, pal, this.range, pw, TRACK + ph, formatStep);
   }
 
   // ------------------------------------------------------------------------------------------------- interaction

@@ -16,3 +16,26 @@ export function niceTicks(lo, hi, count) {
   for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(t);
   return ticks;
 }
+
+/**
+ * Step labels under a canvas plot that spans [GUTTER, GUTTER + pw] for `range` ({start, end}), at height `y`: the
+ * heatmap and the histogram view draw the same axis as the ECharts step charts.
+ */
+export function drawStepAxis(ctx, pal, range, pw, y, format) {
+  const span = Math.max(1, range.end - range.start);
+  ctx.fillStyle = pal.textMuted;
+  ctx.strokeStyle = pal.axis;
+  ctx.font = "11px Roboto, sans-serif";
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  ctx.lineWidth = 1;
+  for (const t of niceTicks(range.start, range.end, Math.max(2, Math.floor(pw / 90)))) {
+    if (t !== Math.round(t)) continue;
+    const x = GUTTER + ((t - range.start) / span) * pw;
+    ctx.beginPath();
+    ctx.moveTo(x, y);
+    ctx.lineTo(x, y + 4);
+    ctx.stroke();
+    ctx.fillText(format(t), x, y + 6);
+  }
+}

@@ -2,11 +2,13 @@
 // by side make the run comparison; the app keeps them on one step axis.
 
 import { getJson, isAbort } from "./api.js";
-import { createChart, histogramOption, layerOption, lossOption } from "./charts.js";
+import { createChart, layerOption, lossOption } from "./charts.js";
 import { clear, formatStep, formatValue, h, message } from "./dom.js";
 import { renderEpisodes } from "./episodes.js";
 import { Heatmap, metricName } from "./heatmap.js";
+import { HistogramView } from "./histogram.js";
 import { GUTTER, RIGHT } from "./layout.js";
+import { seriesLabel } from "./validation.js";
 
 const REFETCH_DELAY_MS = 200;
 const MAX_BINS = 2000;
@@ -51,6 +53,9 @@ export class RunPanel {
     this.slots = { heatmap: new Slot(), loss: new Slot(), layer: new Slot(), hist: new Slot() };
     this.timers = {};
     this.logY = false;
+    this.logChosen = null; // the user's pick of the log-scale box; null: automatic
+    this.right = null;
+    this.histView = null;
 
     this.heatmap = new Heatmap({
       palette: () => app.palette(),
@@ -137,7 +142,18 @@ export class RunPanel {
       this.lossBody.replaceChildren(message("error", "Could not load the loss of this run.", loss.reason.message));
     }
     if (this.heatmapData) this.heatmap.setSpikes(this.spikeSteps());
+    this.heatmap.setEpisodes(this.report ? this.report.episodes : null);
+    if (this.histView) this.histView.setEpisodes(this.episodes());
+    for (const d of this.drillCharts) if (d.chart && d.data) this.drawDrillChart(d);
     this.app.dataChanged();
+  }
+
+  episodes() {
+    return this.report ? this.report.episodes : [];
+  }
+
+  validation() {
+    return this.report ? this.report.validation || [] : [];
   }
 
   heatmapParams() {
@@ -222,7 +238,8 @@ export class RunPanel {
   renderLoss() {
     const loss = this.loss;
     const hasTotal = loss.total_grad_norm && loss.total_grad_norm.steps.length;
-    if (!loss.steps.length && !hasTotal) {
+    const hasVal = loss.val_loss && loss.val_loss.steps.length;
+    if (!loss.steps.length && !hasTotal && !hasVal) {
       this.lossBody.replaceChildren(message("empty", "No loss logged in this run.",
         "Pass loss=... to GradientWriter.write (the integrations log it when you give it to them), "
         + "or log a scalar named loss."));
@@ -231,12 +248,19 @@ export class RunPanel {
     }
     const spikes = loss.spikes || [];
     this.lossEl.dataset.spikeSteps = spikes.map((s) => s.step).join(",");
-    const positive = loss.values.every((v) => v === null || v > 0);
-    if (!positive) this.logY = false;
+    const lines = [loss.values, loss.val_loss ? loss.val_loss.values : []];
+    const positive = lines.every((values) => values.every((v) => v === null || v > 0));
+    // A loss that blew up by orders of magnitude is flat on a linear axis: such a chart starts logarithmic.
+    const finite = lines.flat().filter((v) => v !== null && Number.isFinite(v));
+    const wide = finite.length > 0 && Math.max(...finite) > 1e3 * Math.min(...finite);
+    this.logY = positive && (this.logChosen ?? wide);
+    this.lossEl.dataset.logY = String(this.logY);
     const logToggle = h("label", { class: "toggle", title: "Logarithmic loss axis" },
       h("input", { type: "checkbox", checked: this.logY, disabled: !positive,
         onchange: (e) => {
+          this.logChosen = e.target.checked;
           this.logY = e.target.checked;
+          this.lossEl.dataset.logY = String(this.logY);
           this.drawLoss();
         } }),
       " log scale");
@@ -250,6 +274,8 @@ export class RunPanel {
         ? `${spikes.length} loss spike${spikes.length === 1 ? "" : "s"}:` : "no loss spikes" }),
       ...chips,
       spikes.length > chips.length ? h("span", { class: "ep-more", text: `+${spikes.length - chips.length} more` }) : null,
+      ...this.validationChips(),
+      this.rightAxisSelect(),
       logToggle,
     ].filter(Boolean));
     if (!this.lossEl.isConnected) this.lossBody.replaceChildren(this.lossEl);
@@ -260,12 +286,58 @@ export class RunPanel {
     this.drawLoss();
   }
 
+  /** Chips for the validation findings: each best (early-stopping) step and each NaN evaluation; click to zoom. */
+  validationChips() {
+    const validation = this.validation();
+    const judged = validation.filter((v) => v.cause !== "nonfinite" && v.best_step !== null);
+    this.lossEl.dataset.bestSteps = judged.map((v) => `${v.series}:${v.best_step}`).join(",");
+    const nan = validation.filter((v) => v.cause === "nonfinite").flatMap((v) => v.nonfinite_steps.map((step) => [v, step]));
+    this.lossEl.dataset.nanSteps = nan.map(([, step]) => step).join(",");
+    return [
+      ...judged.map((v) => h("button", {
+        class: `best-chip${v.cause ? " degraded" : ""}`, type: "button",
+        dataset: { step: String(v.best_step), series: v.series },
+        title: `Best ${seriesLabel(v.series)}: ${formatValue(v.best_value)} at step ${formatStep(v.best_step)}`
+          + (v.cause ? ", the early-stopping point (it got worse after it)" : "") + ". Click to zoom.",
+        onclick: () => this.app.zoomAround(v.best_step),
+      }, `◆ ${v.cause ? "early stop" : "best"} ${seriesLabel(v.series)} @ ${formatStep(v.best_step)}`)),
+      ...nan.slice(0, 5).map(([v, step]) => h("button", {
+        class: "nan-chip", type: "button", dataset: { step: String(step), series: v.series },
+        title: `${seriesLabel(v.series)} was NaN/Inf at step ${formatStep(step)}. Click to zoom.`,
+        onclick: () => this.app.zoomAround(step),
+      }, `✕ ${seriesLabel(v.series)} NaN @ ${formatStep(step)}`)),
+    ];
+  }
+
+  /** Which line the loss chart's second axis shows: the total gradient norm or a validation metric. */
+  rightAxisSelect() {
+    const metrics = Object.entries(this.loss.val_metrics || {}).filter(([, line]) => line && line.steps.length);
+    const choices = [];
+    if (this.loss.total_grad_norm && this.loss.total_grad_norm.steps.length) {
+      choices.push(["total_grad_norm", "total grad norm"]);
+    }
+    for (const [name] of metrics) choices.push([name, seriesLabel(name)]);
+    if (!choices.some(([name]) => name === this.right)) {
+      const degraded = this.validation().find((v) => v.cause && v.cause !== "nonfinite"
+        && metrics.some(([name]) => name === v.series));
+      this.right = degraded ? degraded.series : choices.length ? choices[0][0] : null;
+    }
+    this.lossEl.dataset.rightAxis = this.right || "";
+    if (choices.length < 2) return null;
+    return h("label", { class: "toggle", title: "Line on the right axis" }, "right axis ",
+      h("select", { class: "right-axis", "aria-label": "Right axis",
+        onchange: (e) => {
+          this.right = e.target.value;
+          this.lossEl.dataset.rightAxis = this.right;
+          this.drawLoss();
+        } }, choices.map(([value, text]) => h("option", { value, text, selected: value === this.right }))));
+  }
+
   drawLoss() {
     if (!this.lossChart || !this.loss) return;
-    const episodes = this.report ? this.report.episodes : [];
     this.applyingView = true;
-    this.lossChart.setOption(lossOption({ loss: this.loss, episodes, full: this.app.fullRange(),
-      pal: this.app.palette(), logY: this.logY }), { notMerge: true });
+    this.lossChart.setOption(lossOption({ loss: this.loss, episodes: this.episodes(), validation: this.validation(),
+      full: this.app.fullRange(), pal: this.app.palette(), logY: this.logY, right: this.right }), { notMerge: true });
     this.applyingView = false;
     this.applyLossView();
   }
@@ -300,6 +372,7 @@ export class RunPanel {
     for (const { chart } of this.drillCharts) {
       if (chart) chart.setOption({ xAxis: { min: range.start, max: range.end } });
     }
+    if (this.histView && this.histView.data) this.histView.setRange(range);
     if (!refetch) return;
     if (this.info.has_layers) this.schedule("heatmap", () => this.loadHeatmap());
     if (this.layer) this.schedule("layer", () => this.loadLayerMetrics());
@@ -362,15 +435,15 @@ export class RunPanel {
       body.append(slot);
       this.drillCharts.push({ spec, el, slot, chart: null, data: null });
     }
-    this.histEl = null;
     if (this.info.has_histograms) {
-      this.histEl = h("div", { class: "chart hist-chart" });
-      body.append(h("div", { class: "drill-sub", text: "Gradient histogram over time (log10 |g|)" }),
-        h("div", { class: "drill-slot" }, this.histEl));
+      this.histView = new HistogramView({ palette: () => this.app.palette(), onZoom: (range) => this.app.setView(range, this) });
+      this.histSlot = h("div", { class: "drill-slot" }, message("loading", "Loading gradient histograms…"));
+      body.append(h("div", { class: "drill-sub", text: "Gradient |g| distribution over time (share of the layer's "
+        + "entries per log10 bin; NaN/Inf on top)" }), this.histSlot);
     }
     this.drillEl.replaceChildren(head, body);
     this.loadLayerMetrics();
-    if (this.histEl) this.loadHistograms();
+    if (this.histView) this.loadHistograms();
   }
 
   /** Whether the run recorded `metric` (older backends do not list metrics: then ask for every one). */
@@ -388,8 +461,8 @@ export class RunPanel {
   disposeDrill() {
     for (const d of this.drillCharts) if (d.chart) d.chart.dispose();
     this.drillCharts = [];
-    if (this.histChart) this.histChart.dispose();
-    this.histChart = null;
+    if (this.histView) this.histView.destroy();
+    this.histView = null;
   }
 
   async loadLayerMetrics() {
@@ -430,30 +503,31 @@ export class RunPanel {
   }
 
   drawDrillChart(d) {
-    const positive = d.data.values.every((v) => v === null || v > 0);
+    // Norms span decades: a log axis (a zero, e.g. a frozen step, leaves a gap rather than a linear axis).
+    const positive = d.data.values.some((v) => v !== null && v > 0);
     d.chart.setOption(layerOption({ data: d.data, title: d.spec.title, range: this.app.range(),
-      pal: this.app.palette(), log: d.spec.log && positive }), { notMerge: true });
+      pal: this.app.palette(), log: d.spec.log && positive, episodes: this.episodes() }), { notMerge: true });
   }
 
   async loadHistograms() {
     const name = this.layer;
-    const el = this.histEl;
+    const view = this.histView;
     let data;
     try {
       data = await this.slots.hist.run((signal) => getJson("histograms", { run: this.info.run, layer: name }, signal));
     } catch (err) {
       if (isAbort(err)) return;
-      el.replaceWith(message("empty", "No gradient histograms for this layer.", err.message));
+      if (view === this.histView) this.histSlot.replaceChildren(message("empty", "No gradient histograms for this layer.", err.message));
       return;
     }
-    if (name !== this.layer || el !== this.histEl) return;
+    if (name !== this.layer || view !== this.histView) return;
     if (!data.steps.length) {
-      el.replaceWith(message("empty", "No gradient histograms recorded for this layer."));
+      this.histSlot.replaceChildren(message("empty", "No gradient histograms recorded for this layer."));
       return;
     }
-    this.histData = data;
-    this.histChart = createChart(el);
-    this.histChart.setOption(histogramOption({ data, pal: this.app.palette() }));
+    this.histSlot.replaceChildren(view.el);
+    view.episodes = this.episodes();
+    view.setData(data, this.app.range());
   }
 
   // ------------------------------------------------------------------------------------------------- theme
@@ -462,9 +536,7 @@ export class RunPanel {
     this.heatmap.draw();
     this.drawLoss();
     for (const d of this.drillCharts) if (d.chart && d.data) this.drawDrillChart(d);
-    if (this.histChart && this.histData) {
-      this.histChart.setOption(histogramOption({ data: this.histData, pal: this.app.palette() }), { notMerge: true });
-    }
+    if (this.histView) this.histView.draw();
   }
 
   destroy() {

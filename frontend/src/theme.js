@@ -13,6 +13,7 @@ const LIGHT = {
   line: "#425066",
   secondLine: "#12b5cb",
   valLine: "#9334e6",
+  valMetric: "#e52592",
   baseline: "#1e8e3e",
   threshold: "#d93025",
   envelope: "rgba(66, 80, 102, 0.18)",
@@ -20,7 +21,7 @@ const LIGHT = {
   accent: "#f57c00",
   selected: "#1a73e8",
   nonfinite: [255, 23, 68],
-  episode: { explosion: "#f57c00", nonfinite: "#d50000", overflow_skip: "#8e24aa", val_degradation: "#6d4c41" },
+  episode: { explosion: "#f57c00", nonfinite: "#d50000", overflow_skip: "#8e24aa", val_degradation: "#9334e6" },
   episodeAlpha: 0.16,
 };
 
@@ -37,13 +38,14 @@ const DARK = {
   line: "#aecbfa",
   secondLine: "#78d9ec",
   valLine: "#d7aefb",
+  valMetric: "#ff8bcb",
   baseline: "#81c995",
   threshold: "#f28b82",
   envelope: "rgba(174, 203, 250, 0.2)",
   spike: "#f28b82",
   accent: "#ff9800",
   selected: "#8ab4f8",
-  episode: { explosion: "#ff9800", nonfinite: "#ff5252", overflow_skip: "#ce93d8", val_degradation: "#bcaaa4" },
+  episode: { explosion: "#ff9800", nonfinite: "#ff5252", overflow_skip: "#ce93d8", val_degradation: "#d7aefb" },
   episodeAlpha: 0.22,
 };
 
