@@ -1,16 +1,23 @@
 """Cost of GradientMonitor against the bare training loop and against the memory-traffic floor.
 
     python benchmarks/bench_torch.py [--model mlp|transformer|all] [--device cpu|cuda] [--repeats 5] [--steps 10]
+                                     [--optimizer adamw|adam|sgd]
 
 Whole-loop ratios (median step time of each variant / the bare loop's), variants interleaved within each repeat:
 (a) ours every step; (b) ours every 10 steps; (c) ours every step without update norms; (d) per-parameter
 ``p.grad.norm().item()`` (Lightning ``grad_norm`` style); (e) per-parameter 64-bin histograms (W&B ``watch`` style);
-(h) ours every step with histograms every step (a histogram step vs a norms-only step).
+(h) ours every step with histograms every step (a histogram step vs a norms-only step); (g) ours every step with
+update norms through a weights copy ((a) reads them from the optimizer's state where it can).
 
 The floor: the memory traffic no per-layer update-ratio monitor can avoid (one fused norm pass over the gradients,
 one weights copy, one pass over the difference, one transfer), timed on the same tensors both inside the training loop
 (variant (f): same cache and allocator state as the monitor) and alone. The monitor's own time per logged step is
 timed inside its hooks, so the ratio to the floor does not carry the rest of the loop's noise.
+
+Update norms, state vs copy: the work each path adds to a logged step, (1) inside the loop (monitor's own time minus
+that of (c), which has no update norms) and (2) alone on the same tensors, interleaved; and the extra memory each
+allocates during ``optimizer.step()`` on a logged step (peak of the allocations the torch profiler tracks, minus that
+of a monitor without update norms), against the parameters' size.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
+from tb_gradient_plugin.optim_updates import StateUpdate
 from tb_gradient_plugin.torch import GradientMonitor
 
 FLOOR = "(f) floor work in the loop"
@@ -174,15 +183,85 @@ def floor_time(model: nn.Module, loss_fn: Callable, device: str, repeats: int) -
     return statistics.median(times)
 
 
-def bench(name: str, factory: Callable, device: str, repeats: int, steps: int) -> dict[str, float]:
+def update_norm_alone(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, device: str,
+                      repeats: int) -> dict[str, float]:
+    """Median seconds of each path's update-norm work alone, interleaved: the copy (clone before the step,
+    difference and norm after it) and the state (see ``optim_updates``), each with its transfer to the host."""
+    opt.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    opt.step()  # the optimizer's state exists; gradients stay (the state path reads their presence)
+    params = [p for p in model.parameters() if p.grad is not None]
+    times: dict[str, list[float]] = {"copy": [], "state": []}
+    for _ in range(repeats * 3):
+        sync(device)
+        t = time.perf_counter()
+        snap = [p.detach().clone() for p in params]
+        torch._foreach_sub_(snap, params)
+        torch.stack(torch._foreach_norm(snap)).cpu()
+        del snap
+        sync(device)
+        times["copy"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.cat(StateUpdate(opt, [params]).finish([torch.float64])).cpu()
+        sync(device)
+        times["state"].append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_peak_bytes(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, logdir: str,
+                    update_norms: str | bool) -> int:
+    """Peak of the allocations the torch profiler tracks during ``optimizer.step()`` of a logged step."""
+    with GradientMonitor(model, opt, logdir, update_norms=update_norms):
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def update_norm_report(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, device: str, repeats: int,
+                       own: dict[str, float], logdir: str) -> None:
+    copy_in_loop = own["(g) ours every step, update norms via copy"] - own["(c) ours every step, no update norms"]
+    state_in_loop = own["(a) ours every step"] - own["(c) ours every step, no update norms"]
+    alone = update_norm_alone(model, loss_fn, opt, device, repeats)
+    print(f"update norms per logged step, in the loop (own time minus (c)'s): copy {copy_in_loop * 1e3:.2f} ms, "
+          f"state {state_in_loop * 1e3:.2f} ms, state/copy {state_in_loop / copy_in_loop:.2f}x")
+    print(f"update norms per logged step, alone: copy {alone['copy'] * 1e3:.2f} ms, state {alone['state'] * 1e3:.2f} "
+          f"ms, state/copy {alone['state'] / alone['copy']:.2f}x")
+    if device == "cpu":
+        base = step_peak_bytes(model, loss_fn, opt, logdir, False)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for mode in ("copy", "state"):
+            extra = step_peak_bytes(model, loss_fn, opt, logdir, mode) - base
+            print(f"extra peak memory during a logged step, {mode}: {extra / 2**20:.2f} MiB "
+                  f"= {extra / param_bytes:.3f}x the parameters ({param_bytes / 2**20:.1f} MiB)")
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-5),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-5, weight_decay=1e-4),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4),
+}
+
+
+def bench(name: str, factory: Callable, device: str, repeats: int, steps: int,
+          optimizer: str = "adamw") -> dict[str, float]:
     torch.manual_seed(0)
     model, loss_fn = factory(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = OPTIMIZERS[optimizer](model.parameters())
     variants = [
         Variant("bare"),
         Variant("(a) ours every step", {"every": 1}),
         Variant("(b) ours every 10 steps", {"every": 10}),
         Variant("(c) ours every step, no update norms", {"every": 1, "update_norms": False}),
+        Variant("(g) ours every step, update norms via copy", {"every": 1, "update_norms": "copy"}),
         Variant("(d) per-parameter grad.norm().item()", after_backward=per_param_norm_item),
         Variant("(e) per-parameter 64-bin histograms", after_backward=per_param_histograms),
         Variant("(h) ours every step + histograms", {"every": 1, "histograms_every": 1}),
@@ -200,8 +279,8 @@ def bench(name: str, factory: Callable, device: str, repeats: int, steps: int) -
     med = {k: statistics.median(v) for k, v in times.items()}
     bare = med["bare"]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n== {name} on {device}: {n_params / 1e6:.1f}M parameters, {repeats} repeats x {steps} steps, "
-          f"bare step {bare * 1e3:.1f} ms")
+    print(f"\n== {name} on {device}, {type(opt).__name__}: {n_params / 1e6:.1f}M parameters, {repeats} repeats x "
+          f"{steps} steps, bare step {bare * 1e3:.1f} ms")
     print(f"{'variant':44s} {'ms/step':>9s} {'x bare':>8s} {'overhead':>9s}")
     for k, t in med.items():
         print(f"{k:44s} {t * 1e3:9.2f} {t / bare:8.3f} {(t - bare) / bare:+9.3f}")
@@ -222,6 +301,8 @@ def bench(name: str, factory: Callable, device: str, repeats: int, steps: int) -
     norms = own.get("(a) ours every step")
     if hist and norms:
         print(f"histogram step / norms-only logged step (monitor's own time): {hist / norms:.2f}x")
+    with tempfile.TemporaryDirectory() as logdir:
+        update_norm_report(model, loss_fn, opt, device, repeats, own, logdir)
     return out
 
 
@@ -232,12 +313,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"mlp": mlp, "transformer": transformer}
     for name in models if args.model == "all" else [args.model]:
-        bench(name, models[name], args.device, args.repeats, args.steps)
+        bench(name, models[name], args.device, args.repeats, args.steps, args.optimizer)
 
 
 if __name__ == "__main__":

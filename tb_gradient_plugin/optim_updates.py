@@ -197,6 +197,8 @@ def _adam(group: dict, params: list[torch.Tensor], states: list[Any], dtype: tor
     # per tensor (its own step count t), as torch computes the bias corrections.
     host = _host_steps(steps)
     if host is not None:
+        if min(host) < 1:
+            raise UpdateModelError("a parameter's step count is 0 after the step")
         q = [math.sqrt(1.0 - beta2**t) for t in host]
         c = torch.tensor([qi / (1.0 - beta1**t) for qi, t in zip(q, host, strict=True)], dtype=dtype, device=device)
         eps_q: list[Any] = [qi * eps for qi in q]
@@ -219,8 +221,11 @@ def _adam(group: dict, params: list[torch.Tensor], states: list[Any], dtype: tor
 
     def kernel_decoupled(out: torch.Tensor, pieces: list[torch.Tensor], i: int) -> None:
         torch.sqrt(pieces[1], out=out)
-        out.add_(eps_q[i]).mul_(k[i])
-        torch.addcdiv(pieces[2], pieces[0], out, out=out)
+        out.add_(eps_q[i])
+        if isinstance(k[i], float):  # one pass less: addcdiv takes the factor as a number
+            torch.addcdiv(pieces[2], pieces[0], out, value=1.0 / k[i], out=out)
+        else:
+            torch.addcdiv(pieces[2], pieces[0], out.mul_(k[i]), out=out)
 
     coef = lr * wd / (1.0 - lr * wd)
     return _piece_norms_sq([m, v, weights], kernel_decoupled, dtype).mul_(coef * coef)

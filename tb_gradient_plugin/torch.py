@@ -828,57 +828,56 @@ def _float32_thresholds() -> np.ndarray:
 
 _THRESHOLDS = _float32_thresholds()
 _CELL_BITS = 16  # a float32 magnitude's bit pattern >> 16: sign-free exponent and the top 7 mantissa bits
+_CELL = 1 << _CELL_BITS
 
 
-def _bin_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Lookup tables that bin a float32 magnitude from its bit pattern (monotonic in the value for magnitudes).
+def _bin_table() -> np.ndarray:
+    """Lookup table that bins a float32 magnitude from its bit pattern (monotonic in the value for magnitudes).
 
-    For each cell of 2^16 consecutive bit patterns: the bin of its first value, and the bit pattern of the one
-    threshold inside the cell (at or above it the bin is one higher; int32 max if none). Cells are far narrower than
-    the half-decade bins, so a cell holds at most one threshold. Zero, subnormals and non-finite values fall out of
-    the same two lookups.
+    Per cell of 2^16 consecutive bit patterns ``h``: ``first_bin * 2^16 + (2^16 - low)``, where ``first_bin`` is the
+    bin of the cell's first value and ``low`` the low 16 bits of the one threshold inside the cell (2^16 if none). Then
+    ``(table[h] + (bits & 0xFFFF)) >> 16`` is the bin: the addition carries into the bin exactly when the entry is at
+    or above that threshold. Cells are far narrower than the half-decade bins, so a cell holds at most one threshold.
+    Zero, subnormals and non-finite values fall out of the same lookup.
     """
     thresholds = _THRESHOLDS.view(np.int32).astype(np.int64)
     if np.any((thresholds[1:] >> _CELL_BITS) <= (thresholds[:-1] >> _CELL_BITS)):
         raise RuntimeError("two histogram thresholds share one lookup cell")
-    never = np.iinfo(np.int32).max
     starts = np.arange(1 << (31 - _CELL_BITS), dtype=np.int64) << _CELL_BITS
     below = np.searchsorted(thresholds, starts, side="right")  # thresholds <= the cell's first value
     first_bin = fmt.HIST_UNDERFLOW + below
     inside = np.minimum(below, len(thresholds) - 1)
-    next_threshold = np.where(
-        (below < len(thresholds)) & (thresholds[inside] < starts + (1 << _CELL_BITS)), thresholds[inside], never
-    )
-    first_bin[0], next_threshold[0] = fmt.HIST_ZERO, 1  # bit pattern 0 is zero; the rest of cell 0 is subnormal
+    has = (below < len(thresholds)) & (thresholds[inside] < starts + _CELL)
+    low = np.where(has, thresholds[inside] - starts, _CELL)
+    first_bin[0], low[0] = fmt.HIST_ZERO, 1  # bit pattern 0 is zero; the rest of cell 0 is subnormal (underflow)
     nonfinite = starts >= 0x7F800000
-    first_bin[nonfinite], next_threshold[nonfinite] = fmt.HIST_NONFINITE, never
-    return first_bin.astype(np.int32), next_threshold.astype(np.int32)
+    first_bin[nonfinite], low[nonfinite] = fmt.HIST_NONFINITE, _CELL
+    return (first_bin * _CELL + (_CELL - low)).astype(np.int32)
 
 
-_BIN_TABLES = _bin_tables()
-_HIST_PIECE = 1 << 16  # entries per piece on the CPU: four int32 temporaries of 256 KiB each
-_tables_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_BIN_TABLE = _bin_table()
+_HIST_PIECE = 1 << 16  # entries per piece on the CPU: three int32 temporaries of 256 KiB each
+_tables_on: dict[torch.device, torch.Tensor] = {}
 
 
 def _hist_counts(grad: torch.Tensor, inv_scale: torch.Tensor | None) -> torch.Tensor:
     """Counts of one gradient's entries on the format's fixed log10|g| bins, equal to
     :func:`tb_gradient_plugin.format.histogram_counts` of the float32 magnitudes.
 
-    Binned from the float32 bit patterns with two table lookups (see :func:`_bin_tables`), where a search among the
+    Binned from the float32 bit patterns with one table lookup (see :func:`_bin_table`), where a search among the
     thresholds per entry costs several times more. On the CPU the entries go through in pieces whose temporaries stay
     in cache.
     """
-    tables = _tables_on.get(grad.device)
-    if tables is None:
-        tables = _tables_on[grad.device] = tuple(torch.from_numpy(t).to(grad.device) for t in _BIN_TABLES)
-    first_bin, next_threshold = tables
+    table = _tables_on.get(grad.device)
+    if table is None:
+        table = _tables_on[grad.device] = torch.from_numpy(_BIN_TABLE).to(grad.device)
     flat = grad.reshape(-1)
     n = flat.numel()
     counts = torch.zeros(fmt.HIST_BINS, dtype=torch.int64, device=grad.device)
     if n == 0:
         return counts
     size = min(_HIST_PIECE, n) if grad.device.type == "cpu" else n
-    bits, cell, idx, above = (torch.empty(size, dtype=torch.int32, device=grad.device) for _ in range(4))
+    bits, cell, idx = (torch.empty(size, dtype=torch.int32, device=grad.device) for _ in range(3))
     convert = inv_scale is not None or flat.dtype != torch.float32
     scale = inv_scale.to(torch.float32) if inv_scale is not None else None
     for start in range(0, n, size):
@@ -888,12 +887,12 @@ def _hist_counts(grad: torch.Tensor, inv_scale: torch.Tensor | None) -> torch.Te
             piece = piece.to(torch.float32, copy=True).abs_()
             if scale is not None:
                 piece.mul_(scale)
-        b, c, i, a = bits[:k], cell[:k], idx[:k], above[:k]
+        b, c, i = bits[:k], cell[:k], idx[:k]
         torch.bitwise_and(piece.view(torch.int32), 0x7FFFFFFF, out=b)
         torch.bitwise_right_shift(b, _CELL_BITS, out=c)
-        torch.index_select(first_bin, 0, c, out=i)
-        torch.index_select(next_threshold, 0, c, out=a)
-        i += b >= a
+        torch.index_select(table, 0, c, out=i)
+        i += b.bitwise_and_(_CELL - 1)
+        i >>= _CELL_BITS
         counts += torch.bincount(i, minlength=fmt.HIST_BINS)
     return counts
 
