@@ -274,3 +274,26 @@ def histogram_counts(values: np.ndarray) -> np.ndarray:
     idx = np.clip(idx, HIST_UNDERFLOW, HIST_OVERFLOW)
     counts += np.bincount(idx, minlength=HIST_BINS)[:HIST_BINS]
     return counts
+
+
+def histogram_edge_values(dtype: np.dtype | type) -> np.ndarray:
+    """For each bin edge, the smallest magnitude of ``dtype`` that :func:`histogram_counts` puts at or above it.
+
+    Device code (torch, TensorFlow) bins a magnitude by comparing it with these values and so reproduces the reference
+    bins exactly, exact powers of ten included, without a float64 logarithm per entry.
+    """
+    dt = np.dtype(dtype)
+
+    def bin_of(x: np.floating) -> int:
+        return int(np.argmax(histogram_counts(np.asarray([x], dtype=np.float64))))
+
+    out = []
+    for k, edge in enumerate(HIST_LOG10_EDGES):
+        target = k + 2
+        x = dt.type(10.0 ** edge)
+        while bin_of(x) < target:
+            x = np.nextafter(x, dt.type(np.inf))
+        while bin_of(np.nextafter(x, dt.type(0))) >= target:
+            x = np.nextafter(x, dt.type(0))
+        out.append(x)
+    return np.asarray(out, dtype=dt)

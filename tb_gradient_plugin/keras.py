@@ -101,11 +101,6 @@ def _group_by_layer(variables: Sequence[Any], owners: dict[int, str]) -> tuple[l
     return names, groups
 
 
-def _reference_bin(x: np.floating) -> int:
-    """The bin :func:`tb_gradient_plugin.format.histogram_counts` puts one value into."""
-    return int(np.argmax(fmt.histogram_counts(np.asarray([x]))))
-
-
 def _bin_tops(dtype: np.dtype) -> np.ndarray:
     """Per bin ``b`` up to the overflow bin, the smallest magnitude of ``dtype`` that belongs above ``b``.
 
@@ -115,17 +110,8 @@ def _bin_tops(dtype: np.dtype) -> np.ndarray:
     as zero, so a subnormal magnitude counts as zero everywhere rather than as zero or as underflow depending on the
     kernel. Above the overflow bin sits only the non-finite bin (top: infinity).
     """
-    tops = [np.finfo(dtype).tiny]
-    for k, edge in enumerate(fmt.HIST_LOG10_EDGES):
-        target = k + 2
-        x = dtype.type(10.0 ** edge)
-        while _reference_bin(x) < target:
-            x = np.nextafter(x, dtype.type(np.inf))
-        while _reference_bin(np.nextafter(x, dtype.type(0))) >= target:
-            x = np.nextafter(x, dtype.type(0))
-        tops.append(x)
-    tops.append(dtype.type(np.inf))
-    return np.asarray(tops, dtype)
+    edges = fmt.histogram_edge_values(dtype)
+    return np.concatenate([[np.finfo(dtype).tiny], edges, [np.inf]]).astype(dtype)
 
 
 _BIN_TOPS: dict[str, np.ndarray] = {}

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor
+from .torch import GradientMonitor, check_cadence
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -38,7 +38,7 @@ class GradientMonitorCallback(pl.Callback):
         *,
         every: int = 1,
         on_explosion: OnExplosion = None,
-        update_norms: bool = True,
+        update_norms: bool | str = "auto",
         histograms_every: int = 0,
         include: str | None = None,
         exclude: str | None = None,
@@ -47,9 +47,7 @@ class GradientMonitorCallback(pl.Callback):
         flush_secs: float = 2.0,
     ) -> None:
         super().__init__()
-        for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        check_cadence(every, histograms_every)
         self.logdir = os.fspath(logdir) if logdir is not None else None
         # Resolved now so that a bad argument fails when the callback is built, not after the first epoch.
         self._guard_spec = ExplosionGuard.resolve(on_explosion)

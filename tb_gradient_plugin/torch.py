@@ -32,8 +32,6 @@ from .writer import GradientWriter
 __all__ = ["GradientMonitor", "discover_layers"]
 
 ROOT_LAYER = "(root)"
-_LOG10_LO = float(fmt.HIST_LOG10_EDGES[0])
-_LOG10_STEP = float(fmt.HIST_LOG10_EDGES[1] - fmt.HIST_LOG10_EDGES[0])
 
 try:  # DTensor (FSDP2, tensor parallel) exists in every torch this supports, but not in stripped-down builds.
     from torch.distributed.tensor import DTensor, Shard
@@ -94,6 +92,13 @@ def discover_layers(
             name = ".".join(name.split(".")[:group_depth])
         groups.setdefault(name, []).extend(direct)
     return list(groups.items())
+
+
+def check_cadence(every: int, histograms_every: int) -> None:
+    """Validate the logging cadences (shared by the monitor and the callbacks built on it, so they fail alike)."""
+    for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
 
 
 def _update_mode(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> str | bool:
@@ -218,9 +223,7 @@ class GradientMonitor:
         flush_secs: float = 2.0,
         on_explosion: OnExplosion = None,
     ) -> None:
-        for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        check_cadence(every, histograms_every)
         if grads_at not in ("backward", "step", "manual"):
             raise ValueError(f"grads_at must be 'backward', 'step' or 'manual', got {grads_at!r}")
         self._guard = ExplosionGuard.resolve(on_explosion)
@@ -802,31 +805,7 @@ def _nonfinite_counts(tensors: list[torch.Tensor], maxes: torch.Tensor) -> torch
     return torch.stack([torch.isfinite(t).logical_not_().sum() for t in tensors])
 
 
-def _reference_bin(x: np.float32) -> int:
-    with np.errstate(divide="ignore"):
-        log = np.log10(np.float64(x))
-    return int(np.clip(np.floor((log - _LOG10_LO) / _LOG10_STEP) + 2, fmt.HIST_UNDERFLOW, fmt.HIST_OVERFLOW))
-
-
-def _float32_thresholds() -> np.ndarray:
-    """For each bin edge, the smallest float32 that :func:`format.histogram_counts` puts at or above it.
-
-    Binning float32 magnitudes by comparison with these thresholds gives exactly the reference's bins, without a
-    float64 logarithm per entry.
-    """
-    out = []
-    for k, edge in enumerate(fmt.HIST_LOG10_EDGES):
-        target = k + 2
-        x = np.float32(10.0 ** edge)
-        while _reference_bin(x) < target:
-            x = np.nextafter(x, np.float32(np.inf))
-        while _reference_bin(np.nextafter(x, np.float32(0))) >= target:
-            x = np.nextafter(x, np.float32(0))
-        out.append(x)
-    return np.asarray(out, dtype=np.float32)
-
-
-_THRESHOLDS = _float32_thresholds()
+_THRESHOLDS = fmt.histogram_edge_values(np.float32)
 _CELL_BITS = 16  # a float32 magnitude's bit pattern >> 16: sign-free exponent and the top 7 mantissa bits
 _CELL = 1 << _CELL_BITS
 

@@ -21,7 +21,7 @@ from transformers.integrations.integration_utils import default_logdir
 from transformers.trainer_callback import CallbackHandler
 
 from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor
+from .torch import GradientMonitor, check_cadence
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -40,7 +40,7 @@ class GradientMonitorCallback(TrainerCallback):
         *,
         every: int = 1,
         on_explosion: OnExplosion = None,
-        update_norms: Any = True,
+        update_norms: bool | str = "auto",
         histograms_every: int = 0,
         include: str | None = None,
         exclude: str | None = None,
@@ -48,9 +48,7 @@ class GradientMonitorCallback(TrainerCallback):
         group_by: Callable[[str], str] | None = None,
         flush_secs: float = 2.0,
     ) -> None:
-        for label, value, low in (("every", every, 1), ("histograms_every", histograms_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        check_cadence(every, histograms_every)
         self.logdir = os.fspath(logdir) if logdir is not None else None
         # Resolved now so that a bad argument fails when the callback is built, not when training starts.
         self._guard_spec = ExplosionGuard.resolve(on_explosion)

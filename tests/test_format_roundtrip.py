@@ -226,3 +226,13 @@ def test_bytes_per_value_for_500_layers(tmp_path):
     size = os.path.getsize(_event_file(tmp_path))
     per_value = size / (steps * 500 * len(fmt.LAYER_METRICS))
     assert per_value <= 4.5, per_value
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histogram_edge_values_split_the_reference_bins_exactly(dtype):
+    edges = fmt.histogram_edge_values(dtype)
+    assert edges.dtype == dtype and len(edges) == len(fmt.HIST_LOG10_EDGES)
+    for k, x in enumerate(edges):
+        below = np.nextafter(x, dtype(0))
+        assert np.argmax(fmt.histogram_counts(np.asarray([x]))) == k + 2
+        assert np.argmax(fmt.histogram_counts(np.asarray([below]))) == k + 1
