@@ -271,6 +271,7 @@ def _ddp_worker(rank: int, world: int, port: int, logdir: str, outdir: str) -> N
             skipped = [d.step for d in monitor.guard.decisions if d.skip]
         weights = [p.detach() for p in model.parameters()]
         torch.save({"moved": moved, "skipped": skipped, "weights": weights}, os.path.join(outdir, f"{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (that aborts the process)
     finally:
         dist.destroy_process_group()
 

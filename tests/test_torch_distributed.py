@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, mode: str, logdir: str, outdir: st
             layers = monitor.layers
         if rank == 0:
             torch.save({"records": records, "layers": layers}, os.path.join(outdir, "ref.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (that aborts the process)
     finally:
         dist.destroy_process_group()
 
