@@ -70,6 +70,7 @@ class Variant:
         self.monitor_kwargs = monitor_kwargs
         self.after_backward = after_backward
         self.own: list[float] = []  # seconds spent inside the monitor, per logged step
+        self.own_per_step: list[float] = []  # seconds spent inside the monitor, per training step (logged or not)
 
 
 def per_param_norm_item(model: nn.Module) -> None:
@@ -132,6 +133,7 @@ def run_variant(variant: Variant, model: nn.Module, loss_fn: Callable, opt: torc
         logged = len(range(0, steps, every))
         if every == 1:
             variant.own.append(inside[0] / logged)
+        variant.own_per_step.append(inside[0] / steps)
         monitor.close()
     return elapsed / steps
 
@@ -296,6 +298,12 @@ def bench(name: str, factory: Callable, device: str, repeats: int, steps: int,
     over_b = med["(b) ours every 10 steps"] - bare
     over_d = med["(d) per-parameter grad.norm().item()"] - bare
     print(f"(b) overhead / (a) overhead: {over_b / over_a:.3f}" if over_a > 0 else "(a) overhead not measurable")
+    # the same question without the loop's noise: time spent inside the monitor per training step
+    per_step = {v.name: statistics.median(v.own_per_step) for v in variants if v.own_per_step}
+    own_a, own_b = per_step.get("(a) ours every step"), per_step.get("(b) ours every 10 steps")
+    if own_a and own_b:
+        print(f"(b) / (a), the monitor's own time per training step: {own_b * 1e3:.3f} ms / {own_a * 1e3:.3f} ms "
+              f"= {own_b / own_a:.3f}")
     print(f"(d) overhead / (a) overhead: {over_d / over_a:.2f}" if over_a > 0 else "")
     hist = own.get("(h) ours every step + histograms")
     norms = own.get("(a) ours every step")
