@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -504,6 +504,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "steps": self._step_count(name, data, version),
                 "layers": len(data.layers),
                 "episodes": len(report.episodes),
+                "episode_kinds": dict(Counter(e.kind for e in report.episodes)),
+                # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
+                "first_wall_time": data.first_wall_time,
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),
                 "has_histograms": data.histograms is not None and len(data.hist_steps) > 0,
                 "metrics": sorted(data.layer_metrics) + (["update_ratio"] if data.update_ratio_available() else []),

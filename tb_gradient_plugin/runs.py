@@ -58,6 +58,7 @@ class RunData:
     unknown_tags: list[str] = field(default_factory=list)
     events: int = 0  # intact events read: 0 means nothing at all could be read
     bytes_read: int = 0
+    first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
 
     def update_ratio_available(self) -> bool:
         """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""
@@ -527,6 +528,7 @@ class _Run:
         self.tf2_files = False
         self.lightning_hparams = False
         self.events = 0
+        self.first_wall_time: float | None = None
         self.version = 0
         self.problem_count = 0
         self.cache: RunData | None = None
@@ -549,6 +551,9 @@ class _Run:
                 if batch.events:
                     changed = True
                     self.events += batch.events
+                    walls = [r.wall_time for r in batch.layer_records[:1] + batch.scalars[:1]]
+                    if walls and (self.first_wall_time is None or min(walls) < self.first_wall_time):
+                        self.first_wall_time = min(walls)
                     if batch.layer_records:
                         self.table.add(batch.layer_records)
                         if batch.has_more:  # the rest of the file holds about as many steps per byte
@@ -602,7 +607,8 @@ class _Run:
     def _assemble(self) -> RunData:
         t = self.table
         run = RunData(name=self.name, source=OURS, events=self.events,
-                      bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()))
+                      bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()),
+                      first_wall_time=self.first_wall_time)
         if t.n:
             run.layers = list(t.layers)
             run.steps = t.steps[:t.n]

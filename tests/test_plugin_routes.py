@@ -190,6 +190,21 @@ def test_runs_lists_every_run_with_source_and_episodes(client, logdir):
     assert all(isinstance(r["version"], int) for r in doc["runs"])
 
 
+def test_runs_count_episodes_by_kind_so_the_tab_needs_no_episode_lists(client, logdir):
+    code, doc, _ = _get(client, "runs")
+    assert code == 200
+    runs = {r["run"]: r for r in doc["runs"]}
+    for name, entry in runs.items():
+        run = load_run(str(logdir / name), name)
+        kinds: dict[str, int] = {}
+        for episode in detect.detect(run).episodes:
+            kinds[episode.kind] = kinds.get(episode.kind, 0) + 1
+        assert entry["episode_kinds"] == kinds and sum(kinds.values()) == entry["episodes"]
+        assert entry["first_wall_time"] == run.first_wall_time and run.first_wall_time > 1e9  # a real start time
+    # The spiky run's non-finite step is an alarming episode the tab counts from this route alone.
+    assert runs["spiky"]["episode_kinds"].get("nonfinite", 0) >= 1
+
+
 def test_episodes_are_the_auditors_to_the_step(client, logdir):
     code, doc, _ = _get(client, "episodes", run="spiky")
     assert code == 200

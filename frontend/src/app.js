@@ -8,8 +8,6 @@ import { Theme } from "./theme.js";
 /** TensorBoard's own auto-reload period. */
 const RELOAD_MS = 30000;
 const LOADING_POLL_MS = 1000;
-/** Most runs whose episode lists are read to pick the run the tab opens on. */
-const MAX_DEFAULT_PROBES = 40;
 /** Episodes that make a run the one to open on: the gradient blew up. */
 const ALARMING = new Set(["explosion", "nonfinite"]);
 const METRICS = [
@@ -145,26 +143,14 @@ export class App {
 
   /**
    * The run to open on, so the first look shows a problem if there is one: the most explosion / non-finite episodes,
-   * ties broken by the most recent run (TensorBoard's own run list is ordered by start time), then by episodes of
-   * any kind.
+   * ties broken by the most recent run, then by episodes of any kind. The runs route counts episodes by kind, so no
+   * run's episode list is read.
    */
   async mostInteresting(runs) {
     const recency = await this.recencyRanks(runs);
-    const alarming = new Map();
-    let best = 0;
-    const candidates = runs.filter((r) => r.episodes > 0).sort((a, b) => b.episodes - a.episodes);
-    for (const r of candidates.slice(0, MAX_DEFAULT_PROBES)) {
-      if (r.episodes < best) break; // it cannot hold more alarming episodes than the best so far
-      try {
-        const report = await getJson("episodes", { run: r.run });
-        const n = report.episodes.filter((ep) => ALARMING.has(ep.kind)).length;
-        alarming.set(r.run, n);
-        best = Math.max(best, n);
-      } catch {
-        alarming.set(r.run, 0);
-      }
-    }
-    const key = (r) => [alarming.get(r.run) || 0, recency.get(r.run) ?? -1, r.episodes];
+    const alarming = (r) => Object.entries(r.episode_kinds || {}).reduce(
+      (n, [kind, count]) => n + (ALARMING.has(kind) ? count : 0), 0);
+    const key = (r) => [alarming(r), recency.get(r.run) ?? -1, r.episodes];
     let pick = null;
     for (const r of runs) {
       if (!pick) {
@@ -178,8 +164,14 @@ export class App {
     return pick ? pick.run : null;
   }
 
-  /** Run name -> position in TensorBoard's run list (by start time; higher = more recent), where it answers. */
+  /**
+   * Run name -> recency (higher = more recent): the wall time of each run's first event where the runs route has it
+   * for every run, else the position in TensorBoard's run list (ordered by start time), where it answers.
+   */
   async recencyRanks(runs) {
+    if (runs.every((r) => typeof r.first_wall_time === "number")) {
+      return new Map(runs.map((r) => [r.run, r.first_wall_time]));
+    }
     const ranks = new Map();
     let order;
     try {

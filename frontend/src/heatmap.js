@@ -3,18 +3,18 @@
 // cell and needs category axes, which cannot share the step axis with the line charts.
 
 import { h, formatStep, formatValue } from "./dom.js";
-import { GUTTER, RIGHT, drawStepAxis } from "./layout.js";
+import { GUTTER, drawStepAxis } from "./layout.js";
+import { StepCanvas } from "./stepcanvas.js";
 import { VIRIDIS, rgba } from "./theme.js";
 
 const TRACK = 18; // episode / spike / non-finite track above the cells
 const AXIS = 20; // step labels below the cells
-const DRAG_MIN_PX = 5;
 
 export function plotHeight(layerCount) {
   return Math.max(120, Math.min(540, layerCount * 18));
 }
 
-export class Heatmap {
+export class Heatmap extends StepCanvas {
   /**
    * @param {object} opts
    * @param {() => object} opts.palette current theme colours
@@ -22,27 +22,18 @@ export class Heatmap {
    * @param {(range: {start: number, end: number} | null) => void} opts.onZoom a step range was dragged (null: reset)
    */
   constructor({ palette, onSelectLayer, onZoom }) {
-    this.palette = palette;
+    super({ palette, onZoom, track: TRACK });
     this.onSelectLayer = onSelectLayer;
-    this.onZoom = onZoom;
-    this.data = null;
-    this.range = null;
     this.colorRange = null;
     this.selected = null;
     this.spikes = [];
     this.episodes = null;
     this.hover = null;
-    this.drag = null;
     this.canvas = h("canvas", { class: "hm-canvas" });
     this.labels = h("div", { class: "hm-labels", style: { top: `${TRACK}px`, width: `${GUTTER - 12}px` } });
     this.tooltip = h("div", { class: "tooltip hm-tooltip", hidden: true });
     this.el = h("div", { class: "heatmap" }, this.canvas, this.labels, this.tooltip);
-    this.canvas.addEventListener("mousemove", (e) => this.onMove(e));
-    this.canvas.addEventListener("mouseleave", () => this.onLeave());
-    this.canvas.addEventListener("mousedown", (e) => this.onDown(e));
-    this.canvas.addEventListener("dblclick", () => this.onZoom(null));
-    window.addEventListener("mouseup", (e) => this.onUp(e));
-    new ResizeObserver(() => this.draw()).observe(this.el);
+    this.listen();
   }
 
   /** Heatmap route answer, and the step range on screen ({start, end}). */
@@ -52,17 +43,6 @@ export class Heatmap {
     this.el.style.height = `${TRACK + plotHeight(data.layers.length) + AXIS}px`;
     this.renderLabels();
     this.draw();
-  }
-
-  setRange(range) {
-    this.setRangeAttributes(range);
-    this.draw();
-  }
-
-  setRangeAttributes(range) {
-    this.range = range;
-    this.el.dataset.viewStart = String(Math.round(range.start));
-    this.el.dataset.viewEnd = String(Math.round(range.end));
   }
 
   setColorRange(range) {
@@ -104,26 +84,13 @@ export class Heatmap {
     return lo <= hi ? [lo, hi] : null;
   }
 
-
   // ------------------------------------------------------------------------------------------------------ geometry
 
   geometry() {
     const width = this.el.clientWidth;
     const layers = this.data ? this.data.layers.length : 0;
     const ph = plotHeight(layers);
-    return { width, pw: Math.max(10, width - GUTTER - RIGHT), ph, rowH: layers ? ph / layers : ph };
-  }
-
-  /** x in CSS pixels, relative to the plot's left edge, of a (fractional) step. */
-  xOf(step, pw) {
-    const { start, end } = this.range;
-    const span = Math.max(1, end - start);
-    return ((step - start) / span) * pw;
-  }
-
-  stepAt(x, pw) {
-    const { start, end } = this.range;
-    return start + (x / pw) * Math.max(1, end - start);
+    return { width, pw: this.plotWidth(), ph, rowH: layers ? ph / layers : ph };
   }
 
   // ------------------------------------------------------------------------------------------------------ drawing
@@ -160,15 +127,7 @@ export class Heatmap {
     if (!this.data || !this.range || !this.el.isConnected) return;
     const pal = this.palette();
     const { width, pw, ph, rowH } = this.geometry();
-    const height = TRACK + ph + AXIS;
-    const dpr = window.devicePixelRatio || 1;
-    this.canvas.width = Math.round(width * dpr);
-    this.canvas.height = Math.round(height * dpr);
-    this.canvas.style.width = `${width}px`;
-    this.canvas.style.height = `${height}px`;
-    const ctx = this.canvas.getContext("2d");
-    ctx.setTransform(1, 0, 0, 1, 0, 0);
-    ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
+    const { ctx, dpr } = this.resize(width, TRACK + ph + AXIS);
     const cells = this.cells(pal, Math.round(pw * dpr), Math.round(ph * dpr));
     ctx.putImageData(cells.image, Math.round(GUTTER * dpr), Math.round(TRACK * dpr));
     this.el.dataset.drawnCells = String(cells.drawn);
@@ -230,31 +189,7 @@ export class Heatmap {
     ctx.beginPath();
     ctx.rect(GUTTER, 0, pw, TRACK + ph);
     ctx.clip();
-    // Episodes: a bar in the track and an outline over the cells. Validation findings are about the model's
-    // evaluations, not its layers: they get a dashed line in the track only.
-    for (const ep of episodes) {
-      const color = pal.episode[ep.kind] || pal.accent;
-      const xa = X(ep.start_step - 0.5);
-      const xb = Math.max(xa + 2, X(ep.end_step + 0.5));
-      if (ep.validation) {
-        ctx.strokeStyle = ep.kind === "nonfinite" ? color : pal.episode.val_degradation;
-        ctx.lineWidth = 3;
-        ctx.setLineDash([5, 3]);
-        ctx.beginPath();
-        ctx.moveTo(xa, 6);
-        ctx.lineTo(xb, 6);
-        ctx.stroke();
-        ctx.setLineDash([]);
-        continue;
-      }
-      ctx.fillStyle = rgba(color, pal.episodeAlpha / 2);
-      ctx.fillRect(xa, TRACK, xb - xa, ph);
-      ctx.fillStyle = color;
-      ctx.fillRect(xa, 3, xb - xa, 6);
-      ctx.strokeStyle = color;
-      ctx.lineWidth = 1.5;
-      ctx.strokeRect(xa, TRACK + 0.75, xb - xa, ph - 1.5);
-    }
+    this.drawEpisodes(ctx, pal, pw, episodes, { top: TRACK, height: ph, bar: 3, line: 6, shade: true });
     // Bins holding a non-finite gradient: a tick in the track.
     ctx.fillStyle = rgba(rgbHex(pal.nonfinite), 1);
     for (let b = 0; b < bs.length; b++) {
@@ -309,11 +244,7 @@ export class Heatmap {
       ctx.lineWidth = 1;
       ctx.strokeRect(GUTTER, TRACK + this.hover.row * rowH, pw, Math.max(rowH, 1));
     }
-    if (this.drag && this.drag.x1 !== undefined) {
-      const xa = Math.min(this.drag.x0, this.drag.x1);
-      ctx.fillStyle = rgba(pal.selected, 0.25);
-      ctx.fillRect(GUTTER + xa, TRACK, Math.abs(this.drag.x1 - this.drag.x0), ph);
-    }
+    this.drawDragBand(ctx, pal, TRACK, ph);
   }
 
   drawAxis(ctx, pal, pw, ph) {
@@ -323,22 +254,15 @@ export class Heatmap {
   // ------------------------------------------------------------------------------------------------- interaction
 
   locate(event) {
-    const rect = this.canvas.getBoundingClientRect();
-    const { pw, ph, rowH } = this.geometry();
-    const x = event.clientX - rect.left - GUTTER;
-    const y = event.clientY - rect.top - TRACK;
-    const inPlot = x >= 0 && x <= pw && y >= 0 && y < ph;
-    return { x: Math.max(0, Math.min(pw, x)), y, pw, inPlot, row: inPlot ? Math.floor(y / rowH) : -1 };
+    const { ph, rowH } = this.geometry();
+    const at = this.locateIn(event, ph);
+    return { ...at, row: at.inPlot ? Math.floor(at.y / rowH) : -1 };
   }
 
   onMove(event) {
     if (!this.data || !this.range) return;
     const at = this.locate(event);
-    if (this.drag) {
-      this.drag.x1 = at.x;
-      this.draw();
-      return;
-    }
+    if (this.dragTo(at)) return;
     this.hover = at.inPlot ? at : null;
     this.canvas.style.cursor = at.inPlot ? "crosshair" : "default";
     this.draw();
@@ -377,27 +301,8 @@ export class Heatmap {
     if (!this.drag) this.draw();
   }
 
-  onDown(event) {
-    if (event.button !== 0 || !this.data || !this.range) return;
-    const at = this.locate(event);
-    if (!at.inPlot) return;
-    event.preventDefault();
-    this.drag = { x0: at.x, row: at.row, pw: at.pw };
-  }
-
-  onUp(event) {
-    if (!this.drag) return;
-    const drag = this.drag;
-    this.drag = null;
-    const x1 = drag.x1 === undefined ? drag.x0 : drag.x1;
-    if (Math.abs(x1 - drag.x0) >= DRAG_MIN_PX) {
-      const a = Math.round(this.stepAt(Math.min(drag.x0, x1), drag.pw));
-      const b = Math.round(this.stepAt(Math.max(drag.x0, x1), drag.pw));
-      this.onZoom({ start: a, end: Math.max(b, a + 1) });
-    } else if (event.target === this.canvas && drag.row >= 0 && drag.row < this.data.layers.length) {
-      this.onSelectLayer(this.data.layers[drag.row]);
-    }
-    this.draw();
+  onClick(at) {
+    if (at.row >= 0 && at.row < this.data.layers.length) this.onSelectLayer(this.data.layers[at.row]);
   }
 }
 

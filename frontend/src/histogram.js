@@ -4,42 +4,29 @@
 // so an episode sits at one x in all of them.
 
 import { h, formatStep } from "./dom.js";
-import { GUTTER, RIGHT, drawStepAxis } from "./layout.js";
-import { VIRIDIS, rgba } from "./theme.js";
+import { GUTTER, drawStepAxis } from "./layout.js";
+import { StepCanvas } from "./stepcanvas.js";
+import { VIRIDIS } from "./theme.js";
 
 const TRACK = 10; // episode bar above the cells
 const AXIS = 20;
 const PLOT = 180;
 const NAN_GAP = 3; // gap between the NaN/Inf row (top) and the value bins
-const DRAG_MIN_PX = 5;
 
-export class HistogramView {
+export class HistogramView extends StepCanvas {
   /**
    * @param {object} opts
    * @param {() => object} opts.palette current theme colours
    * @param {(range: {start: number, end: number} | null) => void} opts.onZoom a step range was dragged (null: reset)
    */
   constructor({ palette, onZoom }) {
-    this.palette = palette;
-    this.onZoom = onZoom;
-    this.data = null;
-    this.range = null;
+    super({ palette, onZoom, track: TRACK });
     this.episodes = [];
-    this.drag = null;
     this.canvas = h("canvas", { class: "hv-canvas" });
     this.tooltip = h("div", { class: "tooltip hv-tooltip", hidden: true });
     this.el = h("div", { class: "hist-view", style: { height: `${TRACK + PLOT + AXIS}px` } }, this.canvas, this.tooltip);
     this.el.dataset.plotLeft = String(GUTTER);
-    this.canvas.addEventListener("mousemove", (e) => this.onMove(e));
-    this.canvas.addEventListener("mouseleave", () => {
-      this.tooltip.hidden = true;
-    });
-    this.canvas.addEventListener("mousedown", (e) => this.onDown(e));
-    this.canvas.addEventListener("dblclick", () => this.onZoom(null));
-    this.onUpListener = (e) => this.onUp(e);
-    window.addEventListener("mouseup", this.onUpListener);
-    this.observer = new ResizeObserver(() => this.draw());
-    this.observer.observe(this.el);
+    this.listen();
   }
 
   /** Histograms route answer, and the step range on screen ({start, end}). */
@@ -53,36 +40,12 @@ export class HistogramView {
     this.setRange(range);
   }
 
-  setRange(range) {
-    this.range = range;
-    this.el.dataset.viewStart = String(Math.round(range.start));
-    this.el.dataset.viewEnd = String(Math.round(range.end));
-    this.draw();
-  }
-
   setEpisodes(episodes) {
     this.episodes = episodes || [];
     this.draw();
   }
 
-  destroy() {
-    window.removeEventListener("mouseup", this.onUpListener);
-    this.observer.disconnect();
-  }
-
   // --------------------------------------------------------------------------------------------------- geometry
-
-  plotWidth() {
-    return Math.max(10, this.el.clientWidth - GUTTER - RIGHT);
-  }
-
-  xOf(step, pw) {
-    return GUTTER + ((step - this.range.start) / Math.max(1, this.range.end - this.range.start)) * pw;
-  }
-
-  stepAt(x, pw) {
-    return this.range.start + ((x - GUTTER) / pw) * Math.max(1, this.range.end - this.range.start);
-  }
 
   /** y extent [top, bottom] in CSS pixels of display row `r` (row 0 = NaN/Inf at the top). */
   rowBox(r) {
@@ -97,18 +60,10 @@ export class HistogramView {
   draw() {
     if (!this.data || !this.range || !this.el.isConnected) return;
     const pal = this.palette();
-    const width = this.el.clientWidth;
-    const height = TRACK + PLOT + AXIS;
     const pw = this.plotWidth();
-    const dpr = window.devicePixelRatio || 1;
-    this.canvas.width = Math.round(width * dpr);
-    this.canvas.height = Math.round(height * dpr);
-    this.canvas.style.width = `${width}px`;
-    this.canvas.style.height = `${height}px`;
+    const { ctx, dpr } = this.resize(this.el.clientWidth, TRACK + PLOT + AXIS);
     this.el.dataset.plotWidth = String(pw);
-    const ctx = this.canvas.getContext("2d");
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, width, height);
     ctx.fillStyle = pal.absent;
     ctx.fillRect(GUTTER, TRACK, pw, PLOT);
     ctx.save();
@@ -116,11 +71,8 @@ export class HistogramView {
     ctx.rect(GUTTER, 0, pw, TRACK + PLOT);
     ctx.clip();
     const drawn = this.drawCells(ctx, pal, pw);
-    this.drawEpisodes(ctx, pal, pw);
-    if (this.drag && this.drag.x1 !== undefined) {
-      ctx.fillStyle = rgba(pal.selected, 0.25);
-      ctx.fillRect(Math.min(this.drag.x0, this.drag.x1), TRACK, Math.abs(this.drag.x1 - this.drag.x0), PLOT);
-    }
+    this.drawEpisodes(ctx, pal, pw, this.episodes, { top: TRACK, height: PLOT, bar: 1, line: 4, shade: false });
+    this.drawDragBand(ctx, pal, TRACK, PLOT);
     ctx.restore();
     this.el.dataset.drawnColumns = String(drawn);
     this.drawBinLabels(ctx, pal);
@@ -132,8 +84,8 @@ export class HistogramView {
     const bad = this.data.bins.length - 1;
     let drawn = 0;
     this.columns.forEach(([a, b], i) => {
-      const xa = this.xOf(a, pw);
-      const xb = Math.max(xa + 1, this.xOf(b, pw));
+      const xa = GUTTER + this.xOf(a, pw);
+      const xb = Math.max(xa + 1, GUTTER + this.xOf(b, pw));
       if (xb < GUTTER || xa > GUTTER + pw) return;
       drawn++;
       const row = counts[i];
@@ -155,30 +107,6 @@ export class HistogramView {
       });
     });
     return drawn;
-  }
-
-  drawEpisodes(ctx, pal, pw) {
-    for (const ep of this.episodes) {
-      const color = ep.validation ? pal.episode.val_degradation : pal.episode[ep.kind] || pal.accent;
-      const xa = this.xOf(ep.start_step - 0.5, pw);
-      const xb = Math.max(xa + 2, this.xOf(ep.end_step + 0.5, pw));
-      if (ep.validation) {
-        ctx.strokeStyle = ep.kind === "nonfinite" ? pal.episode.nonfinite : color;
-        ctx.lineWidth = 3;
-        ctx.setLineDash([5, 3]);
-        ctx.beginPath();
-        ctx.moveTo(xa, 4);
-        ctx.lineTo(xb, 4);
-        ctx.stroke();
-        ctx.setLineDash([]);
-        continue;
-      }
-      ctx.fillStyle = color;
-      ctx.fillRect(xa, 1, xb - xa, 6);
-      ctx.strokeStyle = color;
-      ctx.lineWidth = 1.5;
-      ctx.strokeRect(xa, TRACK + 0.75, xb - xa, PLOT - 1.5);
-    }
   }
 
   /** |g| bin edges (powers of ten) in the gutter, spaced so that labels never overlap; "NaN/Inf" and "0" by name. */
@@ -212,23 +140,20 @@ export class HistogramView {
 
   // ------------------------------------------------------------------------------------------------ interaction
 
+  /** Where a mouse event falls: x from the plot's left edge, y from the canvas top (as `rowBox` counts). */
   locate(event) {
-    const rect = this.canvas.getBoundingClientRect();
-    const x = event.clientX - rect.left;
-    const y = event.clientY - rect.top;
-    const pw = this.plotWidth();
-    return { x: Math.max(GUTTER, Math.min(GUTTER + pw, x)), y, pw,
-      inPlot: x >= GUTTER && x <= GUTTER + pw && y >= TRACK && y < TRACK + PLOT };
+    const at = this.locateIn(event, PLOT);
+    return { ...at, y: at.y + TRACK };
+  }
+
+  onLeave() {
+    this.tooltip.hidden = true;
   }
 
   onMove(event) {
     if (!this.data || !this.range) return;
     const at = this.locate(event);
-    if (this.drag) {
-      this.drag.x1 = at.x;
-      this.draw();
-      return;
-    }
+    if (this.dragTo(at)) return;
     const step = this.stepAt(at.x, at.pw);
     const i = this.columns.findIndex(([a, b]) => step >= a && step <= b);
     const r = this.rows.findIndex((_, k) => {
@@ -248,31 +173,11 @@ export class HistogramView {
       h("div", { text: `${c.toLocaleString("en-US")} entries${total ? ` (${((100 * c) / total).toFixed(1)}%)` : ""}` }),
       h("div", { class: "tt-muted", text: "drag: zoom · double-click: reset" }));
     this.tooltip.hidden = false;
-    const flip = at.x + 14 + 240 > this.el.clientWidth;
-    this.tooltip.style.left = flip ? "" : `${at.x + 14}px`;
-    this.tooltip.style.right = flip ? `${this.el.clientWidth - at.x + 14}px` : "";
+    const x = GUTTER + at.x;
+    const flip = x + 14 + 240 > this.el.clientWidth;
+    this.tooltip.style.left = flip ? "" : `${x + 14}px`;
+    this.tooltip.style.right = flip ? `${this.el.clientWidth - x + 14}px` : "";
     this.tooltip.style.top = `${at.y + 12}px`;
-  }
-
-  onDown(event) {
-    if (event.button !== 0 || !this.data || !this.range) return;
-    const at = this.locate(event);
-    if (!at.inPlot) return;
-    event.preventDefault();
-    this.drag = { x0: at.x, pw: at.pw };
-  }
-
-  onUp() {
-    if (!this.drag) return;
-    const drag = this.drag;
-    this.drag = null;
-    const x1 = drag.x1 === undefined ? drag.x0 : drag.x1;
-    if (Math.abs(x1 - drag.x0) >= DRAG_MIN_PX) {
-      const a = Math.round(this.stepAt(Math.min(drag.x0, x1), drag.pw));
-      const b = Math.round(this.stepAt(Math.max(drag.x0, x1), drag.pw));
-      this.onZoom({ start: a, end: Math.max(b, a + 1) });
-    }
-    this.draw();
   }
 }
 
