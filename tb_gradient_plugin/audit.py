@@ -53,9 +53,9 @@ def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConf
     """
     try:
         run = load_run(path, name)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - an unreadable run is reported, the others are still audited
         report = {"run": name, "source": "unknown", "steps": 0, "episodes": [], "loss_spikes": [],
-                  "warnings": [f"unreadable: {exc}"]}
+                  "warnings": [f"unreadable: {type(exc).__name__}: {exc}"]}
         return {"report": report, "layers": 0, "events": 0, "values": 0, "bytes": 0, "unknown_tags": [],
                 "chart": None}
     try:
@@ -430,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error of the audit
         sys.stderr.close()
         return EXIT_OK
+    except Exception:  # noqa: BLE001 - a crash must never read as exit 1 ("findings") in CI
+        traceback.print_exc()
+        print("tb-gradient: error: the audit failed (traceback above)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -91,14 +91,15 @@ def encode_metadata_content(layout: str | None, layers: Sequence[str] | None) ->
         doc["layout"] = layout
     if layers is not None:
         doc["layers"] = list(layers)
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII escapes keep any name encodable, lone surrogates included (they have no UTF-8 form)
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def decode_metadata_content(content: bytes) -> Metadata:
     try:
         doc = json.loads(content.decode("utf-8")) if content else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"unparseable plugin metadata: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"unparseable plugin metadata: {type(exc).__name__}") from exc
     if not isinstance(doc, dict):
         raise FormatError("plugin metadata is not an object")
     version = doc.get("v", 0)
@@ -169,6 +170,9 @@ def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary
 # ------------------------------------------------------------------------------------------------------------ decode
 
 
+#: A tensor may store one value for its whole shape; a shape claiming more than this is damage, not data (expanding
+#: it would allocate what a hostile record asks for, not what the file holds).
+MAX_SHORTHAND_VALUES = 1 << 20
 _F32 = np.dtype("<f4")
 _F32_SCALAR = struct.Struct("<f")
 _NUMERIC_KINDS = {
@@ -202,7 +206,7 @@ def tensor_to_numpy(tensor: tensor_pb2.TensorProto) -> np.ndarray:
         arr = np.asarray(vals, dtype=dt)
     if arr.size == count:
         return arr.reshape(shape)
-    if arr.size == 1:  # proto shorthand: one value repeated to fill the shape
+    if arr.size == 1 and count <= MAX_SHORTHAND_VALUES:  # proto shorthand: one value repeated to fill the shape
         return np.full(shape, arr[0], dtype=arr.dtype)
     raise FormatError(f"tensor holds {arr.size} values for shape {shape}")
 

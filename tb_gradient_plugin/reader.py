@@ -281,7 +281,7 @@ class EventFileReader:
                     batch.scalars.append(ScalarRecord(step, wall, metric if ours else tag, fmt.scalar_of(value), ours))
                 else:
                     batch.other_tags.add(tag)
-            except fmt.FormatError as exc:
+            except (ValueError, RecursionError, MemoryError, OverflowError) as exc:  # FormatError is a ValueError
                 self.records._problem(offset, "bad_summary", f"tag {tag!r} at step {step}: {exc}")
 
     def _decode_ours(self, offset: int, step: int, wall: float, value, batch: Batch) -> None:

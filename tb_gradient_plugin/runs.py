@@ -528,6 +528,7 @@ class _Run:
         self.tf2_files = False
         self.lightning_hparams = False
         self.events = 0
+        self.failure: str | None = None  # why the last read failed, if it did
         self.first_wall_time: float | None = None
         self.version = 0
         self.problem_count = 0
@@ -537,6 +538,15 @@ class _Run:
         if path not in self.readers:
             self.readers[path] = (EventFileReader(path, self.layouts), role)
             self.tf2_files |= path.endswith(".v2")
+
+    def fail(self, why: str) -> bool:
+        """Record that reading failed (shown as a warning of the run); True if that is news."""
+        if why == self.failure:
+            return False
+        self.failure = why
+        self.version += 1
+        self.cache = None
+        return True
 
     def read(self, finished: Iterable[str] = ()) -> bool:
         """Read new bytes of every file; ``finished`` files are read to the end and their truncated tail reported."""
@@ -655,6 +665,8 @@ class _Run:
             run.warnings.extend(self._warning(p) for p in reader.problems)
         if self.readers and not self.events:
             run.warnings.append("no intact event could be read from this run's files")
+        if self.failure:
+            run.warnings.append(self.failure)
         return run
 
     def _warning(self, problem) -> str:
@@ -876,7 +888,10 @@ class RunStore:
                         changed = True
                     for f, role in files:
                         run.add_file(f, role)
-                    changed |= run.read(finished=self._finished(files))
+                    try:
+                        changed |= run.read(finished=self._finished(files))
+                    except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+                        changed |= run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
             return changed
 
     @staticmethod

@@ -35,6 +35,12 @@ def _as_vector(name: str, value: Any, n: int) -> np.ndarray:
     return arr
 
 
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
 def _as_float(name: str, value: Any) -> float:
     arr = np.asarray(value, dtype=np.float64)
     if arr.size != 1:
@@ -183,64 +189,60 @@ class GradientWriter:
             "grad_max_abs": grad_max_abs,
             "nonfinite_count": nonfinite_count,
         }
+        step = _check_step(step)
         names = self._check_layers(layers)
-        values = []
-        for metric, data in per_layer.items():
-            if data is not None:
-                values.append(self._layer_value(metric, _as_vector(metric, data, len(names)), names))
-        for metric, data in (("loss", loss), ("total_grad_norm", total_grad_norm)):
-            if data is not None:
-                values.append(fmt.scalar_value(metric, _as_float(metric, data)))
+        arrays = [(m, _as_vector(m, data, len(names))) for m, data in per_layer.items() if data is not None]
+        scalars = [fmt.scalar_value(m, _as_float(m, data))
+                   for m, data in (("loss", loss), ("total_grad_norm", total_grad_norm)) if data is not None]
         extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action}
-        for metric, data in extras.items():
-            if data is not None:
-                values.append(fmt.step_value(metric, _as_float(metric, data)))
-        self._emit(step, wall_time, values)
+        scalars += [fmt.step_value(m, _as_float(m, data)) for m, data in extras.items() if data is not None]
+        self._emit(step, wall_time, names, arrays, scalars)
 
     def write_histograms(
         self, step: int, layers: Sequence[str], counts: Any, *, wall_time: float | None = None
     ) -> None:
         """Record per-layer gradient histograms on the format's fixed bins (``counts``: ``[layers, HIST_BINS]``)."""
+        step = _check_step(step)
         names = self._check_layers(layers)
         arr = np.asarray(counts)
         if arr.shape != (len(names), fmt.HIST_BINS):
             raise ValueError(f"histogram counts must have shape ({len(names)}, {fmt.HIST_BINS}), got {arr.shape}")
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
             raise ValueError("histogram counts must be finite and non-negative")
-        self._emit(step, wall_time, [self._layer_value(fmt.HISTOGRAM_METRIC, arr.astype(np.int64), names)])
+        self._emit(step, wall_time, names, [(fmt.HISTOGRAM_METRIC, arr.astype(np.int64))], [])
 
     def _check_layers(self, layers: Sequence[str]) -> tuple[str, ...]:
         if self._closed:
             raise RuntimeError("GradientWriter is closed")
         names = tuple(layers)
-        if names in self._layouts:
-            return names
         if not all(isinstance(n, str) for n in names):
             raise TypeError("layer names must be strings")
         if len(set(names)) != len(names):
             raise ValueError("layer names must be unique within a step")
-        if len(self._layouts) >= 64:
-            self._layouts.clear()
-        self._layouts[names] = fmt.layout_id(names)
         return names
 
-    def _layer_value(self, metric: str, array: np.ndarray, names: tuple[str, ...]):
-        tag = fmt.tag_for(metric)
-        layout = self._layouts[names]
-        with self._lock:
-            known, count = self._defined.get(tag, (None, 0))
-            define = known != layout or count >= LAYOUT_REPEAT_EVERY
-            self._defined[tag] = (layout, 1 if define else count + 1)
-        return fmt.layer_value(metric, array, layout, names if define else None)
-
-    def _emit(self, step: int, wall_time: float | None, values: list) -> None:
-        if not values:
+    def _emit(self, step: int, wall_time: float | None, names: tuple[str, ...], arrays: list, scalars: list) -> None:
+        """Write one event. Which tags get the full layer list is decided under the lock and remembered only once
+        the event is written, so a failed write can never leave a layout marked as defined when it is not."""
+        if not arrays and not scalars:
             return
-        if isinstance(step, bool) or int(step) != step or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        event = fmt.make_event(int(step), time.time() if wall_time is None else wall_time, values)
         with self._lock:
+            layout = self._layouts.get(names)
+            if layout is None:
+                if len(self._layouts) >= 64:
+                    self._layouts.clear()
+                layout = self._layouts[names] = fmt.layout_id(names)
+            defined = {}
+            values = []
+            for metric, array in arrays:
+                tag = fmt.tag_for(metric)
+                known, count = self._defined.get(tag, (None, 0))
+                define = known != layout or count >= LAYOUT_REPEAT_EVERY
+                defined[tag] = (layout, 1 if define else count + 1)
+                values.append(fmt.layer_value(metric, array, layout, names if define else None))
+            event = fmt.make_event(step, time.time() if wall_time is None else wall_time, values + scalars)
             self._target.add_event(event)
+            self._defined.update(defined)
             if not self._owns_target and time.monotonic() - self._last_flush >= self._flush_secs:
                 self._target.flush()
                 self._last_flush = time.monotonic()

@@ -236,3 +236,26 @@ def test_histogram_edge_values_split_the_reference_bins_exactly(dtype):
         below = np.nextafter(x, dtype(0))
         assert np.argmax(fmt.histogram_counts(np.asarray([x]))) == k + 2
         assert np.argmax(fmt.histogram_counts(np.asarray([below]))) == k + 1
+
+
+def test_a_failed_write_leaves_no_half_defined_layout(tmp_path):
+    """A write rejected for a bad argument must not mark its layout as written (later steps would lose layers)."""
+    names = ["enc.fc1", "head"]
+    with GradientWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="single number"):
+            w.write(0, names, grad_norm=[1.0, 2.0], loss=[1.0, 2.0])
+        for step in range(1, 5):
+            w.write(step, names, grad_norm=[step, 2.0 * step], loss=1.0)
+    reader = EventFileReader(_event_file(tmp_path))
+    batch = reader.read()
+    assert reader.problems == []
+    assert [r.step for r in batch.layer_records] == [1, 2, 3, 4]
+
+
+def test_any_unicode_layer_name_round_trips(tmp_path):
+    names = ["\ud800lone surrogate", "<img src=x onerror=alert(1)>", "ℓayer/ü/😀", "nul\x00inside"]
+    with GradientWriter(tmp_path) as w:
+        w.write(0, names, grad_norm=[1.0, 2.0, 3.0, 4.0])
+    reader = EventFileReader(_event_file(tmp_path))
+    (rec,) = reader.read().layer_records
+    assert reader.problems == [] and list(rec.layers) == names

@@ -194,3 +194,59 @@ def _record_spans(buf: bytes):
         n = struct.unpack_from("<Q", buf, off)[0]
         yield off, n
         off += 16 + n
+
+
+def _hostile_event_file(path, values) -> None:
+    """An event file holding one event with the given summary values (framed with valid CRCs)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    event = event_pb2.Event(step=1, wall_time=1.0, summary=summary_pb2.Summary(value=values))
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    path.write_bytes(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+
+
+def _hostile_values():
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+    def meta(content: bytes):
+        return summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="gradients", content=content),
+            data_class=summary_pb2.DATA_CLASS_TENSOR)
+
+    def shorthand(*dims):  # one value claiming to fill an enormous shape
+        shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+        return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=[1.0])
+
+    return [
+        summary_pb2.Summary.Value(tag="gradients/grad_norm", metadata=meta(b"[" * 100_000), tensor=shorthand(1)),
+        summary_pb2.Summary.Value(tag="gradients/lr", metadata=meta(b'{"v":1}'), tensor=shorthand(2**28)),
+        summary_pb2.Summary.Value(tag="gradients/grad_norm", metadata=meta(b'{"v":1,"layout":"00","layers":[]}'),
+                                  tensor=shorthand(2**62, 2**62)),
+    ]
+
+
+def test_hostile_summaries_are_reported_not_raised_nor_allocated(tmp_path):
+    import resource
+
+    path = tmp_path / "events.out.tfevents.hostile"
+    _hostile_event_file(path, _hostile_values())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reader = EventFileReader(str(path))
+    batch = reader.read()
+    assert batch.events == 1 and batch.layer_records == [] and batch.scalars == []
+    assert [p.kind for p in reader.problems] == ["bad_summary"] * 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: no 1 GB expansion
+
+
+def test_one_hostile_run_does_not_hide_the_others(tmp_path):
+    from tb_gradient_plugin.runs import RunStore
+
+    (tmp_path / "a_bad").mkdir()
+    _hostile_event_file(tmp_path / "a_bad" / "events.out.tfevents.1.x", _hostile_values())
+    _write_run(tmp_path / "b_good", steps=5)
+    store = RunStore(str(tmp_path))
+    store.refresh()
+    assert store.run_names() == ["a_bad", "b_good"]
+    assert list(store.get("b_good").steps) == list(range(5))
+    assert any("bad_summary" in w or "gradients/" in w for w in store.get("a_bad").warnings)
