@@ -373,7 +373,7 @@ class Backend:
         with run_lock:
             done = self._reports.get(run)
             if done is None or done[0] < version:
-                done = (version, _detector().detect(data))
+                done = (version, _judge(data))
                 with self._lock:
                     self._reports[run] = max(done, self._reports.get(run, done), key=lambda d: d[0])
         return done[1], done[0]
@@ -396,7 +396,7 @@ class Backend:
                     done = self._reports.get(run)
                     if done is not None and done[0] >= version:
                         return
-                report = _detector().detect(data)
+                report = _judge(data)
                 with self._lock:
                     if version > self._reports.get(run, (-1, None))[0]:
                         self._reports[run] = (version, report)
@@ -420,6 +420,18 @@ def _detector() -> Any:
     from . import detect
 
     return detect
+
+
+def _judge(data: Any) -> Any:
+    """The detector's report, or an empty one that says why: one run the detector chokes on must not take the run
+    list (or the server) down with it."""
+    detect = _detector()
+    try:
+        return detect.detect(data)
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("detection failed on run %r", data.name)
+        return detect.Report(run=data.name, source=data.source, steps=0, episodes=[], loss_spikes=[],
+                             warnings=list(data.warnings) + [f"detection failed: {type(exc).__name__}: {exc}"])
 
 
 # ------------------------------------------------------------------------------------------------------------ plugin

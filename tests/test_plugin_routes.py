@@ -446,3 +446,27 @@ def test_entry_point_module_imports_nothing_heavy():
             "'tb_gradient_plugin.detect') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_run_the_detector_fails_on_is_listed_with_the_reason(tmp_path, monkeypatch):
+    """One run that breaks the detector must not turn the run list into an error for every run."""
+    from tb_gradient_plugin import detect as detect_module
+
+    _write_spiky(tmp_path / "good", n=300)
+    _write_spiky(tmp_path / "cursed", n=300)
+    real = detect_module.detect
+
+    def flaky(data, config=None):
+        if data.name == "cursed":
+            raise RuntimeError("boom")
+        return real(data, config)
+
+    monkeypatch.setattr(detect_module, "detect", flaky)
+    c, _ = _client(tmp_path)
+    code, doc, _ = _get(c, "runs")
+    assert code == 200 and {r["run"] for r in doc["runs"]} == {"good", "cursed"}
+    code, rep, _ = _get(c, "episodes", run="cursed")
+    assert code == 200 and rep["episodes"] == [] and any("detection failed: RuntimeError: boom" in w
+                                                        for w in rep["warnings"])
+    code, rep, _ = _get(c, "episodes", run="good")
+    assert code == 200 and rep["steps"] == 300 and not any("detection failed" in w for w in rep["warnings"])
