@@ -862,6 +862,11 @@ def load_run(path: str, name: str | None = None) -> RunData:
 # -------------------------------------------------------------------------------------------------- the store
 
 
+def _natural_key(path: str) -> list:
+    """Sort key that compares digit runs as numbers: ``events....1700000000.host.42.10`` comes after ``....42.9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 class RunStore:
     """All runs under a logdir (or a TensorBoard ``logdir_spec``), kept up to date by :meth:`refresh`.
 
@@ -900,7 +905,7 @@ class RunStore:
         by_dir: dict[str, list[str]] = {}
         for f, _ in files:
             by_dir.setdefault(posixpath.dirname(f.replace(os.sep, "/")), []).append(f)
-        return [f for group in by_dir.values() for f in sorted(group)[:-1]]
+        return [f for group in by_dir.values() for f in sorted(group, key=_natural_key)[:-1]]
 
     def run_names(self) -> list[str]:
         with self._lock:

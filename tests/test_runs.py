@@ -489,3 +489,9 @@ def test_two_hundred_small_runs(tmp_path):
     assert len(names) == 200 and names[0] == "sweep/trial_000"
     assert store.get("sweep/trial_137").layer_metrics["grad_norm"][0, 0] == 138.0
     assert store.refresh() is False
+
+
+def test_newest_file_is_chosen_by_number_not_by_text():
+    """``....10`` is newer than ``....9``: only the older file counts as finished (a truncated tail is reported)."""
+    older, newer = "d/events.out.tfevents.1700000000.h.42.9", "d/events.out.tfevents.1700000000.h.42.10"
+    assert RunStore._finished([(newer, "main"), (older, "main")]) == [older]
