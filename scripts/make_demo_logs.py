@@ -49,6 +49,12 @@ def regression_data(torch, n: int = 4096):
     return x, y
 
 
+def minibatch(torch, x, y, step: int, size: int = 64):
+    """The same 64 samples for a given step in every run, so runs differ only in what they are meant to."""
+    idx = torch.randint(0, len(x), (size,), generator=torch.Generator().manual_seed(step))
+    return x[idx], y[idx]
+
+
 def train_mlp(out: str, steps: int, raise_at: int | None) -> None:
     torch = _torch()
     from tb_gradient_plugin.torch import GradientMonitor
@@ -62,8 +68,8 @@ def train_mlp(out: str, steps: int, raise_at: int | None) -> None:
             if raise_at is not None and step == raise_at:
                 for group in opt.param_groups:
                     group["lr"] *= 100
-            idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
-            loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+            xb, yb = minibatch(torch, x, y, step)
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             monitor.log_loss(loss)
@@ -113,9 +119,9 @@ def train_amp(out: str, steps: int) -> None:
     x, y = regression_data(torch)
     with GradientMonitor(model, opt, out, every=1, scaler=scaler) as monitor:
         for step in range(steps):
-            idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
+            xb, yb = minibatch(torch, x, y, step)
             with torch.autocast("cpu", dtype=torch.float16):
-                loss = torch.nn.functional.mse_loss(model(x[idx]).float(), y[idx])
+                loss = torch.nn.functional.mse_loss(model(xb).float(), yb)
             opt.zero_grad()
             scaler.scale(loss).backward()
             monitor.log_loss(loss)
@@ -136,8 +142,8 @@ def train_plain(out: str, steps: int) -> None:
         if step == steps // 2:
             for group in opt.param_groups:
                 group["lr"] *= 30
-        idx = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        xb, yb = minibatch(torch, x, y, step)
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))

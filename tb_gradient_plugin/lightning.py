@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor, check_cadence
+from .torch import GradientMonitor, monitor_options
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -47,15 +47,14 @@ class GradientMonitorCallback(pl.Callback):
         flush_secs: float = 2.0,
     ) -> None:
         super().__init__()
-        check_cadence(every, histograms_every)
         self.logdir = os.fspath(logdir) if logdir is not None else None
         # Resolved now so that a bad argument fails when the callback is built, not after the first epoch.
         self._guard_spec = ExplosionGuard.resolve(on_explosion)
         self._guard: ExplosionGuard | None = None
-        self._options: dict[str, Any] = {
-            "every": every, "update_norms": update_norms, "histograms_every": histograms_every, "include": include,
-            "exclude": exclude, "group_depth": group_depth, "group_by": group_by, "flush_secs": flush_secs,
-        }
+        self._options = monitor_options(
+            every=every, update_norms=update_norms, histograms_every=histograms_every, include=include,
+            exclude=exclude, group_depth=group_depth, group_by=group_by, flush_secs=flush_secs,
+        )
         self.monitor: GradientMonitor | None = None
 
     # --------------------------------------------------------------------------------------------------- lifecycle

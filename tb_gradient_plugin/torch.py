@@ -101,6 +101,16 @@ def check_cadence(every: int, histograms_every: int) -> None:
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
 
 
+def monitor_options(*, every: int, update_norms: bool | str, histograms_every: int, include: str | None,
+                    exclude: str | None, group_depth: int | None, group_by: Callable[[str], str] | None,
+                    flush_secs: float) -> dict[str, Any]:
+    """The :class:`GradientMonitor` keywords a training-framework callback passes through, checked when the callback
+    is built (not when training starts)."""
+    check_cadence(every, histograms_every)
+    return {"every": every, "update_norms": update_norms, "histograms_every": histograms_every, "include": include,
+            "exclude": exclude, "group_depth": group_depth, "group_by": group_by, "flush_secs": flush_secs}
+
+
 def _update_mode(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> str | bool:
     """Validated ``update_norms``: ``"auto"`` (``True``), ``"copy"``, ``"state"`` or ``False``."""
     if value is True:

@@ -21,7 +21,7 @@ from transformers.integrations.integration_utils import default_logdir
 from transformers.trainer_callback import CallbackHandler
 
 from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor, check_cadence
+from .torch import GradientMonitor, monitor_options
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -48,15 +48,14 @@ class GradientMonitorCallback(TrainerCallback):
         group_by: Callable[[str], str] | None = None,
         flush_secs: float = 2.0,
     ) -> None:
-        check_cadence(every, histograms_every)
         self.logdir = os.fspath(logdir) if logdir is not None else None
         # Resolved now so that a bad argument fails when the callback is built, not when training starts.
         self._guard_spec = ExplosionGuard.resolve(on_explosion)
         self._guard: ExplosionGuard | None = None
-        self._options: dict[str, Any] = {
-            "every": every, "update_norms": update_norms, "histograms_every": histograms_every, "include": include,
-            "exclude": exclude, "group_depth": group_depth, "group_by": group_by, "flush_secs": flush_secs,
-        }
+        self._options = monitor_options(
+            every=every, update_norms=update_norms, histograms_every=histograms_every, include=include,
+            exclude=exclude, group_depth=group_depth, group_by=group_by, flush_secs=flush_secs,
+        )
         self.monitor: GradientMonitor | None = None
 
     @property
