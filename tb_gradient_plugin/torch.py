@@ -13,6 +13,7 @@ clipping threshold needs. See ``docs/PYTORCH.md``.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 import weakref
@@ -685,7 +686,20 @@ class GradientMonitor:
             dev = g.index.device
             dt = _stat_dtype(dev)
             inv = None if scale is None else scale.to(dev, dt).reciprocal().reshape(())
-            if logged:
+            if hist:
+                # One pass per gradient gives its counts and, on a logged step, its norm and max |g| too.
+                passes = [_hist_pass(t, inv, logged) for t in grads]
+                counts = torch.stack([c for c, _, _ in passes])
+                if logged:
+                    self._accumulate(state, "grad_sq", g, torch.stack([sq for _, sq, _ in passes]).to(dt))
+                    self._accumulate(state, "grad_max", g, torch.stack([m for _, _, m in passes]).to(dt))
+                    self._accumulate(state, "nonfinite", g, counts[:, fmt.HIST_NONFINITE].to(dt))
+                layer_counts = torch.zeros(len(self.layers), fmt.HIST_BINS, dtype=torch.int64, device=dev)
+                layer_counts.index_add_(0, g.index, counts)
+                for pg in g.pgs:
+                    torch.distributed.all_reduce(layer_counts, group=pg)
+                state.hist = layer_counts if state.hist is None else state.hist + layer_counts.to(state.hist.device)
+            elif logged:
                 # Scaled gradients are huge by design: their squares overflow float32, so accumulate in float64.
                 acc = torch.float32 if inv is None else dt
                 norms = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).to(dt)
@@ -696,13 +710,6 @@ class GradientMonitor:
                 self._accumulate(state, "grad_sq", g, norms.square_())
                 self._accumulate(state, "grad_max", g, maxes)
                 self._accumulate(state, "nonfinite", g, bad)
-            if hist:
-                counts = torch.stack([_hist_counts(t, inv) for t in grads])
-                layer_counts = torch.zeros(len(self.layers), fmt.HIST_BINS, dtype=torch.int64, device=dev)
-                layer_counts.index_add_(0, g.index, counts)
-                for pg in g.pgs:
-                    torch.distributed.all_reduce(layer_counts, group=pg)
-                state.hist = layer_counts if state.hist is None else state.hist + layer_counts.to(state.hist.device)
 
     def _finish_step(self) -> None:
         """End of one training step: one host transfer and one write if it is recorded; then count it."""
@@ -823,11 +830,12 @@ _CELL = 1 << _CELL_BITS
 def _bin_table() -> np.ndarray:
     """Lookup table that bins a float32 magnitude from its bit pattern (monotonic in the value for magnitudes).
 
-    Per cell of 2^16 consecutive bit patterns ``h``: ``first_bin * 2^16 + (2^16 - low)``, where ``first_bin`` is the
-    bin of the cell's first value and ``low`` the low 16 bits of the one threshold inside the cell (2^16 if none). Then
-    ``(table[h] + (bits & 0xFFFF)) >> 16`` is the bin: the addition carries into the bin exactly when the entry is at
-    or above that threshold. Cells are far narrower than the half-decade bins, so a cell holds at most one threshold.
-    Zero, subnormals and non-finite values fall out of the same lookup.
+    Per cell ``c`` of 2^16 consecutive bit patterns ``h``: ``first_bin * 2^16 + (2^16 - low) - c * 2^16``, where
+    ``first_bin`` is the bin of the cell's first value and ``low`` the low 16 bits of the one threshold inside the cell
+    (2^16 if none). Then ``(table[h >> 16] + h) >> 16`` is the bin: the sum is ``first_bin * 2^16 + (2^16 - low) +
+    (h & 0xFFFF)``, which carries into the bin exactly when the entry is at or above that threshold. Cells are far
+    narrower than the half-decade bins, so a cell holds at most one threshold. Zero, subnormals and non-finite values
+    fall out of the same lookup.
     """
     thresholds = _THRESHOLDS.view(np.int32).astype(np.int64)
     if np.any((thresholds[1:] >> _CELL_BITS) <= (thresholds[:-1] >> _CELL_BITS)):
@@ -841,34 +849,56 @@ def _bin_table() -> np.ndarray:
     first_bin[0], low[0] = fmt.HIST_ZERO, 1  # bit pattern 0 is zero; the rest of cell 0 is subnormal (underflow)
     nonfinite = starts >= 0x7F800000
     first_bin[nonfinite], low[nonfinite] = fmt.HIST_NONFINITE, _CELL
-    return (first_bin * _CELL + (_CELL - low)).astype(np.int32)
+    return (first_bin * _CELL + (_CELL - low) - starts).astype(np.int32)
 
 
 _BIN_TABLE = _bin_table()
-_HIST_PIECE = 1 << 16  # entries per piece on the CPU: three int32 temporaries of 256 KiB each
+#: Entries per piece on the CPU: the int32 temporaries of a piece (4 MiB in all) stay in the last-level cache.
+_HIST_PIECE = 1 << 18
+#: On the CPU, consecutive entries are counted into this many separate copies of the bins (summed at the end):
+#: incrementing one counter per entry serialises on the few bins most entries fall into.
+_HIST_LANES = 16
+_LANE_STRIDE = 64
 _tables_on: dict[torch.device, torch.Tensor] = {}
 
 
-def _hist_counts(grad: torch.Tensor, inv_scale: torch.Tensor | None) -> torch.Tensor:
+@functools.cache
+def _cpu_lanes() -> torch.Tensor:
+    """Per entry of a CPU piece, the offset of the copy of the bins it is counted into."""
+    return (torch.arange(_HIST_PIECE, dtype=torch.int32) % _HIST_LANES) * _LANE_STRIDE
+
+
+def _hist_pass(grad: torch.Tensor, inv_scale: torch.Tensor | None,
+               stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Counts of one gradient's entries on the format's fixed log10|g| bins, equal to
-    :func:`tb_gradient_plugin.format.histogram_counts` of the float32 magnitudes.
+    :func:`tb_gradient_plugin.format.histogram_counts` of the float32 magnitudes; with ``stats``, also its squared L2
+    norm and max |g| (NaN if it holds one), taken from the same pieces while they are in cache.
 
     Binned from the float32 bit patterns with one table lookup (see :func:`_bin_table`), where a search among the
-    thresholds per entry costs several times more. On the CPU the entries go through in pieces whose temporaries stay
-    in cache.
+    thresholds per entry costs several times more. On the CPU the entries go through in cache-sized pieces, each
+    entry counted into one of :data:`_HIST_LANES` copies of the bins. The magnitudes' bit patterns order like the
+    magnitudes (NaN above infinity), so their integer max is the max |g|.
     """
     table = _tables_on.get(grad.device)
     if table is None:
         table = _tables_on[grad.device] = torch.from_numpy(_BIN_TABLE).to(grad.device)
     flat = grad.reshape(-1)
     n = flat.numel()
-    counts = torch.zeros(fmt.HIST_BINS, dtype=torch.int64, device=grad.device)
+    dt = _stat_dtype(grad.device)
+    zero = torch.zeros((), dtype=dt, device=grad.device) if stats else None
     if n == 0:
-        return counts
-    size = min(_HIST_PIECE, n) if grad.device.type == "cpu" else n
+        return torch.zeros(fmt.HIST_BINS, dtype=torch.int64, device=grad.device), zero, zero
+    cpu = grad.device.type == "cpu"
+    size = min(_HIST_PIECE, n) if cpu else n
+    lanes = _HIST_LANES if cpu else 1
+    counts = torch.zeros(lanes * _LANE_STRIDE, dtype=torch.int64, device=grad.device)
     bits, cell, idx = (torch.empty(size, dtype=torch.int32, device=grad.device) for _ in range(3))
     convert = inv_scale is not None or flat.dtype != torch.float32
     scale = inv_scale.to(torch.float32) if inv_scale is not None else None
+    # Unscaled sums of squares in float64: a scaled gradient's true norm may still overflow float32's squares.
+    acc = torch.float32 if scale is None else dt
+    norms: list[torch.Tensor] = []
+    maxes: list[torch.Tensor] = []
     for start in range(0, n, size):
         piece = flat[start:start + size]
         k = piece.numel()
@@ -878,12 +908,21 @@ def _hist_counts(grad: torch.Tensor, inv_scale: torch.Tensor | None) -> torch.Te
                 piece.mul_(scale)
         b, c, i = bits[:k], cell[:k], idx[:k]
         torch.bitwise_and(piece.view(torch.int32), 0x7FFFFFFF, out=b)
+        if stats:
+            norms.append(torch.linalg.vector_norm(piece, dtype=acc))
+            maxes.append(b.max())
         torch.bitwise_right_shift(b, _CELL_BITS, out=c)
         torch.index_select(table, 0, c, out=i)
-        i += b.bitwise_and_(_CELL - 1)
+        i += b
         i >>= _CELL_BITS
-        counts += torch.bincount(i, minlength=fmt.HIST_BINS)
-    return counts
+        if cpu:
+            i += _cpu_lanes()[:k]
+        counts += torch.bincount(i, minlength=counts.numel())
+    counts = counts.view(lanes, _LANE_STRIDE).sum(0)[:fmt.HIST_BINS]
+    if not stats:
+        return counts, None, None
+    sq = torch.stack(norms).to(dt).square_().sum()
+    return counts, sq, torch.stack(maxes).max().view(torch.float32).to(dt)
 
 
 def _weak(ref: weakref.ReferenceType, method: str) -> Callable[..., None]:

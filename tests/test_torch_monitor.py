@@ -333,7 +333,7 @@ def test_histograms_equal_numpy_on_the_format_bins(tmp_path):
     torch.manual_seed(7)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    expected = {}
+    expected, stats = {}, {}
     with GradientMonitor(model, opt, str(tmp_path), every=3, histograms_every=2):
         for step in range(5):
             x, y = batch(step)
@@ -345,10 +345,14 @@ def test_histograms_equal_numpy_on_the_format_bins(tmp_path):
                 n: fmt.histogram_counts(torch.cat([p.grad.flatten() for p in ps]).numpy())
                 for n, ps in layer_params(model).items()
             }
+            stats[step] = grad_stats(model)
             opt.step()
     run = read_run(str(tmp_path))
     assert sorted(run.hist) == [0, 2, 4]
     assert sorted(run.layouts) == [0, 3]  # norms on every=3 steps only
+    # step 0 takes norms and max |g| from the histogram's pass, step 3 from the norms-only passes
+    for step in (0, 3):
+        assert_stats(run, step, stats[step], metrics=("grad_norm", "grad_max_abs", "nonfinite_count"))
     for step in (0, 2, 4):
         for layer, counts in run.hist[step].items():
             assert counts.shape == (fmt.HIST_BINS,)
