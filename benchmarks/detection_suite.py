@@ -44,6 +44,7 @@ class Label:
     end: int
     kind: str  # "explosion" | "nonfinite"
     layer: str | None  # the origin layer, when known
+    tied: tuple[str, ...] = ()  # other layers the labeling rule cannot tell from it: each one is a correct answer
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Case:
     labels: list[Label]
     loss_only: bool = False
     meta: dict = field(default_factory=dict)
+    #: step ranges without ground truth: their points are not healthy steps, and a detection inside one is neither
+    #: true nor false (it is not scored at all)
+    unscored: list[tuple[int, int]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic cases
@@ -204,10 +208,10 @@ def synthetic_cases(small: bool) -> list[Case]:
 # --------------------------------------------------------------------------------------------- third-party runs
 
 #: (run directory, loss tag, labels) — labels from the runs' documented excursions (see the realruns README):
-#: ``"above_median"`` labels every point after the first 5 % that is over 10x the run's median, an excursion each.
+#: ``"readme_spikes"`` labels the spikes exactly as that README measures them (:func:`readme_spike_labels`).
 THIRDPARTY: list[tuple[str, str, object]] = [
     ("ZakSingh__omelette/ppo_logs/egraph-v0__PropLang_3__1__1655386763", "losses/value_loss", [(24576, 36864)]),
-    ("dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80", "train_loss", "above_median"),
+    ("dparra2399__LearnedCoWSiP/experiments/illum_models/n2400_k8_sigma80", "train_loss", "readme_spikes"),
     ("dparra2399__LearnedCoWSiP/experiments/illum_peak_models/n1024_k8_sigma10_peak030_counts1000", "train_loss", []),
     ("Aydana1__Enhancing_YOLOv5l/runs/train/exp31", "train/obj_loss", []),
     ("ZakSingh__omelette/lightning_logs/math", "train_loss", []),
@@ -236,23 +240,52 @@ def read_scalar_series(run_dir: str) -> dict[str, Series]:
     return out
 
 
+#: The realruns README's spike rule: a finite value more than 10x the median of the up to 50 preceding values, the
+#: first 5 % of the points skipped, and any point with fewer than 5 finite values before it.
+README_FACTOR, README_WINDOW, README_SKIP, README_MIN = 10.0, 50, 0.05, 5
+
+
+def readme_spike_points(values: np.ndarray) -> np.ndarray:
+    """Indices of the points the realruns README counts as spikes (its own definition, see above)."""
+    v = np.asarray(values, dtype=np.float64)
+    out = []
+    for i in range(int(README_SKIP * v.size), v.size):
+        win = v[max(0, i - README_WINDOW):i]
+        win = win[np.isfinite(win)]
+        if win.size >= README_MIN and np.isfinite(v[i]) and v[i] > README_FACTOR * np.median(win):
+            out.append(i)
+    return np.asarray(out, dtype=np.int64)
+
+
+def readme_spike_labels(loss: Series) -> tuple[list[Label], list[tuple[int, int]]]:
+    """Labels of a run whose excursions the README documents as single values, "sometimes written at two consecutive
+    steps": consecutive spike points with the same value are one excursion. The README's facts start after the first
+    5 % of the points, so that span has no ground truth and is returned as unscored (not counted healthy)."""
+    v, st = np.asarray(loss.values, dtype=np.float64), np.asarray(loss.steps)
+    labels: list[Label] = []
+    prev = -2
+    for i in readme_spike_points(v).tolist():
+        if i == prev + 1 and v[i] == v[prev]:
+            labels[-1].end = int(st[i])
+        else:
+            labels.append(Label(int(st[i]), int(st[i]), "explosion", None))
+        prev = i
+    skip = int(README_SKIP * v.size)
+    return labels, ([(int(st[0]), int(st[skip - 1]))] if skip else [])
+
+
 def thirdparty_cases(root: str) -> list[Case]:
     cases = []
     for rel, tag, spec in THIRDPARTY:
         series = read_scalar_series(os.path.join(root, rel))
         loss = series[tag]
-        if spec == "above_median":
-            v, st = loss.values, loss.steps
-            skip = max(1, int(0.05 * v.size))
-            hot = np.zeros(v.size, dtype=bool)
-            hot[skip:] = v[skip:] > 10 * np.median(v)
-            idx = np.nonzero(hot)[0]
-            groups = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1) if idx.size else []
-            labels = [Label(int(st[g[0]]), int(st[g[-1]]), "explosion", None) for g in groups]
+        unscored: list[tuple[int, int]] = []
+        if spec == "readme_spikes":
+            labels, unscored = readme_spike_labels(loss)
         else:
             labels = [Label(a, b, "explosion", None) for a, b in spec]
         run = RunData(name=rel, source="plain", series={"loss": loss})
-        cases.append(Case(rel, "thirdparty", run, labels, loss_only=True))
+        cases.append(Case(rel, "thirdparty", run, labels, loss_only=True, unscored=unscored))
     return cases
 
 
@@ -461,11 +494,17 @@ def score_case(case: Case, dets: list[Detected]) -> Score:
         a, b = pos(steps, lab.start), pos(steps, lab.end, side="right")
         labeled[a:b] = True
         spans.append((max(0, a - TOLERANCE), min(steps.size - 1, b - 1 + TOLERANCE)))
-    sc.healthy_points = int((~labeled).sum())
+    ignored = np.zeros(steps.size, dtype=bool)
+    for a, b in case.unscored:
+        ignored[pos(steps, a):pos(steps, b, side="right")] = True
+    sc.healthy_points = int((~labeled & ~ignored).sum())
     hit_label = [False] * len(case.labels)
     first_det: list[Detected | None] = [None] * len(case.labels)
     for d in dets:
         da, db = pos(steps, d.start), pos(steps, d.end)
+        if ignored[da:db + 1].all():
+            sc.detections -= 1
+            continue
         matched = False
         for k, (a, b) in enumerate(spans):
             if da <= b and db >= a:
@@ -481,7 +520,7 @@ def score_case(case: Case, dets: list[Detected]) -> Score:
     for lab, d in zip(case.labels, first_det, strict=True):
         if lab.layer is not None and d is not None:
             sc.layer_labels += 1
-            sc.layer_hits += int(d.layer == lab.layer)
+            sc.layer_hits += int(d.layer == lab.layer or d.layer in lab.tied)
     return sc
 
 
@@ -504,9 +543,14 @@ def evaluate(cases: list[Case], config: DetectorConfig | None = None) -> tuple[d
 def table(scores: dict[str, Score]) -> str:
     lines = ["| detector | recall | false episodes / 10k healthy steps | top-1 layer | precision | F1 |",
              "|---|---|---|---|---|---|"]
+    def cell(x: float, detail: str = "") -> str:
+        return "n/a" if np.isnan(x) else f"{x:.3f}{detail}"
+
     for name, s in scores.items():
-        lines.append(f"| {name} | {s.recall:.3f} ({s.found}/{s.labels}) | {s.false_per_10k:.3f} ({s.false}) | "
-                     f"{s.top1:.3f} ({s.layer_hits}/{s.layer_labels}) | {s.precision:.3f} | {s.f1:.3f} |")
+        f1 = float("nan") if not s.labels else s.f1
+        lines.append(f"| {name} | {cell(s.recall, f' ({s.found}/{s.labels})')} | "
+                     f"{cell(s.false_per_10k, f' ({s.false})')} | "
+                     f"{cell(s.top1, f' ({s.layer_hits}/{s.layer_labels})')} | {s.precision:.3f} | {cell(f1)} |")
     return "\n".join(lines)
 
 
@@ -520,8 +564,9 @@ def real_cases(root: str, names: list[str] | None = None) -> list[Case]:
 
     real.train(root, names)
     cases = []
-    for name, run, cause, layer in real.load(root):
-        labels = [Label(int(cause["step"]), int(run.steps[-1]), "explosion", layer)] if cause else []
+    for name, run, cause, layers in real.load(root):
+        labels = [Label(int(cause["step"]), int(run.steps[-1]), "explosion", layers[0] if layers else None,
+                        layers[1:])] if cause else []
         cases.append(Case(name, "real", run, labels))
     return cases
 

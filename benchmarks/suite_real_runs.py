@@ -13,9 +13,12 @@ trouble, and records it with :class:`tb_gradient_plugin.torch.GradientMonitor` o
 
 Labels come from the run's own cause, never from a detector: the episode window runs from the step the learning rate
 changed to the end of the run (what follows is its consequence), and the offending layer is the one whose gradient
-norm or update ratio first reaches 10x its median over the 100 logged steps before the change (ties: the larger
-ratio). Healthy twins have no label. ``python benchmarks/suite_real_runs.py DIR`` trains what is missing in ``DIR``
-and prints each run's label, to be checked by eye.
+norm or update ratio first reaches 10x its median over the 100 logged steps before the change, an update ratio only
+where it also leaves the range that is healthy for most layers (above 1e-2). A learning-rate change reaches every
+layer at the same step, by the same factor: layers crossing at that first step are told apart by their ratio, and
+those whose ratio is within two standard errors of the largest (the uncertainty of a median of 100 noisy points) are
+tied, each one a correct answer. Healthy twins have no label. ``python benchmarks/suite_real_runs.py DIR`` trains what
+is missing in ``DIR`` and prints each run's label, to be checked by eye.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ from tb_gradient_plugin.runs import RunData, load_run  # noqa: E402
 LABEL_FILE = "cause.json"
 PRE_POINTS = 100  # logged steps before the cause that define each layer's normal level
 LABEL_FACTOR = 10.0
+#: An update ratio ||dw||/||w|| up to this is healthy for most layers: a layer whose updates stay below it was not hurt
+#: by the new learning rate, however many times its own level they grew (e.g. 2e-6 -> 5e-4).
+HEALTHY_UPDATE_RATIO = 1e-2
+TIE_SE = 2.0  # ratios within this many standard errors of the largest are tied
 
 
 @dataclass
@@ -227,34 +234,50 @@ def train(root: str, names: list[str] | None = None, *, log: Callable[[str], Non
     return out
 
 
-def first_crossing_layer(run: RunData, cause_step: int) -> tuple[str | None, int | None]:
-    """The layer whose grad norm or update ratio first reaches 10x its median over the points before the cause."""
+def first_crossing_layers(run: RunData, cause_step: int) -> tuple[tuple[str, ...], int | None]:
+    """The layers whose grad norm or update ratio first reaches 10x its median over the points before the cause (an
+    update ratio also above the healthy range), and that step. The first layer has the largest ratio; the others are
+    tied with it: their log ratio is within ``TIE_SE`` standard errors of its own, the standard error of a median of
+    ``n`` points with robust log-noise sigma being 1.2533 sigma / sqrt(n). Non-finite values cross, with an infinite
+    ratio."""
     steps = np.asarray(run.steps)
     pre = np.nonzero(steps < cause_step)[0][-PRE_POINTS:]
     post = np.nonzero(steps >= cause_step)[0]
-    best: tuple[int, float, int] | None = None  # (post index, -ratio, layer)
-    metrics = [run.layer_metrics.get("grad_norm"), run.update_ratio()]
-    for m in metrics:
+    hits: list[tuple[int, float, float, int]] = []  # (post index, log ratio, its standard error, layer)
+    metrics = [(run.layer_metrics.get("grad_norm"), 0.0), (run.update_ratio(), HEALTHY_UPDATE_RATIO)]
+    for m, floor in metrics:
         if m is None or pre.size == 0:
             continue
         vals = np.where(run.present, np.asarray(m, dtype=np.float64), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = vals[post] / np.nanmedian(vals[pre], axis=0)[None, :]
-            hit = ~(ratio < LABEL_FACTOR)  # non-finite values count as crossing
+            hit = ~(ratio < LABEL_FACTOR) & ~(vals[post] <= floor)  # non-finite values count as crossing
+            logs = np.log(vals[pre])
+            sigma = 1.4826 * np.nanmedian(np.abs(logs - np.nanmedian(logs, axis=0)), axis=0)
+            se = 1.2533 * sigma / np.sqrt(np.isfinite(logs).sum(axis=0))
         for j in range(vals.shape[1]):
             rows = np.nonzero(hit[:, j])[0]
             if rows.size:
-                r = float(ratio[rows[0], j]) if math.isfinite(ratio[rows[0], j]) else math.inf
-                cand = (int(rows[0]), -r, j)
-                if best is None or cand < best:
-                    best = cand
-    if best is None:
-        return None, None
-    return run.layers[best[2]], int(steps[post[best[0]]])
+                r = float(ratio[rows[0], j])
+                hits.append((int(rows[0]), math.log(r) if math.isfinite(r) and r > 0 else math.inf,
+                             float(se[j]) if math.isfinite(se[j]) else 0.0, j))
+    if not hits:
+        return (), None
+    first = min(h[0] for h in hits)
+    at = sorted((h for h in hits if h[0] == first), key=lambda h: (-h[1], h[3]))
+    top = at[0]
+    tied = [h for h in at if h is top or (math.isinf(top[1]) and math.isinf(h[1]))
+            or top[1] - h[1] <= TIE_SE * math.hypot(top[2], h[2])]
+    names: list[str] = []
+    for h in tied:  # a layer may cross by both metrics
+        if run.layers[h[3]] not in names:
+            names.append(run.layers[h[3]])
+    return tuple(names), int(steps[post[first]])
 
 
-def load(root: str) -> list[tuple[str, RunData, dict | None, str | None]]:
-    """(name, run, cause, offending layer) for every trained run under ``root``, in recipe order."""
+def load(root: str) -> list[tuple[str, RunData, dict | None, tuple[str, ...]]]:
+    """(name, run, cause, offending layers: the label's first, then those tied with it) for every trained run under
+    ``root``, in recipe order."""
     out = []
     for recipe in RECIPES:
         for healthy in (True, False):
@@ -266,8 +289,8 @@ def load(root: str) -> list[tuple[str, RunData, dict | None, str | None]]:
             # the Keras callback writes into train/, as Keras' own TensorBoard callback does
             path = os.path.join(d, "train") if os.path.isdir(os.path.join(d, "train")) else d
             run = load_run(path, name=os.path.basename(d))
-            layer = first_crossing_layer(run, cause["step"])[0] if cause else None
-            out.append((os.path.basename(d), run, cause, layer))
+            layers = first_crossing_layers(run, cause["step"])[0] if cause else ()
+            out.append((os.path.basename(d), run, cause, layers))
     return out
 
 
@@ -277,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="recipe names (default: all)")
     args = ap.parse_args(argv)
     train(args.root, args.only)
-    for name, run, cause, layer in load(args.root):
-        print(f"{name}: {run.steps.size} steps, {len(run.layers)} layers, cause {cause}, offending layer {layer}")
+    for name, run, cause, layers in load(args.root):
+        print(f"{name}: {run.steps.size} steps, {len(run.layers)} layers, cause {cause}, offending layer "
+              f"{layers[0] if layers else None}" + (f" (tied: {', '.join(layers[1:])})" if len(layers) > 1 else ""))
     return 0
 
 

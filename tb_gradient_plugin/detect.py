@@ -64,6 +64,7 @@ class DetectorConfig:
     loss_ratio: float = 10.0  # loss spike: ratio x the loss baseline (a noisy loss often makes benign 5x steps) ...
     loss_z: float = 6.0  # ... and this many robust sigmas above it
     loss_min_history: int = 8  # loss series are often short (one point per epoch)
+    loss_back_ratio: float = 3.0  # a loss spike ends once a point is back below this many times the loss baseline
     max_ratio: float = 50.0  # however noisy a series, this many times its baseline always crosses
     merge_gap: int = 10  # crossings at most this many logged steps apart form one episode
     loss_link_points: int = 50  # a loss spike this many logged steps after an episode's end "followed" it
@@ -87,6 +88,8 @@ class DetectorConfig:
         for name in ("ratio", "update_ratio_ratio", "loss_ratio"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
+        if not self.loss_back_ratio >= 1.0:
+            raise ValueError(f"loss_back_ratio must be at least 1, got {self.loss_back_ratio!r}")
         if self.merge_gap < 0 or self.min_history < 0 or self.mature_history < 0:
             raise ValueError("merge_gap, min_history and mature_history must be non-negative")
 
@@ -714,7 +717,7 @@ def _build(
     rows: list[_Row],
     layers: list[str],
     grad_metric: str,
-    loss_rows: list[tuple[int, int, float, float, float]],
+    loss_rows: list[_LossRow],
     ctx: _Context,
     cfg: DetectorConfig,
 ) -> tuple[list[Episode], list[LossSpike]]:
@@ -780,14 +783,26 @@ def _peak_row(grp: list[_Row]) -> _Row:
     return best
 
 
-def _loss_spikes(loss_rows: list[tuple[int, int, float, float, float]], cfg: DetectorConfig):
-    """One LossSpike per group of crossing loss points, at its highest ratio; with its step index for linking."""
-    us = np.asarray([r[0] for r in loss_rows], dtype=np.int64)
+#: One crossing loss point: (step index, step, value, baseline, ratio, whether the loss was back near its baseline
+#: (below ``loss_back_ratio`` x the previous crossing's baseline) at some point since the previous crossing).
+_LossRow = tuple[int, int, float, float, float, bool]
+
+
+def _loss_spikes(loss_rows: list[_LossRow], cfg: DetectorConfig):
+    """One LossSpike per excursion of the loss, at its highest ratio; with its step index for linking.
+
+    Crossings at most ``merge_gap`` logged steps apart are one excursion while the loss stays up between them; once it
+    is back near its baseline, the next crossing is a new spike. Single-value spikes a few points apart are separate
+    events (each followed by a normal loss), while a loss that stays high and dips under the threshold now and then is
+    one.
+    """
     out = []
-    for i, j in _group(us, cfg.merge_gap):
-        grp = loss_rows[i:j]
-        u, step, value, base, ratio = max(grp, key=lambda r: r[4])
-        out.append((LossSpike(int(step), float(value), float(base), float(ratio)), int(grp[0][0])))
+    for i, j in _group(np.asarray([r[0] for r in loss_rows], dtype=np.int64), cfg.merge_gap):
+        starts = [i] + [k for k in range(i + 1, j) if loss_rows[k][5]] + [j]
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            grp = loss_rows[a:b]
+            u, step, value, base, ratio, _ = max(grp, key=lambda r: r[4])
+            out.append((LossSpike(int(step), float(value), float(base), float(ratio)), int(grp[0][0])))
     return out
 
 
@@ -1156,7 +1171,7 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
             row.total = (float(tv[k]), ratio)
             rows[u] = row
     # loss: non-finite -> episode; spikes -> LossSpike
-    loss_rows: list[tuple[int, int, float, float, float]] = []
+    loss_rows: list[_LossRow] = []
     loss = ser["loss"]
     if loss is not None:
         lv = np.asarray(loss.values, dtype=np.float64)
@@ -1166,10 +1181,16 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
         c, bases, _ = _solve(_Points(lv[:, None], ~skip_u[lsu][:, None]), cfg, cfg.loss_ratio, cfg.loss_z,
                              cfg.loss_min_history, cfg.loss_min_history)
         logv = _log_positive(lv)[0]
-        for k in np.nonzero(c[:, 0])[0].tolist():
+        usable = np.isfinite(lv) & (lv > 0) & ~skip_u[lsu]
+        ks = np.nonzero(c[:, 0])[0].tolist()
+        for n, k in enumerate(ks):
             base = bases[k // cfg.block, 0]
+            back = False
+            if n:
+                between = lv[ks[n - 1] + 1:k][usable[ks[n - 1] + 1:k]]
+                back = bool(between.size) and float(between.min()) < loss_rows[-1][3] * cfg.loss_back_ratio
             loss_rows.append((int(lsu[k]), int(loss.steps[k]), float(lv[k]), float(np.exp(base)),
-                              float(np.exp(logv[k] - base))))
+                              float(np.exp(logv[k] - base)), back))
         for k in np.nonzero(~np.isfinite(lv))[0].tolist():
             u = int(lsu[k])
             row = rows.get(u) or _empty_row(u, int(axis[u]), bool(overflow_u[u]))
@@ -1418,7 +1439,8 @@ class OnlineDetector:
         self._layers: list[str] = []
         self._col: dict[str, int] = {}
         self._rows: list[_Row] = []
-        self._loss_rows: list[tuple[int, int, float, float, float]] = []
+        self._loss_rows: list[_LossRow] = []
+        self._loss_low = math.inf  # the lowest usable loss since the last loss crossing
         self._u = -1
         self._last_step: int | None = None
         self._last_active = {False: None, True: None}
@@ -1500,7 +1522,11 @@ class OnlineDetector:
             base = eng.loss.limits()[0][0]
             cross, excess = eng.loss.step(logv, ok & (not skip))
             if cross[0]:
-                self._loss_rows.append((u, step, lv, float(np.exp(base)), float(np.exp(excess[0]))))
+                back = bool(self._loss_rows) and self._loss_low < self._loss_rows[-1][3] * cfg.loss_back_ratio
+                self._loss_rows.append((u, step, lv, float(np.exp(base)), float(np.exp(excess[0])), back))
+                self._loss_low = math.inf
+            elif ok[0] and not skip:
+                self._loss_low = min(self._loss_low, lv)
             if not math.isfinite(lv):
                 row = row or _empty_row(u, step, overflow)
                 row.loss_nonfinite = not row.overflow

@@ -306,3 +306,42 @@ def test_demo_amp_run_early_growth_is_not_an_explosion():
     rep = detect(run)
     assert {e.kind for e in rep.episodes} == {"overflow_skip"}
     assert _online(run).to_json() == rep.to_json()
+
+
+def test_loss_spikes_a_few_points_apart_with_a_normal_loss_between_are_two_spikes():
+    """Two single-value loss spikes 5 points apart, the loss back to normal in between, are two events; a loss that
+    stays high and dips under the threshold now and then is still one."""
+    rng = np.random.default_rng(4)
+    loss = np.exp(rng.normal(0, 0.05, 600))
+    loss[300], loss[305] = 30.0, 40.0  # back to ~1 at 301..304
+    loss[450:460] = 25.0
+    loss[454] = 6.0  # under the 10x threshold, still far from the baseline: the same excursion
+    run = RunData("lo", "plain", series={"loss": Series(np.arange(600), loss)})
+    rep = detect(run)
+    assert [s.step for s in rep.loss_spikes] == [300, 305, 450]
+    assert _online(run).to_json() == rep.to_json()
+    with pytest.raises(ValueError, match="loss_back_ratio"):
+        DetectorConfig(loss_back_ratio=0.5)
+
+
+def test_readme_spike_labels_match_the_documented_facts(realruns):
+    """n2400_k8_sigma80: "36 spike points, forming 30 separate excursions ... Each excursion is a single value,
+    sometimes written at two consecutive steps"; the first 5 % of the points are outside the README's facts."""
+    (case,) = [c for c in suite.thirdparty_cases(str(realruns)) if c.name.endswith("n2400_k8_sigma80")]
+    loss = case.run.series["loss"]
+    assert suite.readme_spike_points(loss.values).size == 36
+    assert len(case.labels) == 30
+    assert sum(lab.end != lab.start for lab in case.labels) == 6
+    assert (1551499, 1551499) in [(lab.start, lab.end) for lab in case.labels]  # 15.7, 10.1x its window median
+    assert case.unscored == [(int(loss.steps[0]), int(loss.steps[int(0.05 * loss.steps.size) - 1]))]
+    sc = suite.score_case(case, suite.run_ours(case))
+    assert (sc.found, sc.false) == (30, 0)
+
+
+def test_unscored_span_counts_neither_healthy_steps_nor_false_detections():
+    run = RunData("lo", "plain", series={"loss": Series(np.arange(100), np.ones(100))})
+    case = suite.Case("lo", "thirdparty", run, [suite.Label(80, 80, "explosion", None)], loss_only=True,
+                      unscored=[(0, 9)])
+    dets = [suite.Detected(5, 5, None), suite.Detected(40, 40, None), suite.Detected(80, 80, None)]
+    sc = suite.score_case(case, dets)
+    assert (sc.healthy_points, sc.detections, sc.false, sc.true_detections, sc.found) == (89, 2, 1, 1, 1)
