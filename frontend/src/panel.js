@@ -543,6 +543,7 @@ export class RunPanel {
     for (const slot of Object.values(this.slots)) if (slot.controller) slot.controller.abort();
     for (const t of Object.values(this.timers)) clearTimeout(t);
     if (this.lossChart) this.lossChart.dispose();
+    this.heatmap.destroy();
     this.disposeDrill();
     clear(this.el);
     this.el.remove();
