@@ -682,7 +682,7 @@ class GradientMonitor:
         state.loss_scale = scale
         logged, hist = self._logged() or self._guard is not None, self._hist_step()
         for g in plan.groups:
-            grads = [_local(p.grad.detach()) for p in g.params]
+            grads = [_grad_entries(p) for p in g.params]
             dev = g.index.device
             dt = _stat_dtype(dev)
             inv = None if scale is None else scale.to(dev, dt).reciprocal().reshape(())
@@ -690,6 +690,9 @@ class GradientMonitor:
                 # One pass per gradient gives its counts and, on a logged step, its norm and max |g| too.
                 passes = [_hist_pass(t, inv, logged) for t in grads]
                 counts = torch.stack([c for c, _, _ in passes])
+                implicit = [_local(p.grad).numel() - t.numel() for p, t in zip(g.params, grads, strict=True)]
+                if any(implicit):  # a sparse gradient's entries it does not store are zeros
+                    counts[:, fmt.HIST_ZERO] += torch.tensor(implicit, device=counts.device)
                 if logged:
                     self._accumulate(state, "grad_sq", g, torch.stack([sq for _, sq, _ in passes]).to(dt))
                     self._accumulate(state, "grad_max", g, torch.stack([m for _, _, m in passes]).to(dt))
@@ -785,6 +788,17 @@ class GradientMonitor:
         if "hist" in values:
             counts = values["hist"].reshape(n, fmt.HIST_BINS)[present]
             self._writer.write_histograms(step, names, np.rint(counts).astype(np.int64))
+
+
+def _grad_entries(p: torch.Tensor) -> torch.Tensor:
+    """The gradient entries the statistics read: a sparse gradient's stored values, summed where an index repeats
+    (every other entry is zero, which changes no norm, max or count of non-finite values)."""
+    grad = _local(p.grad.detach())
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    if grad.layout != torch.strided:  # compressed layouts store each index once
+        return grad.values()
+    return grad
 
 
 def _max_abs(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

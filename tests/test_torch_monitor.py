@@ -364,6 +364,38 @@ def test_histograms_equal_numpy_on_the_format_bins(tmp_path):
     assert run.hist[0]["head"][fmt.HIST_UNDERFLOW + 1:fmt.HIST_OVERFLOW].sum() > 0.9 * run.hist[0]["head"].sum()
 
 
+@pytest.mark.parametrize("histograms", [0, 1])
+def test_sparse_embedding_gradients(tmp_path, histograms):
+    # nn.Embedding(sparse=True) gives sparse gradients whose indices repeat (a token twice in the batch): statistics
+    # and histograms must equal those of the dense gradient, and the update norm those of the applied step.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dense, before, after = {}, {}, {}
+    with GradientMonitor(model, opt, str(tmp_path), histograms_every=histograms):
+        for step in range(3):
+            tokens = torch.tensor([[1, 2, 2, 7], [7, 7, 30, 1]]) + step
+            opt.zero_grad()
+            model(tokens).sum(dim=1).pow(2).mean().backward()
+            assert model[0].weight.grad.is_sparse
+            dense[step] = {n: torch.cat([p.grad.to_dense().double().flatten() for p in ps])
+                           for n, ps in layer_params(model).items()}
+            before[step] = weights(model)
+            opt.step()
+            after[step] = weights(model)
+    run = read_run(str(tmp_path))
+    for step in range(3):
+        for layer, g in dense[step].items():
+            assert close(run.layers["grad_norm"][step][layer], float(g.norm()))
+            assert close(run.layers["grad_max_abs"][step][layer], float(g.abs().max()))
+            assert run.layers["nonfinite_count"][step][layer] == 0
+            update = float((after[step][layer] - before[step][layer]).norm())
+            assert close(run.layers["update_norm"][step][layer], update, rel=1e-4)
+            if histograms:
+                np.testing.assert_array_equal(run.hist[step][layer], fmt.histogram_counts(g.float().numpy()))
+    assert bool(run.hist) == bool(histograms)
+
+
 def test_bad_use_gets_clear_errors(tmp_path):
     model = nn.Linear(3, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
