@@ -66,7 +66,7 @@ def discover_layers(
     A layer is a module that owns parameters directly, named by its ``named_modules()`` path (``(root)`` for the
     model's own parameters). ``include`` / ``exclude`` are regular expressions searched in that name; ``group_depth``
     keeps only the first N dotted components (``encoder.layers.3``) and ``group_by`` maps a name to its group, for
-    deep models where one row per block is enough. Tied parameters belong to their first owner.
+    deep models where one row per block is enough. Tied parameters belong to their first owner that the filters keep.
     """
     if group_depth is not None and group_by is not None:
         raise ValueError("pass at most one of group_depth and group_by")
@@ -79,13 +79,15 @@ def discover_layers(
     groups: dict[str, list[nn.Parameter]] = {}
     for mod_name, module in _unwrap(model).named_modules():
         name = mod_name or ROOT_LAYER
+        if (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
+            continue  # before claiming its parameters: a tied one then goes to the owner the filter keeps
         direct = []
         for p in module.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 if p.requires_grad:
                     direct.append(p)
-        if not direct or (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
+        if not direct:
             continue
         if group_by is not None:
             name = str(group_by(name))

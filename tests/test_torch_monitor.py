@@ -232,6 +232,12 @@ def test_layer_filters_and_grouping(tmp_path):
     assert [n for n, _ in discover_layers(model, exclude=r"\.1$")] == ["0.0", "1.0"]
     assert [n for n, _ in discover_layers(model, group_by=lambda n: "odd" if n.endswith("1") else "even")] == [
         "even", "odd"]
+    # a tied weight (embedding = output projection) goes to its first owner the filters keep
+    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert [(n, len(ps)) for n, ps in discover_layers(tied)] == [("0", 1)]
+    assert [(n, ps[0] is tied[0].weight) for n, ps in discover_layers(tied, include=r"^1$")] == [("1", True)]
+    assert [n for n, _ in discover_layers(tied, exclude=r"^0$")] == ["1"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with GradientMonitor(model, opt, str(tmp_path), group_depth=1):
         model(torch.randn(5, 4)).sum().backward()
