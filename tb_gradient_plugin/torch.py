@@ -815,12 +815,13 @@ def _max_abs(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return out
     chosen = [tensors[i] for i in nonempty]
     if chosen[0].device.type == "cpu":
-        maxes = [torch.maximum(lo.abs(), hi.abs()) for lo, hi in map(torch.aminmax, chosen)]
+        ends = torch.stack([x for pair in map(torch.aminmax, chosen) for x in pair]).to(dtype)
+        maxes = ends.abs_().view(-1, 2).amax(dim=1)  # amax propagates NaN
     else:
-        maxes = torch._foreach_norm(chosen, float("inf"), dtype=dtype)
+        maxes = torch.stack(torch._foreach_norm(chosen, float("inf"), dtype=dtype)).to(dtype)
     if len(nonempty) == len(tensors):
-        return torch.stack(maxes).to(dtype)
-    out[nonempty] = torch.stack(maxes).to(dtype)
+        return maxes
+    out[nonempty] = maxes
     return out
 
 
