@@ -1,13 +1,15 @@
 """Overhead of GradientMonitorCallback on ``model.fit`` (Keras 3, TensorFlow backend, CPU).
 
 Two models: a small conv net on 32x32x3 inputs and a 10-layer dense model, batch 128. For each, copies with the same
-weights are fitted: plain, with the callback logging every step, and every 10 steps; the dense model also with a
-histogram on every step (``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a
-warm-up fit that traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of
+weights are fitted: plain, with the callback logging every step, every 10 steps, and every 10 steps with the explosion
+guard (``on_explosion="skip"``: every step judged in the graph and on the host); the dense model also with a histogram
+on every step (``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a warm-up
+fit that traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of
 each variant and its ratio to plain fit, both as a ratio of medians and as the median of the per-repeat (paired)
 ratios, on two clocks: wall time, and the process's CPU time (with TensorFlow on one thread, the CPU clock is what to
 compare on a machine shared with other work, where wall time is mostly noise). For the dense model it also prints a
-histogram step against a norms-only logged step (``hist 1`` / ``every 1``).
+histogram step against a norms-only logged step (``hist 1`` / ``every 1``), and for both models the guard against the
+same logging without it (``guard 10`` / ``every 10``).
 
 Goals (conv net): every 10 steps <= 1.02x, every step <= 1.10x. Dense model: a histogram step < 2x a norms-only
 logged step. The dense model's other ratios are reported as measured.
@@ -54,7 +56,8 @@ def dense_net() -> keras.Model:
 
 
 #: Variant name -> callback arguments (None: plain fit).
-VARIANTS: dict[str, dict | None] = {"plain": None, "every 1": {"every": 1}, "every 10": {"every": 10}}
+VARIANTS: dict[str, dict | None] = {"plain": None, "every 1": {"every": 1}, "every 10": {"every": 10},
+                                     "guard 10": {"every": 10, "on_explosion": "skip"}}
 HIST_VARIANT = {"hist 1": {"every": 1, "histograms_every": 1}}
 MODELS = {
     "conv net 32x32": (conv_net, (32, 32, 3), VARIANTS),
@@ -105,6 +108,10 @@ def report(times: dict[str, list[float]], clock: str) -> None:
         paired = statistics.median(h / n for h, n in zip(hist, norms, strict=True))
         print(f"  {clock:4s} histogram step / norms-only logged step: ratio "
               f"{statistics.median(hist) / statistics.median(norms):5.3f}x   paired {paired:5.3f}x")
+    guard, unguarded = times["guard 10"], times["every 10"]
+    paired = statistics.median(g / u for g, u in zip(guard, unguarded, strict=True))
+    print(f"  {clock:4s} explosion guard / same logging without it: ratio "
+          f"{statistics.median(guard) / statistics.median(unguarded):5.3f}x   paired {paired:5.3f}x")
 
 
 def main() -> None:

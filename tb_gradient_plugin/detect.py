@@ -1556,6 +1556,24 @@ class OnlineDetector:
         eps, _ = _build([row], self._layers, self._grad_metric or "grad_norm", [], ctx, cfg)
         return eps
 
+    def next_thresholds(self, layers: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The values the next :meth:`update` will judge against, for a caller that must decide before it can call it.
+
+        Per name in ``layers``, the value of the gradient metric (``grad_norm`` when it is given) above which that
+        layer crosses, and the total gradient norm above which the total crosses; ``inf`` where a series has fewer
+        than ``min_history`` points or is unknown. Non-finite values always make an episode and are not expressed
+        here. The thresholds stay valid until the next :meth:`update`.
+        """
+        _, thr = self._engine.grad.limits()
+        out = np.full(len(layers), np.inf)
+        for i, name in enumerate(layers):
+            col = self._col.get(name)
+            if col is not None and col < thr.size:
+                out[i] = thr[col]
+        total = float(self._engine.total.limits()[1][0])
+        with np.errstate(over="ignore"):
+            return np.exp(out), math.exp(total) if total < 709.0 else math.inf
+
     def _early_step(self) -> int:
         return self._steps[min(self.cfg.early_points, len(self._steps)) - 1]
 

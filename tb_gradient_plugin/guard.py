@@ -166,6 +166,15 @@ class ExplosionGuard:
             self.decisions.append(decision)
         return decision
 
+    def next_thresholds(self, layers: Sequence[str]) -> tuple[np.ndarray, float]:
+        """Per layer of ``layers``, the gradient norm above which the next step crosses, and the total norm's.
+
+        For integrations that must decide inside a compiled step, before :meth:`check` can run (see
+        :meth:`OnlineDetector.next_thresholds`): ``inf`` during the detector's warm-up; non-finite gradients always
+        cross.
+        """
+        return self._detector.next_thresholds(layers)
+
     def _act(self, step: int, episodes: tuple[Episode, ...]) -> GuardDecision:
         """First crossing of a new episode: do what the user asked."""
         first = episodes[0]

@@ -13,6 +13,10 @@ Between fits the hooks stay in the traced function, switched off by a flag, so c
 callback does not trace (or XLA-compile) again. ``close()`` removes them: the optimizer gets its own methods back and
 the train function is traced afresh on the next ``fit``.
 
+With ``on_explosion=`` the same wrapper also holds back a step whose gradient norms cross thresholds the host's
+explosion guard left in a variable after judging the step before; the host then judges the step in full at batch end
+and has the last word (a held step it lets through is applied then). See ``docs/KERAS.md``, "Explosion guard".
+
 Only the TensorFlow backend is supported; the check happens when the callback is constructed.
 """
 
@@ -28,6 +32,7 @@ import keras
 import numpy as np
 
 from . import format as fmt
+from .guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, GradientExplosionError, OnExplosion
 from .writer import GradientWriter
 
 __all__ = ["GradientMonitorCallback"]
@@ -38,6 +43,14 @@ _MISSING = object()
 _PRE_FIXED = 5
 #: Columns of an ``after`` row: step, skipped, then the update norms.
 _POST_FIXED = 2
+#: Columns of a guard row: step, loss, lr, loss scale, held (1: the step was not applied), then 3 blocks of one value
+#: per layer: gradient sum of squares (scaled), max |g| (scaled), non-finite count.
+_GUARD_FIXED = 5
+#: The in-graph check holds a step slightly below the detector's thresholds, so that float rounding can only make it
+#: hold a step the detector lets through (which is then applied late, exactly), never the other way round.
+_HOLD_MARGIN = 1.0 - 1e-6
+#: ``_Probe.let_through``: no crossing step is let through (the default: hold every crossing step).
+_HOLD_ALL = -1
 #: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
 #: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
 _BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
@@ -147,6 +160,31 @@ def _histogram_counts(grads: list[Any], groups: list[list[int]], scale: Any) -> 
                                     weights=tf.zeros([0], tf.int32), binary_output=False)
 
 
+def _grad_stats(grads: list[Any], groups: list[list[int]]) -> tuple[Any, Any, Any]:
+    """Per layer, in float64 and as given (scaled under a loss scale): sum of squares, max |g|, non-finite count."""
+    import tensorflow as tf
+
+    g_sumsq, g_max = [], []
+    for g in grads:
+        g_sumsq.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float64))))
+        g_max.append(tf.cast(tf.reduce_max(tf.abs(g)), tf.float64) if g.shape.num_elements() != 0
+                     else tf.constant(0.0, tf.float64))
+    layer_sumsq = tf.stack([tf.add_n([g_sumsq[i] for i in idxs]) for idxs in groups])
+    layer_max = tf.stack([tf.reduce_max(tf.stack([g_max[i] for i in idxs])) for idxs in groups])
+
+    def count_nonfinite():
+        per_var = [tf.cast(tf.size(g, tf.int64) - tf.math.count_nonzero(tf.math.is_finite(g), dtype=tf.int64),
+                           tf.float64) for g in grads]
+        return tf.stack([tf.add_n([per_var[i] for i in idxs]) for idxs in groups])
+
+    # Squares summed in float64 cannot overflow from finite float32 entries: a finite sum means no NaN/Inf.
+    nonfinite = tf.cond(tf.math.is_finite(tf.reduce_sum(layer_sumsq)),
+                        lambda: tf.zeros([len(groups)], tf.float64), count_nonfinite)
+    # A NaN entry makes the layer's sum of squares NaN; max|g| follows it (reduce_max may skip NaN).
+    layer_max = tf.where(tf.math.is_nan(layer_sumsq), tf.constant(math.nan, tf.float64), layer_max)
+    return layer_sumsq, layer_max, nonfinite
+
+
 @dataclass
 class _Probe:
     """Device-side state for one set of trainable variables (one trace of the train step)."""
@@ -159,6 +197,25 @@ class _Probe:
     slots: int
     has_loss: bool
     loss_scaled: bool  # whether the optimizer is a LossScaleOptimizer (record loss scale and skipped steps)
+    guard: _GuardState | None = None
+
+
+@dataclass
+class _GuardState:
+    """Device-side state of the explosion guard for one probe: every step's row, thresholds, a held step's gradients.
+
+    ``rows`` is a ring of 2 rows (one step per execution is written and the host reads it before the next execution).
+    ``thresholds`` and ``total_threshold`` are the detector's thresholds for the next step (float64, +inf in its
+    warm-up); ``held`` the gradients of the last step that was not applied, so the host can apply it late when the
+    detector lets it through (None in ``"warn"`` mode, which never holds a step).
+    """
+
+    rows: Any
+    thresholds: Any
+    total_threshold: Any
+    held: list[Any] | None
+    variables: list[Any]  # the trainable variables ``held`` is aligned with
+    host_thresholds: np.ndarray  # what ``thresholds`` and ``total_threshold`` hold, to write them only on change
 
 
 class GradientMonitorCallback(keras.callbacks.Callback):
@@ -174,14 +231,18 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     format's fixed log10|g| bins (unscaled, like the norms), so a blow-up shows whether the whole distribution moved or
     a few entries did. A histogram step is also a logged step: all the statistics above are recorded with it.
 
+    ``on_explosion="warn" | "raise" | "skip" | callable | ExplosionGuard`` turns on the explosion guard
+    (:mod:`.guard`): every step is judged before the optimizer applies it, and ``guard_action`` is recorded.
+
     Files go to ``log_dir/train``, the directory Keras' own ``TensorBoard(log_dir)`` callback writes its training
     summaries to, so both appear as one run. See ``docs/KERAS.md``.
     """
 
     def __init__(self, log_dir: str | os.PathLike, every: int = 1, *, histograms_every: int = 0,
-                 flush_secs: float = 2.0) -> None:
+                 flush_secs: float = 2.0, on_explosion: OnExplosion = None) -> None:
         _check_backend()
         super().__init__()
+        self._guard = ExplosionGuard.resolve(on_explosion)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if isinstance(histograms_every, bool) or not isinstance(histograms_every, int) or histograms_every < 0:
@@ -199,10 +260,22 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._optimizer: Any = None  # the optimizer whose methods are wrapped
         self._hooked_function: Any = None  # the model's train function traced with the hooks
         self._restore: list[tuple[Any, str, Any]] = []
+        self._original_apply: Any = None  # the optimizer's own apply (to apply a held step late)
         self._last_written = -1
         self._epoch_base = 0
         self._batch_begin = 0
         self._loss_traced = False
+        self._let_through: Any = None  # int64: crossing steps up to this one are applied (a callable let them through)
+        self._let_through_host = _HOLD_ALL  # what _let_through should hold ...
+        self._let_through_set = _HOLD_ALL  # ... and what it holds
+        self._last_judged = -1
+        self._guard_actions: dict[int, int] = {}  # guard_action of judged steps whose logged row is not written yet
+        self._guard_rows: list[tuple[int, list[str], dict[str, Any]]] = []  # acted-on steps that `every` does not log
+
+    @property
+    def guard(self) -> ExplosionGuard | None:
+        """The explosion guard (``on_explosion=``), or None when it is off; ``guard.decisions`` lists what it did."""
+        return self._guard
 
     # ------------------------------------------------------------------------------------------------ keras hooks
 
@@ -217,6 +290,11 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         model = self.model
         _validate_model(model)
         optimizer = model.optimizer
+        if self._guard is not None and int(getattr(model, "steps_per_execution", 1) or 1) != 1:
+            raise ValueError(
+                "on_explosion needs steps_per_execution=1: the guard decides each step from the host's judgement of "
+                f"the step before, and within one execution of {model.steps_per_execution} steps there is none"
+            )
         if self._writer is None or self._writer.closed:
             self._writer = GradientWriter(os.path.join(self.log_dir, "train"), flush_secs=self._flush_secs)
         if self._step_var is None:
@@ -225,6 +303,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                                              name="gradient_monitor_step")
                 self._loss_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="gradient_monitor_loss")
                 self._enabled = tf.Variable(False, trainable=False, name="gradient_monitor_enabled")
+                self._let_through = tf.Variable(_HOLD_ALL, dtype=tf.int64, trainable=False,
+                                                name="gradient_monitor_let_through")
         if optimizer is not self._optimizer:
             self._detach()
             other = getattr(vars(optimizer).get("apply"), "gradient_monitor", None)
@@ -245,9 +325,11 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._batch_begin = batch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._guard is not None:
+            self._judge()
         # Steps [lo, hi] ran in this execution (hi may overshoot on a short last execution: an extra read at worst).
         lo, hi = self._epoch_base + self._batch_begin, self._epoch_base + batch
-        if any(n and hi // n >= -(-lo // n) for n in (self.every, self.histograms_every)):
+        if self._guard_rows or any(n and hi // n >= -(-lo // n) for n in (self.every, self.histograms_every)):
             self._drain()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -256,6 +338,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         # The hooks stay in the traced train function, switched off, so the next fit need not trace it again.
         self._enabled.assign(False)
+        if self._guard is not None:
+            self._judge()
         self._drain()
         if self._writer is not None:
             self._writer.flush()
@@ -285,6 +369,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
         apply.gradient_monitor = self
         self._optimizer = optimizer
+        self._original_apply = original_apply
         self._patch(optimizer, "scale_loss", scale_loss)
         self._patch(optimizer, "apply", apply)
 
@@ -303,6 +388,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             else:
                 setattr(obj, name, previous)
         self._optimizer = None
+        self._original_apply = None
         self._hooked_function = None
         self._probes.clear()
         self._active = []
@@ -315,7 +401,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._loss_traced = True
         self._loss_var.assign(tf.cast(tf.stop_gradient(tf.reduce_mean(loss)), tf.float64))
 
-    def _probe(self, optimizer: Any, variables: list[Any], owners: dict[int, str], has_loss: bool) -> _Probe:
+    def _probe(self, optimizer: Any, variables: list[Any], grads: list[Any], owners: dict[int, str],
+               has_loss: bool) -> _Probe:
         import tensorflow as tf
 
         key = tuple(id(v) for v in variables) + (int(has_loss),)
@@ -333,11 +420,30 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 post = tf.Variable(tf.fill([slots, _POST_FIXED + len(layers)], tf.constant(-1.0, tf.float64)),
                                    trainable=False)
             loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-            probe = _Probe(layers, groups, snapshots, pre, post, slots, has_loss, loss_scaled)
+            probe = _Probe(layers, groups, snapshots, pre, post, slots, has_loss, loss_scaled,
+                           self._guard_state(variables, grads, layers))
             self._probes[key] = probe
         if all(p is not probe for p in self._active):
             self._active.append(probe)
         return probe
+
+    def _guard_state(self, variables: list[Any], grads: list[Any], layers: list[str]) -> _GuardState | None:
+        import tensorflow as tf
+
+        if self._guard is None:
+            return None
+        # Traced again mid-run (a new fit after close(), a recompiled model): start from the detector's thresholds.
+        host_thresholds, host_total = self._guard.next_thresholds(layers)
+        with tf.init_scope():
+            rows = tf.Variable(tf.fill([2, _GUARD_FIXED + 3 * len(layers)], tf.constant(-1.0, tf.float64)),
+                               trainable=False)
+            thresholds = tf.Variable(host_thresholds.astype(np.float64), trainable=False)
+            total_threshold = tf.Variable(host_total, dtype=tf.float64, trainable=False)
+            held = None
+            if self._guard.action != "warn":  # warn never holds a step back
+                held = [tf.Variable(tf.zeros(tuple(v.shape), g.dtype), trainable=False)
+                        for v, g in zip(variables, grads, strict=True)]
+        return _GuardState(rows, thresholds, total_threshold, held, variables, np.append(host_thresholds, host_total))
 
     def _apply(self, optimizer: Any, original_apply: Any, owners: dict[int, str], grads: Any, variables: Any) -> Any:
         import tensorflow as tf
@@ -356,7 +462,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             return result
         live_grads = [tf.convert_to_tensor(g) for g, _ in pairs]
         live_vars = [v for _, v in pairs]
-        probe = self._probe(optimizer, live_vars, owners, self._loss_traced)
+        probe = self._probe(optimizer, live_vars, live_grads, owners, self._loss_traced)
         step = tf.convert_to_tensor(self._step_var.read_value())
         every = tf.constant(self.every, tf.int64)
         row_index = step // every
@@ -380,8 +486,12 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         lr = tf.cast(tf.convert_to_tensor(optimizer.learning_rate), tf.float64)
         loss = self._loss_var.read_value() if probe.has_loss else tf.constant(math.nan, tf.float64)
 
+        # With a guard every step's gradient statistics are needed (the host judges each step); without one they are
+        # computed only on logged steps, inside the branch.
+        stats = _grad_stats(live_grads, probe.groups) if probe.guard is not None else None
+
         def before():
-            row = self._before_row(probe, live_grads, live_vars, step, loss, lr, scale)
+            row = self._before_row(probe, live_grads, live_vars, step, loss, lr, scale, stats)
             if self.histograms_every:
                 n = len(probe.groups) * fmt.HIST_BINS
                 unscale = scale if loss_scaled or optimizer.loss_scale_factor else None
@@ -394,10 +504,18 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             return tf.constant(True)
 
         tf.cond(logged, before, lambda: tf.constant(False))
-        result = original_apply(grads, variables)
+        if probe.guard is None:
+            result = original_apply(grads, variables)
+            held = tf.constant(False)
+        else:
+            result = None  # Keras' apply returns nothing
+            held = self._guarded_apply(probe, original_apply, grads, variables, live_grads, stats, step, scale)
+            self._guard_row(probe, stats, step, loss, lr, scale, held)
 
         def after():
-            skipped = tf.cast(tf.equal(tf.convert_to_tensor(counter), applied_before), tf.float64)
+            # A step the guard held back is not an overflow skip (``guard_action`` records it).
+            skipped = tf.cast(tf.logical_and(tf.equal(tf.convert_to_tensor(counter), applied_before),
+                                             tf.logical_not(held)), tf.float64)
             updates = []
             for idxs in probe.groups:
                 total = tf.add_n([
@@ -415,53 +533,160 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._loss_traced = False  # the next trace must see its own scale_loss call
         return result
 
+    def _guarded_apply(self, probe: _Probe, original_apply: Any, grads: list[Any], variables: list[Any],
+                       live_grads: list[Any], stats: tuple[Any, Any, Any], step: Any, scale: Any) -> Any:
+        """Apply the step unless it crosses the detector's thresholds for it; returns whether it was held back.
+
+        O(layers) comparisons against thresholds the host set after judging the step before, so the step stays
+        compiled (no host round-trip). A held step's gradients are kept so the host can still apply it if its full
+        judgement lets the step through.
+        """
+        import tensorflow as tf
+
+        guard = probe.guard
+        if guard.held is None:  # "warn" acts at batch end and never holds a step back
+            original_apply(grads, variables)
+            return tf.constant(False)
+        layer_sumsq = stats[0]
+        total_sumsq = tf.reduce_sum(layer_sumsq)
+        finite = tf.math.is_finite(total_sumsq)
+        over = tf.logical_or(
+            tf.reduce_any(tf.sqrt(layer_sumsq) / scale > guard.thresholds.read_value() * _HOLD_MARGIN),
+            tf.sqrt(total_sumsq) / scale > guard.total_threshold.read_value() * _HOLD_MARGIN)
+        cross = tf.logical_and(finite, over)
+        if not probe.loss_scaled:  # under a loss scale optimizer non-finite gradients are its overflow skips
+            cross = tf.logical_or(cross, tf.logical_not(finite))
+        if not isinstance(self._guard.action, str):  # a callable may have let the episode's crossings through
+            cross = tf.logical_and(cross, step > self._let_through.read_value())
+        hold = tf.logical_and(self._enabled.read_value(), cross)
+
+        def keep() -> Any:
+            for var, g in zip(guard.held, live_grads, strict=True):
+                var.assign(g)
+            return tf.constant(True)
+
+        def apply() -> Any:
+            original_apply(grads, variables)
+            return tf.constant(False)
+
+        return tf.cond(hold, keep, apply)
+
+    def _guard_row(self, probe: _Probe, stats: tuple[Any, Any, Any], step: Any, loss: Any, lr: Any, scale: Any,
+                   held: Any) -> None:
+        """Every step's gradient statistics for the host's judgement (written only while the callback is on)."""
+        import tensorflow as tf
+
+        def write() -> Any:
+            fixed = tf.stack([tf.cast(step, tf.float64), loss, lr, scale, tf.cast(held, tf.float64)])
+            row = tf.concat([fixed, *stats], 0)
+            probe.guard.rows.scatter_nd_update(tf.reshape(step % 2, [1, 1]), row[None, :])
+            return tf.constant(True)
+
+        tf.cond(self._enabled.read_value(), write, lambda: tf.constant(False))
+
     @staticmethod
     def _before_row(probe: _Probe, grads: list[Any], variables: list[Any], step: Any, loss: Any, lr: Any,
-                    scale: Any) -> Any:
+                    scale: Any, stats: tuple[Any, Any, Any] | None) -> Any:
         """Gradient and parameter statistics of a logged step, and the weight snapshot for the update norm."""
         import tensorflow as tf
 
-        g_sumsq, g_max, params = [], [], []
-        for g, v, snap in zip(grads, variables, probe.snapshots, strict=True):
+        params = []
+        for v, snap in zip(variables, probe.snapshots, strict=True):
             value = tf.convert_to_tensor(v.value)
             snap.assign(value)
-            g_sumsq.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float64))))
-            g_max.append(tf.cast(tf.reduce_max(tf.abs(g)), tf.float64) if g.shape.num_elements() != 0
-                         else tf.constant(0.0, tf.float64))
             params.append(tf.reduce_sum(tf.square(tf.cast(value, tf.float64))))
-        layer_sumsq = tf.stack([tf.add_n([g_sumsq[i] for i in idxs]) for idxs in probe.groups])
-        layer_max = tf.stack([tf.reduce_max(tf.stack([g_max[i] for i in idxs])) for idxs in probe.groups])
+        layer_sumsq, layer_max, nonfinite = stats if stats is not None else _grad_stats(grads, probe.groups)
         param_norm = tf.sqrt(tf.stack([tf.add_n([params[i] for i in idxs]) for idxs in probe.groups]))
         total_sumsq = tf.reduce_sum(layer_sumsq)
-
-        def count_nonfinite():
-            per_var = [tf.cast(tf.size(g, tf.int64) - tf.math.count_nonzero(tf.math.is_finite(g), dtype=tf.int64),
-                               tf.float64) for g in grads]
-            return tf.stack([tf.add_n([per_var[i] for i in idxs]) for idxs in probe.groups])
-
-        # Squares summed in float64 cannot overflow from finite float32 entries: a finite sum means no NaN/Inf.
-        nonfinite = tf.cond(tf.math.is_finite(total_sumsq),
-                            lambda: tf.zeros([len(probe.groups)], tf.float64), count_nonfinite)
-        # A NaN entry makes the layer's sum of squares NaN; max|g| follows it (reduce_max may skip NaN).
-        layer_max = tf.where(tf.math.is_nan(layer_sumsq), tf.constant(math.nan, tf.float64), layer_max)
         fixed = tf.stack([tf.cast(step, tf.float64), loss, lr, scale, tf.sqrt(total_sumsq) / scale])
         return tf.concat([fixed, tf.sqrt(layer_sumsq) / scale, param_norm, layer_max / scale, nonfinite], 0)
 
     # ----------------------------------------------------------------------------------------------- host side
 
+    def _judge(self) -> None:
+        """Let the guard judge every step not judged yet (one host read), carry out its decisions, set thresholds."""
+        guard = self._guard
+        rows: list[tuple[int, _Probe, np.ndarray]] = []
+        for probe in self._active:
+            if probe.guard is not None:
+                for row in probe.guard.rows.numpy():
+                    if int(row[0]) > self._last_judged:
+                        rows.append((int(row[0]), probe, row))
+        rows.sort(key=lambda r: r[0])
+        for step, probe, row in rows:
+            n = len(probe.layers)
+            sumsq, gmax, nonfinite = row[_GUARD_FIXED:].reshape(3, n)
+            scale = float(row[3])
+            with np.errstate(invalid="ignore", over="ignore"):
+                metrics = {"grad_norm": np.sqrt(sumsq) / scale, "grad_max_abs": gmax / scale,
+                           "nonfinite_count": nonfinite}
+                scalars = {"total_grad_norm": float(np.sqrt(sumsq.sum())) / scale}
+            if probe.loss_scaled:  # the optimizer skips non-finite steps itself: overflows, not explosions
+                scalars["step_skipped"] = float(not np.isfinite(sumsq.sum()))
+                scalars["loss_scale"] = scale
+            self._last_judged = step
+            try:
+                decision = guard.check(step, probe.layers, metrics, scalars)
+            except GradientExplosionError:
+                # The step was held back in the graph; record it, and everything before it, then stop training.
+                self._record_guard(step, probe, row, metrics, scalars, GUARD_RAISE)
+                self._drain()
+                self._writer.flush()
+                raise
+            if row[4] > 0.5 and not decision.skip:
+                # Held back in the graph, but the full judgement lets it through (a callable answered None, or the
+                # in-graph margin): apply it now, before the next step runs, as it would have been.
+                self._original_apply([h.value() for h in probe.guard.held], probe.guard.variables)
+            if decision.episodes and not isinstance(guard.action, str):
+                self._let_through_host = (_HOLD_ALL if decision.action == GUARD_SKIP
+                                          else step + guard.config.merge_gap)
+            self._record_guard(step, probe, row, metrics, scalars, decision.action)
+        if not rows:
+            return
+        if self._let_through_set != self._let_through_host:
+            self._let_through.assign(self._let_through_host)
+            self._let_through_set = self._let_through_host
+        for probe in self._active:
+            state = probe.guard
+            if state is None or state.held is None:
+                continue
+            thresholds, total = guard.next_thresholds(probe.layers)
+            wanted = np.append(thresholds, total)
+            if not np.array_equal(state.host_thresholds, wanted):
+                state.thresholds.assign(thresholds)
+                state.total_threshold.assign(total)
+                state.host_thresholds = wanted
+
+    def _record_guard(self, step: int, probe: _Probe, row: np.ndarray, metrics: dict[str, np.ndarray],
+                      scalars: dict[str, float], action: int) -> None:
+        """Keep a judged step's ``guard_action`` for its logged row, or queue a row of its own if it is not logged."""
+        if step % self.every == 0 or (self.histograms_every and step % self.histograms_every == 0):
+            self._guard_actions[step] = action
+        elif action != GUARD_NONE:  # acted on: written with its gradient statistics so the tab shows the layers
+            extras: dict[str, Any] = dict(metrics, **scalars, lr=float(row[2]), guard_action=action)
+            if probe.has_loss:
+                extras["loss"] = float(row[1])
+            self._guard_rows.append((step, probe.layers, extras))
+
     def _drain(self) -> None:
         """Write every complete recorded step in the ring buffers that is newer than the last one written."""
         if self._writer is None:
             return
-        rows: list[tuple[int, _Probe, np.ndarray, np.ndarray]] = []
+        rows: list[tuple[int, _Probe | None, Any, Any]] = []
         for probe in self._active:
             pre, post = probe.pre.numpy(), probe.post.numpy()
             for i in range(probe.slots):
                 step = int(pre[i, 0])
                 if step > self._last_written and int(post[i, 0]) == step:
                     rows.append((step, probe, pre[i], post[i]))
+        rows += [(step, None, layers, extras) for step, layers, extras in self._guard_rows]
+        self._guard_rows = []
         rows.sort(key=lambda r: r[0])
         for step, probe, pre, post in rows:
+            if probe is None:  # a step the guard acted on that `every` does not log
+                self._writer.write(step, pre, **post)
+                self._last_written = max(self._last_written, step)
+                continue
             n = len(probe.layers)
             blocks = pre[_PRE_FIXED:_PRE_FIXED + 4 * n].reshape(4, n)
             extras: dict[str, Any] = {}
@@ -470,6 +695,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             if probe.loss_scaled:
                 extras["loss_scale"] = pre[3]
                 extras["step_skipped"] = post[1]
+            if step in self._guard_actions:
+                extras["guard_action"] = self._guard_actions.pop(step)
             self._writer.write(
                 step, probe.layers,
                 grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:],
@@ -479,3 +706,5 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 counts = pre[_PRE_FIXED + 4 * n:].reshape(n, fmt.HIST_BINS)
                 self._writer.write_histograms(step, probe.layers, np.rint(counts).astype(np.int64))
             self._last_written = step
+        for step in [s for s in self._guard_actions if s <= self._last_written]:
+            del self._guard_actions[step]
