@@ -3,15 +3,22 @@
     python scripts/make_demo_logs.py [--out demo_logs] [--scale 1.0] [--skip-keras]
 
 Runs (each a TensorBoard run directory):
-  mlp_healthy        deep ReLU MLP without normalization, SGD at a sane learning rate
-  mlp_lr_raised      the same model; the learning rate is raised 100x mid-run -> explosion -> NaN
-  rnn_no_clip        vanilla RNN on long sequences without gradient clipping (explodes)
-  rnn_clipped        the same with clip_grad_norm_ (stable): the before/after pair
+  mlp_healthy        deep ReLU MLP without normalization (He init), SGD at a sane learning rate; validation loss
+                     on a held-out set; gradient histograms
+  mlp_lr_raised      the same model; the learning rate is raised 100x mid-run -> explosion -> NaN (the validation
+                     loss turns NaN too); its histograms go from a steady distribution to all non-finite
+  mlp_overfit        a small classifier fit on 256 samples with noisy labels: its training loss keeps falling while
+                     its validation loss turns at step 70 (an overfitting finding, no gradient episode)
+  rnn_no_clip        vanilla RNN on long sequences without gradient clipping (explodes); gradient histograms
+  rnn_clipped        the same with clip_grad_norm_ (stable): the before/after pair; gradient histograms
   amp_overflow       fp16 autocast + GradScaler: overflow skips that are not explosions
   plain_summarywriter  only loss + total grad norm through torch's SummaryWriter (audited without our writer)
-  keras_sane/train, keras_high_lr/train   a Keras model fit at a sane and at a too-high learning rate
+  keras_sane/{train,validation}, keras_high_lr/{train,validation}   a Keras model fit at a sane and at a too-high
+                     learning rate, with validation_data (Keras' own TensorBoard callback writes validation/);
+                     keras_high_lr with gradient histograms every 2 steps (its explosion is a single step)
 
-The data are generated regression/sequence tasks (no downloads); the gradients are real.
+The data are generated regression/classification/sequence tasks (no downloads); the gradients are real. The
+validation sets are separate draws from the same generators, so adding them changes no training step.
 """
 
 from __future__ import annotations
@@ -42,8 +49,19 @@ def deep_mlp(torch, depth: int = 12, width: int = 64):
     return torch.nn.Sequential(layers)
 
 
-def regression_data(torch, n: int = 4096):
-    g = torch.Generator().manual_seed(1)
+def he_init(torch, model):
+    """He (Kaiming) initialization for ReLU layers, zero biases. PyTorch's default init (weights of variance
+    1/(3 fan_in) against He's 2/fan_in) shrinks the signal at every layer: through 12 ReLU layers most units of the
+    last layers never activate and the network does not learn (its validation loss stays flat at 0.64)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def regression_data(torch, n: int = 4096, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
     y = (x[:, :4].sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)).tanh()
     return x, y
@@ -55,15 +73,42 @@ def minibatch(torch, x, y, step: int, size: int = 64):
     return x[idx], y[idx]
 
 
-def train_mlp(out: str, steps: int, raise_at: int | None) -> None:
+def classification_data(torch, n: int, seed: int, label_noise: float = 0.2):
+    """4 classes split by a fixed random linear map of 16 features; a share of the labels is redrawn at random, so
+    that a small training set can be memorised but not generalised beyond the noise."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(n, 16, generator=g)
+    y = (x @ w).argmax(1)
+    noisy = torch.rand(n, generator=g) < label_noise
+    return x, torch.where(noisy, torch.randint(0, 4, (n,), generator=g), y)
+
+
+def log_validation(torch, writer, model, step: int, x, y, classify: bool = False) -> None:
+    """What a PyTorch user writes next to the monitor: ``val_loss`` (and ``val_accuracy``) scalars of the same
+    ``SummaryWriter``, evaluated on a held-out set without gradients (no training step is changed)."""
+    with torch.no_grad():
+        out = model(x)
+        if classify:
+            writer.add_scalar("val_loss", torch.nn.functional.cross_entropy(out, y).item(), step)
+            writer.add_scalar("val_accuracy", (out.argmax(1) == y).float().mean().item(), step)
+        else:
+            writer.add_scalar("val_loss", torch.nn.functional.mse_loss(out, y).item(), step)
+
+
+def train_mlp(out: str, steps: int, raise_at: int | None, val_every: int = 20, histograms_every: int = 10) -> None:
     torch = _torch()
+    from torch.utils.tensorboard import SummaryWriter
+
     from tb_gradient_plugin.torch import GradientMonitor
 
     torch.manual_seed(0)
-    model = deep_mlp(torch)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model = he_init(torch, deep_mlp(torch))
+    opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     x, y = regression_data(torch)
-    with GradientMonitor(model, opt, out, every=1) as monitor:
+    x_val, y_val = regression_data(torch, n=512, seed=5)
+    writer = SummaryWriter(out)
+    with GradientMonitor(model, opt, writer=writer, every=1, histograms_every=histograms_every) as monitor:
         for step in range(steps):
             if raise_at is not None and step == raise_at:
                 for group in opt.param_groups:
@@ -74,9 +119,44 @@ def train_mlp(out: str, steps: int, raise_at: int | None) -> None:
             loss.backward()
             monitor.log_loss(loss)
             opt.step()
+            if step % val_every == 0 or step == steps - 1:
+                log_validation(torch, writer, model, step, x_val, y_val)
+    writer.close()
 
 
-def train_rnn(out: str, steps: int, clip: float | None) -> None:
+def train_overfit(out: str, steps: int, val_every: int = 10) -> None:
+    """Validation that degrades while the training loss keeps falling: 256 noisy samples, a 256-wide MLP."""
+    torch = _torch()
+    from collections import OrderedDict
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tb_gradient_plugin.torch import GradientMonitor
+
+    x, y = classification_data(torch, 256, seed=11)
+    x_val, y_val = classification_data(torch, 1024, seed=12)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict([
+        ("fc0", torch.nn.Linear(16, 256)), ("relu0", torch.nn.ReLU()),
+        ("fc1", torch.nn.Linear(256, 256)), ("relu1", torch.nn.ReLU()),
+        ("head", torch.nn.Linear(256, 4)),
+    ]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    writer = SummaryWriter(out)
+    with GradientMonitor(model, opt, writer=writer, every=1) as monitor:
+        for step in range(steps):
+            xb, yb = minibatch(torch, x, y, step, size=32)
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            monitor.log_loss(loss)
+            opt.step()
+            if step % val_every == 0 or step == steps - 1:
+                log_validation(torch, writer, model, step, x_val, y_val, classify=True)
+    writer.close()
+
+
+def train_rnn(out: str, steps: int, clip: float | None, histograms_every: int = 5) -> None:
     torch = _torch()
     from tb_gradient_plugin.torch import GradientMonitor
 
@@ -95,7 +175,7 @@ def train_rnn(out: str, steps: int, clip: float | None) -> None:
     model = SeqModel()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(2)
-    with GradientMonitor(model, opt, out, every=1) as monitor:
+    with GradientMonitor(model, opt, out, every=1, histograms_every=histograms_every) as monitor:
         for _ in range(steps):
             x = torch.randn(32, 120, 8, generator=g)
             y = x[:, :10, 0].sum(1, keepdim=True)
@@ -153,7 +233,7 @@ def train_plain(out: str, steps: int) -> None:
     writer.close()
 
 
-def train_keras(out: str, steps: int, lr: float) -> None:
+def train_keras(out: str, steps: int, lr: float, histograms_every: int = 0) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
@@ -166,6 +246,8 @@ def train_keras(out: str, steps: int, lr: float) -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2048, 16)).astype("float32")
     y = np.tanh(x[:, :4].sum(1, keepdims=True)).astype("float32")
+    x_val = np.random.default_rng(4).normal(size=(512, 16)).astype("float32")
+    y_val = np.tanh(x_val[:, :4].sum(1, keepdims=True)).astype("float32")
     model = keras.Sequential(
         [keras.Input((16,))] + [keras.layers.Dense(64, activation="relu", name=f"dense_{i}") for i in range(8)]
         + [keras.layers.Dense(1, name="out")]
@@ -173,8 +255,9 @@ def train_keras(out: str, steps: int, lr: float) -> None:
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=0.9), loss="mse")
     batches = max(1, steps)
     epochs = max(1, batches // 32)
-    model.fit(x[: 64 * 32], y[: 64 * 32], batch_size=64, epochs=epochs, verbose=0,
-              callbacks=[GradientMonitorCallback(out, every=1), keras.callbacks.TensorBoard(out)])
+    model.fit(x[: 64 * 32], y[: 64 * 32], batch_size=64, epochs=epochs, verbose=0, validation_data=(x_val, y_val),
+              callbacks=[GradientMonitorCallback(out, every=1, histograms_every=histograms_every),
+                         keras.callbacks.TensorBoard(out)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [
         ("mlp_healthy", lambda d: train_mlp(d, n(600), None)),
         ("mlp_lr_raised", lambda d: train_mlp(d, n(600), n(600) // 2)),
+        ("mlp_overfit", lambda d: train_overfit(d, n(400))),
         ("rnn_no_clip", lambda d: train_rnn(d, n(300), None)),
         ("rnn_clipped", lambda d: train_rnn(d, n(300), 1.0)),
         ("amp_overflow", lambda d: train_amp(d, n(400))),
@@ -201,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_keras:
         jobs += [
             ("keras_sane", lambda d: train_keras(d, n(320), 0.003)),
-            ("keras_high_lr", lambda d: train_keras(d, n(320), 0.5)),
+            ("keras_high_lr", lambda d: train_keras(d, n(320), 0.5, histograms_every=2)),
         ]
     for name, job in jobs:
         print(f"training {name} ...", flush=True)
