@@ -75,7 +75,8 @@ class DetectorConfig:
     depth_growth: float = 10.0  # layer norms growing this much through depth (monotonically) -> advise normalization
     max_layers: int = 20  # findings kept per episode
     hist_mass_shift: float = 0.5  # histograms: the median |g| moved this many decades -> the mass of the distribution
-    hist_tail_shift: float = 1.0  # ... else the largest |g| moved this many decades -> a thin tail
+    hist_tail_shift: float = 1.0  # ... else the largest |g| moved this many decades -> a thin tail ...
+    hist_tail_share: float = 0.01  # ... unless more than this share of the entries went beyond the old largest (mass)
     val_min_points: int = 8  # finite validation points needed to judge a degradation
     val_patience: int = 3  # ... of which at least this many after the best point
     val_smooth: int = 3  # running median over this many evaluations before the best point is chosen
@@ -92,6 +93,8 @@ class DetectorConfig:
             raise ValueError(f"loss_back_ratio must be at least 1, got {self.loss_back_ratio!r}")
         if self.merge_gap < 0 or self.min_history < 0 or self.mature_history < 0:
             raise ValueError("merge_gap, min_history and mature_history must be non-negative")
+        if not 0.0 < self.hist_tail_share < 1.0:
+            raise ValueError(f"hist_tail_share must be between 0 and 1, got {self.hist_tail_share!r}")
 
 
 @dataclass
@@ -997,10 +1000,13 @@ def _magnitude(log10: float) -> str:
 def _histogram_advice(ep: Episode, ctx: _Context, cfg: DetectorConfig) -> tuple[str, str] | None:
     """Whether the bulk of the offending layer's gradient entries grew (``mass``) or a thin tail of them (``tail``).
 
-    Compares the layer's histogram nearest the episode's peak (inside the episode) with its last one before the
-    episode. The median entry moving means every unit's gradient grew: a scale problem (learning rate,
-    initialization). Only the top entries moving means a few units or a few samples: a bad batch, an outlier token,
-    corrupted inputs; lowering the learning rate for the whole model does not fix that.
+    Compares the layer's last histogram at or before the episode's peak (inside the episode) with its last one before
+    the episode, both over their finite non-zero entries: exact zeros (dead units, saturated activations) would pin the
+    median, and an all-NaN histogram says nothing about magnitudes (the non-finite advice covers it). The median entry
+    moving, or more than ``hist_tail_share`` of the entries going beyond the old largest, means most units' gradients
+    grew: a scale problem (learning rate, initialization). Only the top entries moving means a few units or a few
+    samples: a bad batch, an outlier token, corrupted inputs; lowering the learning rate for the whole model does not
+    fix that.
     """
     if ctx.hist is None or not ep.layers or ep.layers[0].name == TOTAL or ep.kind == "overflow_skip":
         return None
@@ -1009,31 +1015,45 @@ def _histogram_advice(ep: Episode, ctx: _Context, cfg: DetectorConfig) -> tuple[
     if got is None:
         return None
     steps, counts = got
-    before = np.nonzero(steps < ep.start_step)[0]
-    inside = np.nonzero((steps >= ep.start_step) & (steps <= ep.end_step))[0]
+    live = np.asarray(counts, dtype=np.float64).copy()
+    live[:, [fmt.HIST_ZERO, fmt.HIST_NONFINITE]] = 0
+    has_live = live.sum(axis=1) > 0
+    before = np.nonzero(has_live & (steps < ep.start_step))[0]
+    inside = np.nonzero(has_live & (steps >= ep.start_step) & (steps <= ep.end_step))[0]
     if before.size == 0 or inside.size == 0:
         return None
     b = int(before[-1])
-    a = int(inside[np.argmin(np.abs(steps[inside] - ep.layers[0].peak_step))])
-    med_b, med_a = hist_quantile(counts[b], 0.5), hist_quantile(counts[a], 0.5)
-    top_b, top_a = hist_quantile(counts[b], 1.0), hist_quantile(counts[a], 1.0)  # upper edge of the top bin
-    above_med = hist_share_above(counts[a], med_b)
+    upto = inside[steps[inside] <= ep.layers[0].peak_step]
+    a = int(upto[-1]) if upto.size else int(inside[0])
+    med_b, med_a = hist_quantile(live[b], 0.5), hist_quantile(live[a], 0.5)
+    top_b, top_a = hist_quantile(live[b], 1.0), hist_quantile(live[a], 1.0)  # upper edge of the top bin
+    above_med = hist_share_above(live[a], med_b)
+    zeros, nonfinite = int(counts[a][fmt.HIST_ZERO]), int(counts[a][fmt.HIST_NONFINITE])
+    n_live = int(live[a].sum())
+    # non-finite entries lie beyond any old largest value
+    beyond = int(np.rint(hist_share_above(live[a], top_b) * n_live)) + nonfinite
+    share = beyond / (n_live + nonfinite)
     total = int(counts[a].sum())
-    beyond = int(np.rint(hist_share_above(counts[a], top_b) * total))
-    nonfinite = int(counts[a][fmt.HIST_NONFINITE])
     where = f"{name}'s gradient histogram at step {int(steps[a])} vs step {int(steps[b])} (before the episode)"
-    nf_txt = f"; {nonfinite} of {total} entries are non-finite" if nonfinite else ""
+    extra = "".join(f"; {n} of {total} entries are {what}" for n, what in ((zeros, "exactly zero"),
+                                                                           (nonfinite, "non-finite")) if n)
     if med_a - med_b >= cfg.hist_mass_shift:
-        return (f"{where}: the median |g| moved from {_magnitude(med_b)} to {_magnitude(med_a)}; {above_med:.0%} of "
-                f"the entries are above the old median{nf_txt}. Most entries grew: a scale problem (learning rate, "
-                "initialization), not a few outliers.", "mass")
-    if top_a - top_b >= cfg.hist_tail_shift:
-        return (f"{where}: the median |g| stayed at {_magnitude(med_a)} (was {_magnitude(med_b)}) while the largest "
-                f"entries grew from below {_magnitude(top_b)} to {_magnitude(top_a)}; only {beyond} of {total} "
-                f"entries ({beyond / total:.2%}) lie beyond the old largest{nf_txt}. A thin tail grew (a few units, a "
-                "bad batch, an outlier token or sample): look at the data of that step and skip or clip outliers; "
-                "lowering the learning rate for the whole model is not the fix.", "tail")
-    return None
+        return (f"{where}: the median non-zero |g| moved from {_magnitude(med_b)} to {_magnitude(med_a)}; "
+                f"{above_med:.0%} of the non-zero entries are above the old median{extra}. Most entries grew: a scale "
+                "problem (learning rate, initialization), not a few outliers.", "mass")
+    if top_a - top_b < cfg.hist_tail_shift and not nonfinite:
+        return None
+    grew = (f"the largest entries grew from below {_magnitude(top_b)} to {_magnitude(top_a)}"
+            if top_a - top_b >= cfg.hist_tail_shift else "some entries became non-finite")
+    if share > cfg.hist_tail_share:
+        return (f"{where}: {grew} and {share:.0%} of the non-zero entries ({beyond} of {n_live + nonfinite}) lie "
+                f"beyond the old largest, while the median stayed at {_magnitude(med_a)} (was {_magnitude(med_b)})"
+                f"{extra}. A large share of the entries grew: a scale problem (learning rate, initialization), not a "
+                "few outliers.", "mass")
+    return (f"{where}: the median non-zero |g| stayed at {_magnitude(med_a)} (was {_magnitude(med_b)}) while {grew}; "
+            f"only {beyond} of {n_live + nonfinite} non-zero entries ({share:.2%}) lie beyond the old largest{extra}. "
+            "A thin tail grew (a few units, a bad batch, an outlier token or sample): look at the data of that step "
+            "and skip or clip outliers; lowering the learning rate for the whole model is not the fix.", "tail")
 
 
 def _run_histograms(run: RunData) -> Callable[[str], tuple[np.ndarray, np.ndarray] | None] | None:

@@ -186,3 +186,36 @@ def test_real_corrupted_sample_moves_a_thin_tail_of_the_layer_it_feeds(tmp_path)
     assert TAIL in adv and MASS not in adv
     # the update-ratio advice does not blame the learning rate for a few entries
     assert not any("learning rate is too high" in a for a in ep.advice)
+
+
+def test_exact_zeros_do_not_pin_the_median():
+    # 3/4 of the layer's entries are exactly zero (dead units); the live quarter grew 40x: a scale problem, which
+    # a median over all entries (stuck in the zero bin) would call a thin tail
+    run = _run()
+    run.layer_metrics["grad_norm"][1000:1003, 7] *= 40
+    run = _with_histograms(run, 5, 4096, {1000: np.full(4096, 40.0)})
+    run.histograms[:, 7, fmt.HIST_ZERO] += 3 * 4096
+    (adv,) = _hist_advice(detect(run))
+    assert MASS in adv and TAIL not in adv and "12288 of 16384 entries are exactly zero" in adv
+
+
+def test_the_histogram_compared_is_the_last_one_up_to_the_peak_with_finite_entries():
+    run = _run()
+    run.layer_metrics["grad_norm"][1000:1004, 7] *= 40
+    run.layer_metrics["grad_norm"][1006, 7] = np.nan
+    run.layer_metrics["nonfinite_count"][1006, 7] = 4096
+    run = _with_histograms(run, 5, 4096, {1000: np.full(4096, 40.0), 1005: np.full(4096, np.nan)})
+    (ep,) = detect(run).episodes
+    assert ep.start_step == 1000 and ep.peak_step >= 1005
+    (adv,) = _hist_advice(detect(run))
+    assert "at step 1000 vs step 995" in adv and MASS in adv and "non-finite" not in adv.split(":")[1][:60]
+
+
+def test_a_large_share_beyond_the_old_largest_is_not_a_thin_tail():
+    # the median stays, but 10 % of the entries jumped 1e4x: too many for a few outliers
+    run = _run()
+    run.layer_metrics["grad_norm"][1000, 7] *= 40
+    factors = np.ones(4096)
+    factors[:410] = 1e4
+    (adv,) = _hist_advice(detect(_with_histograms(run, 5, 4096, {1000: factors})))
+    assert "A large share of the entries grew" in adv and TAIL not in adv
