@@ -308,7 +308,7 @@ def test_histogram_pass_also_gives_norm_and_max_over_several_pieces(scaled):
     inv = torch.tensor(factor, dtype=torch.float64) if scaled else None
     counts, sq, top = _hist_pass(torch.from_numpy(x), inv, True)
     ref = np.abs(x.astype(np.float64)) * factor
-    np.testing.assert_array_equal(counts.numpy(), fmt.histogram_counts((np.abs(x) * np.float32(factor))))
+    np.testing.assert_array_equal(counts.numpy(), fmt.histogram_counts(np.abs(x) * np.float32(factor)))
     assert float(sq) == pytest.approx(float(np.sum(ref**2)), rel=1e-5)
     assert float(top) == pytest.approx(1e6 * factor)
     x[-3] = np.nan
