@@ -5,6 +5,12 @@ Goal (issue): on a 500-layer x 100k-step run, every route answers in <= 300 ms w
 
     python benchmarks/bench_plugin.py                       # 500 layers x 100,000 steps (written once, reused)
     python benchmarks/bench_plugin.py --layers 50 --steps 10000 --logdir small_bench_logs
+    python benchmarks/bench_plugin.py --cold-runs 5         # more fresh processes for the first-load numbers
+
+First load is measured in fresh processes (``--cold-runs`` of them, the file in the OS page cache): the wall time
+from the start of the process, and from the plugin's construction, until ``episodes`` and then ``heatmap`` have
+answered, as the tab asks when it opens. One more process times the phases (read + fold into arrays, detection,
+each route's first answer).
 
 The run is written with GradientWriter (grad, param and update norms per layer, loss, total grad norm) with one
 single-step spike; the benchmark also checks that the spike is in the heatmap and the episodes, so a fast wrong answer
@@ -18,6 +24,7 @@ import gzip
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +42,70 @@ from tb_gradient_plugin.writer import GradientWriter
 
 WARM_GOAL_S = 0.300
 COLD_GOAL_S = 3.0
+
+#: One cold start: a fresh process constructs the plugin and asks what the tab asks first.
+COLD = """
+import time
+t_start = time.perf_counter()
+import json, sys
+from argparse import Namespace
+from tensorboard.backend import application
+from tensorboard.plugins import base_plugin
+from werkzeug.test import Client
+from tb_gradient_plugin import plugin
+t_plugin = time.perf_counter()
+context = base_plugin.TBContext(logdir=sys.argv[1], flags=Namespace(logdir_spec="", reload_interval=5.0))
+client = Client(application.TensorBoardWSGI([plugin.GradientsLoader().load(context)]))
+answered = {}
+for route in ("episodes?run=big", "heatmap?run=big&metric=grad_norm&bins=1000"):
+    response = client.get("/data/plugin/gradients/" + route, headers={"Accept-Encoding": "gzip"})
+    assert response.status_code == 200, response.get_data()[:300]
+    answered[route.split("?")[0]] = time.perf_counter()
+print(json.dumps({"imports": t_plugin - t_start,
+                  **{name: t - t_start for name, t in answered.items()},
+                  **{"from_plugin_" + name: t - t_plugin for name, t in answered.items()}}))
+"""
+
+#: The same first load, one phase at a time (in one fresh process, without the plugin's background thread).
+PHASES = """
+import time
+t0 = time.perf_counter()
+import gzip, json, sys
+from tb_gradient_plugin import binning, detect, plugin
+from tb_gradient_plugin.runs import RunStore
+t1 = time.perf_counter()
+store = RunStore(sys.argv[1])
+store.refresh()
+t2 = time.perf_counter()
+data = store.get("big")
+t3 = time.perf_counter()
+report = detect.detect(data)
+t4 = time.perf_counter()
+gzip.compress(plugin.to_json(report.to_json()), compresslevel=1, mtime=0)
+t5 = time.perf_counter()
+bins = binning.bin_steps(data.steps, 1000)
+pooled, nonfinite = binning.max_pool(data.layer_metrics["grad_norm"], bins, data.present)
+t6 = time.perf_counter()
+gzip.compress(plugin.to_json({"values": pooled.T, "nonfinite": nonfinite.T}), compresslevel=1, mtime=0)
+t7 = time.perf_counter()
+print(json.dumps({"imports": t1 - t0, "read files + fold into arrays": t2 - t1, "assemble RunData": t3 - t2,
+                  "detect": t4 - t3, "episodes JSON": t5 - t4, "heatmap max-pool": t6 - t5,
+                  "heatmap JSON + gzip": t7 - t6, "MB read": data.bytes_read / 1e6}))
+"""
+
+
+def _child(code: str, logdir: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, str(logdir)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cold_first_load(logdir: Path, runs: int) -> list[dict]:
+    """Time ``runs`` cold starts (after one read of the files, so that they come from the page cache)."""
+    for f in (logdir / "big").iterdir():
+        with open(f, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    return [_child(COLD, logdir) for _ in range(runs)]
 
 
 def write_run(run_dir: Path, layers: int, steps: int, spike: tuple[int, int], start: int = 0) -> float:
@@ -99,10 +170,27 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--logdir", type=Path, default=None,
                         help="where the run is written (kept and reused); default: a temporary directory")
+    parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes timed for the first load")
     args = parser.parse_args()
     spike = (args.steps * 2 // 3, args.layers // 3)
     logdir = args.logdir or Path(tempfile.gettempdir()) / f"tb_gradient_bench_{args.layers}x{args.steps}"
     ensure_logdir(logdir, args.layers, args.steps, spike)
+
+    colds = cold_first_load(logdir, max(1, args.cold_runs))
+    phases = _child(PHASES, logdir)
+    print(f"\nfirst load in a fresh process, {len(colds)} runs (seconds)")
+    print(f"{'until':44s} {'best':>7s} {'median':>7s}")
+    for key, label in (("imports", "imports done (tensorboard, plugin module)"),
+                       ("episodes", "episodes answered, from process start"),
+                       ("heatmap", "heatmap answered, from process start"),
+                       ("from_plugin_episodes", "episodes answered, from plugin construction"),
+                       ("from_plugin_heatmap", "heatmap answered, from plugin construction")):
+        times = [c[key] for c in colds]
+        print(f"{label:44s} {min(times):7.2f} {statistics.median(times):7.2f}")
+    print("\nfirst load by phase, one fresh process (seconds)")
+    for label, value in phases.items():
+        print(f"  {label:34s} {value:8.2f}")
+    cold_goal = statistics.median(c["heatmap"] for c in colds)
 
     started = time.time()
     t0 = time.perf_counter()
@@ -166,8 +254,9 @@ def main() -> int:
     cold_worst = max(s for k, _, s, _ in timer.rows if k.startswith("cold (data"))
     print(f"\nworst warm median: {worst * 1000:.0f} ms (goal <= {WARM_GOAL_S * 1000:.0f} ms): "
           f"{'met' if worst <= WARM_GOAL_S else 'NOT met'}")
-    print(f"first load: {load_s:.2f} s, worst first request after load: {cold_worst:.2f} s "
-          f"(goal <= {COLD_GOAL_S:.0f} s): {'met' if max(load_s, cold_worst) <= COLD_GOAL_S else 'NOT met'}")
+    print(f"first load: {load_s:.2f} s, worst first request after load: {cold_worst:.2f} s")
+    print(f"fresh process to episodes + heatmap answered: median {cold_goal:.2f} s (goal <= {COLD_GOAL_S:.0f} s): "
+          f"{'met' if cold_goal <= COLD_GOAL_S else 'NOT met'}")
     return 0
 
 

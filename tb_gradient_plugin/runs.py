@@ -13,6 +13,7 @@ recognise are listed in :attr:`RunData.unknown_tags`, never guessed at.
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import format as fmt
-from .reader import EventFileReader, LayerRecord, ScalarRecord, is_remote
+from .reader import EventFileReader, LayerBlock, Piece, is_remote
 
 
 @dataclass
@@ -344,12 +345,33 @@ class _ScalarAcc:
         return self.cache
 
 
+#: Buffers at least this large are allocated with their pages already mapped (see :func:`_buffer`).
+_PREFAULT_BYTES = 8 * 1024 * 1024
+
+
+def _buffer(shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """A zeroed array whose memory is mapped up front (Linux ``MAP_POPULATE``) when it is large.
+
+    A big run's first read writes hundreds of MB into fresh buffers; taking the page faults one 4 kB page at a time
+    as the values arrive costs more than decoding them, while the kernel maps the whole buffer in one call several
+    times faster.
+    """
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if size < _PREFAULT_BYTES or not populate:
+        return np.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(memory, dtype=dtype).reshape(shape)
+
+
 class _LayerTable:
     """Our per-layer metrics as growing dense buffers.
 
     New steps after the last one (a live run) are appended in place into spare capacity, so arrays handed out
     earlier (views of the first rows) never change; anything else (steps out of order, a resumed run rewriting
-    steps) rebuilds fresh buffers.
+    steps) rebuilds fresh buffers. Only the cells ``[:n, :len(layers)]`` of a metric buffer hold data (NaN where
+    nothing was logged); spare capacity is left unwritten until rows or layers are added, so that a large first
+    read writes each value once instead of first filling hundreds of MB with NaN.
     """
 
     def __init__(self) -> None:
@@ -358,8 +380,10 @@ class _LayerTable:
         self.layers: list[str] = []
         self.index: dict[str, int] = {}
         self.metrics: dict[str, np.ndarray] = {}
-        self.present = np.zeros((0, 0), dtype=bool)
-        self.hist: list[LayerRecord] = []
+        self.present = np.zeros((0, 0), dtype=bool)  # False outside [:n, :len(layers)]
+        self.hist: list[tuple[int, LayerBlock]] = []  # (batch number, block)
+        self.batches = 0
+        self.min_rows = 0  # rows announced by reserve()
 
     def _layer(self, name: str) -> int:
         j = self.index.get(name)
@@ -368,85 +392,135 @@ class _LayerTable:
             self.layers.append(name)
         return j
 
-    def add(self, records: list[LayerRecord]) -> None:
-        groups: dict[tuple[str, tuple[str, ...]], tuple[list[int], list[np.ndarray]]] = {}
-        for rec in records:
-            if rec.metric == fmt.HISTOGRAM_METRIC:
-                self.hist.append(rec)
-                key = None
+    def add(self, blocks: list[LayerBlock]) -> None:
+        """Fold one batch's blocks (one per metric and layout, in file order) into the buffers."""
+        self.batches += 1
+        cols_before = len(self.layers)
+        arrays: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, list[Piece]]] = {}
+        for block in blocks:
+            for name in block.layers:
+                self._layer(name)
+            if block.metric == fmt.HISTOGRAM_METRIC:
+                self.hist.append((self.batches, block))
             else:
-                key = (rec.metric, rec.layers)
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = ([], [])
-                group[0].append(rec.step)
-                group[1].append(rec.values)
-            if key is None or len(groups[key][0]) == 1:
-                for name in rec.layers:
-                    self._layer(name)
-        if not groups:
+                steps = np.concatenate([piece.steps for piece in block.pieces])
+                arrays[(block.metric, block.layers)] = (steps, block.pieces)
+        if not arrays:
             return
-        arrays = {key: (np.asarray(st, dtype=np.int64), np.stack(vals)) for key, (st, vals) in groups.items()}
         if self._adopt(arrays):
             return
+        if len(self.layers) > cols_before:
+            self._add_columns(cols_before)
         new_steps = np.unique(np.concatenate([st for st, _ in arrays.values()]))
+        first_new = self.n
         if self.n and new_steps[0] <= self.steps[self.n - 1]:
             self._rebuild(new_steps)
-            rows_of = self.steps[:self.n]
+            first_new = self.n  # every row is initialised
         else:
             self._append(new_steps)
-            rows_of = self.steps[:self.n]
-        for (metric, layers), (st, vals) in arrays.items():
+        rows_of = self.steps[:self.n]
+        ncols = len(self.layers)
+        every = tuple(self.layers)
+        per_metric = [metric for metric, _ in arrays]
+        for metric in set(self.metrics) | set(per_metric):
             buf = self.metrics.get(metric)
             if buf is None:
-                buf = self.metrics[metric] = np.full(self.present.shape, np.nan, dtype=np.float32)
-            rows = np.searchsorted(rows_of, st)
+                buf = self.metrics[metric] = _buffer(self.present.shape, np.float32)
+                buf[:first_new, :ncols] = np.nan
+            # new rows stay unwritten only where this batch writes all of them for every layer
+            whole = per_metric.count(metric) == 1 and any(
+                m == metric and layers == every and np.array_equal(st, new_steps) for (m, layers), (st, _) in
+                arrays.items())
+            if not whole:
+                buf[first_new:self.n, :ncols] = np.nan
+        placed: dict[str, list[tuple[np.ndarray, list[Piece]]]] = {}
+        for (metric, layers), (_, pieces) in arrays.items():
+            buf = self.metrics[metric]
             cols = np.fromiter((self.index[name] for name in layers), dtype=np.int64, count=len(layers))
-            contiguous_rows = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+            placed.setdefault(metric, []).append((cols, pieces))
             contiguous_cols = len(cols) and cols[-1] - cols[0] == len(cols) - 1 and bool(np.all(np.diff(cols) == 1))
-            if contiguous_rows and contiguous_cols:
-                r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-                buf[r, c] = vals
-                self.present[r, c] = True
-            else:
-                buf[rows[:, None], cols[None, :]] = vals
-                self.present[rows[:, None], cols[None, :]] = True
+            for piece in pieces:
+                rows = np.searchsorted(rows_of, piece.steps)
+                contiguous_rows = rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+                if contiguous_rows and contiguous_cols:
+                    r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+                    buf[r, c] = piece.values
+                    self.present[r, c] = True
+                else:
+                    buf[rows[:, None], cols[None, :]] = piece.values
+                    self.present[rows[:, None], cols[None, :]] = True
+        for metric, keyed in placed.items():
+            self._rewrite_repeated(self.metrics[metric], rows_of, keyed)
 
-    def _adopt(self, arrays: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]]) -> bool:
-        """The common first read (one layout, every metric at the same increasing steps): the stacked arrays become
-        the buffers as they are, with no second copy. Later appends grow them by doubling."""
-        if self.n:
+    @staticmethod
+    def _rewrite_repeated(buf: np.ndarray, rows_of: np.ndarray, keyed: list[tuple[np.ndarray, list[Piece]]]) -> None:
+        """A step written more than once in the batch (a resumed run, layouts that change): its records are written
+        again one by one in file order, so the last one written wins cell by cell whatever the layouts."""
+        steps = np.concatenate([piece.steps for _, pieces in keyed for piece in pieces])
+        if len(steps) < 2 or bool(np.all(steps[1:] > steps[:-1])):
+            return
+        uniq, counts = np.unique(steps, return_counts=True)
+        repeated = uniq[counts > 1]
+        if not len(repeated):
+            return
+        records = []
+        for cols, pieces in keyed:
+            for piece in pieces:
+                for k in np.flatnonzero(np.isin(piece.steps, repeated)).tolist():
+                    records.append((int(piece.order[k]), int(piece.steps[k]), cols, piece.values[k]))
+        records.sort(key=lambda rec: rec[0])
+        for _, step, cols, values in records:
+            buf[int(np.searchsorted(rows_of, step)), cols] = values
+
+    def _adopt(self, arrays: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, list[Piece]]]) -> bool:
+        """A first read that is all there is (one layout, every metric at the same increasing steps, no more rows
+        announced): the arrays become the buffers as they are, with no second copy. Later appends grow them."""
+        if self.n or any(len(pieces) != 1 for _, pieces in arrays.values()):
             return False
         layers = tuple(self.layers)
         steps = next(iter(arrays.values()))[0]
+        if self.min_rows > len(steps):
+            return False
         if any(key[1] != layers or not np.array_equal(st, steps) for key, (st, _) in arrays.items()):
             return False
         if len(steps) > 1 and not np.all(np.diff(steps) > 0):
             return False
         self.steps = steps
-        self.metrics = {metric: vals.astype(np.float32, copy=False) for (metric, _), (_, vals) in arrays.items()}
+        self.metrics = {metric: pieces[0].values.astype(np.float32, copy=False)
+                        for (metric, _), (_, pieces) in arrays.items()}
         self.present = np.ones((len(steps), len(layers)), dtype=bool)
         self.n = len(steps)
         return True
 
     def _capacity(self, rows: int, cols: int) -> tuple[int, int]:
         cap_r, cap_c = self.present.shape
-        return (max(rows, cap_r * 2, 64) if rows > cap_r else cap_r,
+        return (max(rows, cap_r * 2, 64, self.min_rows) if rows > cap_r else cap_r,
                 max(cols, cap_c * 2, 8) if cols > cap_c else cap_c)
 
-    def _resize(self, cap_r: int, cap_c: int, row_map: np.ndarray | None = None) -> None:
-        """Fresh buffers of the given capacity; old rows copied to ``row_map`` (default: the same rows)."""
-        rows = slice(0, self.n) if row_map is None else row_map
-        n_old, c_old = self.n, min(self.present.shape[1], cap_c)
+    def _add_columns(self, cols_before: int) -> None:
+        """Layers registered since the last batch: their cells of the rows already held become NaN."""
+        ncols = len(self.layers)
+        if ncols > self.present.shape[1]:
+            self._resize(self.present.shape[0], self._capacity(self.n, ncols)[1], cols_before)
+        for buf in self.metrics.values():
+            buf[:self.n, cols_before:ncols] = np.nan
+
+    def _resize(self, cap_r: int, cap_c: int, cols: int, row_map: np.ndarray | None = None, rows: int = 0) -> None:
+        """Fresh buffers of the given capacity holding the first ``cols`` columns of the rows held, at ``row_map``
+        (default: the same rows); with a ``row_map``, the first ``rows`` rows are initialised (NaN) first."""
+        at = slice(0, self.n) if row_map is None else row_map
         for metric, buf in list(self.metrics.items()):
-            new = np.full((cap_r, cap_c), np.nan, dtype=np.float32)
-            new[rows, :c_old] = buf[:n_old, :c_old]
+            new = _buffer((cap_r, cap_c), np.float32)
+            if row_map is not None:
+                new[:rows, :len(self.layers)] = np.nan
+            new[at, :cols] = buf[:self.n, :cols]
             self.metrics[metric] = new
-        present = np.zeros((cap_r, cap_c), dtype=bool)
-        present[rows, :c_old] = self.present[:n_old, :c_old]
+        present = _buffer((cap_r, cap_c), np.bool_)
+        present[at, :cols] = self.present[:self.n, :cols]
         self.present = present
 
     def _append(self, new_steps: np.ndarray) -> None:
+        """Room for rows after the last one (left unwritten: the caller writes or initialises them)."""
         total = self.n + len(new_steps)
         cap_r, cap_c = self._capacity(total, len(self.layers))
         if (cap_r, cap_c) != self.present.shape:
@@ -455,21 +529,22 @@ class _LayerTable:
         self.n = total
 
     def _grow(self, cap_r: int, cap_c: int) -> None:
-        self._resize(cap_r, cap_c)
+        self._resize(cap_r, cap_c, len(self.layers))
         steps = np.zeros(cap_r, dtype=np.int64)
         steps[:self.n] = self.steps[:self.n]
         self.steps = steps
 
     def reserve(self, rows: int) -> None:
-        """Make room for ``rows`` steps at once (a file read in batches whose size is known), instead of doubling."""
-        if self.n and rows > self.present.shape[0]:
-            self._grow(rows, self.present.shape[1])
+        """Announce about ``rows`` steps (a file read in batches whose size is known): the next growth makes room for
+        all of them at once instead of doubling (and copying) as they come."""
+        self.min_rows = rows
 
     def _rebuild(self, new_steps: np.ndarray) -> None:
         old = self.steps[:self.n]
         union = np.union1d(old, new_steps)
         cap_r, cap_c = self._capacity(len(union), len(self.layers))
-        self._resize(max(cap_r, len(union)), cap_c, row_map=np.searchsorted(union, old))
+        self._resize(max(cap_r, len(union)), cap_c, len(self.layers), row_map=np.searchsorted(union, old),
+                     rows=len(union))
         self.steps = np.zeros(self.present.shape[0], dtype=np.int64)
         self.steps[:len(union)] = union
         self.n = len(union)
@@ -477,11 +552,14 @@ class _LayerTable:
     def histograms(self) -> tuple[np.ndarray, np.ndarray | None]:
         if not self.hist:
             return np.zeros(0, dtype=np.int64), None
-        hist_steps = np.unique(np.fromiter((r.step for r in self.hist), dtype=np.int64, count=len(self.hist)))
+        hist_steps = np.unique(np.concatenate([block.steps for _, block in self.hist]))
         out = np.zeros((len(hist_steps), len(self.layers), fmt.HIST_BINS), dtype=np.int64)
-        for rec in self.hist:  # one record per logged step (low cadence): a loop over records, not values
-            cols = [self.index[name] for name in rec.layers]
-            out[np.searchsorted(hist_steps, rec.step), cols] = rec.values
+        # Low cadence: a loop over logged steps, not values, in the order written (a step logged twice keeps the last).
+        rows = sorted(((batch, order, k, block) for batch, block in self.hist
+                       for k, order in enumerate(block.order.tolist())), key=lambda row: row[:2])
+        cols = {id(block): [self.index[name] for name in block.layers] for _, block in self.hist}
+        for _, _, k, block in rows:
+            out[int(np.searchsorted(hist_steps, block.steps[k])), cols[id(block)]] = block.values[k]
         return hist_steps, out
 
 
@@ -556,21 +634,23 @@ class _Run:
             reader, role = self.readers[path]
             batch = None
             while batch is None or batch.has_more:
-                start, rows_before = reader.records.offset, self.table.n
+                start = reader.records.offset
                 batch = reader.read(max_bytes=READ_BATCH_BYTES)
                 if batch.events:
                     changed = True
                     self.events += batch.events
-                    walls = [r.wall_time for r in batch.layer_records[:1] + batch.scalars[:1]]
-                    if walls and (self.first_wall_time is None or min(walls) < self.first_wall_time):
-                        self.first_wall_time = min(walls)
-                    if batch.layer_records:
-                        self.table.add(batch.layer_records)
+                    wall = batch.first_wall_time()
+                    if wall is not None and (self.first_wall_time is None or wall < self.first_wall_time):
+                        self.first_wall_time = wall
+                    if batch.layer_blocks:
                         if batch.has_more:  # the rest of the file holds about as many steps per byte
-                            per_byte = (self.table.n - rows_before) / max(1, reader.records.offset - start)
-                            self.table.reserve(self.table.n + int(per_byte * reader.records.pending_bytes * 1.02) + 1)
-                    if batch.scalars:
-                        self._add_scalars(batch.scalars, role)
+                            rows = max(sum(len(p.steps) for p in block.pieces) for block in batch.layer_blocks)
+                            per_byte = rows / max(1, reader.records.offset - start)
+                            self.table.reserve(self.table.n + rows + int(per_byte * reader.records.pending_bytes
+                                                                         * 1.02) + 1)
+                        self.table.add(batch.layer_blocks)
+                    for block in batch.scalar_blocks:
+                        self._acc(("ours" if block.ours else role, block.tag)).add(block.steps, block.values)
                     for tag in batch.other_tags:
                         self.other_tags.setdefault((role, tag))
             if path in done and path not in self.finished:
@@ -584,22 +664,6 @@ class _Run:
             self.version += 1
             self.cache = None
         return changed
-
-    def _add_scalars(self, records: list[ScalarRecord], role: str) -> None:
-        tags = [("ours" if r.ours else role, r.tag) for r in records]
-        steps = np.fromiter((r.step for r in records), dtype=np.int64, count=len(records))
-        values = np.fromiter((r.value for r in records), dtype=np.float64, count=len(records))
-        keys = list(dict.fromkeys(tags))
-        if len(keys) == 1:
-            self._acc(keys[0]).add(steps, values)
-            return
-        code = {k: i for i, k in enumerate(keys)}
-        codes = np.fromiter((code[t] for t in tags), dtype=np.int64, count=len(tags))
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(keys) + 1))
-        for i, key in enumerate(keys):
-            sel = order[bounds[i]:bounds[i + 1]]
-            self._acc(key).add(steps[sel], values[sel])
 
     def _acc(self, key: tuple[str, str]) -> _ScalarAcc:
         acc = self.scalars.get(key)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tb_gradient_plugin import GradientWriter
+from tb_gradient_plugin.format import HIST_BINS
 from tb_gradient_plugin.runs import (
     ParamTag,
     RunStore,
@@ -164,6 +165,65 @@ def test_steps_out_of_order_and_rewritten(tmp_path):
     run = store.get(".")
     np.testing.assert_array_equal(run.steps, [1, 5, 6, 7])
     np.testing.assert_array_equal(run.layer_metrics["grad_norm"][:, 0], [1, 5, 60, 7])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_incremental_reads_match_a_dense_reference(tmp_path, seed):
+    """Layers that come and go, a metric that starts late, steps that go back and are rewritten, all read in
+    awkward pieces: the store's arrays equal a dense table built naively from what was written (last write wins)."""
+    rng = np.random.default_rng(seed)
+    pool = [f"layer{i}" for i in range(9)]
+    written: list[tuple[int, list[str], dict[str, np.ndarray]]] = []
+    hists: list[tuple[int, list[str], np.ndarray]] = []
+    step = 0
+    with GradientWriter(tmp_path / "src") as w:
+        for i in range(400):
+            step = step + 1 if rng.random() > 0.05 else max(0, step - int(rng.integers(1, 30)))
+            visible = 3 + min(6, i // 60)  # layers are added as the run goes on
+            names = [n for n in pool[:visible] if rng.random() > 0.1] or pool[:1]
+            metrics = ["grad_norm"] + (["param_norm"] if i > 150 else []) + (["update_norm"] if i % 7 else [])
+            values = {m: rng.lognormal(size=len(names)).astype(np.float32) for m in metrics}
+            w.write(step, names, **values)
+            written.append((step, names, values))
+            if i % 2 == 0:
+                counts = rng.integers(0, 50, size=(len(names), HIST_BINS))
+                w.write_histograms(step, names, counts)
+                hists.append((step, names, counts))
+    (src,) = tfevents(tmp_path / "src")
+    data = src.read_bytes()
+    live = tmp_path / "logs" / "run" / src.name
+    live.parent.mkdir(parents=True)
+    store = RunStore(str(tmp_path / "logs"))
+    cuts = sorted({*rng.integers(0, len(data), size=6).tolist(), len(data)})
+    with open(live, "wb") as f:
+        for cut in cuts:
+            f.write(data[f.tell():cut])
+            f.flush()
+            store.refresh()
+    run = store.get("run")
+
+    layers = list(dict.fromkeys(n for _, names, _ in written for n in names))
+    steps = sorted({s for s, _, _ in written})
+    row = {s: k for k, s in enumerate(steps)}
+    col = {n: j for j, n in enumerate(layers)}
+    expect = {m: np.full((len(steps), len(layers)), np.nan, dtype=np.float32)
+              for m in ("grad_norm", "param_norm", "update_norm")}
+    present = np.zeros((len(steps), len(layers)), dtype=bool)
+    for s, names, values in written:
+        for m, v in values.items():
+            for name, x in zip(names, v, strict=True):
+                expect[m][row[s], col[name]] = x
+                present[row[s], col[name]] = True
+    assert run.layers == layers and run.steps.tolist() == steps
+    np.testing.assert_array_equal(run.present, present)
+    for m, matrix in expect.items():
+        np.testing.assert_array_equal(run.layer_metrics[m], matrix, err_msg=m)
+    hist_steps = sorted({s for s, _, _ in hists})
+    expect_hist = np.zeros((len(hist_steps), len(layers), HIST_BINS), dtype=np.int64)
+    for s, names, counts in hists:
+        expect_hist[hist_steps.index(s), [col[n] for n in names]] = counts
+    assert run.hist_steps.tolist() == hist_steps
+    np.testing.assert_array_equal(run.histograms, expect_hist)
 
 
 WRITER_SCRIPT = textwrap.dedent("""
