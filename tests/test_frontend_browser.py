@@ -109,6 +109,65 @@ def write_logdir(root: str | Path) -> Path:
     return root
 
 
+#: The NaN runs: an evaluation every NAN_EVAL_EVERY steps. ``val_nan`` turns NaN for NAN_RUN (consecutive
+#: evaluations; its accuracy too), recovers, and is NaN once more, isolated, at NAN_ALONE. ``nan_every_other``
+#: alternates NaN and finite evaluations: NAN_MANY isolated NaN evaluations.
+NAN_EVAL_EVERY = 10
+NAN_RUN = range(100, 200, NAN_EVAL_EVERY)
+NAN_ALONE = 300
+NAN_MANY = 20
+MANY_LAYERS = 120
+
+
+def _write_val_nan(path: Path, nan_steps: set[int], accuracy_nan_steps: set[int]) -> None:
+    """A healthy training run whose validation loss (and accuracy) is NaN at ``nan_steps`` (``accuracy_nan_steps``):
+    an evaluation that overflowed, logged by ``torch.utils.tensorboard`` as PyTorch users do."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    rng = np.random.default_rng(5)
+    with GradientWriter(path) as gradients:
+        for step in range(STEPS):
+            grad = np.exp(rng.normal(0.0, 0.1, 3))
+            gradients.write(step, LAYERS[:3], grad_norm=grad, total_grad_norm=float(np.sqrt((grad**2).sum())),
+                            loss=2.0 * np.exp(-step / 200) + 0.3 + rng.normal(0.0, 0.01))
+    writer = SummaryWriter(str(path))
+    try:
+        for step in range(0, STEPS, NAN_EVAL_EVERY):
+            loss = 1.5 * np.exp(-step / 200) + 0.4 + rng.normal(0.0, 0.003)
+            writer.add_scalar("val_loss", float("nan") if step in nan_steps else loss, step)
+            writer.add_scalar("val_accuracy", float("nan") if step in accuracy_nan_steps else 0.9 - 0.3 * loss, step)
+    finally:
+        writer.close()
+
+
+def _write_many_layers(path: Path) -> None:
+    """A deep model whose gradients grow layer by layer, then turn NaN everywhere: more offending layers than the
+    heatmap has room to name."""
+    rng = np.random.default_rng(6)
+    names = [f"blocks.{i // 4}.{('attn', 'mlp', 'norm1', 'norm2')[i % 4]}" for i in range(MANY_LAYERS)]
+    with GradientWriter(path) as writer:
+        for step in range(200):
+            grad = np.exp(rng.normal(0.0, 0.1, MANY_LAYERS))
+            bad = np.zeros(MANY_LAYERS)
+            if step >= 150:
+                grad[:], bad[:] = np.nan, 10
+            elif step >= 140:
+                grad *= np.linspace(1.0, 1e4, MANY_LAYERS)
+            writer.write(step, names, grad_norm=grad, nonfinite_count=bad, loss=1.0 if step < 150 else float("nan"))
+
+
+def write_crowded_logdir(root: str | Path) -> Path:
+    """Runs that crowd the tab's markers: ``val_nan`` (one run of NaN evaluations and one isolated NaN),
+    ``nan_every_other`` and ``many_layers``."""
+    root = Path(root)
+    _write_many_layers(root / "many_layers")
+    _write_val_nan(root / "val_nan", {*NAN_RUN, NAN_ALONE}, set(NAN_RUN))
+    every_other = set(range(NAN_EVAL_EVERY, 2 * NAN_MANY * NAN_EVAL_EVERY, 2 * NAN_EVAL_EVERY))
+    assert len(every_other) == NAN_MANY
+    _write_val_nan(root / "nan_every_other", every_other, set())
+    return root
+
+
 # ------------------------------------------------------------------------------------------------------- fixtures
 
 
@@ -176,12 +235,19 @@ def demo_server():
         yield tb
 
 
+@pytest.fixture(scope="module")
+def crowded_server(tmp_path_factory: pytest.TempPathFactory):
+    with TensorBoardServer(write_crowded_logdir(tmp_path_factory.mktemp("crowded_logs"))) as tb:
+        yield tb
+
+
 @pytest.fixture()
-def tab_factory(browser, server):
+def tab_factory(browser, request: pytest.FixtureRequest):
     tabs: list[Tab] = []
 
     def make(color_scheme: str = "light", tb: TensorBoardServer | None = None) -> Tab:
-        tab = Tab(browser, tb or server, color_scheme)
+        # The shared logdir's server starts only for the tests that open it.
+        tab = Tab(browser, tb or request.getfixturevalue("server"), color_scheme)
         tabs.append(tab)
         return tab
 
@@ -458,3 +524,116 @@ def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) ->
         dark.panel(run).locator(".heatmap[data-drawn-cells]").wait_for()
         dark.panel(run).locator(".loss-chart canvas").first.wait_for()
     dark.page.screenshot(path=str(SCREENSHOTS / "demo_dark.png"))
+
+
+def _label_boxes(chart) -> list[dict]:
+    """The marker labels the loss chart shows ({row, text, left, right} in plot pixels), as it records them."""
+    return json.loads(chart.get_attribute("data-labels"))
+
+
+def _wait_labels_for_view(frame) -> None:
+    """Wait until the loss chart's labels were chosen for the zoomed window (after its data came back)."""
+    frame.wait_for_function(
+        "() => { const v = document.documentElement.dataset.view;"
+        " return v && document.querySelector('.loss-chart').dataset.labelView === v; }")
+
+
+def _assert_no_overlap(labels: list[dict]) -> None:
+    for row in {label["row"] for label in labels}:
+        boxes = sorted((label["left"], label["right"], label["text"]) for label in labels if label["row"] == row)
+        for a, b in zip(boxes, boxes[1:], strict=False):
+            assert a[1] <= b[0], f"labels overlap on row {row}: {a} and {b}"
+
+
+def test_consecutive_nan_evaluations_are_one_marked_span(tab_factory, crowded_server) -> None:
+    """Ten NaN evaluations in a row are one span, one label and one chip; the isolated one later keeps its own."""
+    tab = tab_factory("light", crowded_server)
+    frame = tab.frame
+    frame.locator("#run-a").select_option("val_nan")
+    panel = tab.panel("val_nan")
+    chart = panel.locator(".loss-chart[data-nan-steps]")
+    chart.wait_for()
+    chart.locator("canvas").first.wait_for()
+    first, last = NAN_RUN[0], NAN_RUN[-1]
+    chips = panel.locator(".nan-chip")
+    assert chips.count() == 2
+    assert chart.get_attribute("data-nan-steps") == ",".join(map(str, [*NAN_RUN, NAN_ALONE]))
+    assert chart.get_attribute("data-nan-groups") == f"{first}-{last},{NAN_ALONE}"
+    # On the chart: one dashed span for the run, one line for the isolated evaluation.
+    assert (chart.get_attribute("data-nan-spans"), chart.get_attribute("data-nan-lines")) == ("1", "1")
+    labels = _label_boxes(chart)
+    nan_labels = sorted(label["text"] for label in labels if "NaN" in label["text"])
+    assert nan_labels == sorted(["✕ val loss NaN", f"✕ val accuracy, val loss NaN ({len(NAN_RUN)} evaluations)"])
+    _assert_no_overlap(labels)
+
+    run_chip, alone_chip = chips.nth(0), chips.nth(1)
+    assert (run_chip.get_attribute("data-step"), run_chip.get_attribute("data-end")) == (str(first), str(last))
+    assert run_chip.get_attribute("data-count") == str(len(NAN_RUN))
+    assert run_chip.get_attribute("data-series") == "val_accuracy,val_loss"
+    assert run_chip.text_content() == f"✕ val accuracy, val loss NaN from {first} ({len(NAN_RUN)} evaluations)"
+    assert alone_chip.text_content() == f"✕ val loss NaN @ {NAN_ALONE}"
+    assert alone_chip.get_attribute("data-count") == "1"
+    entry = panel.locator(".episode.validation[data-kind='nonfinite']").filter(has_text="val loss").first
+    assert entry.locator(".ep-steps").text_content() == f"{len(NAN_RUN)} evaluations in a row, steps {first}–{last}"
+
+    # The run's chip zooms every chart onto the whole run of NaN evaluations.
+    run_chip.click()
+    tab.frame.wait_for_function(
+        "([a, b, full]) => { const h = document.querySelector('.run-panel .heatmap');"
+        " const s = Number(h.dataset.viewStart), e = Number(h.dataset.viewEnd);"
+        " return s > 0 && s <= a && e >= b && e < full; }", arg=[first, last, STEPS - 1])
+    # Zoomed in (its labels chosen again for the window), the chart keeps one span and one label for the run.
+    _wait_labels_for_view(frame)
+    assert chart.get_attribute("data-nan-spans") == "1"
+    assert [label["text"] for label in _label_boxes(chart) if "NaN" in label["text"]] == [
+        f"✕ val accuracy, val loss NaN ({len(NAN_RUN)} evaluations)"]
+
+
+def test_many_isolated_nan_evaluations_do_not_stack(tab_factory, crowded_server) -> None:
+    """NaN at every other evaluation: each keeps its marker, but labels never overlap and the chips stay a few."""
+    tab = tab_factory("light", crowded_server)
+    tab.frame.locator("#run-a").select_option("nan_every_other")
+    panel = tab.panel("nan_every_other")
+    chart = panel.locator(".loss-chart[data-nan-steps]")
+    chart.wait_for()
+    chart.locator("canvas").first.wait_for()
+    assert len(chart.get_attribute("data-nan-groups").split(",")) == NAN_MANY
+    assert (chart.get_attribute("data-nan-spans"), chart.get_attribute("data-nan-lines")) == ("0", str(NAN_MANY))
+    labels = _label_boxes(chart)
+    _assert_no_overlap(labels)
+    shown = sum("NaN" in label["text"] for label in labels)
+    assert 1 <= shown < NAN_MANY
+    assert int(chart.get_attribute("data-hidden-labels")) >= NAN_MANY - shown
+    chips = panel.locator(".nan-chip")
+    assert 1 <= chips.count() < NAN_MANY
+    assert panel.locator(".loss-head .nan-more").text_content() == f"+{NAN_MANY - chips.count()} more NaN"
+    # Zoomed in, the evaluations lie wider apart: every NaN evaluation in the window is labelled.
+    chips.nth(1).click()
+    _wait_labels_for_view(tab.frame)
+    start, end = (int(v) for v in tab.frame.evaluate("document.documentElement.dataset.view").split("-"))
+    steps = [int(s) for s in chart.get_attribute("data-nan-groups").split(",")]
+    inside = [s for s in steps if start <= s <= end]
+    assert 1 <= len(inside) < NAN_MANY
+    labels = _label_boxes(chart)
+    _assert_no_overlap(labels)
+    assert sum("NaN" in label["text"] for label in labels) == len(inside)
+
+
+def test_thin_heatmap_rows_name_only_what_fits(tab_factory, crowded_server) -> None:
+    """Too many offending layers for their thin rows: the top one is named, and no two names overlap."""
+    report = crowded_server.get_json("data/plugin/gradients/episodes?run=many_layers")
+    offending = {layer["name"] for ep in report["episodes"] for layer in ep["layers"]}
+    tab = tab_factory("light", crowded_server)
+    tab.frame.locator("#run-a").select_option("many_layers")
+    panel = tab.panel("many_layers")
+    panel.locator(".heatmap[data-drawn-cells]").wait_for()
+    labels = panel.locator(".row-label")
+    assert panel.locator(".row-label[data-rank='1']").count() == 1
+    named = labels.evaluate_all("els => els.map(e => e.dataset.layer)")
+    assert set(named) <= offending
+    boxes = sorted(box["y"] for box in labels.evaluate_all(
+        "els => els.map(e => { const r = e.getBoundingClientRect(); return { y: r.top, h: r.height }; })"))
+    height = labels.first.bounding_box()["height"]
+    assert all(b - a >= height - 3 for a, b in zip(boxes, boxes[1:], strict=False)), boxes
+    hidden = int(panel.locator(".hm-labels").get_attribute("data-hidden-labels"))
+    assert hidden > 0 and len(named) + hidden == len(offending) > len(named)

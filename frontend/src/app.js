@@ -274,16 +274,21 @@ export class App {
   zoomToEpisode(ep) {
     if (ep.validation) {
       // From the best (early-stopping) step to the worst evaluation: where the validation curve turned.
-      const first = ep.validation.best_step ?? ep.start_step;
-      const last = Math.max(ep.end_step, ep.validation.worst_step ?? ep.end_step);
-      const pad = Math.max(5, Math.round((last - first + 1) * 0.15), Math.round((this.full.end - this.full.start) * 0.02));
-      this.setView({ start: first - pad, end: last + pad }, null);
+      this.zoomToSteps(ep.validation.best_step ?? ep.start_step,
+        Math.max(ep.end_step, ep.validation.worst_step ?? ep.end_step));
       return;
     }
     const last = Math.max(ep.end_step, ep.loss_spike_step ?? ep.end_step);
     const pad = Math.max(5, Math.round((last - ep.start_step + 1) * 1.5));
     this.setView({ start: ep.start_step - pad, end: last + pad }, null);
     if (ep.layers && ep.layers.length) this.selectLayer(ep.layers[0].name);
+  }
+
+  /** Zoom to steps `first`..`last` with a margin on either side (a run of NaN evaluations, say). */
+  zoomToSteps(first, last) {
+    const span = this.full.end - this.full.start;
+    const pad = Math.max(5, Math.round((last - first + 1) * 0.15), Math.round(span * 0.02));
+    this.setView({ start: first - pad, end: last + pad }, null);
   }
 
   zoomAround(step) {

@@ -17,7 +17,7 @@ import { CanvasRenderer } from "echarts/renderers";
 import { h, formatStep, formatTick, formatValue } from "./dom.js";
 import { GUTTER, RIGHT } from "./layout.js";
 import { rgba } from "./theme.js";
-import { causeLabel, seriesLabel } from "./validation.js";
+import { causeLabel, nanGroupName, nanGroups, seriesLabel } from "./validation.js";
 
 echarts.use([
   LineChart, ScatterChart, DataZoomInsideComponent, DataZoomSliderComponent, GridComponent, LegendComponent,
@@ -73,42 +73,103 @@ function pairs(steps, values, positive = false) {
   return out;
 }
 
-function episodeAreas(episodes, pal) {
+/**
+ * Which marker labels a chart shows. Markers come in data-dependent numbers (episodes, NaN evaluations, best steps,
+ * loss spikes), and labels on one row that lie closer than their width overlap into an unreadable band. Offered in
+ * priority order, a label is kept when its box on its row, in pixels for the current window and width, clears every
+ * label kept before it; the marker of a hidden label is still drawn.
+ */
+class LabelRows {
+  constructor(view, width) {
+    this.view = view;
+    this.width = width;
+    this.rows = new Map();
+    this.shown = [];
+    this.hidden = 0;
+  }
+
+  x(step) {
+    return ((step - this.view.start) / Math.max(1e-9, this.view.end - this.view.start)) * this.width;
+  }
+
+  /**
+   * Whether `text` may show on `row`, anchored at step `at` (`align`: "center", or "right" for a label that ends
+   * `inset` pixels left of `at`). A label whose anchor lies outside the window takes no room.
+   */
+  place(row, text, at, align = "center", inset = 0) {
+    const x = this.x(at);
+    if (x < -0.5 || x > this.width + 0.5) return false;
+    const w = textWidth(text) + LABEL_PAD;
+    const left = align === "right" ? x - inset - w : x - w / 2;
+    const box = [left, left + w];
+    const taken = this.rows.get(row) || [];
+    if (taken.some(([a, b]) => box[0] < b && a < box[1])) {
+      this.hidden++;
+      return false;
+    }
+    taken.push(box);
+    this.rows.set(row, taken);
+    this.shown.push({ row, text, left: Math.round(box[0]), right: Math.round(box[1]) });
+    return true;
+  }
+}
+
+const LABEL_FONT = "10px sans-serif"; // ECharts' default family, at the size of every marker label
+const LABEL_PAD = 6;
+let measure = null;
+
+function textWidth(text) {
+  if (!measure) measure = document.createElement("canvas").getContext("2d");
+  measure.font = LABEL_FONT;
+  return measure.measureText(text).width;
+}
+
+/** Where a marker area's label sits: the middle of the part of [a, b] inside the window. */
+function visibleMiddle(a, b, view) {
+  return (Math.max(a, view.start) + Math.min(b, view.end)) / 2;
+}
+
+/** Shading for episodes, named where `labels` (a LabelRows) finds room; NaN evaluations are validationMarkers'. */
+function episodeAreas(episodes, pal, labels) {
   // Several validation series may degrade over the same steps: one area for them, not a darker stack.
   const seen = new Set();
   const shown = episodes.filter((ep) => {
     if (!ep.validation) return true;
+    if (ep.kind === "nonfinite") return false;
     const key = `${ep.kind}:${ep.start_step}:${ep.end_step}:${ep.validation.cause}`;
     if (seen.has(key)) return false;
     seen.add(key);
     return true;
   });
+  const { view } = labels;
   return shown.map((ep) => {
+    const [a, b] = [ep.start_step - 0.5, ep.end_step + 0.5];
     if (ep.validation) {
       // A validation finding: a dashed frame from the best step to the last evaluation, labelled with its cause, so
       // it reads as "the evaluations got worse" and never as one more gradient episode.
-      const bad = ep.kind === "nonfinite";
-      const color = bad ? pal.episode.nonfinite : pal.episode.val_degradation;
+      const color = pal.episode.val_degradation;
+      const text = `validation: ${causeLabel(ep.validation.cause)}`;
       return [
         {
-          xAxis: ep.start_step - 0.5,
-          itemStyle: { color: rgba(color, bad ? pal.episodeAlpha : pal.episodeAlpha / 2), borderColor: color,
-            borderWidth: 1, borderType: "dashed" },
-          // A NaN evaluation is labelled by its marker line (validationMarkers).
-          label: { show: !bad, position: "insideTopRight", color, fontSize: 10,
-            formatter: `validation: ${causeLabel(ep.validation.cause)}` },
+          xAxis: a,
+          itemStyle: { color: rgba(color, pal.episodeAlpha / 2), borderColor: color, borderWidth: 1,
+            borderType: "dashed" },
+          label: { show: labels.place("inside", text, Math.min(b, view.end), "right", 5),
+            position: "insideTopRight", color, fontSize: 10, formatter: text },
         },
-        { xAxis: ep.end_step + 0.5 },
+        { xAxis: b },
       ];
     }
+    const color = pal.episode[ep.kind] || pal.accent;
+    const text = ep.kind.replace("_", " ");
     return [
       {
-        xAxis: ep.start_step - 0.5,
-        itemStyle: { color: rgba(pal.episode[ep.kind] || pal.accent, pal.episodeAlpha) },
-        label: { show: true, position: "insideTop", color: pal.episode[ep.kind] || pal.accent, fontSize: 10,
-          formatter: ep.kind.replace("_", " ") },
+        xAxis: a,
+        itemStyle: { color: rgba(color, pal.episodeAlpha) },
+        label: { show: labels.place("inside", text, visibleMiddle(a, b, view)),
+          position: "insideTop", color, fontSize: 10, formatter: text },
       },
-      { xAxis: ep.end_step + 0.5 },
+      { xAxis: b },
     ];
   });
 }
@@ -119,11 +180,14 @@ function hasPoints(line) {
 }
 
 /**
- * The best points (early-stopping points) of the validation findings, and their NaN evaluations: vertical markers
- * on the step axis, labelled, so the step to keep can be read off the chart.
+ * The best points (early-stopping points) of the validation findings and their NaN evaluations, labelled above the
+ * plot so the step to keep can be read off the chart: a vertical line per best step and per isolated NaN
+ * evaluation, one dashed span per run of consecutive NaN evaluations (`nanGroups`). Best steps claim their label
+ * room first, then the longest NaN runs.
  */
-function validationMarkers(validation, pal) {
+function validationMarkers(validation, pal, labels) {
   const lines = [];
+  const areas = [];
   const byStep = new Map();
   for (const f of validation.filter((v) => v.cause !== "nonfinite" && v.best_step !== null)) {
     if (!byStep.has(f.best_step)) byStep.set(f.best_step, []);
@@ -131,41 +195,60 @@ function validationMarkers(validation, pal) {
   }
   for (const [step, found] of byStep) {
     const degraded = found.some((f) => f.cause !== null);
+    const text = `◆ ${degraded ? "early stop" : "best"} @ ${formatStep(step)}`;
     lines.push({
       xAxis: step,
       lineStyle: { color: pal.valLine, type: "solid", width: degraded ? 1.5 : 1, opacity: degraded ? 1 : 0.6 },
-      label: { show: true, position: "end", color: pal.valLine, fontSize: 10,
-        formatter: `◆ ${degraded ? "early stop" : "best"} @ ${formatStep(step)}` },
+      label: { show: labels.place("above", text, step), position: "end", color: pal.valLine, fontSize: 10,
+        formatter: text },
     });
   }
-  for (const f of validation.filter((v) => v.cause === "nonfinite")) {
-    for (const step of f.nonfinite_steps) {
-      lines.push({
-        xAxis: step,
-        lineStyle: { color: pal.episode.nonfinite, type: "dashed", width: 1.5 },
-        label: { show: true, position: "end", color: pal.episode.nonfinite, fontSize: 10,
-          formatter: `✕ ${seriesLabel(f.series)} NaN` },
-      });
+  const color = pal.episode.nonfinite;
+  const groups = nanGroups(validation);
+  const byLength = [...groups].sort((a, b) => b.steps.length - a.steps.length || a.first - b.first);
+  const show = new Map(byLength.map((g) => {
+    const text = `✕ ${nanGroupName(g)}${g.steps.length > 1 ? ` (${g.steps.length} evaluations)` : ""}`;
+    const at = g.steps.length > 1 ? visibleMiddle(g.first - 0.5, g.last + 0.5, labels.view) : g.first;
+    return [g, { text, show: labels.place("above", text, at) }];
+  }));
+  for (const g of groups) {
+    const { text, show: visible } = show.get(g);
+    const label = { show: visible, color, fontSize: 10, formatter: text };
+    if (g.steps.length === 1) {
+      lines.push({ name: "nan", xAxis: g.first, lineStyle: { color, type: "dashed", width: 1.5 },
+        label: { ...label, position: "end" } });
+    } else {
+      areas.push([
+        { name: "nan", xAxis: g.first - 0.5, label: { ...label, position: "top" },
+          // Light: the gradient episode that made the model NaN usually shades the same steps.
+          itemStyle: { color: rgba(color, pal.episodeAlpha / 2), borderColor: color, borderWidth: 1.5,
+            borderType: "dashed" } },
+        { xAxis: g.last + 0.5 },
+      ]);
     }
   }
-  return lines;
+  return { lines, areas };
 }
 
 /**
  * Loss curve with spikes, episodes shaded behind it, the gap from each episode's peak to the spike it caused; the
  * validation loss on the same axis with its best step marked; `right` picks the second axis's line: "total_grad_norm"
- * or one of `loss.val_metrics` (accuracy, mAP...).
+ * or one of `loss.val_metrics` (accuracy, mAP...). `view` (the step window shown) and `width` (the plot's width in
+ * pixels) decide which marker labels fit. Returns the ECharts option and `marks`, what the chart marks and labels.
  */
-export function lossOption({ loss, episodes, validation, full, pal, logY, right }) {
+export function lossOption({ loss, episodes, validation, full, view, width, pal, logY, right }) {
+  const labels = new LabelRows(view, width);
+  const markers = validationMarkers(validation, pal, labels);
   const spikes = loss.spikes || [];
   const gaps = [];
   for (const s of spikes) {
     const ep = s.episode === null || s.episode === undefined ? null : episodes[s.episode];
     if (ep && s.step > ep.peak_step && s.value !== null) {
+      const text = `+${s.step - ep.peak_step} steps`;
       gaps.push([
         { coord: [ep.peak_step, s.value], symbol: "circle", symbolSize: 5 },
         { coord: [s.step, s.value], symbol: "arrow", symbolSize: 7,
-          label: { show: true, formatter: `+${s.step - ep.peak_step} steps`, color: pal.spike, fontSize: 10 } },
+          label: { show: labels.place("gap", text, s.step), formatter: text, color: pal.spike, fontSize: 10 } },
       ]);
     }
   }
@@ -180,7 +263,7 @@ export function lossOption({ loss, episodes, validation, full, pal, logY, right 
       itemStyle: { color: pal.line },
       connectNulls: false,
       z: 3,
-      markArea: { silent: true, data: episodeAreas(episodes, pal) },
+      markArea: { silent: true, data: episodeAreas(episodes, pal, labels) },
       markLine: { silent: true, animation: false, lineStyle: { color: pal.spike, type: "dashed", width: 1 },
         data: gaps },
     },
@@ -250,9 +333,16 @@ export function lossOption({ loss, episodes, validation, full, pal, logY, right 
     });
   }
   series.push({ name: "validation markers", type: "line", data: [], silent: true,
-    markLine: { silent: true, animation: false, symbol: "none", data: validationMarkers(validation, pal) } });
+    markLine: { silent: true, animation: false, symbol: "none", data: markers.lines },
+    markArea: { silent: true, data: markers.areas } });
   const hidden = new Set(["min", "range", "validation markers"]);
-  return {
+  const marks = {
+    nanLines: markers.lines.filter((m) => m.name === "nan").length,
+    nanSpans: markers.areas.length,
+    labels: labels.shown,
+    hiddenLabels: labels.hidden,
+  };
+  const option = {
     animation: false,
     // Room above the plot for the labels of the validation markers.
     grid: { left: GUTTER, right: RIGHT, top: validation.length ? 44 : 28, bottom: 54 },
@@ -269,6 +359,7 @@ export function lossOption({ loss, episodes, validation, full, pal, logY, right 
     ],
     series,
   };
+  return { option, marks };
 }
 
 function lossTooltip(params) {
@@ -303,8 +394,11 @@ function envelopeSeries(data, pal, log) {
   ];
 }
 
-/** One metric of one layer, with its envelope (when binned) and the detector's baseline / threshold band. */
-export function layerOption({ data, title, range, pal, log, episodes = [] }) {
+/**
+ * One metric of one layer, with its envelope (when binned) and the detector's baseline / threshold band; `width`
+ * (the plot's width in pixels) decides which episode names fit.
+ */
+export function layerOption({ data, title, range, width, pal, log, episodes = [] }) {
   const { steps } = data;
   const series = [];
   if (!data.full_resolution) series.push(...envelopeSeries(data, pal, log));
@@ -318,7 +412,8 @@ export function layerOption({ data, title, range, pal, log, episodes = [] }) {
   }
   series.push({ name: title, type: "line", data: pairs(steps, data.values, log), showSymbol: steps.length < 60,
     symbolSize: 3, sampling: "minmax", lineStyle: { color: pal.line, width: 1.25 }, itemStyle: { color: pal.line },
-    z: 3, markArea: { silent: true, data: episodeAreas(episodes.filter((ep) => !ep.validation), pal) } });
+    z: 3, markArea: { silent: true,
+      data: episodeAreas(episodes.filter((ep) => !ep.validation), pal, new LabelRows(range, width)) } });
   return {
     animation: false,
     grid: { left: GUTTER, right: RIGHT, top: 24, bottom: 24 },

@@ -34,7 +34,8 @@ function episodeHead(ep, i) {
     return [
       h("span", { class: "badge", text: `#${i + 1} Non-finite ${what}` }),
       h("span", { class: "ep-steps", text: steps.length > 1
-        ? `${steps.length} evaluations from step ${formatStep(steps[0])}` : `evaluation at step ${formatStep(steps[0])}` }),
+        ? `${steps.length} evaluations in a row, steps ${formatStep(steps[0])}–${formatStep(steps[steps.length - 1])}`
+        : `evaluation at step ${formatStep(steps[0])}` }),
     ];
   }
   const worse = v.change === null ? "" : `${Math.abs((v.change - 1) * 100).toFixed(0)}% worse`;

@@ -9,6 +9,8 @@ import { VIRIDIS, rgba } from "./theme.js";
 
 const TRACK = 18; // episode / spike / non-finite track above the cells
 const AXIS = 20; // step labels below the cells
+const LABEL_OVERLAP = 3; // px two row labels may share
+const THIN_ROW = 8; // px: rows thinner than this outline only the top offending layer
 
 export function plotHeight(layerCount) {
   return Math.max(120, Math.min(540, layerCount * 18));
@@ -100,25 +102,35 @@ export class Heatmap extends StepCanvas {
     const { rowH } = this.geometry();
     const offending = new Map(this.data.offending.map((name, i) => [name, i + 1]));
     const dense = rowH >= 11;
-    const rows = [];
-    this.data.layers.forEach((name, r) => {
-      const rank = offending.get(name);
-      if (!dense && !rank && name !== this.selected) return;
-      const height = Math.max(rowH, 13);
-      const label = h(
-        "div",
-        {
-          class: `row-label${rank ? " offending" : ""}${name === this.selected ? " selected" : ""}`,
-          title: rank ? `${name} — offending layer #${rank}` : name,
-          dataset: { layer: name, rank: rank ? String(rank) : undefined },
-          style: { top: `${r * rowH + rowH / 2 - height / 2}px`, height: `${height}px`, lineHeight: `${height}px` },
-          onclick: () => this.onSelectLayer(name),
-        },
-        rank ? h("span", { class: "rank", text: `#${rank}` }) : null,
-        h("span", { class: "name", text: name }),
-      );
-      rows.push(label);
-    });
+    const height = Math.max(rowH, 13);
+    // Thin rows cannot each carry a name: the top offending layer, the selected one, then the other offending ones
+    // by rank get a label where it clears the labels placed before it (a few pixels of overlap aside); a non-finite
+    // episode can make every layer of a big model offending.
+    const priority = ({ name, rank }) => (rank === 1 ? 0 : name === this.selected ? 1 : 1 + (rank ?? Infinity));
+    const wanted = this.data.layers.map((name, r) => ({ name, r, rank: offending.get(name) }))
+      .filter(({ name, rank }) => dense || rank || name === this.selected)
+      .sort((a, b) => priority(a) - priority(b) || a.r - b.r);
+    const room = height - LABEL_OVERLAP;
+    const taken = [];
+    const kept = wanted.filter(({ r }) => {
+      const top = r * rowH + rowH / 2 - height / 2;
+      if (taken.some((t) => top < t + room && t < top + room)) return false;
+      taken.push(top);
+      return true;
+    }).sort((a, b) => a.r - b.r);
+    const rows = kept.map(({ name, r, rank }) => h(
+      "div",
+      {
+        class: `row-label${rank ? " offending" : ""}${name === this.selected ? " selected" : ""}`,
+        title: rank ? `${name} — offending layer #${rank}` : name,
+        dataset: { layer: name, rank: rank ? String(rank) : undefined },
+        style: { top: `${r * rowH + rowH / 2 - height / 2}px`, height: `${height}px`, lineHeight: `${height}px` },
+        onclick: () => this.onSelectLayer(name),
+      },
+      rank ? h("span", { class: "rank", text: `#${rank}` }) : null,
+      h("span", { class: "name", text: name }),
+    ));
+    this.labels.dataset.hiddenLabels = String(wanted.length - kept.length);
     this.labels.style.height = `${plotHeight(this.data.layers.length)}px`;
     this.labels.replaceChildren(...rows);
   }
@@ -214,21 +226,27 @@ export class Heatmap extends StepCanvas {
       const r = layers.indexOf(name);
       return r < 0 ? null : [TRACK + r * rowH, Math.max(rowH, 2)];
     };
+    // On thin rows, outlines of neighbouring offending layers would cover each other's cells: there only the top
+    // one is outlined, and the markers in the gutter shrink to the row.
+    const thin = rowH < THIN_ROW;
+    const half = thin ? Math.max(2, rowH / 2) : 5;
     offending.forEach((name, i) => {
       const box = rowBox(name);
       if (!box) return;
-      // Outline just outside the row, so that the row's own cells stay visible however thin it is.
-      const lw = i === 0 ? 2 : 1;
-      const gap = box[1] < 4 ? 1.5 : 0;
-      ctx.strokeStyle = pal.accent;
-      ctx.lineWidth = lw;
-      ctx.strokeRect(GUTTER - lw / 2, box[0] - lw / 2 - gap, pw + lw, box[1] + lw + 2 * gap);
+      if (i === 0 || !thin) {
+        // Outline just outside the row, so that the row's own cells stay visible however thin it is.
+        const lw = i === 0 ? 2 : 1;
+        const gap = box[1] < 4 ? 1.5 : 0;
+        ctx.strokeStyle = pal.accent;
+        ctx.lineWidth = lw;
+        ctx.strokeRect(GUTTER - lw / 2, box[0] - lw / 2 - gap, pw + lw, box[1] + lw + 2 * gap);
+      }
       ctx.fillStyle = pal.accent;
       ctx.beginPath();
       const cy = box[0] + box[1] / 2;
-      ctx.moveTo(GUTTER - 9, cy - 5);
+      ctx.moveTo(GUTTER - 9, cy - half);
       ctx.lineTo(GUTTER - 2, cy);
-      ctx.lineTo(GUTTER - 9, cy + 5);
+      ctx.lineTo(GUTTER - 9, cy + half);
       ctx.fill();
     });
     const sel = this.selected ? rowBox(this.selected) : null;

@@ -8,10 +8,12 @@ import { renderEpisodes } from "./episodes.js";
 import { Heatmap, metricName } from "./heatmap.js";
 import { HistogramView } from "./histogram.js";
 import { GUTTER, RIGHT } from "./layout.js";
-import { seriesLabel } from "./validation.js";
+import { nanGroupName, nanGroups, seriesLabel } from "./validation.js";
 
 const REFETCH_DELAY_MS = 200;
 const MAX_BINS = 2000;
+const MAX_SPIKE_CHIPS = 10;
+const MAX_NAN_CHIPS = 5;
 const DRILL_METRICS = [
   { metric: "grad_norm", title: "grad norm", log: true },
   { metric: "update_ratio", title: "update ratio", log: true },
@@ -47,6 +49,8 @@ export class RunPanel {
     this.loss = null;
     this.heatmapData = null;
     this.lossChart = null;
+    this.lossResize = null;
+    this.lossWidth = 0;
     this.applyingView = false;
     this.layer = null;
     this.drillCharts = [];
@@ -264,7 +268,7 @@ export class RunPanel {
           this.drawLoss();
         } }),
       " log scale");
-    const chips = spikes.slice(0, 10).map((s) => h("button", {
+    const chips = spikes.slice(0, MAX_SPIKE_CHIPS).map((s) => h("button", {
       class: "spike-chip", type: "button", dataset: { step: String(s.step) },
       title: `Loss ${formatValue(s.value)}, ×${formatValue(s.ratio)} its baseline. Click to zoom.`,
       onclick: () => this.app.zoomAround(s.step),
@@ -282,17 +286,28 @@ export class RunPanel {
     if (!this.lossChart) {
       this.lossChart = createChart(this.lossEl);
       this.lossChart.on("datazoom", () => this.onLossZoom());
+      // Which marker labels fit depends on the width: a resized chart chooses again.
+      this.lossResize = new ResizeObserver(() => {
+        if (this.lossEl.clientWidth !== this.lossWidth) this.drawLoss();
+      });
+      this.lossResize.observe(this.lossEl);
     }
     this.drawLoss();
   }
 
-  /** Chips for the validation findings: each best (early-stopping) step and each NaN evaluation; click to zoom. */
+  /**
+   * Chips for the validation findings, each a click away from its zoom: the best (early-stopping) step of each
+   * judged series, and the NaN evaluations, one chip per run of consecutive ones (`nanGroups`).
+   */
   validationChips() {
     const validation = this.validation();
     const judged = validation.filter((v) => v.cause !== "nonfinite" && v.best_step !== null);
     this.lossEl.dataset.bestSteps = judged.map((v) => `${v.series}:${v.best_step}`).join(",");
-    const nan = validation.filter((v) => v.cause === "nonfinite").flatMap((v) => v.nonfinite_steps.map((step) => [v, step]));
-    this.lossEl.dataset.nanSteps = nan.map(([, step]) => step).join(",");
+    const groups = nanGroups(validation);
+    this.lossEl.dataset.nanSteps = [...new Set(groups.flatMap((g) => g.steps))].sort((a, b) => a - b).join(",");
+    this.lossEl.dataset.nanGroups = groups.map((g) => (g.steps.length > 1 ? `${g.first}-${g.last}` : `${g.first}`))
+      .join(",");
+    const shown = groups.slice(0, MAX_NAN_CHIPS);
     return [
       ...judged.map((v) => h("button", {
         class: `best-chip${v.cause ? " degraded" : ""}`, type: "button",
@@ -301,12 +316,24 @@ export class RunPanel {
           + (v.cause ? ", the early-stopping point (it got worse after it)" : "") + ". Click to zoom.",
         onclick: () => this.app.zoomAround(v.best_step),
       }, `◆ ${v.cause ? "early stop" : "best"} ${seriesLabel(v.series)} @ ${formatStep(v.best_step)}`)),
-      ...nan.slice(0, 5).map(([v, step]) => h("button", {
-        class: "nan-chip", type: "button", dataset: { step: String(step), series: v.series },
-        title: `${seriesLabel(v.series)} was NaN/Inf at step ${formatStep(step)}. Click to zoom.`,
-        onclick: () => this.app.zoomAround(step),
-      }, `✕ ${seriesLabel(v.series)} NaN @ ${formatStep(step)}`)),
+      ...shown.map((g) => this.nanChip(g)),
+      groups.length > shown.length
+        ? h("span", { class: "ep-more nan-more", text: `+${groups.length - shown.length} more NaN` }) : null,
     ];
+  }
+
+  nanChip(g) {
+    const name = nanGroupName(g);
+    const n = g.steps.length;
+    return h("button", {
+      class: "nan-chip", type: "button",
+      dataset: { step: String(g.first), end: String(g.last), count: String(n), series: g.series.join(",") },
+      title: n > 1
+        ? `${name}/Inf at ${n} evaluations in a row, steps ${formatStep(g.first)}–${formatStep(g.last)} (no finite `
+          + "evaluation between them). Click to zoom."
+        : `${name}/Inf at step ${formatStep(g.first)}. Click to zoom.`,
+      onclick: () => (n > 1 ? this.app.zoomToSteps(g.first, g.last) : this.app.zoomAround(g.first)),
+    }, n > 1 ? `✕ ${name} from ${formatStep(g.first)} (${n} evaluations)` : `✕ ${name} @ ${formatStep(g.first)}`);
   }
 
   /** Which line the loss chart's second axis shows: the total gradient norm or a validation metric. */
@@ -335,9 +362,17 @@ export class RunPanel {
 
   drawLoss() {
     if (!this.lossChart || !this.loss) return;
+    this.lossWidth = this.lossEl.clientWidth;
+    const { option, marks } = lossOption({ loss: this.loss, episodes: this.episodes(), validation: this.validation(),
+      full: this.app.fullRange(), view: this.app.range(), width: plotWidth(this.lossEl), pal: this.app.palette(),
+      logY: this.logY, right: this.right });
+    // What the chart marks, for whoever checks it without reading its canvas.
+    const view = this.app.view;
+    Object.assign(this.lossEl.dataset, { nanLines: String(marks.nanLines), nanSpans: String(marks.nanSpans),
+      labels: JSON.stringify(marks.labels), hiddenLabels: String(marks.hiddenLabels),
+      labelView: view ? `${Math.round(view.start)}-${Math.round(view.end)}` : "" });
     this.applyingView = true;
-    this.lossChart.setOption(lossOption({ loss: this.loss, episodes: this.episodes(), validation: this.validation(),
-      full: this.app.fullRange(), pal: this.app.palette(), logY: this.logY, right: this.right }), { notMerge: true });
+    this.lossChart.setOption(option, { notMerge: true });
     this.applyingView = false;
     this.applyLossView();
   }
@@ -368,7 +403,9 @@ export class RunPanel {
   applyView(origin, refetch) {
     const range = this.app.range();
     if (this.heatmapData) this.heatmap.setRange(range);
-    if (origin !== this || !this.app.view) this.applyLossView();
+    // A grown step axis changes which marker labels fit: redraw; a zoom redraws when its data comes back.
+    if (!refetch) this.drawLoss();
+    else if (origin !== this || !this.app.view) this.applyLossView();
     for (const { chart } of this.drillCharts) {
       if (chart) chart.setOption({ xAxis: { min: range.start, max: range.end } });
     }
@@ -506,7 +543,7 @@ export class RunPanel {
     // Norms span decades: a log axis (a zero, e.g. a frozen step, leaves a gap rather than a linear axis).
     const positive = d.data.values.some((v) => v !== null && v > 0);
     d.chart.setOption(layerOption({ data: d.data, title: d.spec.title, range: this.app.range(),
-      pal: this.app.palette(), log: d.spec.log && positive, episodes: this.episodes() }), { notMerge: true });
+      width: plotWidth(d.el), pal: this.app.palette(), log: d.spec.log && positive, episodes: this.episodes() }), { notMerge: true });
   }
 
   async loadHistograms() {
@@ -542,12 +579,18 @@ export class RunPanel {
   destroy() {
     for (const slot of Object.values(this.slots)) if (slot.controller) slot.controller.abort();
     for (const t of Object.values(this.timers)) clearTimeout(t);
+    if (this.lossResize) this.lossResize.disconnect();
     if (this.lossChart) this.lossChart.dispose();
     this.heatmap.destroy();
     this.disposeDrill();
     clear(this.el);
     this.el.remove();
   }
+}
+
+/** The width in pixels of a step chart's plot inside `el` (a chart not laid out yet counts as a narrow one). */
+function plotWidth(el) {
+  return Math.max(200, el.clientWidth - GUTTER - RIGHT);
 }
 
 function legendItems([lo, hi], pal) {
