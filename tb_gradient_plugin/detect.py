@@ -1400,8 +1400,10 @@ def _val_episode(f: ValidationFinding) -> Episode:
     best_txt = (f"its best point was step {f.best_step} ({_fmt(f.best_value)})" if f.best_step is not None
                 else "there was no finite value before it")
     if f.cause == "nonfinite":
+        more = len(f.nonfinite_steps) - 1
         advice = [f"{what} was non-finite at step {f.worst_step}" +
-                  (f" (and {len(f.nonfinite_steps) - 1} more evaluation(s))" if len(f.nonfinite_steps) > 1 else "") +
+                  (f" and at the {more} evaluation{'s' if more > 1 else ''} after it in a row (through step "
+                   f"{f.nonfinite_steps[-1]})" if more else "") +
                   f"; {best_txt}. Check the evaluation (empty batches, log of 0, an overflow under mixed precision) "
                   "and the weights of that checkpoint."]
         return Episode("nonfinite", f.worst_step, f.nonfinite_steps[-1], f.worst_step, math.inf, [], None, advice,
