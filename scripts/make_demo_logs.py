@@ -96,6 +96,25 @@ def log_validation(torch, writer, model, step: int, x, y, classify: bool = False
             writer.add_scalar("val_loss", torch.nn.functional.mse_loss(out, y).item(), step)
 
 
+def supervised_loop(torch, model, opt, monitor, writer, train, val, steps: int, val_every: int, *,
+                    classify: bool = False, size: int = 64, raise_at: int | None = None) -> None:
+    """The plain training loop of the supervised demo runs, with the learning rate raised 100x at ``raise_at`` and a
+    validation pass every ``val_every`` steps (and at the last one)."""
+    loss_fn = torch.nn.functional.cross_entropy if classify else torch.nn.functional.mse_loss
+    for step in range(steps):
+        if raise_at is not None and step == raise_at:
+            for group in opt.param_groups:
+                group["lr"] *= 100
+        xb, yb = minibatch(torch, *train, step, size=size)
+        loss = loss_fn(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        monitor.log_loss(loss)
+        opt.step()
+        if step % val_every == 0 or step == steps - 1:
+            log_validation(torch, writer, model, step, *val, classify=classify)
+
+
 def train_mlp(out: str, steps: int, raise_at: int | None, val_every: int = 20, histograms_every: int = 10) -> None:
     torch = _torch()
     from torch.utils.tensorboard import SummaryWriter
@@ -109,18 +128,8 @@ def train_mlp(out: str, steps: int, raise_at: int | None, val_every: int = 20, h
     x_val, y_val = regression_data(torch, n=512, seed=5)
     writer = SummaryWriter(out)
     with GradientMonitor(model, opt, writer=writer, every=1, histograms_every=histograms_every) as monitor:
-        for step in range(steps):
-            if raise_at is not None and step == raise_at:
-                for group in opt.param_groups:
-                    group["lr"] *= 100
-            xb, yb = minibatch(torch, x, y, step)
-            loss = torch.nn.functional.mse_loss(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            monitor.log_loss(loss)
-            opt.step()
-            if step % val_every == 0 or step == steps - 1:
-                log_validation(torch, writer, model, step, x_val, y_val)
+        supervised_loop(torch, model, opt, monitor, writer, (x, y), (x_val, y_val), steps, val_every,
+                        raise_at=raise_at)
     writer.close()
 
 
@@ -144,15 +153,8 @@ def train_overfit(out: str, steps: int, val_every: int = 10) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     writer = SummaryWriter(out)
     with GradientMonitor(model, opt, writer=writer, every=1) as monitor:
-        for step in range(steps):
-            xb, yb = minibatch(torch, x, y, step, size=32)
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            monitor.log_loss(loss)
-            opt.step()
-            if step % val_every == 0 or step == steps - 1:
-                log_validation(torch, writer, model, step, x_val, y_val, classify=True)
+        supervised_loop(torch, model, opt, monitor, writer, (x, y), (x_val, y_val), steps, val_every, classify=True,
+                        size=32)
     writer.close()
 
 
