@@ -258,16 +258,20 @@ _URI = re.compile(r"[a-zA-Z][0-9a-zA-Z.]*://.*")
 class Backend:
     """The plugin's view of the logdir: a run store refreshed incrementally and a cache of finished responses.
 
-    TensorBoard serves requests on many threads: one lock makes a burst of requests cause at most one incremental
-    read per ``REFRESH_SECONDS`` (the others wait for it, then read the fresh data). The first read starts in the
-    background when TensorBoard loads the plugin, so a large logdir is being read before the tab is opened.
+    TensorBoard serves requests on many threads. A burst of requests causes at most one incremental read per
+    ``REFRESH_SECONDS``, done by the request that finds it due; while it reads, the other requests do not wait for
+    it: they are answered from the last complete state of each run, which the run store swaps in run by run as each
+    read finishes. Only the very first read of the logdir is waited for (there is nothing to answer from before it);
+    it starts in the background when TensorBoard loads the plugin, so a large logdir is being read before the tab is
+    opened.
     """
 
     def __init__(self, logdir: str | None, spec: dict[str, str] | None = None, *, reload: bool = True) -> None:
         self._logdir = logdir or ""
         self._spec = spec or None
         self._reload = reload
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the reports and the warm-up thread; never held during a read
+        self._refresh_lock = threading.Lock()  # held by the one thread reading the logdir
         self._store: Any = None
         self._refreshed_at = -math.inf
         self._loaded = threading.Event()
@@ -300,14 +304,19 @@ class Backend:
             except Exception:  # noqa: BLE001 - the request that needs it will report the error
                 logger.exception("gradients plugin: detection failed for run %r", name)
 
+    def _due(self) -> bool:
+        return not self._loaded.is_set() or (self._reload and time.monotonic() - self._refreshed_at >= REFRESH_SECONDS)
+
     def refresh(self) -> None:
-        """Read what is new in the logdir unless that was done less than ``REFRESH_SECONDS`` ago."""
+        """Read what is new in the logdir unless that was done less than ``REFRESH_SECONDS`` ago, or another thread is
+        reading it right now (then the caller goes on with the last complete state instead of waiting)."""
         if not self.configured:
             self._loaded.set()
             return
-        with self._lock:
-            now = time.monotonic()
-            if self._loaded.is_set() and (not self._reload or now - self._refreshed_at < REFRESH_SECONDS):
+        if not self._due() or not self._refresh_lock.acquire(blocking=not self._loaded.is_set()):
+            return
+        try:
+            if not self._due():  # the first read, done by another thread while this one waited for it
                 return
             try:
                 if self._store is None:
@@ -315,13 +324,15 @@ class Backend:
 
                     self._store = RunStore(self._logdir, spec=self._spec)
                 self._store.refresh()
-                self._active = any(_has_data(self._store.get(name)) for name in self._store.run_names())
+                self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
                 self._error = None
             except Exception as exc:  # noqa: BLE001 - a bad file must not take TensorBoard down
                 logger.exception("gradients plugin: reading the logdir failed")
                 self._error = f"reading the logdir failed: {exc}"
             self._refreshed_at = time.monotonic()
             self._loaded.set()
+        finally:
+            self._refresh_lock.release()
 
     def wait_loaded(self, timeout: float | None) -> bool:
         self.start()
@@ -339,19 +350,21 @@ class Backend:
 
     def runs(self) -> list[tuple[str, Any, int]]:
         """(name, RunData snapshot, version) of every run, in TensorBoard's order."""
-        with self._lock:
-            if self._store is None:
-                return []
-            return [(name, _snapshot(self._store.get(name)), self._store.version(name))
-                    for name in self._store.run_names()]
+        store = self._store
+        if store is None:
+            return []
+        return [(name, _snapshot(data), version) for name, data, version in store.snapshots()]
 
     def run(self, name: str) -> tuple[Any, int]:
         """A run's data and version, or 404. The name is only ever compared with known run names."""
-        with self._lock:
-            if self._store is None or name not in self._store.run_names():
-                raise HTTPError(404, f"no run named {name[:200]!r}")
-            return _snapshot(self._store.get(name)), self._store.version(name)
-
+        store = self._store
+        try:
+            if store is None:
+                raise KeyError(name)
+            data, version = store.snapshot(name)
+        except KeyError:
+            raise HTTPError(404, f"no run named {name[:200]!r}") from None
+        return _snapshot(data), version
 
     # ------------------------------------------------------------------------------------------------ detector reports
 
@@ -546,7 +559,14 @@ class GradientsPlugin(base_plugin.TBPlugin):
         run = _arg(request, "run")
         data, version = self._backend.run(run)
         report, seen = self._backend.report(run, data, version)
-        return self._cached(("episodes", run, seen), report.to_json)
+
+        def build() -> dict:
+            # As the auditor reports it: the run's own warnings (damaged or replaced files) first.
+            doc = report.to_json()
+            doc["warnings"] = list(data.warnings) + [w for w in doc["warnings"] if w not in data.warnings]
+            return doc
+
+        return self._cached(("episodes", run, version, seen), build)
 
     def _heatmap(self, request: wrappers.Request) -> bytes:
         run = _arg(request, "run")

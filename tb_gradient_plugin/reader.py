@@ -6,6 +6,10 @@ A TFRecord is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 mas
 * remembers how far it got and on the next call reads only the bytes appended since (a growing file);
 * treats an incomplete record at the end of the file as "not yet written" (it is retried, and reported only when the
   caller says the file is finished);
+* notices when a file it has read from was replaced or truncated under the same name (a job restarted into the same
+  directory, a copy tool rewriting it): the file is smaller than what was seen, or its first bytes (which hold the
+  wall time at which the file was created) differ, checked whenever it grew or its inode or modification time
+  changed. It then reads nothing and says so in :attr:`RecordReader.replaced`; the caller decides how to start over;
 * on a corrupt record reports the offset and the kind of damage, skips it (a record whose length checks out is skipped
   whole; a damaged length header is resynchronised by scanning forward for the next valid header), and keeps every
   intact record. It never allocates more than the bytes the file actually holds, and always makes progress.
@@ -59,6 +63,11 @@ REUSE_BUFFER_BYTES = 1024 * 1024
 MIN_BULK_RECORDS = 2
 #: Records of one block tried as its first record before the rest of the block takes the general path.
 MAX_TEMPLATE_TRIES = 3
+#: Leading bytes remembered to recognise a file later: the first record's header and the start of its event, whose
+#: first field is the wall time at which the file was created (two writers of the same file name differ there).
+HEAD_BYTES = 64
+#: fsspec ``info`` keys that change when a file is written (the first one a filesystem gives is used).
+_STAMP_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def masked_crc32c(data: bytes | memoryview) -> int:
@@ -107,7 +116,12 @@ class RecordReader:
         self.problems: list[Problem] = []
         self.bytes_read = 0
         self.has_more = False  # the last read stopped at its byte limit, not at the end of the file
+        #: Why the file is no longer the one read so far (replaced or truncated), or None.
+        self.replaced: str | None = None
         self._buffer: memoryview | None = None  # reused for big reads while a file is read in several calls
+        self._seen = 0  # the file's size at the last read
+        self._head = b""  # its first HEAD_BYTES bytes (fewer while it is shorter)
+        self._stamp: object = None  # what says the file was written to: (device, inode, mtime) or fsspec's mtime
 
     # ------------------------------------------------------------------------------------------------------- file io
 
@@ -116,16 +130,18 @@ class RecordReader:
             import fsspec
 
             fs, fpath = fsspec.core.url_to_fs(self.path)
-            size = fs.size(fpath)
+            info = fs.info(fpath)
+            stamp = next((str(info[key]) for key in _STAMP_KEYS if info.get(key) is not None), None)
 
             def read(offset: int, n: int) -> bytes:
                 with fs.open(fpath, "rb") as f:
                     f.seek(offset)
                     return f.read(n)
 
-            return size, read
+            return int(info["size"]), stamp, read
         local = _local(self.path)
-        size = os.stat(local).st_size
+        stat = os.stat(local)
+        size = stat.st_size
 
         def read(offset: int, n: int) -> bytes | memoryview:
             with open(local, "rb") as f:
@@ -138,7 +154,20 @@ class RecordReader:
                     self._buffer = memoryview(bytearray(CHUNK_BYTES))
                 return self._buffer[:f.readinto(self._buffer[:n])]
 
-        return size, read
+        return size, (stat.st_dev, stat.st_ino, stat.st_mtime_ns), read
+
+    def _check_same_file(self, size: int, stamp: object, read) -> str | None:
+        """Why the file at ``path`` is not the one read so far, or None.
+
+        The first bytes decide, not the inode or modification time: a tool that syncs a growing file by writing a
+        copy and renaming it over the old one (rsync) gives a new inode to the same content, which must go on from
+        where it was. Costs a small read only when the file grew or its stamp changed.
+        """
+        if size < self._seen:
+            return f"it shrank from {self._seen} to {size} bytes"
+        if self._head and (size > self._seen or stamp != self._stamp) and bytes(read(0, len(self._head))) != self._head:
+            return "its first bytes changed: it holds another file's content"
+        return None
 
     def read_chunks(self, max_bytes: int | None = None) -> Iterator[Chunk]:
         """Yield the complete, intact records appended since the last call, a chunk of the file at a time.
@@ -149,10 +178,20 @@ class RecordReader:
         call again to go on.
         """
         self.has_more = False
+        if self.replaced:
+            return
         try:
-            size, read = self._size_and_reader()
+            size, stamp, read = self._size_and_reader()
+            if self._seen:
+                self.replaced = self._check_same_file(size, stamp, read)
+                if self.replaced:
+                    return
+            if len(self._head) < min(size, HEAD_BYTES):
+                self._head = bytes(read(0, min(size, HEAD_BYTES)))
         except FileNotFoundError:
             return
+        self._stamp = stamp
+        self._seen = size
         start = self.offset
         chunk = CHUNK_BYTES if max_bytes is None else max(1, min(CHUNK_BYTES, max_bytes))
         while self.offset < size:
@@ -639,6 +678,11 @@ class EventFileReader:
     @property
     def problems(self) -> list[Problem]:
         return self.records.problems
+
+    @property
+    def replaced(self) -> str | None:
+        """Why the file is no longer the one read so far (see :attr:`RecordReader.replaced`), or None."""
+        return self.records.replaced
 
     def read(self, max_bytes: int | None = None) -> Batch:
         """Decode the complete records appended since the last call (about ``max_bytes`` of them at most).

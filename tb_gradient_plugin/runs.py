@@ -3,10 +3,13 @@
 A *run* is a directory holding event files, named by its path relative to the logdir (``"."`` for the logdir
 itself), as TensorBoard names runs. One exception: Keras' ``TensorBoard`` callback splits one training run into
 ``<run>/train`` and ``<run>/validation``; those two directories are read as the single run ``<run>`` (validation tags
-become validation series), because a loss spike and the validation loss it degrades belong to one report.
+become validation series), because a loss spike and the validation loss it degrades belong to one report. Where only
+our Keras callback wrote (``<run>/train`` alone, no Keras ``.v2`` file) the run keeps TensorBoard's name
+``<run>/train``; :func:`load_run` given ``<run>`` reads it all the same.
 
 Every event file is read once, and afterwards only the bytes appended to it (one :class:`EventFileReader` per file,
-one shared ``layouts`` dict per run), so the plugin can poll live runs cheaply. Runs written by other tools are
+one shared ``layouts`` dict per run), so the plugin can poll live runs cheaply. A file replaced or truncated under
+its name makes its run be read again from the start (see :meth:`_Run.read`). Runs written by other tools are
 mapped onto our series by :func:`map_tag` (the table is documented in ``docs/TAG_MAPPING.md``); tags it does not
 recognise are listed in :attr:`RunData.unknown_tags`, never guessed at.
 """
@@ -591,12 +594,33 @@ def _fold(params: list[tuple[str, Series]], fold: str, order: list[str]) -> tupl
 # ------------------------------------------------------------------------------------------------------ one run
 
 
+class _Replaced(Exception):
+    """A file of the run was replaced or truncated under its name: what was read from it is no longer its content."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(why)
+        self.path = path
+        self.why = why
+
+
+#: Times one read starts a run over because a file was replaced; past it the rest waits for the next read.
+MAX_RESTARTS = 3
+
+
 class _Run:
     """Readers and accumulated values of one run; assembled into a :class:`RunData` on demand (cached)."""
 
     def __init__(self, name: str, path: str) -> None:
         self.name = name
         self.path = path
+        self.lightning_hparams = False
+        self.failure: str | None = None  # why the last read failed, if it did
+        self.notices: list[str] = []  # files read again from the start: kept across restarts
+        self.version = 0
+        self._clear()
+
+    def _clear(self, files: Iterable[tuple[str, str]] = ()) -> None:
+        """Forget everything read (fresh readers for ``files``); the version keeps counting up."""
         self.readers: dict[str, tuple[EventFileReader, str]] = {}
         self.finished: set[str] = set()
         self.layouts: dict[str, tuple[str, ...]] = {}
@@ -604,13 +628,12 @@ class _Run:
         self.scalars: dict[tuple[str, str], _ScalarAcc] = {}
         self.other_tags: dict[tuple[str, str], None] = {}
         self.tf2_files = False
-        self.lightning_hparams = False
         self.events = 0
-        self.failure: str | None = None  # why the last read failed, if it did
         self.first_wall_time: float | None = None
-        self.version = 0
         self.problem_count = 0
         self.cache: RunData | None = None
+        for path, role in files:
+            self.add_file(path, role)
 
     def add_file(self, path: str, role: str) -> None:
         if path not in self.readers:
@@ -627,15 +650,42 @@ class _Run:
         return True
 
     def read(self, finished: Iterable[str] = ()) -> bool:
-        """Read new bytes of every file; ``finished`` files are read to the end and their truncated tail reported."""
-        changed = False
+        """Read new bytes of every file; ``finished`` files are read to the end and their truncated tail reported.
+
+        A file replaced or truncated under its name makes the whole run be read again from the start, every file in
+        the usual order: the values of several files at the same steps are resolved in file order, which only a read
+        of all of them in that order gets right, and nothing of the file's old content survives (no double counting,
+        no stale value at a step the new content also holds). The run's warnings say which file and why.
+        """
         done = set(finished)
+        changed = False
+        for _ in range(MAX_RESTARTS + 1):
+            try:
+                changed |= self._read_files(done)
+                break
+            except _Replaced as exc:
+                self._restart(exc)
+                changed = True
+        if changed:
+            self.version += 1
+            self.cache = None
+        return changed
+
+    def _restart(self, replaced: _Replaced) -> None:
+        self.notices.append(f"{self._relative(replaced.path)}: read again from the start, the file was replaced or "
+                            f"truncated ({replaced.why})")
+        self._clear([(path, role) for path, (_, role) in self.readers.items()])
+
+    def _read_files(self, done: set[str]) -> bool:
+        changed = False
         for path in sorted(self.readers):
             reader, role = self.readers[path]
             batch = None
             while batch is None or batch.has_more:
                 start = reader.records.offset
                 batch = reader.read(max_bytes=READ_BATCH_BYTES)
+                if reader.replaced:
+                    raise _Replaced(path, reader.replaced)
                 if batch.events:
                     changed = True
                     self.events += batch.events
@@ -660,9 +710,6 @@ class _Run:
         if problems != self.problem_count:
             self.problem_count = problems
             changed = True
-        if changed:
-            self.version += 1
-            self.cache = None
         return changed
 
     def _acc(self, key: tuple[str, str]) -> _ScalarAcc:
@@ -725,6 +772,7 @@ class _Run:
             self._fold_layers(run, param_tags)
         run.unknown_tags = sorted(set(unknown))
         run.source = OURS if ours else self._source(tools)
+        run.warnings.extend(self.notices)
         for reader, _ in self.readers.values():
             run.warnings.extend(self._warning(p) for p in reader.problems)
         if self.readers and not self.events:
@@ -734,8 +782,10 @@ class _Run:
         return run
 
     def _warning(self, problem) -> str:
-        rel = problem.path[len(self.path):].lstrip("/\\") if problem.path.startswith(self.path) else problem.path
-        return f"{rel}@{problem.offset}: {problem.message}"
+        return f"{self._relative(problem.path)}@{problem.offset}: {problem.message}"
+
+    def _relative(self, path: str) -> str:
+        return path[len(self.path):].lstrip("/\\") if path.startswith(self.path) else path
 
     @staticmethod
     def _hint(tag: str, tools: dict[str, int]) -> None:
@@ -905,12 +955,14 @@ def _has_lightning_hparams(run_dir: str) -> bool:
 def load_run(path: str, name: str | None = None) -> RunData:
     """Read one run directory once, to the end (its files are complete: a truncated tail is reported).
 
-    A Keras run's ``train/`` and ``validation/`` subdirectories are part of the run.
+    A Keras run's ``train/`` and ``validation/`` subdirectories are part of the run: always when Keras' own
+    ``TensorBoard`` callback wrote there (its ``.v2`` files), and also when ``path`` holds no event file of its own,
+    so that the ``log_dir`` given to our Keras callback (which writes into ``log_dir/train``) reads as its run.
     """
     _check_exists(path)
     dirs = _list_event_dirs(path)
     files: list[tuple[str, str]] = [(f, "main") for f in sorted(dirs.get(".", []))]
-    if "." in _keras_parents(dirs):
+    if "." in _keras_parents(dirs) or (not files and any(sub in dirs for sub in _KERAS_SPLITS)):
         for sub, role in _KERAS_SPLITS.items():
             files.extend((f, role) for f in sorted(dirs.get(sub, [])))
     if name is None:
@@ -934,18 +986,24 @@ def _natural_key(path: str) -> list:
 class RunStore:
     """All runs under a logdir (or a TensorBoard ``logdir_spec``), kept up to date by :meth:`refresh`.
 
-    Thread-safe: the plugin refreshes from one thread while request threads call :meth:`get`.
+    Thread-safe, and readers never wait for a read: :meth:`refresh` reads outside the lock that :meth:`get` and
+    :meth:`snapshot` take, and publishes each run's new :class:`RunData` (assembled, complete) in one swap once that
+    run's read is done. So a request is answered from the last complete state of every run while a large read is in
+    progress, and never sees a run half updated. One refresh reads at a time (a second one waits for it, then reads
+    only what is still new), so no byte is read twice.
     """
 
     def __init__(self, logdir: str, *, spec: dict[str, str] | None = None) -> None:
         self.logdir = logdir
         self._roots: list[tuple[str, str]] = list(spec.items()) if spec else [("", logdir)]
-        self._runs: dict[str, _Run] = {}
-        self._lock = threading.RLock()
+        self._runs: dict[str, _Run] = {}  # reading state: only touched while holding _read_lock
+        self._published: dict[str, tuple[RunData, int]] = {}
+        self._read_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def refresh(self) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed."""
-        with self._lock:
+        with self._read_lock:
             changed = False
             for prefix, root in self._roots:
                 for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items():
@@ -954,13 +1012,17 @@ class RunStore:
                     if run is None:
                         run = self._runs[full] = _Run(full, run_dir)
                         run.lightning_hparams = _has_lightning_hparams(run_dir)
-                        changed = True
                     for f, role in files:
                         run.add_file(f, role)
                     try:
-                        changed |= run.read(finished=self._finished(files))
+                        run_changed = run.read(finished=self._finished(files))
                     except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
-                        changed |= run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
+                        run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
+                    if run_changed or full not in self._published:
+                        data = run.data()
+                        with self._lock:
+                            self._published[full] = (data, run.version)
+                        changed = True
             return changed
 
     @staticmethod
@@ -973,18 +1035,23 @@ class RunStore:
 
     def run_names(self) -> list[str]:
         with self._lock:
-            return sorted(self._runs)
+            return sorted(self._published)
+
+    def snapshot(self, run: str) -> tuple[RunData, int]:
+        """The run's arrays and their version, taken together (so a cache keyed on the version never holds older
+        data). KeyError for an unknown run name."""
+        with self._lock:
+            return self._published[run]
+
+    def snapshots(self) -> list[tuple[str, RunData, int]]:
+        """(name, arrays, version) of every run, sorted by name, all from one moment."""
+        with self._lock:
+            return [(name, *self._published[name]) for name in sorted(self._published)]
 
     def get(self, run: str) -> RunData:
-        """The run's arrays (cached until its data changes). KeyError for an unknown run name."""
-        with self._lock:
-            if run not in self._runs:
-                raise KeyError(run)
-            return self._runs[run].data()
+        """The run's arrays as last published. KeyError for an unknown run name."""
+        return self.snapshot(run)[0]
 
     def version(self, run: str) -> int:
         """Increases whenever the run's data changes: a cache key for anything derived from it."""
-        with self._lock:
-            if run not in self._runs:
-                raise KeyError(run)
-            return self._runs[run].version
+        return self.snapshot(run)[1]

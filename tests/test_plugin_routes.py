@@ -413,6 +413,32 @@ def test_new_steps_appear_without_restart(tmp_path):
         writer.close()
 
 
+def test_a_run_restarted_into_the_same_file_name_is_shown_as_it_is_now(tmp_path):
+    """A job restarted into the same directory rewrites its event file under the same name: the tab shows the new
+    content only (nothing of the old one), and the run's warnings say that the file was read again."""
+    _write_spiky(tmp_path / "scratch", n=2500, seed=3)
+    _write_spiky(tmp_path / "job", n=300, seed=4)
+    (live,) = (tmp_path / "job").iterdir()
+    client = _client(tmp_path / "job")[0]
+    _, before, _ = _get(client, "runs")
+    assert [(r["run"], r["steps"]) for r in before["runs"]] == [(".", 300)]
+    (restarted,) = (tmp_path / "scratch").iterdir()
+    live.write_bytes(restarted.read_bytes())
+    time.sleep(plugin.REFRESH_SECONDS + 0.1)
+    _, after, _ = _get(client, "runs")
+    assert after["runs"][0]["steps"] == 2500 and after["runs"][0]["version"] > before["runs"][0]["version"]
+    _, heat, _ = _get(client, "heatmap", run=".", bins=2000)
+    assert heat["bin_end"][-1] == 2499
+    deadline = time.monotonic() + 30
+    while _get(client, "runs")[1]["runs"][0]["episodes_version"] < after["runs"][0]["version"]:
+        assert time.monotonic() < deadline, "episodes never caught up with the data"
+        time.sleep(0.2)
+    _, rep, _ = _get(client, "episodes", run=".")
+    assert any(live.name in w and "read again from the start" in w for w in rep["warnings"]), rep["warnings"]
+    assert rep == json.loads(json.dumps(detect.detect(load_run(str(tmp_path / "job"), ".")).to_json())) | {
+        "warnings": rep["warnings"]}
+
+
 def test_logdir_spec_names_runs_like_tensorboard(tmp_path):
     _write_spiky(tmp_path / "a" / "r1", n=50)
     _write_spiky(tmp_path / "b", n=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -555,3 +556,81 @@ def test_newest_file_is_chosen_by_number_not_by_text():
     """``....10`` is newer than ``....9``: only the older file counts as finished (a truncated tail is reported)."""
     older, newer = "d/events.out.tfevents.1700000000.h.42.9", "d/events.out.tfevents.1700000000.h.42.10"
     assert RunStore._finished([(newer, "main"), (older, "main")]) == [older]
+
+
+# ------------------------------------------------------------------------------------------------ Keras layouts
+
+
+KERAS_MONITOR_ONLY = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+    from tb_gradient_plugin.keras import GradientMonitorCallback
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(128, 4)).astype("float32")
+    y = (x @ np.random.normal(size=(4, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.fit(x, y, epochs=2, batch_size=32, validation_split=0.25, verbose=0,
+              callbacks=[GradientMonitorCallback(sys.argv[1])])
+""")
+
+
+@pytest.mark.slow
+def test_keras_log_dir_written_by_our_callback_alone(tmp_path):
+    """Only our Keras callback ran (no Keras ``TensorBoard``): it wrote ``log_dir/train``. ``load_run(log_dir)`` is
+    that run; the logdir's run list, the plugin and the auditor name it ``train``, as TensorBoard does."""
+    log_dir = tmp_path / "exp"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", KERAS_MONITOR_ONLY, str(log_dir)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.parent.name for p in tfevents(log_dir)] == ["train"]
+
+    run = load_run(str(log_dir))
+    assert run.name == "exp" and run.source == "tb_gradient_plugin"
+    assert run.layers == ["hidden", "out"] and len(run.steps) == 2 * 3  # 96 training samples, batches of 32
+    assert "loss" in run.series and not run.warnings
+    inner = load_run(str(log_dir / "train"))
+    np.testing.assert_array_equal(run.layer_metrics["grad_norm"], inner.layer_metrics["grad_norm"])
+
+    assert find_runs(str(log_dir)) == [("train", str(log_dir / "train"))]
+    assert [name for name, _ in find_runs(str(tmp_path))] == ["exp/train"]
+    store = RunStore(str(log_dir))
+    store.refresh()
+    assert store.run_names() == ["train"]
+    np.testing.assert_array_equal(store.get("train").layer_metrics["grad_norm"], run.layer_metrics["grad_norm"])
+
+    exe = Path(sys.executable).with_name("tb-gradient")
+    proc = subprocess.run([str(exe), "audit", "--json", str(log_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [(r["run"], r["steps"]) for r in doc["runs"]] == [("train", 6)]
+
+
+def test_keras_layouts_load_run_reads_the_log_dir_it_was_given(tmp_path):
+    """The directories our Keras callback and Keras' own callback write, without training (see the slow test)."""
+    ours = tmp_path / "ours"
+    write_run(ours / "train", range(20))
+    run = load_run(str(ours))
+    assert run.steps.tolist() == list(range(20)) and run.layers == LAYERS
+    assert find_runs(str(ours)) == [("train", str(ours / "train"))]  # TensorBoard's name for it
+
+    # A directory with event files of its own is a run by itself: a train/ beside them (not Keras') is another run.
+    mixed = tmp_path / "mixed"
+    write_run(mixed, range(5))
+    write_run(mixed / "train", range(100, 130))
+    assert load_run(str(mixed)).steps.tolist() == list(range(5))
+    assert [name for name, _ in find_runs(str(mixed))] == [".", "train"]
+
+    # Keras' TensorBoard callback also ran (its .v2 files): train/ and validation/ are one run under the parent.
+    both = tmp_path / "both"
+    write_run(both / "train", range(10))
+    (both / "validation").mkdir()
+    shutil.copy(tfevents(both / "train")[0], both / "validation" / "events.out.tfevents.1.host.1.v2")
+    assert find_runs(str(both)) == [(".", str(both))]
+    assert load_run(str(both)).steps.tolist() == list(range(10))
