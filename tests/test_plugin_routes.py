@@ -404,13 +404,18 @@ def test_new_steps_appear_without_restart(tmp_path):
         _, heat, _ = _get(client, "heatmap", run="live", bins=2000)
         assert heat["bin_end"][-1] == 249
         # The detector catches up in the background; meanwhile the last report is served, never an error.
-        deadline = time.monotonic() + 30
-        while _get(client, "runs")[1]["runs"][0]["episodes_version"] < second["runs"][0]["version"]:
-            assert time.monotonic() < deadline, "episodes never caught up with the data"
-            time.sleep(0.2)
+        _wait_for_episodes(client, second["runs"][0]["version"])
         assert _get(client, "episodes", run="live")[1]["steps"] == 250
     finally:
         writer.close()
+
+
+def _wait_for_episodes(client, version: int, timeout: float = 30.0) -> None:
+    """Until the first run's episodes are judged on data ``version`` (the detector runs in the background)."""
+    deadline = time.monotonic() + timeout
+    while _get(client, "runs")[1]["runs"][0]["episodes_version"] < version:
+        assert time.monotonic() < deadline, "episodes never caught up with the data"
+        time.sleep(0.2)
 
 
 def test_a_run_restarted_into_the_same_file_name_is_shown_as_it_is_now(tmp_path):
@@ -429,10 +434,7 @@ def test_a_run_restarted_into_the_same_file_name_is_shown_as_it_is_now(tmp_path)
     assert after["runs"][0]["steps"] == 2500 and after["runs"][0]["version"] > before["runs"][0]["version"]
     _, heat, _ = _get(client, "heatmap", run=".", bins=2000)
     assert heat["bin_end"][-1] == 2499
-    deadline = time.monotonic() + 30
-    while _get(client, "runs")[1]["runs"][0]["episodes_version"] < after["runs"][0]["version"]:
-        assert time.monotonic() < deadline, "episodes never caught up with the data"
-        time.sleep(0.2)
+    _wait_for_episodes(client, after["runs"][0]["version"])
     _, rep, _ = _get(client, "episodes", run=".")
     assert any(live.name in w and "read again from the start" in w for w in rep["warnings"]), rep["warnings"]
     assert rep == json.loads(json.dumps(detect.detect(load_run(str(tmp_path / "job"), ".")).to_json())) | {
