@@ -220,8 +220,12 @@ def _base_records() -> tuple[bytes, ...]:
         return tuple(_records(_our_run(tmp, range(60), layers=LAYERS[:3])))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+#: 300 examples in CI; a longer run: TB_GRADIENT_FUZZ_EXAMPLES=20000 pytest tests/test_reader_bulk.py -k byte_change
+BYTE_CHANGE_EXAMPLES = int(os.environ.get("TB_GRADIENT_FUZZ_EXAMPLES", "300"))
+
+
+@settings(max_examples=BYTE_CHANGE_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_byte_change_in_any_record_decodes_as_protobuf_does(tmp_path, data):
     """Bytes changed inside records (framing kept valid): bulk decoding still equals protobuf, whatever the bytes
