@@ -48,6 +48,10 @@ MAX_HIST_STEPS = 2000
 STEP_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr")
 #: A burst of requests triggers at most one incremental read of the logdir per this many seconds.
 REFRESH_SECONDS = 1.0
+#: During the first read of the logdir, the run list waits this long, then answers with the runs read so far.
+FIRST_ANSWER_SECONDS = 1.0
+#: A request for one run waits at most this long for the first read to reach that run.
+FIRST_LOAD_SECONDS = 120.0
 CACHE_BYTES = 256 * 1024 * 1024
 #: File types served from ``static/`` and their MIME types (anything else there is not served).
 STATIC_TYPES = {
@@ -261,9 +265,9 @@ class Backend:
     TensorBoard serves requests on many threads. A burst of requests causes at most one incremental read per
     ``REFRESH_SECONDS``, done by the request that finds it due; while it reads, the other requests do not wait for
     it: they are answered from the last complete state of each run, which the run store swaps in run by run as each
-    read finishes. Only the very first read of the logdir is waited for (there is nothing to answer from before it);
-    it starts in the background when TensorBoard loads the plugin, so a large logdir is being read before the tab is
-    opened.
+    read finishes. The very first read starts in the background when TensorBoard loads the plugin, so a large logdir
+    is being read before the tab is opened; while it runs, the run list answers with the runs read so far (marked
+    ``loading``) and a request for one run waits only until that run is read.
     """
 
     def __init__(self, logdir: str | None, spec: dict[str, str] | None = None, *, reload: bool = True) -> None:
@@ -356,15 +360,22 @@ class Backend:
         return [(name, _snapshot(data), version) for name, data, version in store.snapshots()]
 
     def run(self, name: str) -> tuple[Any, int]:
-        """A run's data and version, or 404. The name is only ever compared with known run names."""
+        """A run's data and version, or 404. The name is only ever compared with known run names. During the first
+        read of the logdir, a run not read yet is waited for."""
+        found = self._published(name)
+        if found is None and not self._loaded.is_set():
+            self.wait_loaded(FIRST_LOAD_SECONDS)
+            found = self._published(name)
+        if found is None:
+            raise HTTPError(404, f"no run named {name[:200]!r}")
+        return _snapshot(found[0]), found[1]
+
+    def _published(self, name: str) -> tuple[Any, int] | None:
         store = self._store
         try:
-            if store is None:
-                raise KeyError(name)
-            data, version = store.snapshot(name)
+            return None if store is None else store.snapshot(name)
         except KeyError:
-            raise HTTPError(404, f"no run named {name[:200]!r}") from None
-        return _snapshot(data), version
+            return None
 
     # ------------------------------------------------------------------------------------------------ detector reports
 
@@ -495,8 +506,10 @@ class GradientsPlugin(base_plugin.TBPlugin):
         @wrappers.Request.application
         def app(request: wrappers.Request) -> wrappers.Response:
             try:
-                self._backend.wait_loaded(timeout=120.0)
-                self._backend.refresh()
+                # While the first read runs, routes answer from the runs it has read (see Backend); after it, the
+                # request that finds a read due does it.
+                if self._backend.wait_loaded(timeout=0):
+                    self._backend.refresh()
                 body = handler(request)
             except HTTPError as err:
                 return http_util.Respond(request, {"error": err.message}, "application/json", code=err.code)
@@ -520,6 +533,8 @@ class GradientsPlugin(base_plugin.TBPlugin):
     # ------------------------------------------------------------------------------------------------------ routes
 
     def _runs(self, request: wrappers.Request) -> bytes:
+        # A small logdir is read within this wait and listed whole; a large one is listed as far as it is read.
+        loading = not self._backend.wait_loaded(FIRST_ANSWER_SECONDS)
         entries = []
         for name, data, version in self._backend.runs():
             report, seen = self._backend.report(name, data, version)
@@ -538,7 +553,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "version": int(version),
                 "episodes_version": int(seen),
             })
-        doc = {"runs": entries, "loading": not self._backend.wait_loaded(0)}
+        doc = {"runs": entries, "loading": loading}
         if self._backend.error:
             doc["error"] = self._backend.error
         return gzip.compress(to_json(doc), compresslevel=1, mtime=0)

@@ -185,12 +185,13 @@ class _GatedFile(io.BytesIO):
     """A file whose reads wait while the filesystem's gate is closed: a read in progress, held as long as a test
     needs (a slow network filesystem, a huge file), without timing guesses."""
 
-    def __init__(self, data: bytes, fs: GatedMemoryFileSystem) -> None:
+    def __init__(self, data: bytes, fs: GatedMemoryFileSystem, path: str) -> None:
         super().__init__(data)
         self._fs = fs
+        self._held = fs.hold_only is None or fs.hold_only in path
 
     def read(self, n: int | None = -1) -> bytes:
-        if not self._fs.gate.is_set():
+        if self._held and not self._fs.gate.is_set():
             self._fs.waiting.set()
             assert self._fs.gate.wait(timeout=60), "the test never opened the gate"
         with self._fs.count_lock:
@@ -204,6 +205,7 @@ class GatedMemoryFileSystem(MemoryFileSystem):
     pseudo_dirs = [""]
     gate = threading.Event()
     waiting = threading.Event()
+    hold_only: str | None = None  # a closed gate holds only the files whose path contains this (None: all)
     count_lock = threading.Lock()
     reads = 0
 
@@ -214,7 +216,7 @@ class GatedMemoryFileSystem(MemoryFileSystem):
     def _open(self, path, mode="rb", **kwargs):
         f = super()._open(path, mode, **kwargs)
         if "r" in mode:
-            return _GatedFile(f.getvalue(), self)
+            return _GatedFile(f.getvalue(), self, path)
         return f
 
 
@@ -227,11 +229,13 @@ def gated(tmp_path):
     fs = fsspec.filesystem("gatedmem")
     GatedMemoryFileSystem.gate.set()
     GatedMemoryFileSystem.waiting.clear()
+    GatedMemoryFileSystem.hold_only = None
     fs.pipe("/logs/small/events.out.tfevents.1000.host.1", event_bytes(tmp_path, range(0, 50), 1.0))
     layers = [f"layer{i}" for i in range(40)]
     fs.pipe("/logs/big/events.out.tfevents.1000.host.1", event_bytes(tmp_path, range(0, 600), 1.0, layers))
     yield fs, layers
     GatedMemoryFileSystem.gate.set()
+    GatedMemoryFileSystem.hold_only = None
     fs.rm("/logs", recursive=True)
 
 
@@ -299,6 +303,38 @@ def test_routes_answer_from_the_last_state_while_a_big_read_is_in_progress(gated
     assert runs()["big"]["version"] > first["big"]["version"]
     store_data, _ = instance._backend.run("big")
     assert_same_run(store_data, load_run("gatedmem://logs/big"))
+
+
+def test_during_the_first_read_runs_lists_what_is_read_and_a_read_run_answers(gated):
+    """A logdir whose first read is slow (a network filesystem, many large runs): the run list shows the runs read so
+    far, marked loading, and the tab can open one of them; a run not read yet is waited for, not a 404."""
+    import json
+
+    _hold_next_read()
+    GatedMemoryFileSystem.hold_only = "/small/"  # runs are read in name order: "big" is read, then "small" is held
+    context = base_plugin.TBContext(logdir="gatedmem://logs", flags=Namespace(logdir_spec="", reload_interval=5.0))
+    instance = plugin.GradientsLoader().load(context)
+    client = Client(application.TensorBoardWSGI([instance]))
+    assert GatedMemoryFileSystem.waiting.wait(timeout=30), "the first read never reached the held run"
+    try:
+        asker, answer = _in_thread(client.get, "/data/plugin/gradients/runs")
+        asker.join(timeout=plugin.FIRST_ANSWER_SECONDS + 10)
+        assert not asker.is_alive(), "the runs route waited for the whole first read"
+        doc = json.loads(answer["value"].get_data())
+        assert doc["loading"] is True
+        assert [r["run"] for r in doc["runs"]] == ["big"] and doc["runs"][0]["steps"] == 600
+        resp = client.get("/data/plugin/gradients/episodes?run=big")
+        assert resp.status_code == 200 and json.loads(resp.get_data())["steps"] == 600
+        waiter, waited = _in_thread(client.get, "/data/plugin/gradients/episodes?run=small")
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive(), "a run not read yet was answered before its read"
+    finally:
+        GatedMemoryFileSystem.gate.set()
+    waiter.join(timeout=60)
+    assert waited["value"].status_code == 200 and json.loads(waited["value"].get_data())["steps"] == 50
+    doc = json.loads(client.get("/data/plugin/gradients/runs").get_data())
+    assert doc["loading"] is False and [r["run"] for r in doc["runs"]] == ["big", "small"]
+    assert client.get("/data/plugin/gradients/episodes?run=nope").status_code == 404
 
 
 def test_concurrent_refreshes_read_each_byte_once_and_equal_a_single_threaded_read(gated, tmp_path):

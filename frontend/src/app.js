@@ -81,9 +81,12 @@ export class App {
     this.polling = true;
     try {
       const answer = await getJson("runs");
-      this.status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
-      this.status.classList.remove("error");
       this.loading = Boolean(answer.loading);
+      const count = answer.runs.length;
+      this.status.textContent = this.loading
+        ? `Reading the logdir… ${count} run${count === 1 ? "" : "s"} so far`
+        : `Updated ${new Date().toLocaleTimeString()}`;
+      this.status.classList.remove("error");
       await this.updateRuns(answer.runs, first);
       if (answer.error) this.status.textContent = `TensorBoard could not read the logdir: ${answer.error}`;
       // While the backend is still reading the logdir, look again soon instead of at the next reload.
