@@ -95,6 +95,8 @@ class TensorBoardServer:
                 proc.wait(10)
         if self._reader is not None:
             self._reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     def __enter__(self) -> TensorBoardServer:
         try:

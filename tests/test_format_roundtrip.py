@@ -194,13 +194,12 @@ def test_periodic_flush_survives_sigkill(tmp_path):
         "print('written', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "written"
-        time.sleep(1.0)  # several flush intervals
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "written"
+            time.sleep(1.0)  # several flush intervals
+        finally:
+            proc.kill()
     steps = [r.step for r in EventFileReader(_event_file(tmp_path)).read().layer_records]
     assert steps == list(range(20))
 

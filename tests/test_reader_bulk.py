@@ -9,6 +9,7 @@ import math
 import os
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -101,7 +102,7 @@ def test_our_files_are_bulk_decoded_exactly(tmp_path):
 def test_bounded_batches_and_growing_files_agree(tmp_path):
     path = _our_run(tmp_path / "src", range(400))
     _same(path, max_bytes=5000)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     grow = tmp_path / "events.out.tfevents.1.grow"
     general, bulk = EventFileReader(str(grow), bulk=False), EventFileReader(str(grow))
     seen: dict[bool, list] = {False: [], True: []}
@@ -291,7 +292,7 @@ def test_long_runs_of_equal_records_with_damage_far_in(tmp_path):
     with GradientWriter(tmp_path / "src") as w:
         for step in range(200, 3200):
             w.write(step, ["a", "b"], grad_norm=np.array([step, -step], dtype=np.float32))
-    data = bytearray(open(_only_file(tmp_path / "src"), "rb").read())
+    data = bytearray(Path(_only_file(tmp_path / "src")).read_bytes())
     offsets = [off for off, _ in RecordReader(_only_file(tmp_path / "src")).read_records()]
     header_hit, payload_hit = offsets[1 + 1800], offsets[1 + 2500]  # record 0 is the file_version event
     data[header_hit + 3] ^= 0x40

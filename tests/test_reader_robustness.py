@@ -6,6 +6,7 @@ import glob
 import itertools
 import os
 import struct
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -39,7 +40,7 @@ def valid_file(tmp_path_factory) -> bytes:
 
 
 def test_growing_file_is_read_incrementally(tmp_path):
-    full = open(_write_run(tmp_path / "src"), "rb").read()
+    full = Path(_write_run(tmp_path / "src")).read_bytes()
     grow = tmp_path / "events.out.tfevents.1.growing"
     reader = EventFileReader(str(grow))
     seen: list[int] = []
@@ -60,7 +61,7 @@ def test_growing_file_is_read_incrementally(tmp_path):
 
 def test_truncated_tail_is_pending_until_finished(tmp_path):
     path = _write_run(tmp_path)
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     with open(path, "wb") as f:
         f.write(data[:-7])
     reader = EventFileReader(path)
@@ -73,7 +74,7 @@ def test_truncated_tail_is_pending_until_finished(tmp_path):
 @pytest.mark.parametrize("where", ["length", "length_crc", "payload", "footer"])
 def test_bit_flip_loses_only_the_damaged_record(tmp_path, where):
     path = _write_run(tmp_path)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     # locate record 10 (file_version event is record 0, step s is record s + 1)
     offsets = [off for off, _ in RecordReader(path).read_records()]
     start = offsets[11]
@@ -81,7 +82,7 @@ def test_bit_flip_loses_only_the_damaged_record(tmp_path, where):
     pos = {"length": start + 2, "length_crc": start + 9, "payload": start + 12 + length // 2,
            "footer": start + 12 + length + 1}[where]
     data[pos] ^= 0x10
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     reader = EventFileReader(path)
     steps = _steps(reader.read())
     assert steps == [s for s in range(40) if s != 10]
@@ -94,7 +95,7 @@ def test_hostile_length_field_allocates_nothing(tmp_path):
     path = tmp_path / "events.out.tfevents.hostile"
     header = struct.pack("<Q", 2**62)
     blob = header + struct.pack("<I", masked_crc32c(header)) + b"x" * 64
-    path.write_bytes(blob + open(_write_run(tmp_path / "ok", steps=3), "rb").read())
+    path.write_bytes(blob + Path(_write_run(tmp_path / "ok", steps=3)).read_bytes())
     reader = EventFileReader(str(path))
     assert _steps(reader.read()) == [0, 1, 2]
     assert reader.problems[0].kind == "oversized_record"
@@ -102,7 +103,7 @@ def test_hostile_length_field_allocates_nothing(tmp_path):
 
 
 def test_garbage_between_records_is_skipped(tmp_path):
-    good = open(_write_run(tmp_path / "a", steps=5), "rb").read()
+    good = Path(_write_run(tmp_path / "a", steps=5)).read_bytes()
     path = tmp_path / "events.out.tfevents.mixed"
     path.write_bytes(good + os.urandom(5000) + good)
     reader = EventFileReader(str(path))
@@ -113,7 +114,7 @@ def test_garbage_between_records_is_skipped(tmp_path):
 def test_unparseable_event_and_lost_layout_are_reported(tmp_path):
     """A record with valid CRCs but a bad proto is reported; values whose layer list was lost are dropped."""
     path = _write_run(tmp_path, steps=5)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     offsets = [off for off, _ in RecordReader(path).read_records()]
     # replace record 1 (step 0, which defines the layout) with garbage that passes both CRCs
     start, end = offsets[1], offsets[2]
@@ -121,7 +122,7 @@ def test_unparseable_event_and_lost_layout_are_reported(tmp_path):
     header = struct.pack("<Q", len(payload))
     rec = header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
     data[start:end] = rec
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     reader = EventFileReader(path)
     batch = reader.read()
     kinds = [p.kind for p in reader.problems]
@@ -131,7 +132,7 @@ def test_unparseable_event_and_lost_layout_are_reported(tmp_path):
 
 
 def test_reads_fsspec_urls(tmp_path):
-    data = open(_write_run(tmp_path, steps=6), "rb").read()
+    data = Path(_write_run(tmp_path, steps=6)).read_bytes()
     fs = fsspec.filesystem("memory")
     fs.pipe("/run1/events.out.tfevents.1.host", data[:300])
     reader = EventFileReader("memory://run1/events.out.tfevents.1.host")

@@ -54,14 +54,18 @@ def test_rust_data_server_lists_our_tensors(tmp_path):
         channel_creds_type=grpc_util.ChannelCredsType.LOCAL,
     )
     ingester.start()
-    provider = ingester.data_provider
-    ctx = context.RequestContext()
-    deadline = time.monotonic() + 60
-    tensors: dict = {}
-    while time.monotonic() < deadline:
-        tensors = provider.list_tensors(ctx, experiment_id="", plugin_name=fmt.PLUGIN_NAME)
-        scalars = provider.list_scalars(ctx, experiment_id="", plugin_name="scalars")
-        if tensors.get("run_a") and scalars.get("run_a"):
-            break
-        time.sleep(0.5)
-    _check(tensors, scalars)
+    try:
+        provider = ingester.data_provider
+        ctx = context.RequestContext()
+        deadline = time.monotonic() + 60
+        tensors: dict = {}
+        while time.monotonic() < deadline:
+            tensors = provider.list_tensors(ctx, experiment_id="", plugin_name=fmt.PLUGIN_NAME)
+            scalars = provider.list_scalars(ctx, experiment_id="", plugin_name="scalars")
+            if tensors.get("run_a") and scalars.get("run_a"):
+                break
+            time.sleep(0.5)
+        _check(tensors, scalars)
+    finally:
+        # The server runs with --die-after-stdin: closing the pipe TensorBoard keeps open for it stops it.
+        ingester._stdin_handle.close()
