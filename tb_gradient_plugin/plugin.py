@@ -343,8 +343,9 @@ class Backend:
         return self._loaded.wait(timeout)
 
     def is_active(self, timeout: float) -> bool:
+        """Whether a run has data; during a first read longer than ``timeout``, whether a run read so far has."""
         if not self.wait_loaded(timeout):
-            return False
+            return any(_has_data(data) for _, data, _ in self.runs())
         self.refresh()
         return self._active
 

@@ -323,6 +323,7 @@ def test_during_the_first_read_runs_lists_what_is_read_and_a_read_run_answers(ga
         doc = json.loads(answer["value"].get_data())
         assert doc["loading"] is True
         assert [r["run"] for r in doc["runs"]] == ["big"] and doc["runs"][0]["steps"] == 600
+        assert instance._backend.is_active(timeout=0.1)  # the tab is offered before the whole logdir is read
         resp = client.get("/data/plugin/gradients/episodes?run=big")
         assert resp.status_code == 200 and json.loads(resp.get_data())["steps"] == 600
         waiter, waited = _in_thread(client.get, "/data/plugin/gradients/episodes?run=small")
