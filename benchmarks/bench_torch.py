@@ -16,22 +16,25 @@ timed inside its hooks, so the ratio to the floor does not carry the rest of the
 
 Update norms, state vs copy: the work each path adds to a logged step, (1) inside the loop (monitor's own time minus
 that of (c), which has no update norms) and (2) alone on the same tensors, interleaved; and the extra memory each
-allocates during ``optimizer.step()`` on a logged step (peak of the allocations the torch profiler tracks, minus that
-of a monitor without update norms), against the parameters' size.
+takes during ``optimizer.step()`` on a logged step (how far the peak resident set size rises, minus that of a monitor
+without update norms), against the parameters' size.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import re
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
+from tb_gradient_plugin import weights_copy
 from tb_gradient_plugin.optim_updates import StateUpdate
 from tb_gradient_plugin.torch import GradientMonitor
 
@@ -187,8 +190,9 @@ def floor_time(model: nn.Module, loss_fn: Callable, device: str, repeats: int) -
 
 def update_norm_alone(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, device: str,
                       repeats: int) -> dict[str, float]:
-    """Median seconds of each path's update-norm work alone, interleaved: the copy (clone before the step,
-    difference and norm after it) and the state (see ``optim_updates``), each with its transfer to the host."""
+    """Median seconds of each path's update-norm work alone, interleaved: the copy (the monitor's weights copy before
+    the step, difference and norm after it) and the state (see ``optim_updates``), each with its transfer to the
+    host."""
     opt.zero_grad(set_to_none=True)
     loss_fn().backward()
     opt.step()  # the optimizer's state exists; gradients stay (the state path reads their presence)
@@ -197,7 +201,7 @@ def update_norm_alone(model: nn.Module, loss_fn: Callable, opt: torch.optim.Opti
     for _ in range(repeats * 3):
         sync(device)
         t = time.perf_counter()
-        snap = [p.detach().clone() for p in params]
+        snap = weights_copy.copies([p.detach() for p in params])
         torch._foreach_sub_(snap, params)
         torch.stack(torch._foreach_norm(snap)).cpu()
         del snap
@@ -211,21 +215,28 @@ def update_norm_alone(model: nn.Module, loss_fn: Callable, opt: torch.optim.Opti
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _status_bytes(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
 def step_peak_bytes(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, logdir: str,
-                    update_norms: str | bool) -> int:
-    """Peak of the allocations the torch profiler tracks during ``optimizer.step()`` of a logged step."""
-    with GradientMonitor(model, opt, logdir, update_norms=update_norms):
-        opt.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    update_norms: str | bool) -> int | None:
+    """How far the resident set size rises during ``optimizer.step()`` of a logged step (the monitor's pre- and
+    post-step work included): its peak (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its size before.
+    Free heap memory is handed back first, so that a copy cannot hide in pages the process already holds. None where
+    Linux's counters are not available."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        with GradientMonitor(model, opt, logdir, update_norms=update_norms):
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            libc.malloc_trim(0)
+            before = _status_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
             opt.step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
+            return _status_bytes("VmHWM") - before
+    except OSError:
+        return None
 
 
 def update_norm_report(model: nn.Module, loss_fn: Callable, opt: torch.optim.Optimizer, device: str, repeats: int,
@@ -238,11 +249,17 @@ def update_norm_report(model: nn.Module, loss_fn: Callable, opt: torch.optim.Opt
     print(f"update norms per logged step, alone: copy {alone['copy'] * 1e3:.2f} ms, state {alone['state'] * 1e3:.2f} "
           f"ms, state/copy {alone['state'] / alone['copy']:.2f}x")
     if device == "cpu":
-        base = step_peak_bytes(model, loss_fn, opt, logdir, False)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # Each variant's least rise over 5 logged steps: what else the process allocates meanwhile only adds to it.
+        peaks = {mode: [step_peak_bytes(model, loss_fn, opt, logdir, mode) for _ in range(5)]
+                 for mode in (False, "copy", "state")}
+        if any(None in v for v in peaks.values()):
+            print("peak RSS: not measurable on this system")
+            return
+        base = min(peaks[False])
         for mode in ("copy", "state"):
-            extra = step_peak_bytes(model, loss_fn, opt, logdir, mode) - base
-            print(f"extra peak memory during a logged step, {mode}: {extra / 2**20:.2f} MiB "
+            extra = min(peaks[mode]) - base
+            print(f"extra peak RSS during a logged step, {mode}: {extra / 2**20:.2f} MiB "
                   f"= {extra / param_bytes:.3f}x the parameters ({param_bytes / 2**20:.1f} MiB)")
 
 

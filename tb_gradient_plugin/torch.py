@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from . import optim_updates
+from . import optim_updates, weights_copy
 from .guard import GUARD_RAISE, ExplosionGuard, GradientExplosionError, OnExplosion
 from .writer import GradientWriter
 
@@ -491,7 +491,7 @@ class GradientMonitor:
             norms = torch._foreach_norm(local, 2, dtype=torch.float32)
             self._accumulate(state, "param_sq", g, torch.stack(norms).to(_stat_dtype(g.index.device)).square_())
             if self.update_norms and not from_state:
-                snaps.extend(t.clone() for t in local)
+                snaps.extend(weights_copy.copies(local))
         if from_state:
             state.state_updates[k] = (optim_updates.StateUpdate(optimizer, [g.params for g in plan.groups]), plan)
         elif self.update_norms:
