@@ -33,7 +33,11 @@ def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             if t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE:
                 large.setdefault(t.dtype, []).append(i)
     for idx in large.values():
-        for i, c in zip(idx, _mapped([tensors[i] for i in idx]), strict=True):
+        try:
+            mapped = _mapped([tensors[i] for i in idx])
+        except OSError:  # no mapping or no huge pages to be had (memory limits, a kernel without them): clone
+            continue
+        for i, c in zip(idx, mapped, strict=True):
             out[i] = c
     return [t.clone() if c is None else c for c, t in zip(out, tensors, strict=True)]
 

@@ -71,3 +71,16 @@ def test_small_tensors_are_cloned_and_each_dtype_gets_its_own_mapping() -> None:
         blocks = [s.untyped_storage().data_ptr() for s in snap]
         assert blocks[0] == blocks[2] != blocks[1]
     assert weights_copy.copies([]) == []
+
+
+def test_a_refused_mapping_falls_back_to_clones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel refuses the mapping or its huge pages (memory limits, no THP), the copy is still taken."""
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(weights_copy.mmap, "mmap", refuse)
+    weights = _weights()
+    snap = weights_copy.copies(weights)
+    for s, w in zip(snap, weights, strict=True):
+        assert s.untyped_storage().nbytes() == w.numel() * w.element_size()
+        torch.testing.assert_close(s, w, rtol=0, atol=0)
