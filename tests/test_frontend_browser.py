@@ -225,6 +225,16 @@ class Tab:
     def panel(self, run: str):
         return self.frame.locator(f".run-panel[data-run={json.dumps(run)}]")
 
+    def open_loss_chart(self, run: str, marked: str):
+        """Select ``run`` and wait until its loss chart is drawn with its ``marked`` data attribute set; returns the
+        run's panel and that chart."""
+        self.frame.locator("#run-a").select_option(run)
+        panel = self.panel(run)
+        chart = panel.locator(f".loss-chart[{marked}]")
+        chart.wait_for()
+        chart.locator("canvas").first.wait_for()
+        return panel, chart
+
     def close(self) -> None:
         self.context.close()
 
@@ -442,11 +452,7 @@ def test_validation_best_step_and_overfitting(tab_factory, logdir: Path) -> None
 
     tab = tab_factory("light")
     frame = tab.frame
-    frame.locator("#run-a").select_option("early_stop")
-    panel = tab.panel("early_stop")
-    chart = panel.locator(".loss-chart[data-best-steps]")
-    chart.wait_for()
-    chart.locator("canvas").first.wait_for()
+    panel, chart = tab.open_loss_chart("early_stop", "data-best-steps")
     assert f"val_loss:{val['best_step']}" in chart.get_attribute("data-best-steps").split(",")
     best = panel.locator(".best-chip[data-series='val_loss']")
     assert best.get_attribute("data-step") == str(val["best_step"])
@@ -549,11 +555,7 @@ def test_consecutive_nan_evaluations_are_one_marked_span(tab_factory, crowded_se
     """Ten NaN evaluations in a row are one span, one label and one chip; the isolated one later keeps its own."""
     tab = tab_factory("light", crowded_server)
     frame = tab.frame
-    frame.locator("#run-a").select_option("val_nan")
-    panel = tab.panel("val_nan")
-    chart = panel.locator(".loss-chart[data-nan-steps]")
-    chart.wait_for()
-    chart.locator("canvas").first.wait_for()
+    panel, chart = tab.open_loss_chart("val_nan", "data-nan-steps")
     first, last = NAN_RUN[0], NAN_RUN[-1]
     chips = panel.locator(".nan-chip")
     assert chips.count() == 2
@@ -592,11 +594,7 @@ def test_consecutive_nan_evaluations_are_one_marked_span(tab_factory, crowded_se
 def test_many_isolated_nan_evaluations_do_not_stack(tab_factory, crowded_server) -> None:
     """NaN at every other evaluation: each keeps its marker, but labels never overlap and the chips stay a few."""
     tab = tab_factory("light", crowded_server)
-    tab.frame.locator("#run-a").select_option("nan_every_other")
-    panel = tab.panel("nan_every_other")
-    chart = panel.locator(".loss-chart[data-nan-steps]")
-    chart.wait_for()
-    chart.locator("canvas").first.wait_for()
+    panel, chart = tab.open_loss_chart("nan_every_other", "data-nan-steps")
     assert len(chart.get_attribute("data-nan-groups").split(",")) == NAN_MANY
     assert (chart.get_attribute("data-nan-spans"), chart.get_attribute("data-nan-lines")) == ("0", str(NAN_MANY))
     labels = _label_boxes(chart)
