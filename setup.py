@@ -41,6 +41,7 @@ setup(
             "ruff>=0.4",
             "playwright>=1.40",
             "tbparse>=0.0.9",
+            "tensorboardX>=2.6",
         ],
     },
     entry_points={

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import socket
 import struct
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -48,23 +50,64 @@ def _as_float(name: str, value: Any) -> float:
     return float(arr.reshape(-1)[0])
 
 
+class LogdirError(OSError):
+    """The logdir cannot hold our event file (it is a file, or not writable): raised at construction, before any
+    training step, with one message that says which."""
+
+
+def _event_file_name(serial: int, suffix: str) -> str:
+    """A name no other writer can choose: TensorBoard's prefix (so every loader finds the file), then a component that
+    torch, tensorboardX, ``tf.summary`` and Keras never write (they end in a plain counter, or ``.v2``), our
+    per-process serial and a random token (two hosts with the same name and pid)."""
+    return (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+            f".gradients-{serial}-{secrets.token_hex(3)}{suffix}")
+
+
+def _open_exclusive(logdir: str, serial: int, suffix: str) -> tuple[str, int]:
+    """Create our file with O_EXCL (never append to a file another writer opened), under a new name if one exists."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise LogdirError(f"logdir {logdir!r} is a file, not a directory: pass a directory for the event files")
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as e:
+        raise LogdirError(f"cannot create logdir {logdir!r}: {e.strerror}") from None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(logdir, _event_file_name(serial, suffix))
+        try:
+            return path, os.open(path, flags, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise LogdirError(f"cannot write an event file in {logdir!r}: {e.strerror}") from None
+    raise LogdirError(f"cannot find a free event file name in {logdir!r}")
+
+
 class EventFile:
-    """A minimal event-file writer: TFRecord framing, a background flush every ``flush_secs``.
+    """A minimal event-file writer: TFRecord framing into a buffer, written out every ``flush_secs``.
 
     TensorBoard's own ``EventFileWriter`` imports TensorFlow when it is installed (for ``tf.io.gfile``), which costs
-    seconds and hundreds of MB in a PyTorch job; this one needs only the protos.
+    seconds and hundreds of MB in a PyTorch job; this one needs only the protos. Training never sees an I/O error
+    from it: the first failed write (a full disk) truncates the file back to its last whole record, warns once and
+    stops writing, so what was written stays readable. A forked child (a DataLoader worker) writes nothing: its copy
+    of the buffer belongs to the parent.
     """
 
     _counter = 0
     _counter_lock = threading.Lock()
 
+    #: a buffer this large is written out at once rather than at the next flush
+    FLUSH_BYTES = 1 << 20
+
     def __init__(self, logdir: str, flush_secs: float = 2.0, filename_suffix: str = "") -> None:
         with EventFile._counter_lock:
             EventFile._counter += 1
             serial = EventFile._counter
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{serial}"
-        self.path = os.path.join(logdir, name + filename_suffix)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        self.path, self._fd = _open_exclusive(logdir, serial, filename_suffix)
+        self._pid = os.getpid()
+        self._buffer = bytearray()
+        self._written = 0  # bytes of whole records on disk
+        self._failed = False
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -73,31 +116,69 @@ class EventFile:
                                         name="tb-gradient-flush")
         self._thread.start()
 
+    @property
+    def failed(self) -> bool:
+        """True once a write failed: later records are dropped."""
+        return self._failed
+
     def add_event(self, event: event_pb2.Event) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         record = b"".join((header, struct.pack("<I", masked_crc32c(header)), data,
                            struct.pack("<I", masked_crc32c(data))))
+        if os.getpid() != self._pid:
+            return
         with self._lock:
-            if self._file.closed:
+            if self._fd < 0:
                 raise RuntimeError("event file is closed")
-            self._file.write(record)
+            if self._failed:
+                return
+            self._buffer += record
+            if len(self._buffer) >= self.FLUSH_BYTES:
+                self._write_out()
 
     def _flush_loop(self, flush_secs: float) -> None:
         while not self._closed.wait(flush_secs):
             self.flush()
 
+    def _write_out(self) -> None:
+        """Write the buffer (lock held). On an error, cut the file back to its last whole record and stop."""
+        if not self._buffer or self._failed or self._fd < 0:
+            return
+        view = memoryview(self._buffer)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+            self._written += done
+        except OSError as e:
+            self._failed = True
+            try:
+                os.ftruncate(self._fd, self._written)
+            except OSError:
+                pass
+            warnings.warn(f"tb_gradient_plugin: writing {self.path} failed ({e.strerror or e}); gradient logging "
+                          f"stops for this file and training goes on. The {self._written} bytes written before stay "
+                          "readable.", RuntimeWarning, stacklevel=2)
+        finally:
+            view.release()
+            self._buffer.clear()
+
     def flush(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
-            if not self._file.closed:
-                self._file.flush()
+            self._write_out()
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
         self._closed.set()
         with self._lock:
-            if not self._file.closed:
-                self._file.flush()
-                self._file.close()
+            if self._fd >= 0:
+                self._write_out()
+                os.close(self._fd)
+                self._fd = -1
 
 
 class GradientWriter:
@@ -119,7 +200,6 @@ class GradientWriter:
             raise ValueError("pass exactly one of logdir or writer")
         self._owns_target = writer is None
         if writer is None:
-            os.makedirs(os.fspath(logdir), exist_ok=True)
             self._target = EventFile(os.fspath(logdir), flush_secs=flush_secs, filename_suffix=filename_suffix)
             self.logdir = os.fspath(logdir)
         else:
@@ -132,6 +212,8 @@ class GradientWriter:
         self._layouts: dict[tuple[str, ...], str] = {}  # validated layer lists -> layout id
         self._defined: dict[str, tuple[str, int]] = {}  # tag -> (layout id, events since the list was written)
         self._closed = False
+        self._pid = os.getpid()
+        self._warned_fork = False
         self._finalizer = weakref.finalize(self, GradientWriter._flush_target, self._target, self._owns_target)
         atexit.register(self._finalizer)
 
@@ -226,6 +308,9 @@ class GradientWriter:
         the event is written, so a failed write can never leave a layout marked as defined when it is not."""
         if not arrays and not scalars:
             return
+        if os.getpid() != self._pid:
+            self._forked_write()
+            return
         with self._lock:
             layout = self._layouts.get(names)
             if layout is None:
@@ -247,9 +332,20 @@ class GradientWriter:
                 self._target.flush()
                 self._last_flush = time.monotonic()
 
+    def _forked_write(self) -> None:
+        """A forked child (a DataLoader worker) shares the parent's file and buffers: it writes nothing, and says so
+        once, since logging from a worker is almost always a monitor that was meant for the main process."""
+        if not self._warned_fork:
+            self._warned_fork = True
+            warnings.warn(f"tb_gradient_plugin: a GradientWriter opened in process {self._pid} is used from forked "
+                          f"process {os.getpid()}; records from the child are dropped (the parent's file is left "
+                          "intact). Log from the main process.", RuntimeWarning, stacklevel=4)
+
     # ----------------------------------------------------------------------------------------------------- lifecycle
 
     def flush(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             self._target.flush()
             self._last_flush = time.monotonic()
@@ -265,6 +361,11 @@ class GradientWriter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def path(self) -> str | None:
+        """Our own event file, or None when writing into another writer's file."""
+        return self._target.path if self._owns_target else None
 
     def __enter__(self) -> GradientWriter:
         return self
