@@ -165,7 +165,7 @@ def test_realruns_audit(realruns, tmp_path):
     proc = cli("audit", str(realruns), "--json", "--fail-on", "never", "--html", str(report))
     assert proc.returncode == 0, proc.stderr
     runs = {r["run"]: r for r in json.loads(proc.stdout)["runs"]}
-    assert len(runs) == 12
+    assert len(runs) == 16
     healthy = [
         "Aydana1__Enhancing_YOLOv5l/runs/train/exp31",
         "ZakSingh__omelette/lightning_logs/math",

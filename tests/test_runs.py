@@ -477,10 +477,16 @@ REALRUNS = {
     "inwaves__prob-models/lightning_logs/version_82": ("lightning", {"loss"}),
     "AnAccountWithoutAName__Deep-Lineary-Gated-Networks/lightning_logs/version_0": (
         "lightning", {"loss", "val_loss", "val_accuracy"}),
+    # TF-NMT tutorial runs: the pre-clip global norm every step (heavy-tailed)
+    "iamlockelightning__NMT/nmt/nmt_model/train_log": ("plain", {"loss", "total_grad_norm"}),
+    "pishoyg__english-to-arabic-machine-translation/eng-40000_ara-40000_2x128-lstm_sgd-1.0-10000000_EN-bi_DO-0.2_"
+    "beam_search-10_AT-normed_bahdanau_SW-bpe/train_log": ("plain", {"loss", "lr", "total_grad_norm"}),
+    "trungnh30__tmp/nmt_model/train_log": ("plain", {"loss", "lr", "total_grad_norm"}),
+    "zhangpengGenedock__Translator/model/train_log": ("plain", {"loss", "total_grad_norm"}),
 }
 
 
-def test_realruns_discovered_as_twelve_runs(realruns):
+def test_realruns_discovered_as_their_runs(realruns):
     assert [name for name, _ in find_runs(str(realruns))] == sorted(REALRUNS)
 
 
