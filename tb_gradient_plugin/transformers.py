@@ -11,14 +11,12 @@ logs as ``grad_norm``), unscaled under fp16. The event file goes into the direct
 from __future__ import annotations
 
 import os
-import sys
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.integrations import TensorBoardCallback
 from transformers.integrations.integration_utils import default_logdir
-from transformers.trainer_callback import CallbackHandler
 
 from .guard import ExplosionGuard, OnExplosion
 from .torch import GradientMonitor, monitor_options
@@ -29,7 +27,8 @@ class GradientMonitorCallback(TrainerCallback):
     """Records per-layer gradient statistics during ``Trainer.train``.
 
     ``logdir`` None (the default) writes into the Trainer's TensorBoard run (``report_to`` including
-    ``"tensorboard"``); without one, into ``<output_dir>/runs/<time>_<host>`` as HF would name it. Steps are numbered
+    ``"tensorboard"``: ``logging_dir`` in transformers 4.x, ``$TENSORBOARD_LOGGING_DIR`` or HF's default in 5.x);
+    without one, into ``<output_dir>/runs/<time>_<host>`` as HF would name it. Steps are numbered
     like HF's ``state.global_step`` after the step (the step HF logs ``train/loss`` and ``train/grad_norm`` at). The
     other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`.
     """
@@ -69,7 +68,7 @@ class GradientMonitorCallback(TrainerCallback):
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None:
             raise RuntimeError("the Trainer passed no model or optimizer to GradientMonitorCallback.on_train_begin")
-        logdir = self._logdir(args) if state.is_world_process_zero else None
+        logdir = self._logdir(args, state) if state.is_world_process_zero else None
         spec = self._guard_spec
         # A fresh guard per run: its detector must not judge a new run against the last one's baseline.
         self._guard = None if spec is None else ExplosionGuard(spec.action, spec.config)
@@ -88,31 +87,38 @@ class GradientMonitorCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.close()
 
-    def _logdir(self, args: TrainingArguments) -> str:
-        """The explicit logdir, else the directory of the Trainer's TensorBoard writer, else HF's default for it."""
+    def _logdir(self, args: TrainingArguments, state: TrainerState) -> str:
+        """The explicit logdir, else the directory HF's ``TensorBoardCallback`` writes to, from public settings.
+
+        transformers 4.x writes to ``args.logging_dir``; 5.x to ``$TENSORBOARD_LOGGING_DIR`` or, without it, to a
+        ``<output_dir>/runs/<time>_<host>`` directory it names when training begins (it runs before user callbacks),
+        which is found on disk as the newest one holding an event file of this process. Without HF's writer, ours
+        takes that default name itself.
+        """
         if self.logdir is not None:
             return self.logdir
-        tb = self._tensorboard_callback()
-        if tb is not None and tb.logging_dir:
-            return tb.logging_dir
-        logdir = os.path.join(args.output_dir, default_logdir())
-        if tb is not None:  # it has not chosen yet (it runs after this callback): make it choose the same directory
-            tb.logging_dir = logdir
-        return logdir
+        trial = state.trial_name if state.is_hyper_param_search else None
+        logging_dir = getattr(args, "logging_dir", None)  # transformers 4.x
+        if logging_dir:
+            return os.path.join(logging_dir, trial) if trial else logging_dir
+        env = os.environ.get("TENSORBOARD_LOGGING_DIR")  # transformers 5.x (a search trial gets its own default)
+        if env and not trial:
+            return os.path.expanduser(env)
+        report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+        found = (_newest_run_of_this_process(os.path.join(args.output_dir, "runs"))
+                 if {"tensorboard", "all"} & set(report_to) else None)
+        return found or os.path.join(args.output_dir, default_logdir(), *([trial] if trial else []))
 
-    def _tensorboard_callback(self) -> TensorBoardCallback | None:
-        """The Trainer's TensorBoardCallback, found through the callback handler that is calling this callback.
 
-        Callbacks get no reference to the Trainer; the handler dispatching ``on_train_begin`` is on the call stack,
-        and HF runs the reporting callbacks (TensorBoard's sets its directory there) before user callbacks.
-        """
-        frame = sys._getframe(1)
-        while frame is not None:
-            handler = frame.f_locals.get("self")
-            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
-                for cb in handler.callbacks:
-                    if isinstance(cb, TensorBoardCallback):
-                        return cb
-                return None
-            frame = frame.f_back
-        return None
+def _newest_run_of_this_process(root: str) -> str | None:
+    """The directory under ``root`` whose event file from this host and process (torch's and tensorboardX's
+    ``SummaryWriter`` put both in the name) was written last; never one of ours."""
+    mark = f".{socket.gethostname()}.{os.getpid()}."
+    newest: tuple[float, str] | None = None
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if "tfevents" in name and mark in name and ".gradients-" not in name:
+                mtime = os.path.getmtime(os.path.join(directory, name))
+                if newest is None or mtime > newest[0]:
+                    newest = (mtime, directory)
+    return newest[1] if newest else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,75 @@ def test_guard_raise_stops_training(tmp_path):
     run = load_run(str(tmp_path / "grads"))
     assert run.steps.tolist() == [30]  # every=100 logs nothing else, but a step the guard acted on is written
     assert run.series["guard_action"].values.tolist()[-1] == 2
+
+
+class _Pause(TrainerCallback):
+    """Sleeps at train begin: between HF's TensorBoardCallback and ours, a new wall-clock second starts."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        time.sleep(1.1)
+
+
+def _steps_of_our_run(run_dir: str) -> list[int]:
+    run = load_run(run_dir)
+    assert run.source == "tb_gradient_plugin"
+    return run.steps.tolist()
+
+
+def test_default_directory_is_hfs_even_when_the_second_changes(tmp_path):
+    """No explicit directory and no environment: ours finds the run HF's writer chose, not a name of its own that
+    would only match within the same second."""
+    Trainer(model=_model(), args=_args(tmp_path, 4), train_dataset=Tokens(),
+            callbacks=[_Pause(), GradientMonitorCallback()]).train()
+    run_dir = _only_run_dir(tmp_path)
+    assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 2
+    assert _steps_of_our_run(run_dir) == [1, 2, 3, 4]
+
+
+def test_tensorboard_logging_dir_of_transformers_5(tmp_path, monkeypatch):
+    target = tmp_path / "tb here"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(target))
+    Trainer(model=_model(), args=_args(tmp_path / "out", 3), train_dataset=Tokens(),
+            callbacks=[_Pause(), GradientMonitorCallback()]).train()
+    assert len(glob.glob(str(target / "events.out.tfevents.*"))) == 2  # HF's file and ours
+    assert _steps_of_our_run(str(target)) == [1, 2, 3]
+
+
+def test_logging_dir_of_transformers_4(tmp_path):
+    """transformers 4.x writes its TensorBoard run to ``args.logging_dir`` (the field 5.x removed): ours follows it.
+    The installed 5.x has no such field, so it is set on the arguments as 4.x would have it."""
+    args = _args(tmp_path / "out", 3, report_to=[])
+    args.logging_dir = str(tmp_path / "logs 4x")
+    Trainer(model=_model(), args=args, train_dataset=Tokens(), callbacks=[GradientMonitorCallback()]).train()
+    assert _steps_of_our_run(args.logging_dir) == [1, 2, 3]
+
+
+def test_lightning_fit_then_hf_fit_in_one_process_keep_every_step(tmp_path):
+    """The case that once lost the Trainer run's per-layer data: a Lightning fit, then an HF fit, in one process."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tb_gradient_plugin.lightning import GradientMonitorCallback as LightningCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1)),
+                                       batch_size=4)
+    pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path / "pl"), name="run"),
+               callbacks=[LightningCallback()], enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, log_every_n_steps=1).fit(Tiny(), data)
+    Trainer(model=_model(), args=_args(tmp_path / "hf", 5), train_dataset=Tokens(),
+            callbacks=[GradientMonitorCallback()]).train()
+    assert _steps_of_our_run(str(tmp_path / "pl" / "run" / "version_0")) == list(range(6))
+    assert _steps_of_our_run(_only_run_dir(tmp_path / "hf")) == [1, 2, 3, 4, 5]
