@@ -37,7 +37,7 @@ from tensorboard.backend import application
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
-from tb_gradient_plugin import plugin
+from tb_gradient_plugin import backend, plugin
 from tb_gradient_plugin.writer import GradientWriter
 
 WARM_GOAL_S = 0.300
@@ -71,7 +71,8 @@ PHASES = """
 import time
 t0 = time.perf_counter()
 import gzip, json, sys
-from tb_gradient_plugin import binning, detect, plugin
+from tb_gradient_plugin import binning, detect
+from tb_gradient_plugin.json_encoding import to_json
 from tb_gradient_plugin.runs import RunStore
 t1 = time.perf_counter()
 store = RunStore(sys.argv[1])
@@ -81,12 +82,12 @@ data = store.get("big")
 t3 = time.perf_counter()
 report = detect.detect(data)
 t4 = time.perf_counter()
-gzip.compress(plugin.to_json(report.to_json()), compresslevel=1, mtime=0)
+gzip.compress(to_json(report.to_json()), compresslevel=1, mtime=0)
 t5 = time.perf_counter()
 bins = binning.bin_steps(data.steps, 1000)
 pooled, nonfinite = binning.max_pool(data.layer_metrics["grad_norm"], bins, data.present)
 t6 = time.perf_counter()
-gzip.compress(plugin.to_json({"values": pooled.T, "nonfinite": nonfinite.T}), compresslevel=1, mtime=0)
+gzip.compress(to_json({"values": pooled.T, "nonfinite": nonfinite.T}), compresslevel=1, mtime=0)
 t7 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "read files + fold into arrays": t2 - t1, "assemble RunData": t3 - t2,
                   "detect": t4 - t3, "episodes JSON": t5 - t4, "heatmap max-pool": t6 - t5,
@@ -229,7 +230,7 @@ def main() -> int:
 
     # Live: a training job appends 1,000 steps; the next request reads them and recomputes what depends on them.
     write_run(logdir / "big", args.layers, 1000, (-1, 0), start=args.steps)
-    time.sleep(plugin.REFRESH_SECONDS)
+    time.sleep(backend.REFRESH_SECONDS)
     timer.get("runs", "live (after 1,000 new steps: read + detect)")
     timer.get("heatmap", "live (after 1,000 new steps: read + detect)", run="big", metric="grad_norm", bins=1000)
     for f in (logdir / "big").iterdir():  # drop the appended file so the next benchmark run starts alike

@@ -24,6 +24,7 @@ import numpy as np
 
 from .detect import DetectorConfig, detect
 from .reader import is_remote
+from .run_report import failed_report, report_json
 from .runs import RunData, find_runs, load_run
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -42,10 +43,6 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------------------------------- auditing
 
 
-def _merged_warnings(run: RunData, report_warnings: list[str]) -> list[str]:
-    return list(run.warnings) + [w for w in report_warnings if w not in run.warnings]
-
-
 def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConfig | None = None) -> dict:
     """Read and judge one run. Returns a picklable result: ``report`` (the JSON run object) plus facts for display.
 
@@ -54,14 +51,11 @@ def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConf
     try:
         run = load_run(path, name)
     except Exception as exc:  # noqa: BLE001 - an unreadable run is reported, the others are still audited
-        report = {"run": name, "source": "unknown", "steps": 0, "episodes": [], "loss_spikes": [],
-                  "warnings": [f"unreadable: {type(exc).__name__}: {exc}"]}
+        report = report_json(failed_report(name, "unknown", f"unreadable: {type(exc).__name__}: {exc}"))
         return {"report": report, "layers": 0, "events": 0, "values": 0, "bytes": 0, "unknown_tags": [],
                 "chart": None}
     try:
-        rep = detect(run, config)
-        report = rep.to_json()
-        report["warnings"] = _merged_warnings(run, report["warnings"])
+        report = report_json(detect(run, config), run.warnings)
         result = {"report": report, "layers": len(run.layers), "events": run.events, "values": run.num_values,
                   "bytes": run.bytes_read, "unknown_tags": run.unknown_tags, "chart": None}
         if chart:
@@ -69,8 +63,8 @@ def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConf
 
             result["chart"] = chart_data(run, report)
     except Exception as exc:  # noqa: BLE001 - one run's failure must not end the audit of the others
-        report = {"run": name, "source": run.source, "steps": 0, "episodes": [], "loss_spikes": [],
-                  "warnings": list(run.warnings) + [f"could not be audited: {type(exc).__name__}: {exc}"]}
+        why = f"could not be audited: {type(exc).__name__}: {exc}"
+        report = report_json(failed_report(name, run.source, why), run.warnings)
         return {"report": report, "layers": len(run.layers), "events": run.events, "values": 0, "bytes": 0,
                 "unknown_tags": run.unknown_tags, "chart": None, "error": traceback.format_exc()}
     return result
@@ -303,8 +297,7 @@ def compare_runs(a: RunData, b: RunData, top: int = 20) -> dict:
     """Which run exploded, when, and how per-layer gradient norms and update ratios differ (B relative to A)."""
     reports = {}
     for key, run in (("a", a), ("b", b)):
-        rep = detect(run).to_json()
-        rep["warnings"] = _merged_warnings(run, rep["warnings"])
+        rep = report_json(detect(run), run.warnings)
         bad = [e for e in rep["episodes"] if e["kind"] in ("explosion", "nonfinite")]
         rep["exploded"] = bool(bad)
         rep["first_episode"] = bad[0] if bad else None

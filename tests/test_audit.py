@@ -129,6 +129,34 @@ def test_unreadable_input_exit_2(tmp_path):
     assert "nothing could be read" in proc.stderr
 
 
+def test_a_run_not_read_or_not_judged_still_gets_the_whole_run_object(logdir, monkeypatch):
+    """The fallback reports carry every field of the run object (docs/AUDIT_JSON.md), ``validation`` included."""
+    from tb_gradient_plugin import audit
+
+    fields = set(audit.audit_run("healthy", str(logdir / "healthy"))["report"])
+    assert "validation" in fields
+
+    def unreadable(path, name=None):
+        raise OSError("disk on fire")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audit, "load_run", unreadable)
+        report = audit.audit_run("gone", str(logdir / "healthy"))["report"]
+    assert set(report) == fields and report["validation"] == [] and report["episodes"] == []
+    assert report["warnings"] == ["unreadable: OSError: disk on fire"] and report["source"] == "unknown"
+
+    def broken(run, config=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(audit, "detect", broken)
+    result = audit.audit_run("healthy", str(logdir / "healthy"))
+    report = result["report"]
+    assert set(report) == fields and report["validation"] == [] and report["steps"] == 0
+    assert report["warnings"][-1] == "could not be audited: RuntimeError: boom" and "RuntimeError" in result["error"]
+    (run,) = audit.audit_json([result | {"index": 0}], "explosion")["runs"]
+    assert run["validation"] == [] and run["layers"] == 12
+
+
 def test_damaged_file_audited_with_warning(tmp_path):
     write(tmp_path / "run", spike=400)
     path = next((tmp_path / "run").iterdir())

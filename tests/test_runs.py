@@ -18,14 +18,10 @@ import pytest
 from tb_gradient_plugin import GradientWriter
 from tb_gradient_plugin.format import HIST_BINS
 from tb_gradient_plugin.runs import (
-    ParamTag,
     RunStore,
-    SeriesTag,
     dedupe_series,
     find_runs,
-    layer_of,
     load_run,
-    map_tag,
 )
 
 LAYERS = ["embed", "block0.attn", "block0.mlp", "head"]
@@ -345,40 +341,7 @@ def test_memory_filesystem(tmp_path):
         fs.rm("/auditlogs", recursive=True)
 
 
-# ----------------------------------------------------------------------------------------------- tag mapping
-
-
-@pytest.mark.parametrize(("tag", "expected"), [
-    ("train/loss", SeriesTag("loss", 1, None)),
-    ("train/grad_norm", SeriesTag("total_grad_norm", 1, "hf_trainer")),
-    ("train_loss_step", SeriesTag("loss", 1.5, "lightning")),
-    ("train_loss_epoch", SeriesTag("loss_epoch", 2, "lightning")),
-    ("grad_2.0_norm/layer1.weight_step", ParamTag("grad_norm", "layer1.weight", "l2", 0, "lightning")),
-    ("grad_2.0_norm/layer1.weight", ParamTag("grad_norm", "layer1.weight", "l2", 1, "lightning")),
-    ("grad_2.0_norm_total_step", SeriesTag("total_grad_norm", 0.5, "lightning")),
-    ("grad_2.0_norm_total_epoch", SeriesTag("total_grad_norm_epoch", 1, "lightning")),
-    ("grad_inf_norm/fc.bias", ParamTag("grad_max_abs", "fc.bias", "max", 1, "lightning")),
-    ("grads_norm/fc1/weight", ParamTag("grad_norm", "fc1.weight", "l2", 1, "ignite")),
-    ("training/grads_norm/fc1/weight", ParamTag("grad_norm", "fc1.weight", "l2", 1, "ignite")),
-    ("l2_norm/grad/model.fc.weight", ParamTag("grad_norm", "model.fc.weight", "l2", 1, "composer")),
-    ("l2_norm/grad/global", SeriesTag("total_grad_norm", 1, "composer")),
-    ("l2_norm_ratio/update_param/fc.weight", ParamTag("update_ratio", "fc.weight", "max", 1, "composer")),
-    ("lr-AdamW", SeriesTag("lr", 3, None)),
-    ("val/obj_loss", SeriesTag("val_loss", 1, "yolov5", summed=True)),
-    ("accuracy", None),
-    ("grad_1.0_norm/fc.weight", None),
-])
-def test_map_tag(tag, expected):
-    assert map_tag(tag) == expected
-
-
-def test_validation_role_and_layer_of():
-    assert map_tag("epoch_loss", "validation").series == "val_loss"
-    assert map_tag("epoch_loss").series == "loss"
-    assert layer_of("layer1.weight") == "layer1"
-    assert layer_of("encoder.layers.3.mlp.fc1.bias") == "encoder.layers.3.mlp.fc1"
-    assert layer_of("cls_token") == "cls_token"
-    assert layer_of("encoder.layers.3") == "encoder.layers.3"
+# --------------------------------------------------------------------------------------------------- array helpers
 
 
 def test_dedupe_keeps_last_but_never_hides_nan():

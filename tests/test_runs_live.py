@@ -19,7 +19,7 @@ from tensorboard.backend import application
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
-from tb_gradient_plugin import GradientWriter, plugin
+from tb_gradient_plugin import GradientWriter, backend, plugin
 from tb_gradient_plugin.runs import RunData, RunStore, load_run
 
 LAYERS = ["embed", "block0.attn", "block0.mlp", "head"]
@@ -278,7 +278,7 @@ def test_routes_answer_from_the_last_state_while_a_big_read_is_in_progress(gated
     # Training goes on: the big run resumes into a second file, and the next read of it is held mid-way.
     fs.pipe("/logs/big/events.out.tfevents.2000.host.1", event_bytes(tmp_path, range(600, 1800), 2.0, layers))
     _hold_next_read()
-    time.sleep(plugin.REFRESH_SECONDS + 0.05)
+    time.sleep(backend.REFRESH_SECONDS + 0.05)
     reader, read_result = _in_thread(runs)  # this request is due to refresh: it does the read
     assert GatedMemoryFileSystem.waiting.wait(timeout=30), "the refresh never reached the file"
     try:
