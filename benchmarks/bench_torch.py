@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tb_gradient_plugin import weights_copy
-from tb_gradient_plugin.optim_updates import StateUpdate
-from tb_gradient_plugin.torch import GradientMonitor
+from tb_gradient_plugin.torch import GradientMonitor, weights_copy
+from tb_gradient_plugin.torch.optim_updates import StateUpdate
 
 FLOOR = "(f) floor work in the loop"
 TIMED_METHODS = ("_capture_grads", "_pre_step", "_post_step", "_finish_step", "_skipped_step")

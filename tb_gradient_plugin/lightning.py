@@ -10,20 +10,18 @@ The data goes into the trainer's ``TensorBoardLogger`` event file, beside the sc
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor, monitor_options
+from .torch import GradientMonitor
+from .torch.callback import MonitorCallback
 
 __all__ = ["GradientMonitorCallback"]
 
 
-class GradientMonitorCallback(pl.Callback):
+class GradientMonitorCallback(MonitorCallback, pl.Callback):
     """Records per-layer gradient statistics of a ``LightningModule`` during ``Trainer.fit``.
 
     ``logdir`` None (the default) writes into the trainer's ``TensorBoardLogger`` run (into its own event file, so the
@@ -31,31 +29,6 @@ class GradientMonitorCallback(pl.Callback):
     other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`. Steps are numbered like
     ``trainer.global_step`` (the step Lightning logs ``self.log`` values at).
     """
-
-    def __init__(
-        self,
-        logdir: str | os.PathLike | None = None,
-        *,
-        every: int = 1,
-        on_explosion: OnExplosion = None,
-        update_norms: bool | str = "auto",
-        histograms_every: int = 0,
-        include: str | None = None,
-        exclude: str | None = None,
-        group_depth: int | None = None,
-        group_by: Callable[[str], str] | None = None,
-        flush_secs: float = 2.0,
-    ) -> None:
-        super().__init__()
-        self.logdir = os.fspath(logdir) if logdir is not None else None
-        # Resolved now so that a bad argument fails when the callback is built, not after the first epoch.
-        self._guard_spec = ExplosionGuard.resolve(on_explosion)
-        self._guard: ExplosionGuard | None = None
-        self._options = monitor_options(
-            every=every, update_norms=update_norms, histograms_every=histograms_every, include=include,
-            exclude=exclude, group_depth=group_depth, group_by=group_by, flush_secs=flush_secs,
-        )
-        self.monitor: GradientMonitor | None = None
 
     # --------------------------------------------------------------------------------------------------- lifecycle
 
@@ -84,17 +57,6 @@ class GradientMonitorCallback(pl.Callback):
 
     # ------------------------------------------------------------------------------------------------------ helpers
 
-    @property
-    def guard(self) -> ExplosionGuard | None:
-        """The explosion guard of the current (or last) fit, with ``guard.decisions``; None when it is off."""
-        return self._guard
-
-    def _new_guard(self) -> ExplosionGuard | None:
-        """A fresh guard per fit: its detector must not judge a new run against the last one's baseline."""
-        spec = self._guard_spec
-        self._guard = None if spec is None else ExplosionGuard(spec.action, spec.config)
-        return self._guard
-
     def _target(self, trainer: pl.Trainer) -> tuple[str | None, Any]:
         """Where rank 0 writes: the given logdir, else the TensorBoardLogger's open file, else ``trainer.log_dir``."""
         if not trainer.is_global_zero:
@@ -105,7 +67,3 @@ class GradientMonitorCallback(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 return None, logger.experiment
         return trainer.log_dir or trainer.default_root_dir, None
-
-    def _close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()

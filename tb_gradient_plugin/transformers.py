@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations.integration_utils import default_logdir
 
-from .guard import ExplosionGuard, OnExplosion
-from .torch import GradientMonitor, monitor_options
+from .torch import GradientMonitor
+from .torch.callback import MonitorCallback
 
 __all__ = ["GradientMonitorCallback"]
 
-class GradientMonitorCallback(TrainerCallback):
+class GradientMonitorCallback(MonitorCallback, TrainerCallback):
     """Records per-layer gradient statistics during ``Trainer.train``.
 
     ``logdir`` None (the default) writes into the Trainer's TensorBoard run (``report_to`` including
@@ -33,35 +32,6 @@ class GradientMonitorCallback(TrainerCallback):
     other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`.
     """
 
-    def __init__(
-        self,
-        logdir: str | os.PathLike | None = None,
-        *,
-        every: int = 1,
-        on_explosion: OnExplosion = None,
-        update_norms: bool | str = "auto",
-        histograms_every: int = 0,
-        include: str | None = None,
-        exclude: str | None = None,
-        group_depth: int | None = None,
-        group_by: Callable[[str], str] | None = None,
-        flush_secs: float = 2.0,
-    ) -> None:
-        self.logdir = os.fspath(logdir) if logdir is not None else None
-        # Resolved now so that a bad argument fails when the callback is built, not when training starts.
-        self._guard_spec = ExplosionGuard.resolve(on_explosion)
-        self._guard: ExplosionGuard | None = None
-        self._options = monitor_options(
-            every=every, update_norms=update_norms, histograms_every=histograms_every, include=include,
-            exclude=exclude, group_depth=group_depth, group_by=group_by, flush_secs=flush_secs,
-        )
-        self.monitor: GradientMonitor | None = None
-
-    @property
-    def guard(self) -> ExplosionGuard | None:
-        """The explosion guard of the current (or last) training run, with ``guard.decisions``; None when off."""
-        return self._guard
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._close()
@@ -69,9 +39,7 @@ class GradientMonitorCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("the Trainer passed no model or optimizer to GradientMonitorCallback.on_train_begin")
         logdir = self._logdir(args, state) if state.is_world_process_zero else None
-        spec = self._guard_spec
-        # A fresh guard per run: its detector must not judge a new run against the last one's baseline.
-        self._guard = None if spec is None else ExplosionGuard(spec.action, spec.config)
+        self._new_guard()
         self.monitor = GradientMonitor(
             model, getattr(optimizer, "optimizer", optimizer), logdir, scaler=getattr(optimizer, "scaler", None),
             on_explosion=self._guard, **self._options,
@@ -82,10 +50,6 @@ class GradientMonitorCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._close()
-
-    def _close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
 
     def _logdir(self, args: TrainingArguments, state: TrainerState) -> str:
         """The explicit logdir, else the directory HF's ``TensorBoardCallback`` writes to, from public settings.

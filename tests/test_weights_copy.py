@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tb_gradient_plugin import weights_copy
+from tb_gradient_plugin.torch import weights_copy
 
 
 def _rss() -> int:

@@ -1,10 +1,10 @@
-"""PyTorch integration: per-layer gradient health recorded from the optimizer's own step hooks.
+"""``GradientMonitor``: per-layer gradient health recorded from the optimizer's own step hooks.
 
 ``GradientMonitor(model, optimizer, logdir)`` attaches to the optimizer (``register_step_pre_hook`` /
 ``register_step_post_hook``) so the training loop needs no extra call. On a logged step it computes, per layer, the
 gradient L2 norm, parameter L2 norm, update L2 norm ``||w_after - w_before||``, max ``|g|`` and the count of
-non-finite gradient entries with fused multi-tensor ops grouped by device and dtype, and moves all of them to the host
-in one transfer. On a step that is not logged it does nothing but count.
+non-finite gradient entries with fused multi-tensor ops grouped by device and dtype (:mod:`.stats`), and moves all of
+them to the host in one transfer. On a step that is not logged it does nothing but count.
 
 Gradients are read where the backward pass ends (after DDP has averaged them, before any clipping or
 ``GradScaler.unscale_``) and divided by the loss scale, so the user sees the unscaled, pre-clip norms that tuning a
@@ -13,8 +13,7 @@ clipping threshold needs. See ``docs/PYTORCH.md``.
 
 from __future__ import annotations
 
-import functools
-import re
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -25,76 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import format as fmt
+from .. import format as fmt
+from ..guard import GUARD_RAISE, ExplosionGuard, GradientExplosionError, OnExplosion
+from ..writer import GradientWriter
 from . import optim_updates, weights_copy
-from .guard import GUARD_RAISE, ExplosionGuard, GradientExplosionError, OnExplosion
-from .writer import GradientWriter
+from .layers import discover_layers
+from .stats import Group, Plan, grad_stats, is_sharded, local, make_plan, squared_norms, stat_dtype, to_layers
 
-__all__ = ["GradientMonitor", "discover_layers"]
-
-ROOT_LAYER = "(root)"
-
-try:  # DTensor (FSDP2, tensor parallel) exists in every torch this supports, but not in stripped-down builds.
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = Shard = None  # type: ignore[assignment,misc]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind DDP / ``torch.compile`` wrappers, so layer names match the model's own paths."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-            continue
-        return model
-
-
-def discover_layers(
-    model: nn.Module,
-    *,
-    include: str | None = None,
-    exclude: str | None = None,
-    group_depth: int | None = None,
-    group_by: Callable[[str], str] | None = None,
-) -> list[tuple[str, list[nn.Parameter]]]:
-    """Layers of ``model`` in model order: ``(name, trainable parameters)``.
-
-    A layer is a module that owns parameters directly, named by its ``named_modules()`` path (``(root)`` for the
-    model's own parameters). ``include`` / ``exclude`` are regular expressions searched in that name; ``group_depth``
-    keeps only the first N dotted components (``encoder.layers.3``) and ``group_by`` maps a name to its group, for
-    deep models where one row per block is enough. Tied parameters belong to their first owner that the filters keep.
-    """
-    if group_depth is not None and group_by is not None:
-        raise ValueError("pass at most one of group_depth and group_by")
-    bad_depth = isinstance(group_depth, bool) or not isinstance(group_depth, int) or group_depth < 1
-    if group_depth is not None and bad_depth:
-        raise ValueError(f"group_depth must be a positive integer, got {group_depth!r}")
-    inc = re.compile(include) if include is not None else None
-    exc = re.compile(exclude) if exclude is not None else None
-    seen: set[int] = set()
-    groups: dict[str, list[nn.Parameter]] = {}
-    for mod_name, module in _unwrap(model).named_modules():
-        name = mod_name or ROOT_LAYER
-        if (inc is not None and not inc.search(name)) or (exc is not None and exc.search(name)):
-            continue  # before claiming its parameters: a tied one then goes to the owner the filter keeps
-        direct = []
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                if p.requires_grad:
-                    direct.append(p)
-        if not direct:
-            continue
-        if group_by is not None:
-            name = str(group_by(name))
-        elif group_depth is not None and name != ROOT_LAYER:
-            name = ".".join(name.split(".")[:group_depth])
-        groups.setdefault(name, []).extend(direct)
-    return list(groups.items())
+__all__ = ["GradientMonitor", "check_cadence"]
 
 
 def check_cadence(every: int, histograms_every: int) -> None:
@@ -104,14 +41,14 @@ def check_cadence(every: int, histograms_every: int) -> None:
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
 
 
-def monitor_options(*, every: int, update_norms: bool | str, histograms_every: int, include: str | None,
-                    exclude: str | None, group_depth: int | None, group_by: Callable[[str], str] | None,
-                    flush_secs: float) -> dict[str, Any]:
-    """The :class:`GradientMonitor` keywords a training-framework callback passes through, checked when the callback
-    is built (not when training starts)."""
-    check_cadence(every, histograms_every)
-    return {"every": every, "update_norms": update_norms, "histograms_every": histograms_every, "include": include,
-            "exclude": exclude, "group_depth": group_depth, "group_by": group_by, "flush_secs": flush_secs}
+def _as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The optimizer, or the sequence of distinct optimizers, as a list."""
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        raise TypeError("optimizer must be a torch.optim.Optimizer or a sequence of them")
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError("the same optimizer was passed twice")
+    return optimizers
 
 
 def _update_mode(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> str | bool:
@@ -131,58 +68,6 @@ def _update_mode(value: Any, optimizers: Sequence[torch.optim.Optimizer]) -> str
     return value
 
 
-def _stat_dtype(device: torch.device) -> torch.dtype:
-    # Sums of squares in float64 so a norm of 1e20 does not overflow; MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _shard_groups(t: torch.Tensor) -> tuple:
-    """Process groups over which a DTensor is sharded (its norms must be reduced over them); empty otherwise."""
-    if DTensor is None or not isinstance(t, DTensor):
-        return ()
-    mesh = t.device_mesh
-    return tuple(mesh.get_group(dim) for dim, pl in enumerate(t.placements) if isinstance(pl, Shard))
-
-
-@dataclass
-class _Group:
-    """Tensors of one device / dtype / sharding, with the layer index of each (cached on the device)."""
-
-    params: list[torch.Tensor]
-    index: torch.Tensor
-    pgs: tuple
-
-
-@dataclass
-class _Plan:
-    """How to reduce the monitored parameters that have gradients at this step."""
-
-    present: np.ndarray  # bool [L]: layers with at least one gradient
-    groups: list[_Group]
-
-
-def _make_plan(params: Sequence[nn.Parameter], layer_of: Sequence[int], n_layers: int, key: tuple[bool, ...]) -> _Plan:
-    present = np.zeros(n_layers, dtype=bool)
-    buckets: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}
-    for p, layer, has in zip(params, layer_of, key, strict=True):
-        if not has:
-            continue
-        present[layer] = True
-        local = _local(p)
-        pgs = _shard_groups(p)
-        ts, ls = buckets.setdefault((local.device, p.grad.dtype, p.dtype, pgs), ([], []))
-        ts.append(p)
-        ls.append(layer)
-    groups = [
-        _Group(ts, torch.tensor(ls, dtype=torch.long, device=k[0]), k[3]) for k, (ts, ls) in buckets.items()
-    ]
-    return _Plan(present, groups)
-
-
 @dataclass
 class _StepState:
     """What one logged step has gathered so far (device tensors until the single host transfer)."""
@@ -195,8 +80,8 @@ class _StepState:
     loss_scale: torch.Tensor | None = None
     skipped: list[torch.Tensor] = field(default_factory=list)
     lr: float | None = None
-    snapshots: dict[int, tuple[list[torch.Tensor], _Plan]] = field(default_factory=dict)
-    state_updates: dict[int, tuple[optim_updates.StateUpdate, _Plan]] = field(default_factory=dict)
+    snapshots: dict[int, tuple[list[torch.Tensor], Plan]] = field(default_factory=dict)
+    state_updates: dict[int, tuple[optim_updates.StateUpdate, Plan]] = field(default_factory=dict)
     update_lost: bool = False  # an optimizer's update was not determined: no update norms this step
     guard_action: int | None = None  # the explosion guard's decision for this step, once made
 
@@ -204,24 +89,45 @@ class _StepState:
 class GradientMonitor:
     """Records per-layer gradient statistics of a PyTorch model into TensorBoard event files.
 
-    ``GradientMonitor(model, optimizer, logdir, every=1)`` (or ``writer=`` an open ``SummaryWriter`` or
-    :class:`~tb_gradient_plugin.writer.GradientWriter`) and keep training as usual; ``optimizer.step()`` triggers the
-    recording. Pass ``scaler=`` the ``torch.amp.GradScaler`` under mixed precision so norms are unscaled and skipped
-    steps are recorded as overflow skips. Several optimizers (a list) each record the layers they own; one training
-    step ends when each has stepped once.
+    Build it and keep training as usual: ``optimizer.step()`` triggers the recording through the optimizer's step
+    hooks. Only rank 0 of a distributed job writes; with sharded (DTensor / FSDP2) parameters every rank takes part in
+    the reductions, so the norms are those of the full tensors. See ``docs/PYTORCH.md``.
 
-    Only rank 0 of a distributed job writes; with sharded (DTensor / FSDP2) parameters every rank takes part in the
-    reductions, so the norms are those of the full tensors.
-
-    ``on_explosion="warn" | "raise" | "skip" | callable`` turns on the explosion guard (:mod:`.guard`): every step
-    is then measured and judged before the optimizer applies it (see ``docs/INTEGRATIONS.md``).
+    Args:
+        model: the module whose layers are recorded. DDP and ``torch.compile`` wrappers are looked through, so layer
+            names are the model's own ``named_modules()`` paths.
+        optimizer: the optimizer that trains ``model``, or a list of them: each records the layers it owns, and one
+            training step ends when each has stepped once.
+        logdir: directory to write a new event file into (rank 0 only).
+        writer: instead of ``logdir``, an open ``torch.utils.tensorboard.SummaryWriter`` to append to (so its scalars
+            and ours are one run), or a :class:`~tb_gradient_plugin.writer.GradientWriter`, which the monitor then
+            flushes but does not close.
+        every: record every N-th optimizer step; the others cost a counter.
+        scaler: the ``torch.amp.GradScaler`` in use, so that norms are unscaled, the loss scale is recorded and a step
+            the scaler skips is recorded as an overflow skip rather than an explosion.
+        update_norms: where the update norms ``||w_after - w_before||`` come from: ``"auto"`` (or True) the
+            optimizer's state where that is exact, else a weights copy; ``"copy"`` always the copy; ``"state"`` always
+            the state (an optimizer it cannot model is refused); False records none.
+        histograms_every: every N steps also record per-layer histograms of log10|g| on the format's fixed bins
+            (0: never).
+        grads_at: where gradients are read: ``"backward"`` where backward ends (after DDP's averaging, before any
+            clipping), ``"step"`` what the optimizer sees, ``"manual"`` only at :meth:`capture_gradients` (for
+            integrations that know their framework's moment).
+        include: regular expression a layer name must contain (``re.search``) to be recorded.
+        exclude: regular expression of layer names not to record.
+        group_depth: merge layers into groups named by the first N dotted name components (``encoder.layers.3``).
+        group_by: instead of ``group_depth``, a function from layer name to group name.
+        flush_secs: how often (seconds) an event file the monitor opened is flushed to disk.
+        on_explosion: the explosion guard (:mod:`tb_gradient_plugin.guard`): ``"warn"``, ``"raise"``, ``"skip"``, a
+            callable that gets the episode and may return ``"skip"``, or an ``ExplosionGuard``. Every step is then
+            measured and judged before the optimizer applies it (see ``docs/INTEGRATIONS.md``). None: no guard.
     """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-        logdir: str | None = None,
+        logdir: str | os.PathLike | None = None,
         *,
         writer: Any = None,
         every: int = 1,
@@ -242,16 +148,52 @@ class GradientMonitor:
         self._guard = ExplosionGuard.resolve(on_explosion)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-            raise TypeError("optimizer must be a torch.optim.Optimizer or a sequence of them")
-        if len({id(o) for o in optimizers}) != len(optimizers):
-            raise ValueError("the same optimizer was passed twice")
+        optimizers = _as_optimizers(optimizer)
         layers = discover_layers(model, include=include, exclude=exclude, group_depth=group_depth, group_by=group_by)
         if not layers:
             what = "trainable parameters" if include is None and exclude is None else "layers matching the filters"
             raise ValueError(f"the model has no {what}: nothing to monitor")
+        self._assign_layers(layers, optimizers)
+        self._optimizers = optimizers
+        self._opt_index = {id(o): k for k, o in enumerate(optimizers)}
+        self.every = every
+        self.histograms_every = histograms_every
+        self.update_norms = _update_mode(update_norms, optimizers)
+        # Per optimizer, how its update norms are computed: "state" (from its own state) or "copy" (weights copy).
+        self._update_paths: list[str | None] = [
+            None if not self.update_norms else
+            "copy" if self.update_norms == "copy" or optim_updates.unsupported_reason(o) else "state"
+            for o in optimizers
+        ]
+        self._copy_only: set[int] = set()  # optimizers whose state once failed to determine the update
+        self.grads_at = grads_at
+        self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
 
+        dist = torch.distributed
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # Replicated training (DDP): other ranks hold the same gradients, so they need not compute anything.
+        # With a guard every rank judges the (identical) gradients itself, so all ranks skip the same steps.
+        sharded = any(is_sharded(p) for p in self._all_params)
+        self._inert = self.rank != 0 and not sharded and self._guard is None
+        self._open_writer(logdir, writer, flush_secs)
+
+        self._step = 0
+        self._closed = False
+        self._loss: Any = None
+        self._stepped: set[int] = set()
+        self._state: _StepState | None = None
+        self._plans: dict[tuple[bool, ...], Plan] = {}
+        self._grad_hooks: list[Any] = []
+        self._capture_queued = False
+        self._in_scaler_step: dict[int, bool] = {}
+        self._handles: list[Any] = []
+        self._scaler_step: Callable | None = None
+        if not self._inert:
+            self._attach_hooks()
+
+    def _assign_layers(self, layers: list[tuple[str, list[nn.Parameter]]],
+                       optimizers: list[torch.optim.Optimizer]) -> None:
+        """Each layer's parameters go to the optimizer that owns them; layers no optimizer owns are not recorded."""
         owner: dict[int, int] = {}
         for k, opt in enumerate(optimizers):
             for group in opt.param_groups:
@@ -276,61 +218,35 @@ class GradientMonitor:
         self.layers: tuple[str, ...] = tuple(names)
         self._all_params = [p for ps in self._params for p in ps]
         self._all_layer_of = [i for ls in self._layer_of for i in ls]
-        self._optimizers = optimizers
-        self._opt_index = {id(o): k for k, o in enumerate(optimizers)}
-        self.every = every
-        self.histograms_every = histograms_every
-        self.update_norms = _update_mode(update_norms, optimizers)
-        # Per optimizer, how its update norms are computed: "state" (from its own state) or "copy" (weights copy).
-        self._update_paths: list[str | None] = [
-            None if not self.update_norms else
-            "copy" if self.update_norms == "copy" or optim_updates.unsupported_reason(o) else "state"
-            for o in optimizers
-        ]
-        self._copy_only: set[int] = set()  # optimizers whose state once failed to determine the update
-        self.grads_at = grads_at
-        self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
 
-        self._sharded = any(DTensor is not None and isinstance(p, DTensor) for p in self._all_params)
-        dist = torch.distributed
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        # Replicated training (DDP): other ranks hold the same gradients, so they need not compute anything.
-        # With a guard every rank judges the (identical) gradients itself, so all ranks skip the same steps.
-        self._inert = self.rank != 0 and not self._sharded and self._guard is None
+    def _open_writer(self, logdir: str | os.PathLike | None, writer: Any, flush_secs: float) -> None:
+        """Rank 0 writes: to the user's GradientWriter as is, else to one of its own (on ``logdir`` or ``writer``)."""
         self._writer: GradientWriter | None = None
         self._owns_writer = False
-        if self.rank == 0:
-            if isinstance(writer, GradientWriter):
-                if logdir is not None:
-                    raise ValueError("pass exactly one of logdir or writer")
-                self._writer = writer
-            else:
-                self._writer = GradientWriter(logdir, writer=writer, flush_secs=flush_secs)
-                self._owns_writer = True
+        if self.rank != 0:
+            return
+        if isinstance(writer, GradientWriter):
+            if logdir is not None:
+                raise ValueError("pass exactly one of logdir or writer")
+            self._writer = writer
+        else:
+            self._writer = GradientWriter(logdir, writer=writer, flush_secs=flush_secs)
+            self._owns_writer = True
 
-        self._step = 0
-        self._closed = False
-        self._loss: Any = None
-        self._stepped: set[int] = set()
-        self._state: _StepState | None = None
-        self._plans: dict[tuple[bool, ...], _Plan] = {}
-        self._grad_hooks: list[Any] = []
-        self._capture_queued = False
-        self._in_scaler_step: dict[int, bool] = {}
-        self._handles: list[Any] = []
-        self._scaler_step: Callable | None = None
-        if not self._inert:
-            ref = weakref.ref(self)
-            for opt in optimizers:
-                if not hasattr(opt, "register_step_pre_hook"):
-                    raise TypeError(f"{type(opt).__name__} has no step hooks (needs torch >= 2.0)")
-                self._handles.append(opt.register_step_pre_hook(_weak(ref, "_pre_step")))
-                self._handles.append(opt.register_step_post_hook(_weak(ref, "_post_step")))
-                if self._guard is not None and grads_at != "manual":
-                    self._handles.append(opt.register_step_pre_hook(_weak(ref, "_guard_pre_step")))
-            if self._scaler is not None:
-                self._wrap_scaler(ref)
-            self._sync_grad_hooks()
+    def _attach_hooks(self) -> None:
+        """The optimizers' step hooks (weak: the optimizer must not keep the monitor alive), the scaler's step wrapper
+        and, for the coming step, the end-of-backward gradient hooks."""
+        ref = weakref.ref(self)
+        for opt in self._optimizers:
+            if not hasattr(opt, "register_step_pre_hook"):
+                raise TypeError(f"{type(opt).__name__} has no step hooks (needs torch >= 2.0)")
+            self._handles.append(opt.register_step_pre_hook(_weak(ref, "_pre_step")))
+            self._handles.append(opt.register_step_post_hook(_weak(ref, "_post_step")))
+            if self._guard is not None and self.grads_at != "manual":
+                self._handles.append(opt.register_step_pre_hook(_weak(ref, "_guard_pre_step")))
+        if self._scaler is not None:
+            self._wrap_scaler(ref)
+        self._sync_grad_hooks()
 
     # ----------------------------------------------------------------------------------------------------- public
 
@@ -487,11 +403,10 @@ class GradientMonitor:
         from_state = self._update_from_state(k, optimizer)
         snaps: list[torch.Tensor] = []
         for g in plan.groups:
-            local = [_local(p.detach()) for p in g.params]
-            norms = torch._foreach_norm(local, 2, dtype=torch.float32)
-            self._accumulate(state, "param_sq", g, torch.stack(norms).to(_stat_dtype(g.index.device)).square_())
+            weights = [local(p.detach()) for p in g.params]
+            self._accumulate(state, "param_sq", g, squared_norms(weights, g.index.device))
             if self.update_norms and not from_state:
-                snaps.extend(weights_copy.copies(local))
+                snaps.extend(weights_copy.copies(weights))
         if from_state:
             state.state_updates[k] = (optim_updates.StateUpdate(optimizer, [g.params for g in plan.groups]), plan)
         elif self.update_norms:
@@ -516,20 +431,20 @@ class GradientMonitor:
             for g in plan.groups:
                 before = snaps[start:start + len(g.params)]
                 start += len(g.params)
-                torch._foreach_sub_(before, [_local(p.detach()) for p in g.params])
-                norms = torch._foreach_norm(before, 2, dtype=torch.float32)
+                torch._foreach_sub_(before, [local(p.detach()) for p in g.params])
+                sq = squared_norms(before, g.index.device)
                 del before
-                self._accumulate(state, "update_sq", g, torch.stack(norms).to(_stat_dtype(g.index.device)).square_())
+                self._accumulate(state, "update_sq", g, sq)
             del snaps
         if state is not None and k in state.state_updates:
             self._state_update_norms(state, k, optimizer, *state.state_updates.pop(k))
         self._optimizer_done(k)
 
     def _state_update_norms(self, state: _StepState, k: int, optimizer: torch.optim.Optimizer,
-                            pending: optim_updates.StateUpdate, plan: _Plan) -> None:
+                            pending: optim_updates.StateUpdate, plan: Plan) -> None:
         """Update norms of the step just taken from the optimizer's state (see :mod:`.optim_updates`)."""
         try:
-            values = pending.finish([_stat_dtype(g.index.device) for g in plan.groups])
+            values = pending.finish([stat_dtype(g.index.device) for g in plan.groups])
         except optim_updates.UpdateModelError as err:
             # Which update the step made is unknown: record none for this step rather than a wrong one.
             state.update_lost = True
@@ -615,8 +530,7 @@ class GradientMonitor:
             if self._logged():
                 plan = self._plan_for(self._params[k], self._layer_of[k])
                 for g in plan.groups:  # weights did not move: parameter norm as is, update norm zero
-                    norms = torch._foreach_norm([_local(p.detach()) for p in g.params], 2, dtype=torch.float32)
-                    sq = torch.stack(norms).to(_stat_dtype(g.index.device)).square_()
+                    sq = squared_norms([local(p.detach()) for p in g.params], g.index.device)
                     self._accumulate(self._state, "param_sq", g, sq)
                     if self.update_norms:
                         self._accumulate(self._state, "update_sq", g, torch.zeros_like(sq))
@@ -643,27 +557,19 @@ class GradientMonitor:
             return scale.detach().clone()
         return torch.tensor([float(self._scaler.get_scale())])
 
-    def _plan_for(self, params: Sequence[nn.Parameter], layer_of: Sequence[int]) -> _Plan:
+    def _plan_for(self, params: Sequence[nn.Parameter], layer_of: Sequence[int]) -> Plan:
         key = tuple(p.grad is not None for p in params)
         cache_key = (id(params), *key)
         plan = self._plans.get(cache_key)
         if plan is None:
             if len(self._plans) > 64:
                 self._plans.clear()
-            plan = self._plans[cache_key] = _make_plan(params, layer_of, len(self.layers), key)
+            plan = self._plans[cache_key] = make_plan(params, layer_of, len(self.layers), key)
         return plan
 
-    def _accumulate(self, state: _StepState, name: str, group: _Group, per_tensor: torch.Tensor) -> None:
-        """Sum per-tensor values into per-layer ones (max for ``grad_max``), then over shards where sharded."""
-        n = len(self.layers)
-        dev = group.index.device
-        if name == "grad_max":
-            out = torch.zeros(n, dtype=per_tensor.dtype, device=dev).scatter_reduce_(0, group.index, per_tensor, "amax")
-        else:
-            out = torch.zeros(n, dtype=per_tensor.dtype, device=dev).index_add_(0, group.index, per_tensor)
-        for pg in group.pgs:
-            op = torch.distributed.ReduceOp.MAX if name == "grad_max" else torch.distributed.ReduceOp.SUM
-            torch.distributed.all_reduce(out, op=op, group=pg)
+    def _accumulate(self, state: _StepState, name: str, group: Group, per_tensor: torch.Tensor) -> None:
+        """Add one group's per-tensor values to the step's per-layer ``name`` (max for ``grad_max``)."""
+        out = to_layers(per_tensor, group, len(self.layers), amax=name == "grad_max")
         target = state.grads if name in ("grad_sq", "grad_max", "nonfinite") else None
         if target is not None:
             prev = target.get(name)
@@ -682,39 +588,13 @@ class GradientMonitor:
         plan = self._plan_for(self._all_params, self._all_layer_of)
         state.grads, state.present, state.hist = {}, plan.present, None
         state.loss_scale = scale
-        logged, hist = self._logged() or self._guard is not None, self._hist_step()
+        norms, hist = self._logged() or self._guard is not None, self._hist_step()
         for g in plan.groups:
-            grads = [_grad_entries(p) for p in g.params]
-            dev = g.index.device
-            dt = _stat_dtype(dev)
-            inv = None if scale is None else scale.to(dev, dt).reciprocal().reshape(())
-            if hist:
-                # One pass per gradient gives its counts and, on a logged step, its norm and max |g| too.
-                passes = [_hist_pass(t, inv, logged) for t in grads]
-                counts = torch.stack([c for c, _, _ in passes])
-                implicit = [_local(p.grad).numel() - t.numel() for p, t in zip(g.params, grads, strict=True)]
-                if any(implicit):  # a sparse gradient's entries it does not store are zeros
-                    counts[:, fmt.HIST_ZERO] += torch.tensor(implicit, device=counts.device)
-                if logged:
-                    self._accumulate(state, "grad_sq", g, torch.stack([sq for _, sq, _ in passes]).to(dt))
-                    self._accumulate(state, "grad_max", g, torch.stack([m for _, _, m in passes]).to(dt))
-                    self._accumulate(state, "nonfinite", g, counts[:, fmt.HIST_NONFINITE].to(dt))
-                layer_counts = torch.zeros(len(self.layers), fmt.HIST_BINS, dtype=torch.int64, device=dev)
-                layer_counts.index_add_(0, g.index, counts)
-                for pg in g.pgs:
-                    torch.distributed.all_reduce(layer_counts, group=pg)
-                state.hist = layer_counts if state.hist is None else state.hist + layer_counts.to(state.hist.device)
-            elif logged:
-                # Scaled gradients are huge by design: their squares overflow float32, so accumulate in float64.
-                acc = torch.float32 if inv is None else dt
-                norms = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).to(dt)
-                maxes = _max_abs(grads, acc).to(dt)
-                if inv is not None:
-                    norms, maxes = norms * inv, maxes * inv
-                bad = _nonfinite_counts(grads, maxes).to(dt)
-                self._accumulate(state, "grad_sq", g, norms.square_())
-                self._accumulate(state, "grad_max", g, maxes)
-                self._accumulate(state, "nonfinite", g, bad)
+            per_tensor, counts = grad_stats(g, scale, len(self.layers), norms=norms, hist=hist)
+            for name, values in per_tensor.items():
+                self._accumulate(state, name, g, values)
+            if counts is not None:
+                state.hist = counts if state.hist is None else state.hist + counts.to(state.hist.device)
 
     def _finish_step(self) -> None:
         """End of one training step: one host transfer and one write if it is recorded; then count it."""
@@ -749,7 +629,7 @@ class GradientMonitor:
         if not parts:
             return
         home = parts[0][1].device
-        dt = _stat_dtype(home)
+        dt = stat_dtype(home)
         flat = torch.cat([t.reshape(-1).to(home, dt, non_blocking=True) for _, t in parts])
         host = flat.cpu().numpy()  # the one device-to-host transfer of the step
         values: dict[str, np.ndarray] = {}
@@ -790,156 +670,6 @@ class GradientMonitor:
         if "hist" in values:
             counts = values["hist"].reshape(n, fmt.HIST_BINS)[present]
             self._writer.write_histograms(step, names, np.rint(counts).astype(np.int64))
-
-
-def _grad_entries(p: torch.Tensor) -> torch.Tensor:
-    """The gradient entries the statistics read: a sparse gradient's stored values, summed where an index repeats
-    (every other entry is zero, which changes no norm, max or count of non-finite values)."""
-    grad = _local(p.grad.detach())
-    if grad.layout == torch.sparse_coo:
-        return grad.coalesce().values()
-    if grad.layout != torch.strided:  # compressed layouts store each index once
-        return grad.values()
-    return grad
-
-
-def _max_abs(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """max |t| per tensor (NaN if it holds one; 0 for an empty one, e.g. a rank's empty shard of a small parameter).
-
-    On accelerators the fused infinity norm is one kernel for all tensors; on the CPU that norm takes a slow path,
-    while ``aminmax`` runs at memory speed.
-    """
-    out = torch.zeros(len(tensors), dtype=dtype, device=tensors[0].device)
-    nonempty = [i for i, t in enumerate(tensors) if t.numel()]
-    if not nonempty:
-        return out
-    chosen = [tensors[i] for i in nonempty]
-    if chosen[0].device.type == "cpu":
-        ends = torch.stack([x for pair in map(torch.aminmax, chosen) for x in pair]).to(dtype)
-        maxes = ends.abs_().view(-1, 2).amax(dim=1)  # amax propagates NaN
-    else:
-        maxes = torch.stack(torch._foreach_norm(chosen, float("inf"), dtype=dtype)).to(dtype)
-    if len(nonempty) == len(tensors):
-        return maxes
-    out[nonempty] = maxes
-    return out
-
-
-def _nonfinite_counts(tensors: list[torch.Tensor], maxes: torch.Tensor) -> torch.Tensor:
-    """Count of NaN/Inf entries per tensor.
-
-    A tensor whose max |g| is finite has none. On the CPU, reading that is free, so only the (rare) tensors with a
-    non-finite entry are counted; on an accelerator, deciding would cost a host sync, so all are counted there.
-    """
-    if maxes.device.type == "cpu":
-        counts = torch.zeros(len(tensors), dtype=torch.int64)
-        for i in torch.nonzero(~torch.isfinite(maxes)).reshape(-1).tolist():
-            counts[i] = torch.isfinite(tensors[i]).logical_not_().sum()
-        return counts
-    return torch.stack([torch.isfinite(t).logical_not_().sum() for t in tensors])
-
-
-_THRESHOLDS = fmt.histogram_edge_values(np.float32)
-_CELL_BITS = 16  # a float32 magnitude's bit pattern >> 16: sign-free exponent and the top 7 mantissa bits
-_CELL = 1 << _CELL_BITS
-
-
-def _bin_table() -> np.ndarray:
-    """Lookup table that bins a float32 magnitude from its bit pattern (monotonic in the value for magnitudes).
-
-    Per cell ``c`` of 2^16 consecutive bit patterns ``h``: ``first_bin * 2^16 + (2^16 - low) - c * 2^16``, where
-    ``first_bin`` is the bin of the cell's first value and ``low`` the low 16 bits of the one threshold inside the cell
-    (2^16 if none). Then ``(table[h >> 16] + h) >> 16`` is the bin: the sum is ``first_bin * 2^16 + (2^16 - low) +
-    (h & 0xFFFF)``, which carries into the bin exactly when the entry is at or above that threshold. Cells are far
-    narrower than the half-decade bins, so a cell holds at most one threshold. Zero, subnormals and non-finite values
-    fall out of the same lookup.
-    """
-    thresholds = _THRESHOLDS.view(np.int32).astype(np.int64)
-    if np.any((thresholds[1:] >> _CELL_BITS) <= (thresholds[:-1] >> _CELL_BITS)):
-        raise RuntimeError("two histogram thresholds share one lookup cell")
-    starts = np.arange(1 << (31 - _CELL_BITS), dtype=np.int64) << _CELL_BITS
-    below = np.searchsorted(thresholds, starts, side="right")  # thresholds <= the cell's first value
-    first_bin = fmt.HIST_UNDERFLOW + below
-    inside = np.minimum(below, len(thresholds) - 1)
-    has = (below < len(thresholds)) & (thresholds[inside] < starts + _CELL)
-    low = np.where(has, thresholds[inside] - starts, _CELL)
-    first_bin[0], low[0] = fmt.HIST_ZERO, 1  # bit pattern 0 is zero; the rest of cell 0 is subnormal (underflow)
-    nonfinite = starts >= 0x7F800000
-    first_bin[nonfinite], low[nonfinite] = fmt.HIST_NONFINITE, _CELL
-    return (first_bin * _CELL + (_CELL - low) - starts).astype(np.int32)
-
-
-_BIN_TABLE = _bin_table()
-#: Entries per piece on the CPU: the int32 temporaries of a piece (4 MiB in all) stay in the last-level cache.
-_HIST_PIECE = 1 << 18
-#: On the CPU, consecutive entries are counted into this many separate copies of the bins (summed at the end):
-#: incrementing one counter per entry serialises on the few bins most entries fall into.
-_HIST_LANES = 16
-_LANE_STRIDE = 64
-_tables_on: dict[torch.device, torch.Tensor] = {}
-
-
-@functools.cache
-def _cpu_lanes() -> torch.Tensor:
-    """Per entry of a CPU piece, the offset of the copy of the bins it is counted into."""
-    return (torch.arange(_HIST_PIECE, dtype=torch.int32) % _HIST_LANES) * _LANE_STRIDE
-
-
-def _hist_pass(grad: torch.Tensor, inv_scale: torch.Tensor | None,
-               stats: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Counts of one gradient's entries on the format's fixed log10|g| bins, equal to
-    :func:`tb_gradient_plugin.format.histogram_counts` of the float32 magnitudes; with ``stats``, also its squared L2
-    norm and max |g| (NaN if it holds one), taken from the same pieces while they are in cache.
-
-    Binned from the float32 bit patterns with one table lookup (see :func:`_bin_table`), where a search among the
-    thresholds per entry costs several times more. On the CPU the entries go through in cache-sized pieces, each
-    entry counted into one of :data:`_HIST_LANES` copies of the bins. The magnitudes' bit patterns order like the
-    magnitudes (NaN above infinity), so their integer max is the max |g|.
-    """
-    table = _tables_on.get(grad.device)
-    if table is None:
-        table = _tables_on[grad.device] = torch.from_numpy(_BIN_TABLE).to(grad.device)
-    flat = grad.reshape(-1)
-    n = flat.numel()
-    dt = _stat_dtype(grad.device)
-    zero = torch.zeros((), dtype=dt, device=grad.device) if stats else None
-    if n == 0:
-        return torch.zeros(fmt.HIST_BINS, dtype=torch.int64, device=grad.device), zero, zero
-    cpu = grad.device.type == "cpu"
-    size = min(_HIST_PIECE, n) if cpu else n
-    lanes = _HIST_LANES if cpu else 1
-    counts = torch.zeros(lanes * _LANE_STRIDE, dtype=torch.int64, device=grad.device)
-    bits, cell, idx = (torch.empty(size, dtype=torch.int32, device=grad.device) for _ in range(3))
-    convert = inv_scale is not None or flat.dtype != torch.float32
-    scale = inv_scale.to(torch.float32) if inv_scale is not None else None
-    # Unscaled sums of squares in float64: a scaled gradient's true norm may still overflow float32's squares.
-    acc = torch.float32 if scale is None else dt
-    norms: list[torch.Tensor] = []
-    maxes: list[torch.Tensor] = []
-    for start in range(0, n, size):
-        piece = flat[start:start + size]
-        k = piece.numel()
-        if convert:
-            piece = piece.to(torch.float32, copy=True).abs_()
-            if scale is not None:
-                piece.mul_(scale)
-        b, c, i = bits[:k], cell[:k], idx[:k]
-        torch.bitwise_and(piece.view(torch.int32), 0x7FFFFFFF, out=b)
-        if stats:
-            norms.append(torch.linalg.vector_norm(piece, dtype=acc))
-            maxes.append(b.max())
-        torch.bitwise_right_shift(b, _CELL_BITS, out=c)
-        torch.index_select(table, 0, c, out=i)
-        i += b
-        i >>= _CELL_BITS
-        if cpu:
-            i += _cpu_lanes()[:k]
-        counts += torch.bincount(i, minlength=counts.numel())
-    counts = counts.view(lanes, _LANE_STRIDE).sum(0)[:fmt.HIST_BINS]
-    if not stats:
-        return counts, None, None
-    sq = torch.stack(norms).to(dt).square_().sum()
-    return counts, sq, torch.stack(maxes).max().view(torch.float32).to(dt)
 
 
 def _weak(ref: weakref.ReferenceType, method: str) -> Callable[..., None]:
