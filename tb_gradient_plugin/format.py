@@ -1,7 +1,8 @@
 """The on-disk format: the only module that builds or parses our summary protos.
 
 Everything the writer puts into an event file and everything the reader takes out of one goes through here, so the
-format can evolve (and be versioned) in one place. See ``docs/FORMAT.md`` for the prose description.
+format can evolve (and be versioned) in one place. See ``docs/FORMAT.md`` for the prose description. The metric
+registry (``METRIC_REGISTRY``) names every metric, stored or derived, with its label and unit.
 
 Layout of one logged step
 -------------------------
@@ -34,13 +35,69 @@ PLUGIN_NAME = "gradients"
 FORMAT_VERSION = 1
 TAG_PREFIX = "gradients/"
 
+#: How a metric is stored: one packed float32 tensor per logged step holding every layer's value ...
+LAYER_TENSOR = "layer_tensor"
+#: ... a rank-0 float32 tensor under our plugin per logged step ...
+STEP_TENSOR = "step_tensor"
+#: ... a stock scalar (so TensorBoard's Scalars tab shows it too) ...
+SCALAR = "scalar"
+#: ... an int64 ``[layers, HIST_BINS]`` tensor on the fixed histogram bins ...
+HISTOGRAM = "histogram"
+#: ... or not at all: readers compute it from the metrics it is derived from.
+DERIVED = "derived"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One quantity we record or derive. Metrics are declared once, in the registry below, so that the writer, the
+    reader, the plugin's routes and the tab (which the plugin serves the registry to) agree on what exists, how it is
+    stored and what it is called."""
+
+    name: str
+    #: ``"layer"``: one value per layer and logged step; ``"step"``: one value per logged step.
+    scope: str
+    #: ``LAYER_TENSOR``, ``STEP_TENSOR``, ``SCALAR``, ``HISTOGRAM`` or ``DERIVED``.
+    storage: str
+    #: How people read its name (the tab's legends, titles and tooltips).
+    label: str
+    #: What a value measures or counts; empty where it is the training's own quantity (loss, learning rate).
+    unit: str
+    #: The stored metrics a derived one is computed from, in the order of its formula.
+    derived_from: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "scope": self.scope, "storage": self.storage, "label": self.label,
+                "unit": self.unit, "derived_from": list(self.derived_from)}
+
+
+METRIC_REGISTRY: tuple[Metric, ...] = (
+    Metric("grad_norm", "layer", LAYER_TENSOR, "grad norm", "L2 norm"),
+    Metric("param_norm", "layer", LAYER_TENSOR, "param norm", "L2 norm"),
+    Metric("update_norm", "layer", LAYER_TENSOR, "update norm", "L2 norm"),
+    Metric("update_ratio", "layer", DERIVED, "update ratio", "ratio", ("update_norm", "param_norm")),
+    Metric("grad_max_abs", "layer", LAYER_TENSOR, "max |grad|", "absolute value"),
+    Metric("nonfinite_count", "layer", LAYER_TENSOR, "non-finite entries", "entries"),
+    Metric("grad_hist", "layer", HISTOGRAM, "gradient histogram", "entries per log10|g| bin"),
+    Metric("loss", "step", SCALAR, "loss", ""),
+    Metric("total_grad_norm", "step", SCALAR, "total grad norm", "L2 norm"),
+    Metric("lr", "step", STEP_TENSOR, "learning rate", ""),
+    Metric("loss_scale", "step", STEP_TENSOR, "loss scale", "factor"),
+    Metric("step_skipped", "step", STEP_TENSOR, "skipped step", "1 = skipped"),
+    Metric("guard_action", "step", STEP_TENSOR, "guard action", "action code"),
+)
+
+
+def _stored_as(storage: str) -> tuple[str, ...]:
+    return tuple(m.name for m in METRIC_REGISTRY if m.storage == storage)
+
+
 #: Per-layer metrics, one packed float32 tensor per logged step each.
-LAYER_METRICS: tuple[str, ...] = ("grad_norm", "param_norm", "update_norm", "grad_max_abs", "nonfinite_count")
+LAYER_METRICS: tuple[str, ...] = _stored_as(LAYER_TENSOR)
 #: Per-step extras written as rank-0 tensors under our plugin.
-STEP_METRICS: tuple[str, ...] = ("lr", "loss_scale", "step_skipped", "guard_action")
+STEP_METRICS: tuple[str, ...] = _stored_as(STEP_TENSOR)
 #: Per-step series written as stock scalars (visible in the Scalars tab).
-SCALAR_METRICS: tuple[str, ...] = ("loss", "total_grad_norm")
-HISTOGRAM_METRIC = "grad_hist"
+SCALAR_METRICS: tuple[str, ...] = _stored_as(SCALAR)
+HISTOGRAM_METRIC: str = _stored_as(HISTOGRAM)[0]
 
 #: Fixed histogram bins on log10|g|: one bin for exact zeros, one below 1e-12, 48 bins of half a decade from 1e-12
 #: to 1e12, one at or above 1e12, one for NaN/Inf. The same bins for every layer and step, so histograms compare.
@@ -54,7 +111,7 @@ def tag_for(metric: str) -> str:
     return TAG_PREFIX + metric
 
 
-_METRIC_OF_TAG = {TAG_PREFIX + m: m for m in LAYER_METRICS + STEP_METRICS + SCALAR_METRICS + (HISTOGRAM_METRIC,)}
+_METRIC_OF_TAG = {TAG_PREFIX + m.name: m.name for m in METRIC_REGISTRY if m.storage != DERIVED}
 
 
 def metric_of(tag: str) -> str | None:

@@ -157,6 +157,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
             "/layer": self._route(self._layer),
             "/loss": self._route(self._loss),
             "/histograms": self._route(self._histograms),
+            "/metrics": self._route(self._metrics),
         }
         routes["/*"] = self._serve_static
         return routes
@@ -401,6 +402,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
             }
 
         return self._cached(("histograms", run, version, layer), build)
+
+    def _metrics(self, request: wrappers.Request) -> bytes:
+        return self._cached(("metrics",), lambda: {"metrics": [m.to_json() for m in fmt.METRIC_REGISTRY]})
 
     # ------------------------------------------------------------------------------------------------------ static
 

@@ -61,6 +61,21 @@ def test_every_metric_round_trips(tmp_path):
     assert scalars["guard_action"][0] == (0, 0.0)
 
 
+def test_metric_lists_come_from_the_registry():
+    names = [m.name for m in fmt.METRIC_REGISTRY]
+    assert len(names) == len(set(names))
+    stored = {m.name for m in fmt.METRIC_REGISTRY if m.storage != fmt.DERIVED}
+    assert set(fmt.LAYER_METRICS) | set(fmt.STEP_METRICS) | set(fmt.SCALAR_METRICS) | {fmt.HISTOGRAM_METRIC} == stored
+    assert fmt.LAYER_METRICS == ("grad_norm", "param_norm", "update_norm", "grad_max_abs", "nonfinite_count")
+    assert fmt.STEP_METRICS == ("lr", "loss_scale", "step_skipped", "guard_action")
+    assert fmt.SCALAR_METRICS == ("loss", "total_grad_norm") and fmt.HISTOGRAM_METRIC == "grad_hist"
+    for m in fmt.METRIC_REGISTRY:
+        assert m.scope in ("layer", "step") and m.label
+        assert (m.storage == fmt.DERIVED) == bool(m.derived_from)
+        assert set(m.derived_from) <= stored
+        assert fmt.metric_of(fmt.tag_for(m.name)) == (None if m.storage == fmt.DERIVED else m.name)
+
+
 def test_nan_inf_and_huge_values_survive(tmp_path):
     vals = np.array([np.nan, np.inf, -np.inf, 1e38, 3.4e38, 0.0, 1e-45], dtype=np.float32)
     names = [f"l{i}" for i in range(len(vals))]

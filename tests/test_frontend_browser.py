@@ -350,6 +350,14 @@ def test_tab_flags_episode_offending_layer_and_loss_spike(tab_factory, server, l
     tooltip = panel.locator(".hm-tooltip .tt-title")
     tooltip.wait_for()
     assert tooltip.text_content() == HOSTILE
+    # Metrics are named by the registry the plugin serves: in the tooltip, the heatmap's title and its metric picker.
+    labels = {m["name"]: m["label"] for m in server.get_json("data/plugin/gradients/metrics")["metrics"]}
+    assert f"{labels['grad_norm']}: " in panel.locator(".hm-tooltip").text_content()
+    title = panel.locator(".heatmap-block .block-title").text_content()
+    assert title == f"Layers × steps — log10 {labels['grad_norm']}"
+    offered = frame.locator("#metric option").all_text_contents()
+    assert offered == [f"log10 {labels[m]}" for m in ("grad_norm", "update_ratio", "grad_max_abs", "param_norm")]
+    assert offered == ["log10 grad norm", "log10 update ratio", "log10 max |grad|", "log10 param norm"]
     assert frame.locator("img").count() == 0
     tab.page.mouse.move(0, 0)
 

@@ -213,6 +213,26 @@ def test_histograms_route(client):
     assert _get(client, "histograms", run="plain", layer="x")[0] == 404
 
 
+def test_metrics_route_serves_the_format_registry(client):
+    code, doc, _ = _get(client, "metrics")
+    assert code == 200
+    served = doc["metrics"]
+    assert [m["name"] for m in served] == [m.name for m in fmt.METRIC_REGISTRY]
+    for m, registered in zip(served, fmt.METRIC_REGISTRY, strict=True):
+        assert m == {"name": registered.name, "scope": registered.scope, "storage": registered.storage,
+                     "label": registered.label, "unit": registered.unit,
+                     "derived_from": list(registered.derived_from)}
+    by_name = {m["name"]: m for m in served}
+    # Every metric the heatmap and layer routes accept has its label there, the derived one with its sources.
+    assert set(plugin.METRICS) <= {m["name"] for m in served if m["scope"] == "layer"}
+    assert by_name["update_ratio"]["derived_from"] == ["update_norm", "param_norm"]
+    assert by_name["grad_max_abs"]["label"] == "max |grad|"
+    # Per-step series of the loss route are named there too.
+    assert by_name["total_grad_norm"]["scope"] == "step" and by_name["loss"]["label"] == "loss"
+    # Another request is answered the same (from the cache).
+    assert _get(client, "metrics")[1] == doc
+
+
 def test_html_and_unicode_names_round_trip_as_data(client):
     code, doc, resp = _get(client, "heatmap", run=EVIL_RUN, bins=10)
     assert code == 200 and doc["run"] == EVIL_RUN and doc["layers"][-1] == EVIL_LAYER

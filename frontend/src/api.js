@@ -38,3 +38,25 @@ export async function getJson(route, params = {}, signal = undefined) {
 export function isAbort(err) {
   return err && err.name === "AbortError";
 }
+
+/** A slot for one in-flight request: starting a new one aborts the previous, so late answers never overwrite. */
+export class Slot {
+  constructor() {
+    this.controller = null;
+  }
+
+  async run(fn) {
+    if (this.controller) this.controller.abort();
+    const controller = new AbortController();
+    this.controller = controller;
+    try {
+      return await fn(controller.signal);
+    } finally {
+      if (this.controller === controller) this.controller = null;
+    }
+  }
+
+  abort() {
+    if (this.controller) this.controller.abort();
+  }
+}

@@ -2,6 +2,7 @@
 
 import { getJson } from "./api.js";
 import { h, message } from "./dom.js";
+import { loadMetrics, metricLabel } from "./metrics.js";
 import { RunPanel } from "./panel.js";
 import { Theme } from "./theme.js";
 
@@ -10,12 +11,8 @@ const RELOAD_MS = 30000;
 const LOADING_POLL_MS = 1000;
 /** Episodes that make a run the one to open on: the gradient blew up. */
 const ALARMING = new Set(["explosion", "nonfinite"]);
-const METRICS = [
-  ["grad_norm", "log10 grad norm"],
-  ["update_ratio", "log10 update ratio"],
-  ["grad_max_abs", "log10 max |grad|"],
-  ["param_norm", "log10 param norm"],
-];
+/** The heatmap's metric choices, in the order offered (named by the served metric registry). */
+const HEATMAP_METRICS = ["grad_norm", "update_ratio", "grad_max_abs", "param_norm"];
 
 export class App {
   constructor(root) {
@@ -33,8 +30,7 @@ export class App {
 
     this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: () => this.selectRuns() });
     this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: () => this.selectRuns() });
-    this.metricSelect = h("select", { id: "metric", "aria-label": "Heatmap metric", onchange: (e) => this.setMetric(e.target.value) },
-      METRICS.map(([value, label]) => h("option", { value, text: label })));
+    this.metricSelect = h("select", { id: "metric", "aria-label": "Heatmap metric", onchange: (e) => this.setMetric(e.target.value) });
     this.resetButton = h("button", { id: "reset-zoom", type: "button", disabled: true, text: "Reset zoom",
       onclick: () => this.setView(null, null) });
     this.status = h("span", { class: "status", role: "status" });
@@ -80,7 +76,8 @@ export class App {
     if (this.polling) return;
     this.polling = true;
     try {
-      const answer = await getJson("runs");
+      const [answer] = await Promise.all([getJson("runs"), loadMetrics()]);
+      this.fillMetricSelect();
       this.loading = Boolean(answer.loading);
       const count = answer.runs.length;
       this.status.textContent = this.loading
@@ -130,6 +127,14 @@ export class App {
       const info = runs.find((r) => r.run === p.info.run);
       return info.version !== p.info.version ? p.refresh(info) : null;
     }));
+  }
+
+  /** The heatmap's metric choices, once the metric registry (their labels) has arrived. */
+  fillMetricSelect() {
+    if (this.metricSelect.options.length) return;
+    this.metricSelect.replaceChildren(...HEATMAP_METRICS.map((value) => h("option",
+      { value, text: `log10 ${metricLabel(value)}` })));
+    this.metricSelect.value = this.metric;
   }
 
   fillSelects() {
@@ -226,6 +231,12 @@ export class App {
 
   range() {
     return this.view || this.full;
+  }
+
+  /** The zoomed step window as route parameters (`start`, `end`); none when the whole run is shown. */
+  windowParams() {
+    const view = this.view;
+    return view ? { start: Math.floor(view.start), end: Math.ceil(view.end) } : {};
   }
 
   /** A panel got new data: the shared step axis and colour scale may have grown. */

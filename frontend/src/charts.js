@@ -16,6 +16,7 @@ import { CanvasRenderer } from "echarts/renderers";
 
 import { h, formatStep, formatTick, formatValue } from "./dom.js";
 import { GUTTER, RIGHT } from "./layout.js";
+import { metricLabel } from "./metrics.js";
 import { rgba } from "./theme.js";
 import { causeLabel, nanGroupName, nanGroups, seriesLabel } from "./validation.js";
 
@@ -254,7 +255,7 @@ export function lossOption({ loss, episodes, validation, full, view, width, pal,
   }
   const series = [
     {
-      name: "loss",
+      name: metricLabel("loss"),
       type: "line",
       data: pairs(loss.steps, loss.values, logY),
       showSymbol: false,
@@ -288,7 +289,7 @@ export function lossOption({ loss, episodes, validation, full, view, width, pal,
     yAxis.push({ type: isNorm ? "log" : "value", scale: true, position: "right", ...axisStyle(pal),
       splitLine: { show: false }, axisLabel: { color, fontSize: 11, formatter: formatTick } });
     series.push({
-      name: isNorm ? "total grad norm" : seriesLabel(right),
+      name: isNorm ? metricLabel("total_grad_norm") : seriesLabel(right),
       type: "line",
       yAxisIndex: 1,
       data: pairs(rightLine.steps, rightLine.values, isNorm),

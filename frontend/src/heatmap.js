@@ -4,6 +4,7 @@
 
 import { h, formatStep, formatValue } from "./dom.js";
 import { GUTTER, drawStepAxis } from "./layout.js";
+import { metricLabel } from "./metrics.js";
 import { StepCanvas } from "./stepcanvas.js";
 import { VIRIDIS, rgba } from "./theme.js";
 
@@ -298,7 +299,7 @@ export class Heatmap extends StepCanvas {
       const s0 = this.data.bin_start[b];
       const s1 = this.data.bin_end[b];
       lines.push(h("div", { text: s0 === s1 ? `step ${formatStep(s0)}` : `steps ${formatStep(s0)}–${formatStep(s1)}` }));
-      lines.push(h("div", { text: `${metricName(this.data.metric)}: ${bad ? "non-finite (NaN/Inf)" : formatValue(v)}` }));
+      lines.push(h("div", { text: `${metricLabel(this.data.metric)}: ${bad ? "non-finite (NaN/Inf)" : formatValue(v)}` }));
       if (!bad && v > 0) lines.push(h("div", { class: "tt-muted", text: `log10 = ${Math.log10(v).toFixed(2)}` }));
     }
     const rank = this.data.offending.indexOf(name);
@@ -322,11 +323,6 @@ export class Heatmap extends StepCanvas {
   onClick(at) {
     if (at.row >= 0 && at.row < this.data.layers.length) this.onSelectLayer(this.data.layers[at.row]);
   }
-}
-
-export function metricName(metric) {
-  return { grad_norm: "grad norm", update_ratio: "update ratio", param_norm: "param norm",
-    grad_max_abs: "max |grad|", update_norm: "update norm" }[metric] || metric;
 }
 
 function findBin(starts, ends, step) {

@@ -39,3 +39,8 @@ export function drawStepAxis(ctx, pal, range, pw, y, format) {
     ctx.fillText(format(t), x, y + 6);
   }
 }
+
+/** The width in pixels of a step chart's plot inside `el` (a chart not laid out yet counts as a narrow one). */
+export function plotWidth(el) {
+  return Math.max(200, el.clientWidth - GUTTER - RIGHT);
+}
