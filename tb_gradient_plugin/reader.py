@@ -8,8 +8,10 @@ A TFRecord is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 mas
   caller says the file is finished);
 * notices when a file it has read from was replaced or truncated under the same name (a job restarted into the same
   directory, a copy tool rewriting it): the file is smaller than what was seen, or its first bytes (which hold the
-  wall time at which the file was created) differ, checked whenever it grew or its inode or modification time
-  changed. It then reads nothing and says so in :attr:`RecordReader.replaced`; the caller decides how to start over;
+  wall time at which the file was created) or a hash of the last block read differ, checked whenever it grew or its
+  inode or modification time changed, and at every read where the filesystem keeps no modification time (a same-size
+  rewrite there changes nothing else). It then reads nothing and says so in :attr:`RecordReader.replaced`; the caller
+  decides how to start over;
 * on a corrupt record reports the offset and the kind of damage, skips it (a record whose length checks out is skipped
   whole; a damaged length header is resynchronised by scanning forward for the next valid header), and keeps every
   intact record. It never allocates more than the bytes the file actually holds, and always makes progress.
@@ -32,6 +34,7 @@ the result is the same, value for value, as decoding every record with protobuf.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import struct
@@ -66,6 +69,8 @@ MAX_TEMPLATE_TRIES = 3
 #: Leading bytes remembered to recognise a file later: the first record's header and the start of its event, whose
 #: first field is the wall time at which the file was created (two writers of the same file name differ there).
 HEAD_BYTES = 64
+#: the block at the end of what was read whose hash must not change while a file only grows
+TAIL_BYTES = 4096
 #: fsspec ``info`` keys that change when a file is written (the first one a filesystem gives is used).
 _STAMP_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
 
@@ -121,6 +126,7 @@ class RecordReader:
         self._buffer: memoryview | None = None  # reused for big reads while a file is read in several calls
         self._seen = 0  # the file's size at the last read
         self._head = b""  # its first HEAD_BYTES bytes (fewer while it is shorter)
+        self._tail = b""  # a hash of the last TAIL_BYTES bytes before ``_seen``
         self._stamp: object = None  # what says the file was written to: (device, inode, mtime) or fsspec's mtime
 
     # ------------------------------------------------------------------------------------------------------- file io
@@ -165,9 +171,18 @@ class RecordReader:
         """
         if size < self._seen:
             return f"it shrank from {self._seen} to {size} bytes"
-        if self._head and (size > self._seen or stamp != self._stamp) and bytes(read(0, len(self._head))) != self._head:
+        if not self._head or (size == self._seen and stamp == self._stamp and stamp is not None):
+            return None
+        if bytes(read(0, len(self._head))) != self._head:
             return "its first bytes changed: it holds another file's content"
+        if self._tail and self._tail_hash(read, self._seen) != self._tail:
+            return "the bytes it had at the end of the last read changed: it was rewritten"
         return None
+
+    @staticmethod
+    def _tail_hash(read, end: int) -> bytes:
+        start = max(0, end - TAIL_BYTES)
+        return hashlib.blake2b(bytes(read(start, end - start)), digest_size=16).digest()
 
     def read_chunks(self, max_bytes: int | None = None) -> Iterator[Chunk]:
         """Yield the complete, intact records appended since the last call, a chunk of the file at a time.
@@ -188,6 +203,8 @@ class RecordReader:
                     return
             if len(self._head) < min(size, HEAD_BYTES):
                 self._head = bytes(read(0, min(size, HEAD_BYTES)))
+            if size != self._seen:
+                self._tail = self._tail_hash(read, size)
         except FileNotFoundError:
             return
         self._stamp = stamp

@@ -178,6 +178,56 @@ def test_a_replaced_file_on_an_fsspec_filesystem(tmp_path):
         fs.rm("/replaced_logs", recursive=True)
 
 
+class _NoTimeFileSystem(MemoryFileSystem):
+    """An in-memory filesystem that keeps no modification or creation time (as some object stores and HTTP
+    servers): a same-size rewrite changes nothing but the bytes."""
+
+    protocol = "notime"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("notime://"))
+
+    def info(self, path, **kwargs):
+        return {k: v for k, v in super().info(path, **kwargs).items() if k not in ("created", "mtime")}
+
+
+def test_a_same_size_rewrite_without_modification_times_is_noticed(tmp_path):
+    """The rewrite keeps the file's size and first bytes (the same start of training) but not its later steps: the
+    hash of the last block read tells it from the file read before."""
+    fsspec.register_implementation("notime", _NoTimeFileSystem, clobber=True)
+    fs = fsspec.filesystem("notime")
+    path = "/same_size_logs/run/events.out.tfevents.1000.host.1"
+
+    def written(later: float) -> bytes:  # steps 0-49 at 1.0, 50-99 at ``later``, fixed wall times
+        out = tmp_path / f"w{later}"
+        with GradientWriter(out) as w:
+            for step in range(100):
+                value = 1.0 if step < 50 else later
+                w.write(step, LAYERS, grad_norm=np.full(len(LAYERS), value + step / 1e4), wall_time=float(step))
+        (written_path,) = out.iterdir()
+        return written_path.read_bytes()
+
+    first, second = written(1.0), written(2.0)
+    version_record = int.from_bytes(first[:8], "little") + 16  # the file-version event: its wall time differs
+    rewrite = first[:version_record] + second[version_record:]
+    assert len(rewrite) == len(first) and rewrite[:64] == first[:64] and rewrite != first
+    try:
+        fs.pipe(path, first)
+        store = RunStore("notime://same_size_logs")
+        store.refresh()
+        assert grad_at(store.get("run"), 60) == pytest.approx(1.006)
+        fs.pipe(path, rewrite)
+        assert store.refresh()
+        run = store.get("run")
+        assert grad_at(run, 60) == pytest.approx(2.006) and grad_at(run, 10) == pytest.approx(1.001)
+        assert sum(REPLACED in w for w in run.warnings) == 1
+        store.refresh()  # unchanged since: read once, not again at every refresh
+        assert sum(REPLACED in w for w in store.get("run").warnings) == 1
+    finally:
+        fs.rm("/same_size_logs", recursive=True)
+
+
 # ------------------------------------------------------------------------------------- reads while others answer
 
 
