@@ -196,9 +196,12 @@ def browser():
 class Tab:
     """One browser page on the Gradients tab, recording console errors, page errors and dialogs."""
 
-    def __init__(self, browser, server: TensorBoardServer, color_scheme: str) -> None:
+    def __init__(self, browser, server: TensorBoardServer, color_scheme: str, route=None) -> None:
+        """``route`` = (URL glob, handler): requests the page makes there go to the handler (Playwright's routing)."""
         self.context = browser.new_context(viewport={"width": 1400, "height": 1400}, color_scheme=color_scheme)
         self.page = self.context.new_page()
+        if route is not None:
+            self.page.route(*route)
         self.errors: list[str] = []
         self.dialogs: list[str] = []
         self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
@@ -255,9 +258,9 @@ def crowded_server(tmp_path_factory: pytest.TempPathFactory):
 def tab_factory(browser, request: pytest.FixtureRequest):
     tabs: list[Tab] = []
 
-    def make(color_scheme: str = "light", tb: TensorBoardServer | None = None) -> Tab:
+    def make(color_scheme: str = "light", tb: TensorBoardServer | None = None, route=None) -> Tab:
         # The shared logdir's server starts only for the tests that open it.
-        tab = Tab(browser, tb or request.getfixturevalue("server"), color_scheme)
+        tab = Tab(browser, tb or request.getfixturevalue("server"), color_scheme, route)
         tabs.append(tab)
         return tab
 
@@ -511,6 +514,47 @@ def _demo_default_run(server: TensorBoardServer) -> str:
         if best is None or (alarming, recency) > best:
             best, pick = (alarming, recency), name
     return pick
+
+
+class _FirstRead:
+    """The ``runs`` route as it answers while the first read of a large logdir is still running: the real answer with
+    only the runs in ``so_far`` and ``loading`` set, until ``done()``; the real answer after that. (A read that slow
+    needs gigabytes of logs; the answers' shape is the route's own.)"""
+
+    def __init__(self, so_far: set[str]) -> None:
+        self.so_far = so_far
+        self.reading = True
+
+    def done(self) -> None:
+        self.reading = False
+
+    def __call__(self, route) -> None:
+        response = route.fetch()
+        body = response.json()
+        if self.reading:
+            body["runs"] = [r for r in body["runs"] if r["run"] in self.so_far]
+            body["loading"] = True
+        route.fulfill(response=response, json=body)
+
+
+def test_during_the_first_read_the_tab_moves_to_a_worse_run_until_one_is_picked(tab_factory) -> None:
+    routes = "**/data/plugin/gradients/runs"
+    first_read = _FirstRead({"healthy", "live"})
+    tab = tab_factory(route=(routes, first_read))
+    assert tab.frame.locator("#run-a").input_value() == "live"  # no episode in either: the more recent
+    first_read.done()  # the rest is read: "exploding" is worse
+    tab.frame.wait_for_function("() => document.querySelector('#run-a').value === 'exploding'")
+    tab.panel("exploding").locator(".heatmap[data-drawn-cells]").wait_for()
+
+    first_read = _FirstRead({"healthy", "live"})
+    picked = tab_factory(route=(routes, first_read))
+    picked.frame.locator("#run-a").select_option("healthy")  # the user's choice ends the following
+    picked.panel("healthy").locator(".heatmap[data-drawn-cells]").wait_for()
+    first_read.done()
+    picked.frame.wait_for_function("() => document.querySelector('#run-a').options.length === 5")
+    picked.page.wait_for_timeout(1500)  # more than one poll of the first read
+    assert picked.frame.locator("#run-a").input_value() == "healthy"
+    assert picked.panel("healthy").count() == 1 and picked.panel("exploding").count() == 0
 
 
 def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:

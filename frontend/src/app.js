@@ -27,9 +27,16 @@ export class App {
     this.polling = false;
     this.loading = false;
     this.preferred = null;
+    // While the first read of the logdir runs, the tab follows the most interesting run read so far, until the user
+    // picks a run.
+    this.autoPick = true;
 
-    this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: () => this.selectRuns() });
-    this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: () => this.selectRuns() });
+    const picked = () => {
+      this.autoPick = false;
+      this.selectRuns();
+    };
+    this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: picked });
+    this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: picked });
     this.metricSelect = h("select", { id: "metric", "aria-label": "Heatmap metric", onchange: (e) => this.setMetric(e.target.value) });
     this.resetButton = h("button", { id: "reset-zoom", type: "button", disabled: true, text: "Reset zoom",
       onclick: () => this.setView(null, null) });
@@ -115,11 +122,13 @@ export class App {
         "This page checks for new data every 30 seconds and when you press TensorBoard's reload button."));
       return;
     }
-    if (listChanged) {
-      if (!this.panels.length) this.preferred = await this.mostInteresting(runs);
-      this.fillSelects();
-    }
-    if (!this.panels.length || this.panels.some((p) => !names.includes(p.info.run))) {
+    if (!this.panels.length || this.autoPick) this.preferred = await this.mostInteresting(runs);
+    if (listChanged) this.fillSelects();
+    else if (this.autoPick && names.includes(this.preferred)) this.runA.value = this.preferred;
+    // The last update of the first read still moves to a worse run; after it the choice stays the user's.
+    const follow = this.autoPick && this.panels.length > 0 && this.panels[0].info.run !== this.runA.value;
+    if (!this.loading) this.autoPick = false;
+    if (!this.panels.length || follow || this.panels.some((p) => !names.includes(p.info.run))) {
       await this.selectRuns();
       return;
     }
@@ -145,7 +154,7 @@ export class App {
     this.runB.replaceChildren(h("option", { value: "", text: "— none —" }), ...this.runs.map(option));
     const names = this.runs.map((r) => r.run);
     const fallback = names.includes(this.preferred) ? this.preferred : names[0] || "";
-    this.runA.value = names.includes(keepA) ? keepA : fallback;
+    this.runA.value = names.includes(keepA) && !this.autoPick ? keepA : fallback;
     this.runB.value = names.includes(keepB) ? keepB : "";
   }
 
