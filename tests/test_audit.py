@@ -119,6 +119,11 @@ def test_usage_errors_exit_2(tmp_path, logdir):
     assert empty.returncode == 2 and "no runs" in empty.stderr
     no_match = cli("audit", str(logdir), "--run", "zzz*")
     assert no_match.returncode == 2 and "matching" in no_match.stderr
+    a_file = tmp_path / "events.txt"
+    a_file.write_text("not a logdir")
+    is_file = cli("audit", str(a_file))
+    assert is_file.returncode == 2 and "not a directory" in is_file.stderr
+    assert "Traceback" not in is_file.stderr and len(is_file.stderr.strip().splitlines()) == 1
 
 
 def test_unreadable_input_exit_2(tmp_path):
