@@ -43,7 +43,7 @@ def _encode(obj: Any, out: list[str]) -> None:
         for i, (key, value) in enumerate(obj.items()):
             if i:
                 out.append(",")
-            out.append(json.dumps(str(key)))
+            _encode(str(key), out)
             out.append(":")
             _encode(value, out)
         out.append("}")

@@ -32,9 +32,9 @@ from .json_encoding import to_json
 
 logger = logging.getLogger(__name__)
 
-#: Metrics the heatmap and layer routes accept; ``update_ratio`` is derived (update_norm / param_norm).
-METRICS: tuple[str, ...] = ("grad_norm", "update_ratio", "param_norm", "grad_max_abs", "update_norm",
-                            "nonfinite_count")
+#: Metrics the heatmap and layer routes accept: the registry's per-layer values (``update_ratio`` is derived).
+METRICS: tuple[str, ...] = tuple(m.name for m in fmt.METRIC_REGISTRY
+                                 if m.scope == "layer" and m.storage != fmt.HISTOGRAM)
 MAX_BINS = 2000
 DEFAULT_BINS = 1000
 #: Points a line route sends at full resolution inside the requested window before it bins that too.

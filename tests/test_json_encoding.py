@@ -23,6 +23,8 @@ def test_non_finite_numbers_become_null_and_arrays_keep_their_shape():
 
 
 def test_names_stay_inert_and_ascii():
-    body = to_json({"layers": ["<img onerror=x>", "ünï & <b>"]})
+    """Values and keys alike: a validation metric's key is the user's tag name."""
+    doc = {"layers": ["<img onerror=x>", "ünï & <b>"], "val_metrics": {"val/<script>&": [1.0]}}
+    body = to_json(doc)
     assert body.isascii() and b"<" not in body and b">" not in body and b"&" not in body
-    assert _strict(body) == {"layers": ["<img onerror=x>", "ünï & <b>"]}
+    assert _strict(body) == doc
