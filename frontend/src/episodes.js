@@ -2,6 +2,7 @@
 // chart to it; clicking a layer opens its drill-down.
 
 import { h, formatStep, formatValue, message } from "./dom.js";
+import { metricLabel } from "./metrics.js";
 import { causeLabel, seriesLabel } from "./validation.js";
 
 const KIND_LABEL = {
@@ -93,7 +94,7 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
           top.slice(0, 3).map((f, j) => h("button", {
             class: `layer-chip${j === 0 ? " top" : ""}`,
             type: "button",
-            title: `${f.name}: ${f.metric} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
+            title: `${f.name}: ${metricLabel(f.metric)} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
               + `baseline) at step ${formatStep(f.peak_step)}, first over threshold at step ${formatStep(f.first_step)}`,
             dataset: { layer: f.name },
             onclick: (e) => {
