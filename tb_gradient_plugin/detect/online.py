@@ -118,7 +118,7 @@ class OnlineDetector:
         overflow = skip and not collapse
         book = self._book
         if layers:
-            self._layer_row(u, step, layers, metrics, skip, overflow)
+            self._judge_layers(u, step, layers, metrics, skip, overflow)
         if "total_grad_norm" in sc:
             tv = sc["total_grad_norm"]
             self._total[0].append(step)
@@ -185,8 +185,8 @@ class OnlineDetector:
     def _early_step(self) -> int:
         return self._steps[min(self.cfg.early_points, len(self._steps)) - 1]
 
-    def _layer_row(self, u: int, step: int, layers: list[str], metrics: dict[str, np.ndarray], skip: bool,
-                   overflow: bool) -> None:
+    def _judge_layers(self, u: int, step: int, layers: list[str], metrics: dict[str, np.ndarray], skip: bool,
+                      overflow: bool) -> None:
         """Judge one step's per-layer metrics; what crossed (or went non-finite) goes into the row book."""
         eng, cfg = self._engine, self.cfg
         for name in layers:
