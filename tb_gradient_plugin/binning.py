@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .types import update_ratio
+
 #: Rows (steps) processed at once when pooling a [steps, layers] matrix: bounds the temporary copies to a few MB.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -88,8 +90,8 @@ def max_pool(
     Returns ``(pooled, nonfinite)``: ``pooled`` (float64, bins first) is the largest *finite* logged value of each
     bin, NaN where the bin holds none; ``nonfinite`` (bool, same shape) says whether the bin held a logged NaN/Inf.
     ``present`` (same shape as ``values``) marks which entries were logged at all; absent entries count as neither.
-    ``divide_by`` pools ``values / divide_by`` (e.g. update / param norm) a chunk at a time, so the full-size ratio
-    matrix is never built.
+    ``divide_by`` pools the update ratio ``values / divide_by`` (:func:`types.update_ratio`) a chunk at a time, so
+    the full-size ratio matrix is never built.
     """
     values = np.asarray(values)
     tail = values.shape[1:]
@@ -111,8 +113,7 @@ def max_pool(
         r1 = int(starts[b1]) if b1 < bins.count else bins.hi - bins.lo
         chunk = values[bins.lo + r0:bins.lo + r1]
         if divide_by is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                chunk = chunk / divide_by[bins.lo + r0:bins.lo + r1]
+            chunk = update_ratio(chunk, divide_by[bins.lo + r0:bins.lo + r1])
         finite = np.isfinite(chunk)
         bad = ~finite
         if present is not None:

@@ -29,6 +29,7 @@ from . import binning
 from . import format as fmt
 from .backend import Backend, UnknownRunError, parse_logdir_spec
 from .json_encoding import to_json
+from .types import update_ratio_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +271,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
                        start: int | None, end: int | None) -> dict:
         report, episodes_version = detected
         bins = binning.bin_steps(data.steps, n_bins, start, end)
-        if metric == "update_ratio" and "update_ratio" not in data.layer_metrics:
-            pooled, nonfinite = binning.max_pool(data.layer_metrics["update_norm"], bins, data.present,
-                                                 divide_by=data.layer_metrics["param_norm"])
+        if metric == "update_ratio":  # divided a chunk at a time, never as a full-size copy
+            values, divide_by = update_ratio_inputs(data.layer_metrics)
+            pooled, nonfinite = binning.max_pool(values, bins, data.present, divide_by=divide_by)
         else:
             pooled, nonfinite = binning.max_pool(_metric_values(data, metric), bins, data.present)
         counts = data.layer_metrics.get("nonfinite_count")
@@ -451,8 +452,10 @@ def histogram_labels() -> list[str]:
 def _require_metric(data: Any, metric: str) -> None:
     if not data.layers:
         raise HTTPError(404, f"run {data.name[:200]!r} has no per-layer data")
-    needed = ("update_norm", "param_norm") if metric == "update_ratio" and metric not in data.layer_metrics \
-        else (metric,)
+    if metric == "update_ratio":
+        needed = () if update_ratio_inputs(data.layer_metrics) is not None else ("update_norm", "param_norm")
+    else:
+        needed = (metric,)
     missing = [m for m in needed if m not in data.layer_metrics]
     if missing:
         raise HTTPError(404, f"run {data.name[:200]!r} did not record {', '.join(missing)}")

@@ -22,81 +22,13 @@ import posixpath
 import re
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import format as fmt
 from .reader import EventFileReader, LayerBlock, Piece, is_remote
 from .tags import ParamTag, SeriesTag, is_bookkeeping, layer_of, map_tag, tool_hint
-
-
-@dataclass
-class Series:
-    """One per-step series (loss, lr, total grad norm, ...): sorted steps and their values."""
-
-    steps: np.ndarray  # int64 [n], strictly increasing
-    values: np.ndarray  # float64 [n]; NaN/Inf kept as logged
-
-
-@dataclass
-class RunData:
-    """Everything known about one run, as arrays.
-
-    ``layer_metrics[m][i, j]`` is metric ``m`` of layer ``layers[j]`` at step ``steps[i]``; ``present[i, j]`` says
-    whether layer ``j`` was logged at that step at all (frozen or not-yet-added layers are absent, which is not the
-    same as a logged NaN). ``series`` holds per-step series under our names: ``loss``, ``lr``, ``total_grad_norm``,
-    ``loss_scale``, ``step_skipped``, ``guard_action`` and, for validation, ``val_loss`` (and others the run store
-    recognises).
-    """
-
-    name: str
-    source: str  # "tb_gradient_plugin" or the tool that wrote it: "hf_trainer", "lightning", "keras", "plain", ...
-    layers: list[str] = field(default_factory=list)  # model order (first-seen order)
-    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    layer_metrics: dict[str, np.ndarray] = field(default_factory=dict)  # float32 [len(steps), len(layers)]
-    present: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
-    series: dict[str, Series] = field(default_factory=dict)
-    hist_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    histograms: np.ndarray | None = None  # int64 [len(hist_steps), len(layers), HIST_BINS], or None
-    warnings: list[str] = field(default_factory=list)
-    unknown_tags: list[str] = field(default_factory=list)
-    events: int = 0  # intact events read: 0 means nothing at all could be read
-    bytes_read: int = 0
-    first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
-
-    def update_ratio_available(self) -> bool:
-        """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""
-        metrics = self.layer_metrics
-        return "update_ratio" in metrics or ("update_norm" in metrics and "param_norm" in metrics)
-
-    def update_ratio(self) -> np.ndarray | None:
-        """update_norm / param_norm per (step, layer), or None when either is missing.
-
-        Tools that log only the ratio (Composer) give it directly as the ``update_ratio`` layer metric.
-        """
-        direct = self.layer_metrics.get("update_ratio")
-        if direct is not None:
-            return direct
-        upd = self.layer_metrics.get("update_norm")
-        par = self.layer_metrics.get("param_norm")
-        if upd is None or par is None:
-            return None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (upd / par).astype(np.float32)
-
-    @property
-    def num_values(self) -> int:
-        """Logged values held (per-layer entries plus series points): the unit of the auditor's throughput."""
-        per_layer = int(self.present.sum()) * max(1, len(self.layer_metrics))
-        return per_layer + sum(len(s.steps) for s in self.series.values())
-
-    def last_step(self) -> int | None:
-        """The largest step of any per-layer metric or series, or None for an empty run."""
-        candidates = [int(self.steps[-1])] if len(self.steps) else []
-        candidates += [int(s.steps[-1]) for s in self.series.values() if len(s.steps)]
-        return max(candidates) if candidates else None
-
+from .types import RunData, Series
 
 #: Our own tool name, as it appears in ``RunData.source``.
 OURS = "tb_gradient_plugin"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from tb_gradient_plugin.detect import (
 )
 from tb_gradient_plugin.reader import EventFileReader
 from tb_gradient_plugin.runs import RunData, Series
+from tb_gradient_plugin.types import update_ratio
 from tb_gradient_plugin.writer import GradientWriter
 
 
@@ -345,3 +348,24 @@ def test_unscored_span_counts_neither_healthy_steps_nor_false_detections():
     dets = [suite.Detected(5, 5, None), suite.Detected(40, 40, None), suite.Detected(80, 80, None)]
     sc = suite.score_case(case, dets)
     assert (sc.healthy_points, sc.detections, sc.false, sc.true_detections, sc.found) == (89, 2, 1, 1, 1)
+
+
+def test_detector_does_not_import_the_run_store():
+    """The detector judges arrays: RunData and the result types come from tb_gradient_plugin.types."""
+    code = "import sys, tb_gradient_plugin.detect; print('tb_gradient_plugin.runs' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_update_ratio_has_one_definition_for_the_run_store_and_both_detector_paths():
+    run = _run(n_steps=400, n_layers=4)
+    par = run.layer_metrics["param_norm"]
+    par[200, 1] = 0.0  # a zero parameter norm: an infinite ratio, never a crossing
+    run.layer_metrics["update_norm"][300, 2] = 1.0  # ratio 0.1 against a baseline of 1e-3
+    ratio = run.update_ratio()
+    np.testing.assert_array_equal(ratio, update_ratio(run.layer_metrics["update_norm"], par))
+    assert ratio.dtype == np.float32 and np.isinf(ratio[200, 1])
+    rep = detect(run)
+    found = [(f.name, f.metric, f.first_step) for e in rep.episodes for f in e.layers]
+    assert found == [("layer2", "update_ratio", 300)]
+    assert _online(run).to_json() == rep.to_json()

@@ -1,0 +1,147 @@
+"""What each logged step contributes to an episode, recorded the same way offline and online.
+
+The offline path finds a run's crossings all at once and the online path one step at a time, but both hand them to
+one :class:`RowBook`, judge AMP steps with one :class:`AmpState` and word the run's warnings with one
+:func:`run_warnings`: that is what makes :class:`~tb_gradient_plugin.detect.OnlineDetector` report what
+:func:`~tb_gradient_plugin.detect.detect` reports on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from .config import DetectorConfig
+
+
+class Metric(IntEnum):
+    """What crossed in a layer column of a :class:`Row` (an array of these codes, for vectorised selection)."""
+
+    GRAD = 0  # the gradient metric: grad_norm, or grad_max_abs where no norm is logged
+    UPDATE_RATIO = 1
+    NONFINITE = 2
+
+
+@dataclass
+class Row:
+    """What one logged step contributed to an episode (kept only for steps with a crossing)."""
+
+    u: int  # index on the run's step axis (every distinct logged step)
+    step: int
+    cols: np.ndarray  # layer columns that crossed or went non-finite
+    metric: np.ndarray  # per col: a Metric code
+    value: np.ndarray  # per col: the metric's value (non-finite count for non-finite)
+    ratio: np.ndarray  # per col: value / baseline (inf for non-finite)
+    total: tuple[float, float] | None  # (value, ratio) of the total gradient norm when it crossed
+    overflow: bool  # an AMP overflow skip (benign): reported as overflow_skip
+    loss_nonfinite: bool
+    norms: np.ndarray | None  # the layers' gradient norms at this step (for depth advice)
+
+    def has_nonfinite_layer(self) -> bool:
+        return bool((self.metric == Metric.NONFINITE).any())
+
+
+#: One crossing loss point: (step index, step, value, baseline, ratio, whether the loss was back near its baseline
+#: (below ``loss_back_ratio`` x the previous crossing's baseline) at some point since the previous crossing).
+LossRow = tuple[int, int, float, float, float, bool]
+
+#: The layer columns of one step where one metric crossed: (metric, columns, values, ratios over the baseline).
+Crossing = tuple[Metric, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _empty_row(u: int, step: int, overflow: bool) -> Row:
+    z = np.zeros(0, dtype=np.int64)
+    return Row(u, step, z, z, np.zeros(0), np.zeros(0), None, overflow, False, None)
+
+
+class RowBook:
+    """The rows of one run by step index: every fact that makes a step part of an episode goes through here."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, Row] = {}
+
+    def get(self, u: int) -> Row | None:
+        return self._rows.get(u)
+
+    def ordered(self) -> list[Row]:
+        """The rows in step order."""
+        return [self._rows[u] for u in sorted(self._rows)]
+
+    def _at(self, u: int, step: int, overflow: bool) -> Row:
+        row = self._rows.get(u)
+        if row is None:
+            row = self._rows[u] = _empty_row(u, step, overflow)
+        return row
+
+    def add_layers(self, u: int, step: int, crossings: Sequence[Crossing], nonfinite_cols: np.ndarray,
+                   nonfinite_counts: np.ndarray | None, overflow: bool, norms: np.ndarray | None) -> None:
+        """A step's layer crossings and its non-finite layers (``nonfinite_counts``: their counts, if logged).
+
+        Called first for a step, before any of the per-step facts below.
+        """
+        nf = (Metric.NONFINITE, nonfinite_cols,
+              np.full(nonfinite_cols.size, np.nan) if nonfinite_counts is None
+              else np.asarray(nonfinite_counts, dtype=np.float64), np.full(nonfinite_cols.size, np.inf))
+        parts = [*crossings, nf]
+        cols = np.concatenate([c for _, c, _, _ in parts])
+        if cols.size == 0:
+            return
+        self._rows[u] = Row(u, step, cols, np.concatenate([np.full(c.size, m, dtype=np.int64) for m, c, _, _ in parts]),
+                            np.concatenate([v for _, _, v, _ in parts]), np.concatenate([r for _, _, _, r in parts]),
+                            None, overflow, False, norms)
+
+    def add_total(self, u: int, step: int, overflow: bool, value: float, ratio: float) -> None:
+        """The total gradient norm crossed (or went non-finite: ``ratio`` inf)."""
+        self._at(u, step, overflow).total = (value, ratio)
+
+    def add_nonfinite_loss(self, u: int, step: int, overflow: bool) -> None:
+        """The loss was non-finite; on an AMP overflow skip that is the overflow, not a finding."""
+        row = self._at(u, step, overflow)
+        row.loss_nonfinite = not row.overflow
+
+    def add_amp(self, u: int, step: int, skipped: bool, collapsed: bool) -> None:
+        """An AMP step: a skip with a collapsed loss scale is non-finite even without any other signal; a skip
+        while the scale is healthy is a benign overflow."""
+        if skipped and collapsed:
+            row = self._at(u, step, False)
+            if not row.loss_nonfinite and row.total is None and not row.has_nonfinite_layer():
+                row.total = (math.nan, math.inf)
+        elif skipped:
+            self._at(u, step, True)
+
+
+class AmpState:
+    """The running AMP loss-scale state of a run, advanced one step at a time (offline and online alike)."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        self.cfg = cfg
+        self.scale_max = -np.inf
+        self.prev_scale: float | None = None
+
+    def step(self, scale: float | None, skipped: float | None) -> tuple[bool, bool]:
+        """(skipped, collapsed) for one step from the loss scale and skip flag; a scale that dropped means a skip
+        where the run logs no flag."""
+        cfg = self.cfg
+        is_skip = skipped is not None and math.isfinite(skipped) and skipped > 0.5
+        collapsed = False
+        if scale is not None and math.isfinite(scale):
+            if skipped is None and self.prev_scale is not None and scale < self.prev_scale:
+                is_skip = True
+            collapsed = scale < cfg.loss_scale_floor or scale * cfg.loss_scale_drop < self.scale_max
+            self.scale_max = max(self.scale_max, scale)
+            self.prev_scale = scale
+        return is_skip, collapsed
+
+
+def run_warnings(loss_nonpositive: bool, judged_gradients: bool) -> list[str]:
+    """What the report should say about what it could not judge."""
+    warnings = []
+    if loss_nonpositive:
+        warnings.append("loss has non-positive values; loss spikes are judged on its positive values only")
+    if not judged_gradients:
+        warnings.append("no gradient norms in this run: only the loss was judged")
+    return warnings

@@ -1,0 +1,225 @@
+"""The data that flows between the stages: a run's arrays (:class:`RunData`, :class:`Series`), as the run store builds
+them, and what the detector found in them (:class:`Report` and its parts), as the plugin and the auditor show it.
+
+They live apart from the modules that produce them so that the detector needs no run store (and no event reader) to
+judge arrays, and the auditor and plugin read one vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: The kind of validation findings: a validation metric worsened after its best point, or went non-finite. Not a
+#: gradient explosion (``Episode.validation`` says which and why), so ``--fail-on explosion`` does not fail on it.
+VAL_KIND = "val_degradation"
+#: Name used in findings for the run-level total gradient norm (not a layer of the model).
+TOTAL = "total_grad_norm"
+
+
+# ---------------------------------------------------------------------------------------------------------- run data
+
+
+def update_ratio(update_norm: np.ndarray, param_norm: np.ndarray) -> np.ndarray:
+    """The update ratio ``||w_t+1 - w_t|| / ||w_t||`` as float32, inf/NaN where the parameter norm is 0.
+
+    The one definition of the derived metric: the run store, the detector (offline on row chunks, online per step)
+    and the plugin's charts must agree on it to the bit, or a layer flagged in one view is not the one shown in another.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (update_norm / param_norm).astype(np.float32)
+
+
+def update_ratio_inputs(layer_metrics: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Where a run's update ratio comes from: ``(ratio, None)`` when a tool logged it directly (Composer),
+    ``(update_norm, param_norm)`` to divide with :func:`update_ratio`, None when the run has neither."""
+    direct = layer_metrics.get("update_ratio")
+    if direct is not None:
+        return direct, None
+    upd = layer_metrics.get("update_norm")
+    par = layer_metrics.get("param_norm")
+    if upd is None or par is None:
+        return None
+    return upd, par
+
+
+@dataclass
+class Series:
+    """One per-step series (loss, lr, total grad norm, ...): sorted steps and their values."""
+
+    steps: np.ndarray  # int64 [n], strictly increasing
+    values: np.ndarray  # float64 [n]; NaN/Inf kept as logged
+
+
+@dataclass
+class RunData:
+    """Everything known about one run, as arrays.
+
+    ``layer_metrics[m][i, j]`` is metric ``m`` of layer ``layers[j]`` at step ``steps[i]``; ``present[i, j]`` says
+    whether layer ``j`` was logged at that step at all (frozen or not-yet-added layers are absent, which is not the
+    same as a logged NaN). ``series`` holds per-step series under our names: ``loss``, ``lr``, ``total_grad_norm``,
+    ``loss_scale``, ``step_skipped``, ``guard_action`` and, for validation, ``val_loss`` (and others the run store
+    recognises).
+    """
+
+    name: str
+    source: str  # "tb_gradient_plugin" or the tool that wrote it: "hf_trainer", "lightning", "keras", "plain", ...
+    layers: list[str] = field(default_factory=list)  # model order (first-seen order)
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    layer_metrics: dict[str, np.ndarray] = field(default_factory=dict)  # float32 [len(steps), len(layers)]
+    present: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
+    series: dict[str, Series] = field(default_factory=dict)
+    hist_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    histograms: np.ndarray | None = None  # int64 [len(hist_steps), len(layers), HIST_BINS], or None
+    warnings: list[str] = field(default_factory=list)
+    unknown_tags: list[str] = field(default_factory=list)
+    events: int = 0  # intact events read: 0 means nothing at all could be read
+    bytes_read: int = 0
+    first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
+
+    def update_ratio_available(self) -> bool:
+        """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""
+        return update_ratio_inputs(self.layer_metrics) is not None
+
+    def update_ratio(self) -> np.ndarray | None:
+        """update_norm / param_norm per (step, layer), or None when either is missing.
+
+        Tools that log only the ratio (Composer) give it directly as the ``update_ratio`` layer metric.
+        """
+        inputs = update_ratio_inputs(self.layer_metrics)
+        if inputs is None:
+            return None
+        values, param_norm = inputs
+        return values if param_norm is None else update_ratio(values, param_norm)
+
+    @property
+    def num_values(self) -> int:
+        """Logged values held (per-layer entries plus series points): the unit of the auditor's throughput."""
+        per_layer = int(self.present.sum()) * max(1, len(self.layer_metrics))
+        return per_layer + sum(len(s.steps) for s in self.series.values())
+
+    def last_step(self) -> int | None:
+        """The largest step of any per-layer metric or series, or None for an empty run."""
+        candidates = [int(self.steps[-1])] if len(self.steps) else []
+        candidates += [int(s.steps[-1]) for s in self.series.values() if len(s.steps)]
+        return max(candidates) if candidates else None
+
+
+# --------------------------------------------------------------------------------------------------- detector report
+
+
+def _json_float(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class LayerFinding:
+    """One layer's part in an episode: which metric crossed, when first, when highest, and how far above baseline."""
+
+    name: str
+    metric: str  # grad_norm | update_ratio | grad_max_abs | nonfinite_count | total_grad_norm
+    first_step: int
+    peak_step: int
+    peak_value: float
+    ratio: float  # peak / baseline; inf for non-finite values
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "metric": self.metric, "first_step": self.first_step, "peak_step": self.peak_step,
+                "peak_value": _json_float(self.peak_value), "ratio": _json_float(self.ratio)}
+
+
+@dataclass
+class Episode:
+    """A step range where gradients exploded (or went non-finite, or AMP skipped steps)."""
+
+    kind: str
+    start_step: int
+    end_step: int
+    peak_step: int
+    severity: float  # peak over baseline; inf when values went non-finite
+    layers: list[LayerFinding]  # ranked: [0] is the offending layer
+    loss_spike_step: int | None = None
+    advice: list[str] = field(default_factory=list)
+    validation: dict | None = None  # kind val_degradation: the ValidationFinding (start_step = its best step)
+
+    def to_json(self) -> dict:
+        """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
+        return {"kind": self.kind, "start_step": self.start_step, "end_step": self.end_step,
+                "peak_step": self.peak_step, "severity": _json_float(self.severity),
+                "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
+                "advice": list(self.advice), "validation": self.validation}
+
+
+@dataclass
+class LossSpike:
+    """A loss excursion above its own baseline; ``episode`` is the index of the gradient episode it followed."""
+
+    step: int
+    value: float
+    baseline: float
+    ratio: float
+    episode: int | None = None
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "value": _json_float(self.value), "baseline": _json_float(self.baseline),
+                "ratio": _json_float(self.ratio), "episode": self.episode}
+
+
+@dataclass
+class ValidationFinding:
+    """One validation series judged: its best point (the early-stopping point) and, when it worsened, why.
+
+    ``cause`` is None (no degradation), ``overfitting`` (worse while the training loss kept improving),
+    ``instability`` (worse from a gradient episode or loss spike at ``related_step``), ``degradation`` (the training
+    loss did not improve either, or is unknown) or ``nonfinite`` (a NaN/Inf evaluation at ``worst_step``).
+    """
+
+    series: str
+    higher_is_better: bool
+    cause: str | None
+    best_step: int | None
+    best_value: float
+    worst_step: int
+    worst_value: float
+    last_step: int
+    change: float  # recent value over best (or best over recent, for a metric that should rise); inf: non-finite
+    nonfinite_steps: list[int]
+    last_value: float = math.nan
+    related_step: int | None = None
+    train_before: float = math.nan  # median training loss around the best point, and recently
+    train_now: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.last_value):
+            self.last_value = self.worst_value
+
+    def to_json(self) -> dict:
+        return {"series": self.series, "higher_is_better": self.higher_is_better, "cause": self.cause,
+                "best_step": self.best_step, "early_stopping_step": self.best_step,
+                "best_value": _json_float(self.best_value), "worst_step": self.worst_step,
+                "worst_value": _json_float(self.worst_value), "last_step": self.last_step,
+                "last_value": _json_float(self.last_value), "change": _json_float(self.change),
+                "nonfinite_steps": list(self.nonfinite_steps), "related_step": self.related_step,
+                "train_loss_before": _json_float(self.train_before), "train_loss_now": _json_float(self.train_now)}
+
+
+@dataclass
+class Report:
+    """What the detector found in one run (the auditor's per-run JSON object)."""
+
+    run: str
+    source: str
+    steps: int
+    episodes: list[Episode]
+    loss_spikes: list[LossSpike]
+    warnings: list[str]
+    validation: list[ValidationFinding] = field(default_factory=list)  # one per validation series (+ NaN findings)
+
+    def to_json(self) -> dict:
+        return {"run": self.run, "source": self.source, "steps": self.steps,
+                "episodes": [e.to_json() for e in self.episodes],
+                "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings),
+                "validation": [v.to_json() for v in self.validation]}
