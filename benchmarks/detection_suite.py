@@ -10,7 +10,12 @@ Run ``python benchmarks/detection_suite.py`` (full size) or ``--small`` (the siz
    healthy twins), recorded with the real monitors and labeled from their cause;
 3. third-party event files (loss only), labeled from their documented excursions;
 4. the healthy runs of ``demo_logs/`` (real CPU training: MLP, clipped RNN, fp16 AMP with overflow skips, Keras),
-   unlabeled: every episode there is a false one.
+   unlabeled: every episode there is a false one;
+5. ``heavytail``: healthy runs trained with SGD at learning rate 1.0 and clipping, whose pre-clip gradient norm is
+   heavy-tailed (single-step spikes and short bursts of 5-60x that the clip absorbs, the loss falling): the TF NMT
+   tutorial's logs of the realruns README, the ``lstm_lm`` recipe of ``suite_real_runs.py``, and synthetic runs at
+   the spike rates measured on those; plus two labeled explosions on such a background (a clipped spike the loss
+   reacts to, and spikes recurring at a high rate while the loss drifts up).
 
 Baselines score the same series (each layer's gradient norm and the total norm, or the loss for loss-only runs);
 every detector counts non-finite values as detections and ignores steps AMP skipped; their crossings are grouped into
@@ -50,7 +55,7 @@ class Label:
 @dataclass
 class Case:
     name: str
-    group: str  # synthetic | real | thirdparty
+    group: str  # synthetic | real | thirdparty | demo | heavytail
     run: RunData
     labels: list[Label]
     loss_only: bool = False
@@ -205,6 +210,163 @@ def synthetic_cases(small: bool) -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------------------------ heavy-tailed synthetic cases
+
+#: Spike rates of the pre-clip global gradient norm in real healthy runs trained with SGD at learning rate 1.0 and
+#: clipping at 5, by the realruns README's rule (a point over 5x / 10x the median of the 50 before it, the first 5 %
+#: skipped; :func:`spike_rates`), per 10k scored steps:
+#:
+#: - H1 (TF-NMT en-ar, early training, 945 steps): 688 > 5x, 159 > 10x, all isolated single steps, max 35.4x
+#: - H2 (TF-NMT en-ru, 11,400 steps): 20 > 5x, 14 > 10x; 19 of the 23 points in bursts of 3-4 steps (4.4 bursts per
+#:   10k), max 57.5x
+#: - H3 (TF-NMT en-zh, 1,547 steps): 129 > 5x, 90 > 10x, single steps every 80 steps, max 17.5x
+#: - H4 (TF-NMT vi-en, 11,400 steps): 20 > 5x, 0.9 > 10x, all isolated, max 10.3x
+#: - the four pooled (25,292 steps): 52 > 5x, 18 > 10x, 46 separate events (isolated points or bursts)
+#: - ``lstm_lm`` of ``suite_real_runs.py`` (2,850 steps): 77 > 5x, 39 > 10x, max 64.3x; a 3-step burst and a single
+#:   step every epoch of 500 steps (its garbled batches), the loss 13-22x its window median at the same steps
+#:
+#: The noise around the rolling median is heavy-tailed too: the log ratio's robust sigma is 0.08-0.74, and its 99.9th
+#: percentile 4.5-38 robust sigmas above its median (3.1 for a normal). Each profile below follows the measured run
+#: named beside it, and its generated runs measure about that run's rates (``main`` prints them per run;
+#: ``tests/test_suite_heavytail.py`` bounds them).
+
+
+@dataclass(frozen=True)
+class HeavyTail:
+    """How the pre-clip norm of a healthy heavy-tailed run behaves around its level."""
+
+    noise: str  # "lognormal" | "student_t": the distribution of the log noise (shared by the layers, and per layer)
+    scale: float  # its scale (the normal sigma, or the t scale)
+    isolated: float  # single-step spikes per 10k steps (irregular)
+    bursts: float  # bursts of 3-4 consecutive steps per 10k steps
+    low: float  # spike magnitude range, x the normal level (log-uniform)
+    high: float
+    period: int = 0  # > 0: single-step spikes every ``period`` steps instead, growing from ``low`` to ``high``
+
+
+HEAVY_TAILS = {
+    "bursts": HeavyTail("lognormal", 0.08, 5.0, 4.4, 15.0, 80.0),  # after H2
+    "mild": HeavyTail("student_t", 0.2, 28.0, 0.0, 6.0, 10.0),  # after H4
+    "clockwork": HeavyTail("lognormal", 0.2, 0.0, 0.0, 14.0, 30.0, period=80),  # after H3
+    "dense": HeavyTail("student_t", 0.45, 1200.0, 0.0, 5.0, 11.0),  # after H1
+}
+
+
+def _heavy_noise(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal, or Student-t with 5 degrees of freedom truncated at 6 (beyond that, its tail would put
+    single-step ratios of 10^5 into a healthy run; the measured runs' largest is 57x)."""
+    if kind != "student_t":
+        return rng.normal(0, 1, shape)
+    x = rng.standard_t(5, shape)
+    while (bad := np.abs(x) > 6).any():
+        x[bad] = rng.standard_t(5, int(bad.sum()))
+    return x
+
+
+def heavytail_case(seed: int, n_layers: int, n_steps: int, profile: str, event: str | None = None) -> Case:
+    """A run trained with plain SGD and global-norm clipping whose pre-clip gradient norms are heavy-tailed.
+
+    Per layer and total, the norm follows a slow trend with log noise of ``profile`` (shared by the layers, plus a
+    smaller per-layer part) and spikes at the profile's rates; a spike (a hard batch) lifts every layer by most of its
+    magnitude. The loss falls with mild noise and does not react to the spikes, and clipping bounds the updates: a
+    layer's update is ``eta * g * min(1, clip / total)``, so its update ratio stays within a few times its normal
+    level. Healthy: no labels.
+
+    ``event`` adds one labeled explosion to that background:
+
+    - ``"loss_reacts"``: one clipped spike, its origin layer 20-50x and the others far less, after which the loss
+      jumps 5-15x within 1-3 steps and decays back over a few steps. Label: from the spike to the loss's jump, the
+      origin layer;
+    - ``"chronic"``: from 55 % of the run on, spikes of one layer recur at 400 per 10k steps (5-40x), and the loss
+      drifts up 2-3x over the last 20 %. Label: one explosion from the first recurring spike to the end, that layer.
+    """
+    prof = HEAVY_TAILS[profile]
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_steps, dtype=np.float64)
+    layers = ["embedding"] + [f"lstm.{j}" for j in range(n_layers - 2)] + ["projection"]
+    trend = (-np.log(rng.uniform(1.5, 4.0)) * (1 - np.exp(-t / (n_steps * rng.uniform(0.02, 0.1))))
+             + np.log(rng.uniform(1.0, 1.4)) * t / n_steps)
+    offset = rng.uniform(np.log(0.05), np.log(2.0), n_layers)
+    logg = (offset[None, :] + trend[:, None] + prof.scale * _heavy_noise(rng, prof.noise, (n_steps, 1))
+            + 0.5 * prof.scale * _heavy_noise(rng, prof.noise, (n_steps, n_layers)))
+
+    def lift(i: int, mag: float, carriers: np.ndarray | None = None) -> None:
+        """Multiply step ``i`` by ``mag ** u``: a hard batch lifts every layer (u in 0.7-1), a fault in one layer
+        lifts the ``carriers`` fully (u = 1) and the others far less (u in 0.2-0.6)."""
+        if carriers is None:
+            u = rng.uniform(0.7, 1.0, n_layers)
+        else:
+            u = np.where(carriers, 1.0, rng.uniform(0.2, 0.6, n_layers))
+        logg[i] += np.log(mag) * u
+
+    def magnitude() -> float:
+        return float(np.exp(rng.uniform(np.log(prof.low), np.log(prof.high))))
+
+    if prof.period:
+        for k, i in enumerate(range(prof.period, n_steps, prof.period)):
+            lift(i, prof.low * (prof.high / prof.low) ** (k * prof.period / n_steps))
+    for i in rng.choice(n_steps, int(round(prof.isolated * n_steps / 1e4)), replace=False):
+        lift(int(i), magnitude())
+    for i in rng.choice(n_steps - 4, int(round(prof.bursts * n_steps / 1e4)), replace=False):
+        peak = magnitude()
+        for k, m in enumerate(np.exp(np.log(peak) * np.sort(rng.uniform(0.6, 1.0, int(rng.integers(3, 5)))))):
+            lift(int(i) + k, float(m))
+    loss = (3.0 * np.exp(-t / (n_steps * 0.3)) + 0.5) * np.exp(rng.normal(0, 0.08, n_steps))
+    labels: list[Label] = []
+    if event is not None:
+        origin = int(rng.integers(1, n_layers))
+        only = np.arange(n_layers) == origin
+        if event == "loss_reacts":
+            s = int(n_steps * rng.uniform(0.5, 0.8))
+            d = int(rng.integers(1, 4))
+            lift(s, float(rng.uniform(20, 50)), only)
+            jump = rng.uniform(5, 15)
+            k = np.arange(n_steps - s - d)
+            loss[s + d:] *= 1 + (jump - 1) * np.exp(-k / 3.0)
+            labels.append(Label(s, s + d, "explosion", layers[origin]))
+        elif event == "chronic":
+            c = int(n_steps * 0.55)
+            hits = np.sort(rng.choice(np.arange(c, n_steps), int(0.04 * (n_steps - c)), replace=False))
+            for i in hits:
+                lift(int(i), float(np.exp(rng.uniform(np.log(5), np.log(40)))), only)
+            late = int(n_steps * 0.8)
+            loss[late:] *= np.exp(np.log(rng.uniform(2, 3)) * np.linspace(0, 1, n_steps - late))
+            labels.append(Label(int(hits[0]), n_steps - 1, "explosion", layers[origin]))
+        else:
+            raise ValueError(f"unknown event {event!r}")
+    g = np.exp(logg)
+    total = np.sqrt(np.sum(g * g, axis=1))
+    clip = float(np.median(total)) * rng.uniform(1.5, 3.0)
+    param = np.exp(rng.uniform(np.log(5.0), np.log(50.0), n_layers))[None, :] * np.ones((n_steps, 1))
+    eta = rng.uniform(1e-3, 5e-3) * param[0] / np.median(g, axis=0)  # the normal update ratio: 1e-3 .. 5e-3
+    update = eta[None, :] * g * np.minimum(1.0, clip / total)[:, None]
+    axis = np.arange(n_steps, dtype=np.int64)
+    run = RunData(
+        name=f"heavytail-{profile}-{seed}-{n_layers}x{n_steps}" + (f"-{event}" if event else "-healthy"),
+        source="tb_gradient_plugin", layers=layers, steps=axis,
+        layer_metrics={"grad_norm": g.astype(np.float32), "param_norm": param.astype(np.float32),
+                       "update_norm": update.astype(np.float32), "nonfinite_count": np.zeros_like(g, np.float32)},
+        present=np.ones((n_steps, n_layers), dtype=bool),
+        series={"loss": Series(axis, loss), "lr": Series(axis, np.ones(n_steps)),
+                "total_grad_norm": Series(axis, total)})
+    return Case(run.name, "heavytail", run, labels, meta={"profile": profile})
+
+
+def heavytail_synthetic_cases(small: bool) -> list[Case]:
+    """Healthy heavy-tailed runs of every profile, and the two labeled explosions on a heavy-tailed background. Kept
+    apart from :func:`synthetic_cases`, whose verdicts the unit tests pin."""
+    if small:
+        shapes = [("bursts", 8, 12000, None), ("mild", 6, 12000, None), ("clockwork", 8, 2000, None),
+                  ("dense", 12, 1500, None), ("bursts", 8, 6000, "loss_reacts"), ("mild", 8, 8000, "chronic")]
+    else:
+        shapes = [("bursts", 8, 12000, None), ("mild", 6, 12000, None), ("clockwork", 8, 2000, None),
+                  ("dense", 12, 1500, None), ("bursts", 40, 50000, None), ("mild", 20, 30000, None),
+                  ("clockwork", 12, 10000, None), ("dense", 24, 5000, None), ("bursts", 8, 6000, "loss_reacts"),
+                  ("mild", 8, 8000, "chronic"), ("mild", 30, 20000, "loss_reacts"), ("bursts", 20, 30000, "chronic"),
+                  ("dense", 12, 4000, "loss_reacts"), ("clockwork", 16, 12000, "chronic")]
+    return [heavytail_case(3000 + i, L, N, prof, ev) for i, (prof, L, N, ev) in enumerate(shapes)]
+
+
 # --------------------------------------------------------------------------------------------- third-party runs
 
 #: (run directory, loss tag, labels) — labels from the runs' documented excursions (see the realruns README):
@@ -245,16 +407,39 @@ def read_scalar_series(run_dir: str) -> dict[str, Series]:
 README_FACTOR, README_WINDOW, README_SKIP, README_MIN = 10.0, 50, 0.05, 5
 
 
-def readme_spike_points(values: np.ndarray) -> np.ndarray:
-    """Indices of the points the realruns README counts as spikes (its own definition, see above)."""
+def window_medians(values: np.ndarray) -> np.ndarray:
+    """Per point, the median of the finite values among the up to ``README_WINDOW`` before it; NaN for the first 5 %
+    of the points and for a point with fewer than ``README_MIN`` finite values before it (the README's rule)."""
     v = np.asarray(values, dtype=np.float64)
-    out = []
-    for i in range(int(README_SKIP * v.size), v.size):
-        win = v[max(0, i - README_WINDOW):i]
-        win = win[np.isfinite(win)]
-        if win.size >= README_MIN and np.isfinite(v[i]) and v[i] > README_FACTOR * np.median(win):
-            out.append(i)
-    return np.asarray(out, dtype=np.int64)
+    pad = np.concatenate([np.full(README_WINDOW, np.nan), np.where(np.isfinite(v), v, np.nan)])
+    win = np.lib.stride_tricks.sliding_window_view(pad[:-1], README_WINDOW)  # row i: the values before point i
+    med = np.full(v.size, np.nan)
+    for a in range(int(README_SKIP * v.size), v.size, 65536):
+        rows = win[a:a + 65536]
+        ok = np.isfinite(rows).sum(axis=1) >= README_MIN
+        if ok.any():
+            med[a:a + rows.shape[0]][ok] = np.nanmedian(rows[ok], axis=1)
+    return med
+
+
+def readme_spike_points(values: np.ndarray, factor: float = README_FACTOR) -> np.ndarray:
+    """Indices of the points the realruns README counts as spikes (its own definition, see above), at ``factor``."""
+    v = np.asarray(values, dtype=np.float64)
+    med = window_medians(v)
+    with np.errstate(invalid="ignore"):
+        return np.nonzero(np.isfinite(v) & (v > factor * med))[0].astype(np.int64)
+
+
+def spike_rates(values: np.ndarray) -> dict[str, float]:
+    """What the heavy-tail comments quote: points over 5x and over 10x their window median (the README's rule) per 10k
+    scored points, and the largest ratio."""
+    v = np.asarray(values, dtype=np.float64)
+    med = window_medians(v)
+    scored = np.isfinite(med) & np.isfinite(v)
+    ratio = v[scored] / med[scored]
+    n = max(1, int(scored.sum()))
+    return {"points": float(scored.sum()), "over5_per10k": float((ratio > 5).sum() / n * 1e4),
+            "over10_per10k": float((ratio > 10).sum() / n * 1e4), "max_ratio": float(ratio.max(initial=0.0))}
 
 
 def readme_spike_labels(loss: Series) -> tuple[list[Label], list[tuple[int, int]]]:
@@ -286,6 +471,33 @@ def thirdparty_cases(root: str) -> list[Case]:
             labels = [Label(a, b, "explosion", None) for a, b in spec]
         run = RunData(name=rel, source="plain", series={"loss": loss})
         cases.append(Case(rel, "thirdparty", run, labels, loss_only=True, unscored=unscored))
+    return cases
+
+
+#: Heavy-tailed healthy runs (the realruns README's "Heavy-tailed gradient norms" section, H1-H4): the TF NMT
+#: tutorial's ``train_log`` with the pre-clip global norm ``grad_norm`` (read as ``total_grad_norm``), ``train_loss``
+#: (``loss``) and ``lr`` (H2 and H3 call it ``lr_1``, an unknown tag, and ``clipped_gradient`` is one in all four). No
+#: run diverged: no labels. As for the other runs labeled from that README, its facts start after the first 5 % of the
+#: points, so that span is unscored.
+HEAVYTAIL_RUNS = (
+    "pishoyg__english-to-arabic-machine-translation/eng-40000_ara-40000_2x128-lstm_sgd-1.0-10000000_EN-bi_DO-0.2_"
+    "beam_search-10_AT-normed_bahdanau_SW-bpe/train_log",
+    "iamlockelightning__NMT/nmt/nmt_model/train_log",
+    "zhangpengGenedock__Translator/model/train_log",
+    "trungnh30__tmp/nmt_model/train_log",
+)
+
+
+def heavytail_thirdparty_cases(root: str) -> list[Case]:
+    """The runs of ``HEAVYTAIL_RUNS`` under ``root``, read by the run store as any other run would be."""
+    from tb_gradient_plugin.runs import load_run
+
+    cases = []
+    for rel in HEAVYTAIL_RUNS:
+        run = load_run(os.path.join(root, rel), name=rel)
+        st = np.asarray(run.series["total_grad_norm"].steps)
+        skip = int(README_SKIP * st.size)
+        cases.append(Case(rel, "heavytail", run, [], unscored=[(int(st[0]), int(st[skip - 1]))] if skip else []))
     return cases
 
 
@@ -418,6 +630,13 @@ def run_baseline(rule: Callable, case: Case) -> list[Detected]:
         flags, score = rule(x)
         flags |= ~np.isfinite(x)
         return _episodes_from_flags(np.asarray(s.steps), flags, score, ["loss"])
+    if not run.layers:  # a run that logs only the global norm
+        s = run.series["total_grad_norm"]
+        x = np.asarray(s.values, dtype=np.float64)[:, None]
+        nonfin = ~np.isfinite(x)
+        flags, score = rule(np.where(nonfin, np.nan, x))
+        return _episodes_from_flags(np.asarray(s.steps), flags | nonfin, np.where(nonfin, np.inf, score),
+                                    ["total_grad_norm"])
     g = run.layer_metrics["grad_norm"].astype(np.float64)
     g = np.where(run.present, g, np.nan)
     tot = run.series.get("total_grad_norm")
@@ -484,8 +703,18 @@ class Score:
         return self.layer_hits / self.layer_labels if self.layer_labels else float("nan")
 
 
+def case_steps(case: Case) -> np.ndarray:
+    """The steps a case is scored on: the loss's for a loss-only run, the layers' for a run with layers, else the
+    global norm's (a run that logs only that)."""
+    if case.loss_only:
+        return np.asarray(case.run.series["loss"].steps)
+    if case.run.layers:
+        return np.asarray(case.run.steps)
+    return np.asarray(case.run.series["total_grad_norm"].steps)
+
+
 def score_case(case: Case, dets: list[Detected]) -> Score:
-    steps = np.asarray(case.run.series["loss"].steps if case.loss_only else case.run.steps)
+    steps = case_steps(case)
     sc = Score(labels=len(case.labels), detections=len(dets))
     pos = np.searchsorted
     labeled = np.zeros(steps.size, dtype=bool)
@@ -564,19 +793,19 @@ def real_cases(root: str, names: list[str] | None = None) -> list[Case]:
 
     real.train(root, names)
     cases = []
-    for name, run, cause, layers in real.load(root):
+    for name, run, cause, layers, group in real.load(root):
         labels = [Label(int(cause["step"]), int(run.steps[-1]), "explosion", layers[0] if layers else None,
                         layers[1:])] if cause else []
-        cases.append(Case(name, "real", run, labels))
+        cases.append(Case(name, group, run, labels))
     return cases
 
 
 def all_cases(small: bool, realruns: str | None, trained: str | None = None, demo: str | None = None) -> list[Case]:
-    cases = synthetic_cases(small)
+    cases = synthetic_cases(small) + heavytail_synthetic_cases(small)
     if trained:
         cases += real_cases(trained)
     if realruns:
-        cases += thirdparty_cases(realruns)
+        cases += thirdparty_cases(realruns) + heavytail_thirdparty_cases(realruns)
     if demo:
         cases += demo_cases(demo)
     return cases
@@ -610,7 +839,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### {grp} ({len(sel)} runs, {sum(len(c.labels) for c in sel)} labeled episodes)\n")
         print(table(scores))
         print("\nwall time: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+        if grp == "heavytail":
+            print("\n" + heavytail_breakdown(sel))
     return 0
+
+
+def heavytail_breakdown(cases: list[Case]) -> str:
+    """Per heavy-tailed run: its pre-clip global norm's spike rates (:func:`spike_rates`) and each detector's false
+    episodes (and labeled episodes found)."""
+    names = ["ours", *BASELINES]
+    lines = ["| run | scored steps | > 5x / 10k | > 10x / 10k | max ratio | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for c in cases:
+        r = spike_rates(c.run.series["total_grad_norm"].values)
+        scores, _ = evaluate([c])
+        cells = [f"{scores[n].false}" + (f" ({scores[n].found}/{scores[n].labels} found)" if c.labels else "")
+                 for n in names]
+        lines.append(f"| {c.name.split('/')[0]} | {scores['ours'].healthy_points} | {r['over5_per10k']:.1f} | "
+                     f"{r['over10_per10k']:.1f} | {r['max_ratio']:.1f} | " + " | ".join(cells) + " |")
+    return "false episodes per run (scored steps: healthy ones)\n\n" + "\n".join(lines)
 
 
 def speed(n_layers: int = 500, n_steps: int = 100_000) -> tuple[float, float]:

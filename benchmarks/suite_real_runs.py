@@ -1,7 +1,7 @@
 """Real small training runs for the labeled detection suite, recorded with the real monitors.
 
-Each recipe trains a tiny model on generated data on the CPU (seconds each), once healthy and once with its cause of
-trouble, and records it with :class:`tb_gradient_plugin.torch.GradientMonitor` or
+Each recipe trains a tiny model on generated data on the CPU (seconds each; ``lstm_lm`` 1-2 minutes), once healthy
+and once with its cause of trouble, and records it with :class:`tb_gradient_plugin.torch.GradientMonitor` or
 :class:`tb_gradient_plugin.keras.GradientMonitorCallback` (``every=1``):
 
 - ``mlp``: a 16-layer ReLU MLP (SGD + momentum); the learning rate is raised 100x mid-run;
@@ -9,7 +9,12 @@ trouble, and records it with :class:`tb_gradient_plugin.torch.GradientMonitor` o
   learning rate is raised 100x mid-run;
 - ``transformer``: a 2-layer post-LN transformer encoder (Adam) trained at 1e-4, then switched to a high learning rate
   (0.1) at once, without warm-up;
-- ``keras``: a 6-layer Keras MLP (SGD); the learning rate is raised 100x mid-run by a callback.
+- ``keras``: a 6-layer Keras MLP (SGD); the learning rate is raised 100x mid-run by a callback;
+- ``lstm_lm``: a 2-layer 128-unit LSTM language model trained as the TensorFlow NMT tutorial trains (SGD at learning
+  rate 1.0, global-norm clipping at 5, a per-sentence summed loss, length buckets, a fixed batch order) on a generated
+  corpus with the flaws real corpora have: its pre-clip gradient norm is heavy-tailed, with bursts and single-step
+  spikes at the same place of every epoch, while the loss keeps falling. It is healthy only (no cause of trouble, no
+  twin) and belongs to the suite's ``heavytail`` group.
 
 Labels come from the run's own cause, never from a detector: the episode window runs from the step the learning rate
 changed to the end of the run (what follows is its consequence), and the offending layer is the one whose gradient
@@ -53,15 +58,16 @@ class Recipe:
     name: str
     train: Callable[[str, int | None, float], None]  # (logdir, step of the LR change or None, LR factor)
     steps: int
-    change_step: int
+    change_step: int | None  # None: the recipe has no cause of trouble, only its healthy run is trained
     factor: float
+    group: str = "real"  # the suite's group its cases belong to
 
 
 # ------------------------------------------------------------------------------------------------------- torch
 
 
 def _torch_loop(logdir: str, model, opt, batch: Callable[[int], tuple], loss_fn: Callable, steps: int,
-                change_step: int | None, factor: float, seed: int) -> None:
+                change_step: int | None, factor: float, seed: int, clip: float | None = None) -> None:
     import torch
 
     from tb_gradient_plugin.torch import GradientMonitor
@@ -78,6 +84,8 @@ def _torch_loop(logdir: str, model, opt, batch: Callable[[int], tuple], loss_fn:
             loss = loss_fn(model(x), y)
             monitor.log_loss(loss)
             loss.backward()
+            if clip is not None:  # the monitor has read the gradients already: it records pre-clip norms
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
     finally:
         monitor.close()
@@ -173,6 +181,92 @@ def _train_transformer(logdir: str, change_step: int | None, factor: float) -> N
     _torch_loop(logdir, model, opt, batch, loss_fn, 400, change_step, factor, 0)
 
 
+LM_VOCAB, LM_HIDDEN, LM_BATCH, LM_WINDOW = 1000, 128, 32, 5  # LM_WINDOW: batches per length-bucketing window
+LM_LINES = 500 * LM_BATCH  # 500 batches an epoch
+
+
+def lm_corpus(seed: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The ``lstm_lm`` training data: ``(sentences, batches)``, the batches in their fixed order of every epoch.
+
+    Sentences come from a first-order Markov language over a Zipf vocabulary (each token has 4 possible successors,
+    the first far likelier), with log-normal lengths (median 12 tokens, at most 40). Two stretches of the corpus are
+    garbled, as mis-encoded or misaligned stretches of crawled corpora are: 96 consecutive lines and, elsewhere, 32
+    lines of random tokens, 41-50 long. Batching is the NMT tutorial's: windows of 5 batches of consecutive lines are
+    sorted by length (buckets) and cut into batches; the windows run in one fixed shuffled order, the same every
+    epoch. A garbled stretch is the longest part of its window, so it makes batches of its own: 3 consecutive ones,
+    and 1.
+    """
+    rng = np.random.default_rng(seed)
+    content = LM_VOCAB - 2  # 0 is padding, 1 the end of a sentence
+    unigram = 1.0 / np.arange(1, content + 1) ** 1.1
+    unigram /= unigram.sum()
+    succ = np.stack([rng.choice(content, 4, replace=False, p=unigram) for _ in range(content)]) + 2
+    succ_cdf = np.cumsum(1.0 / np.arange(1, 5) ** 2)
+    succ_cdf /= succ_cdf[-1]
+    lengths = np.clip(np.rint(np.exp(rng.normal(np.log(12), 0.5, LM_LINES))), 3, 40).astype(np.int64)
+    tok = np.empty((LM_LINES, 50), dtype=np.int64)
+    tok[:, 0] = np.minimum(np.searchsorted(np.cumsum(unigram), rng.random(LM_LINES)), content - 1) + 2
+    for i in range(1, tok.shape[1]):
+        tok[:, i] = succ[tok[:, i - 1] - 2, np.searchsorted(succ_cdf, rng.random(LM_LINES))]
+    window = LM_WINDOW * LM_BATCH
+    for start, n in ((int(0.37 * LM_LINES) // window * window, 3 * LM_BATCH),
+                     (int(0.71 * LM_LINES) // window * window + LM_BATCH, LM_BATCH)):
+        tok[start:start + n] = rng.integers(2, LM_VOCAB, (n, tok.shape[1]))
+        lengths[start:start + n] = rng.integers(41, 51, n)  # longer than any clean line: batches of their own
+    sentences = [np.append(tok[i, :lengths[i]], 1) for i in range(LM_LINES)]
+    batches = []
+    for w in rng.permutation(LM_LINES // window):
+        lines = np.arange(w * window, (w + 1) * window)
+        lines = lines[np.argsort(lengths[lines], kind="stable")]
+        batches += [lines[k:k + LM_BATCH] for k in range(0, window, LM_BATCH)]
+    return sentences, batches
+
+
+def _train_lstm_lm(logdir: str, change_step: int | None, factor: float) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    sentences, order = lm_corpus()
+
+    def tensors(lines: np.ndarray) -> tuple:
+        toks = np.zeros((lines.size, max(sentences[i].size for i in lines) + 1), dtype=np.int64)
+        toks[:, 0] = 1  # each sentence is predicted from the end of the previous one
+        for r, i in enumerate(lines):
+            toks[r, 1:sentences[i].size + 1] = sentences[i]
+        t = torch.from_numpy(toks)
+        return t[:, :-1], t[:, 1:]
+
+    data = [tensors(lines) for lines in order]
+
+    class LSTMLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(LM_VOCAB, LM_HIDDEN)
+            self.lstm = nn.ModuleList(nn.LSTM(LM_HIDDEN, LM_HIDDEN, batch_first=True) for _ in range(2))
+            self.drop = nn.Dropout(0.2)
+            self.proj = nn.Linear(LM_HIDDEN, LM_VOCAB)
+            for p in self.parameters():  # the NMT tutorial's uniform init
+                nn.init.uniform_(p, -0.1, 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            for cell in self.lstm:
+                h = cell(self.drop(h))[0]
+            return self.proj(self.drop(h))
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The tutorial's train_loss: the summed token cross-entropy over the batch size (a per-sentence loss)."""
+        return nn.functional.cross_entropy(logits.reshape(-1, LM_VOCAB), y.reshape(-1), ignore_index=0,
+                                           reduction="sum") / y.shape[0]
+
+    model = LSTMLM()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    _torch_loop(logdir, model, opt, lambda step: data[step % len(data)], loss_fn, 3000, change_step, factor, 0,
+                clip=5.0)
+
+
 # ------------------------------------------------------------------------------------------------------- keras
 
 
@@ -203,6 +297,7 @@ RECIPES = [
     Recipe("rnn", _train_rnn, 400, 250, 100.0),
     Recipe("transformer", _train_transformer, 400, 250, 1000.0),
     Recipe("keras", _train_keras, 400, 250, 100.0),
+    Recipe("lstm_lm", _train_lstm_lm, 3000, None, 1.0, group="heavytail"),
 ]
 
 
@@ -213,13 +308,18 @@ def run_dir(root: str, recipe: Recipe, healthy: bool) -> str:
     return os.path.join(root, f"{recipe.name}-{'healthy' if healthy else 'lr_raised'}")
 
 
+def _variants(recipe: Recipe) -> tuple[bool, ...]:
+    """Which runs of a recipe exist (healthy or not): a recipe without a cause of trouble has no twin."""
+    return (True,) if recipe.change_step is None else (True, False)
+
+
 def train(root: str, names: list[str] | None = None, *, log: Callable[[str], None] = print) -> list[str]:
     """Train the runs of the given recipes (all by default) that ``root`` does not hold yet; returns their dirs."""
     out = []
     for recipe in RECIPES:
         if names is not None and recipe.name not in names:
             continue
-        for healthy in (True, False):
+        for healthy in _variants(recipe):
             d = run_dir(root, recipe, healthy)
             out.append(d)
             if os.path.exists(os.path.join(d, LABEL_FILE)):
@@ -275,12 +375,12 @@ def first_crossing_layers(run: RunData, cause_step: int) -> tuple[tuple[str, ...
     return tuple(names), int(steps[post[first]])
 
 
-def load(root: str) -> list[tuple[str, RunData, dict | None, tuple[str, ...]]]:
-    """(name, run, cause, offending layers: the label's first, then those tied with it) for every trained run under
-    ``root``, in recipe order."""
+def load(root: str) -> list[tuple[str, RunData, dict | None, tuple[str, ...], str]]:
+    """(name, run, cause, offending layers: the label's first, then those tied with it, the suite's group) for every
+    trained run under ``root``, in recipe order."""
     out = []
     for recipe in RECIPES:
-        for healthy in (True, False):
+        for healthy in _variants(recipe):
             d = run_dir(root, recipe, healthy)
             if not os.path.exists(os.path.join(d, LABEL_FILE)):
                 continue
@@ -290,7 +390,7 @@ def load(root: str) -> list[tuple[str, RunData, dict | None, tuple[str, ...]]]:
             path = os.path.join(d, "train") if os.path.isdir(os.path.join(d, "train")) else d
             run = load_run(path, name=os.path.basename(d))
             layers = first_crossing_layers(run, cause["step"])[0] if cause else ()
-            out.append((os.path.basename(d), run, cause, layers))
+            out.append((os.path.basename(d), run, cause, layers, recipe.group))
     return out
 
 
@@ -300,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="recipe names (default: all)")
     args = ap.parse_args(argv)
     train(args.root, args.only)
-    for name, run, cause, layers in load(args.root):
+    for name, run, cause, layers, _group in load(args.root):
         print(f"{name}: {run.steps.size} steps, {len(run.layers)} layers, cause {cause}, offending layer "
               f"{layers[0] if layers else None}" + (f" (tied: {', '.join(layers[1:])})" if len(layers) > 1 else ""))
     return 0
