@@ -1,6 +1,6 @@
 """Reader throughput (MB/s, CRC32C verified) against TensorBoard's own loaders, and bytes per value on disk.
 
-Our reader is timed twice: as it runs (bulk decoding of equal records, see ``reader.py``) and with every record
+Our reader is timed twice: as it runs (bulk decoding of equal records, see ``bulk_decode.py``) and with every record
 decoded by protobuf (``bulk=False``), which is what files of other writers get.
 
     python benchmarks/bench_reader.py [--layers 500] [--steps 10000]

@@ -17,38 +17,32 @@ A TFRecord is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 mas
   intact record. It never allocates more than the bytes the file actually holds, and always makes progress.
 
 Decoding of our own summaries goes through :mod:`tb_gradient_plugin.format`; ordinary scalars (``simple_value`` and
-scalar tensors) are passed through for the run store to map other tools' tags.
-
-Bulk decoding
--------------
-A training run writes the same event over and over: the same tags, metadata and tensor shapes, only the step, the
-wall time and the numbers change. Decoding each of 100,000 such events into protobuf objects and then one numpy array
-per value costs seconds of Python. So consecutive records of equal length are decoded as a block: the first one is
-decoded by protobuf as usual (the *general path*, which also settles what every value means), and a byte-level walk of
-its wire format marks where its step, wall time and tensor payloads lie. Every further record of the block whose
-other bytes are identical to the first one's parses, by construction of the wire format, into the same fields with
-only those payloads changed, so its numbers are read straight out of the bytes with a few numpy operations per block.
-A record that differs anywhere else, and any event the walk does not fully understand, takes the general path, so
-the result is the same, value for value, as decoding every record with protobuf.
+scalar tensors) are passed through for the run store to map other tools' tags. Values are gathered into a
+:class:`~tb_gradient_plugin.batch.Batch`. Runs of equal records of our own format skip protobuf: see
+:mod:`tb_gradient_plugin.bulk_decode`; every other record takes the *general path* here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import struct
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import crc32c as _crc32c
 import numpy as np
 from google.protobuf.message import DecodeError
-from tensorboard.compat.proto import event_pb2, types_pb2
+from tensorboard.compat.proto import event_pb2
 
+from . import bulk_decode
 from . import format as fmt
+from .batch import Batch, Collector, LayerBlock, LayerRecord, Parts, Piece, ScalarBlock, ScalarRecord
+
+# The batch types are part of this module's API (the run store and callers import them from here).
+__all__ = ["Batch", "Chunk", "EventFileReader", "LayerBlock", "LayerRecord", "Piece", "Problem", "RecordReader",
+           "ScalarBlock", "ScalarRecord", "is_remote", "masked_crc32c"]
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
@@ -61,11 +55,6 @@ CHUNK_BYTES = 32 * 1024 * 1024
 RUN_AHEAD_WINDOW = 1024
 #: Local reads at least this large go into a buffer reused from chunk to chunk.
 REUSE_BUFFER_BYTES = 1024 * 1024
-#: A block of equal records is bulk-decoded only when this many records follow its first one (below, the general
-#: path is as quick).
-MIN_BULK_RECORDS = 2
-#: Records of one block tried as its first record before the rest of the block takes the general path.
-MAX_TEMPLATE_TRIES = 3
 #: Leading bytes remembered to recognise a file later: the first record's header and the start of its event, whose
 #: first field is the wall time at which the file was created (two writers of the same file name differ there).
 HEAD_BYTES = 64
@@ -347,330 +336,6 @@ class RecordReader:
             self._problem(self.offset, "truncated", f"file ends inside a record ({self.pending_bytes} bytes unread)")
 
 
-# ---------------------------------------------------------------------------------------------------------- decoding
-
-
-class LayerRecord(NamedTuple):
-    """One per-layer metric (or histogram) of one step, already attributed to its layers."""
-
-    step: int
-    wall_time: float
-    metric: str
-    layers: tuple[str, ...]
-    values: np.ndarray  # float32 [layers] for metrics, int64 [layers, HIST_BINS] for histograms
-
-
-class ScalarRecord(NamedTuple):
-    """A scalar: one of our per-step series (``tag`` = metric name, ``ours``) or any other tool's scalar tag."""
-
-    step: int
-    wall_time: float
-    tag: str
-    value: float
-    ours: bool
-
-
-class Piece(NamedTuple):
-    """Values of one block key from consecutive records, in file order."""
-
-    steps: np.ndarray  # int64 [n]
-    wall_times: np.ndarray  # float64 [n]
-    values: np.ndarray  # [n, ...]
-    order: np.ndarray  # int64 [n], increasing: file position of each value (orders values across blocks)
-
-
-def _join(pieces: list[Piece]) -> Piece:
-    if len(pieces) == 1:
-        return pieces[0]
-    return Piece(*(np.concatenate(column) for column in zip(*pieces, strict=True)))
-
-
-class LayerBlock:
-    """Every value of one per-layer metric over one layout in a batch, in file order: the run store's input.
-
-    ``pieces`` follow one another in the file without interleaving; the run store writes each into place, which
-    spares a copy of the whole batch. ``steps``, ``values``, ... are the pieces joined (on first use).
-    """
-
-    def __init__(self, metric: str, layers: tuple[str, ...], pieces: list[Piece]) -> None:
-        self.metric = metric
-        self.layers = layers
-        self.pieces = pieces
-
-    @cached_property
-    def _joined(self) -> Piece:
-        return _join(self.pieces)
-
-    @property
-    def steps(self) -> np.ndarray:
-        return self._joined.steps
-
-    @property
-    def wall_times(self) -> np.ndarray:
-        return self._joined.wall_times
-
-    @property
-    def values(self) -> np.ndarray:
-        """float32 [n, layers] for metrics, int64 [n, layers, HIST_BINS] for histograms."""
-        return self._joined.values
-
-    @property
-    def order(self) -> np.ndarray:
-        return self._joined.order
-
-    @property
-    def first_order(self) -> int:
-        return int(self.pieces[0].order[0])
-
-
-class ScalarBlock(NamedTuple):
-    """Every value of one scalar tag (ours or another tool's) in a batch, in file order."""
-
-    tag: str
-    ours: bool
-    steps: np.ndarray  # int64 [n]
-    wall_times: np.ndarray  # float64 [n]
-    values: np.ndarray  # float64 [n]
-    order: np.ndarray  # int64 [n], increasing
-
-
-@dataclass
-class Batch:
-    """What one :meth:`EventFileReader.read` decoded: one block per (metric, layout) and per scalar tag."""
-
-    layer_blocks: list[LayerBlock] = field(default_factory=list)
-    scalar_blocks: list[ScalarBlock] = field(default_factory=list)
-    other_tags: set[str] = field(default_factory=set)  # tags seen that are neither ours nor scalars
-    events: int = 0
-    has_more: bool = False
-
-    @cached_property
-    def layer_records(self) -> list[LayerRecord]:
-        """The per-layer values one record at a time, in file order (for callers that want objects, not arrays)."""
-        keyed = [(o, LayerRecord(s, w, b.metric, b.layers, v)) for b in self.layer_blocks
-                 for o, s, w, v in zip(b.order.tolist(), b.steps.tolist(), b.wall_times.tolist(), b.values,
-                                       strict=True)]
-        keyed.sort(key=lambda kv: kv[0])
-        return [rec for _, rec in keyed]
-
-    @cached_property
-    def scalars(self) -> list[ScalarRecord]:
-        """The scalar values one record at a time, in file order."""
-        keyed = [(o, ScalarRecord(s, w, b.tag, v, b.ours)) for b in self.scalar_blocks
-                 for o, s, w, v in zip(b.order.tolist(), b.steps.tolist(), b.wall_times.tolist(), b.values.tolist(),
-                                       strict=True)]
-        keyed.sort(key=lambda kv: kv[0])
-        return [rec for _, rec in keyed]
-
-    def first_wall_time(self) -> float | None:
-        """Wall time of the first per-layer value and of the first scalar in the file, whichever is smaller."""
-        walls = []
-        if self.layer_blocks:
-            walls.append(min(self.layer_blocks, key=lambda b: b.first_order).pieces[0].wall_times[0])
-        if self.scalar_blocks:
-            walls.append(min(self.scalar_blocks, key=lambda b: int(b.order[0])).wall_times[0])
-        return float(min(walls)) if walls else None
-
-
-class _Parts:
-    """Values of one block key as they are decoded: bulk-decoded pieces, and single values of the general path
-    gathered into a piece of their own until the next bulk piece arrives (so pieces follow file order)."""
-
-    __slots__ = ("pieces", "stack", "steps", "walls", "values", "order")
-
-    def __init__(self, stack: Callable[[list], np.ndarray]) -> None:
-        self.pieces: list[Piece] = []
-        self.stack = stack
-        self.steps: list[int] = []
-        self.walls: list[float] = []
-        self.values: list = []
-        self.order: list[int] = []
-
-    def add(self, order: int, step: int, wall: float, value) -> None:
-        self.order.append(order)
-        self.steps.append(step)
-        self.walls.append(wall)
-        self.values.append(value)
-
-    def add_piece(self, piece: Piece) -> None:
-        self._close()
-        self.pieces.append(piece)
-
-    def _close(self) -> None:
-        if self.order:
-            self.pieces.append(Piece(np.asarray(self.steps, dtype=np.int64), np.asarray(self.walls, dtype=np.float64),
-                                     self.stack(self.values), np.asarray(self.order, dtype=np.int64)))
-            self.steps, self.walls, self.values, self.order = [], [], [], []
-
-    def __bool__(self) -> bool:
-        return bool(self.pieces or self.order)
-
-    def merged(self) -> list[Piece]:
-        """The pieces in file order. Pieces whose values interleave (a record the bulk decoder left to the general
-        path) become one piece sorted value by value."""
-        self._close()
-        pieces = sorted(self.pieces, key=lambda piece: int(piece.order[0]))
-        if all(int(a.order[-1]) < int(b.order[0]) for a, b in itertools.pairwise(pieces)):
-            return pieces
-        joined = _join(pieces)
-        pick = np.argsort(joined.order, kind="stable")
-        return [Piece(*(column[pick] for column in joined))]
-
-
-def _float64(values: list[float]) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)
-
-
-class _Collector:
-    """Accumulates a batch's values by block key, then merges each key into one block in file order."""
-
-    def __init__(self) -> None:
-        self.layers: dict[tuple[str, str], tuple[tuple[str, ...], _Parts]] = {}
-        self.scalars: dict[tuple[str, bool], _Parts] = {}
-        self.other_tags: set[str] = set()
-        self.events = 0
-
-    def layer(self, metric: str, layout: str, layers: tuple[str, ...]) -> _Parts:
-        entry = self.layers.get((metric, layout))
-        if entry is None:
-            entry = self.layers[(metric, layout)] = (layers, _Parts(np.stack))
-        return entry[1]
-
-    def scalar(self, tag: str, ours: bool) -> _Parts:
-        parts = self.scalars.get((tag, ours))
-        if parts is None:
-            parts = self.scalars[(tag, ours)] = _Parts(_float64)
-        return parts
-
-    def batch(self) -> Batch:
-        layer_blocks = [LayerBlock(metric, layers, parts.merged())
-                        for (metric, _), (layers, parts) in self.layers.items() if parts]
-        scalar_blocks = [ScalarBlock(tag, ours, *_join(parts.merged()))
-                         for (tag, ours), parts in self.scalars.items() if parts]
-        # Blocks in the order their first values were written: the run store takes first-seen layer order from it.
-        layer_blocks.sort(key=lambda b: b.first_order)
-        scalar_blocks.sort(key=lambda b: int(b.order[0]))
-        return Batch(layer_blocks, scalar_blocks, self.other_tags, self.events)
-
-
-class _NotBulk(Exception):
-    """The first record of a block is not an event the bulk decoder fully understands."""
-
-
-def _varint(b: bytes, p: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while p < end and shift < 64:
-        byte = b[p]
-        p += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, p
-        shift += 7
-    raise _NotBulk("bad varint")
-
-
-def _fields(b: bytes, start: int, end: int, allowed: dict[int, int]) -> dict[int, list[tuple[int, int]]]:
-    """Wire-format fields of one message: field number -> [(payload start, payload end)].
-
-    Only the ``allowed`` fields (number -> wire type) may occur; anything else makes the event one for protobuf.
-    """
-    found: dict[int, list[tuple[int, int]]] = {}
-    p = start
-    while p < end:
-        key, p = _varint(b, p, end)
-        number, wire = key >> 3, key & 7
-        if allowed.get(number) != wire:
-            raise _NotBulk(f"field {number} of wire type {wire}")
-        if wire == 0:
-            q = _varint(b, p, end)[1]
-        elif wire == 1:
-            q = p + 8
-        else:  # 2: length-delimited
-            size, p = _varint(b, p, end)
-            q = p + size
-        if q > end:
-            raise _NotBulk("field runs past its message")
-        found.setdefault(number, []).append((p, q))
-        p = q
-    return found
-
-
-def _once(found: dict[int, list[tuple[int, int]]], number: int, required: bool = False) -> tuple[int, int] | None:
-    spans = found.get(number)
-    if spans is None:
-        if required:
-            raise _NotBulk(f"field {number} missing")
-        return None
-    if len(spans) != 1:
-        raise _NotBulk(f"field {number} repeated")  # protobuf would merge or take the last: leave that to it
-    return spans[0]
-
-
-# Wire layout of the messages the bulk decoder walks (field number -> wire type).
-_EVENT_FIELDS = {1: 1, 2: 0, 5: 2}  # wall_time (double), step (int64), summary
-_SUMMARY_FIELDS = {1: 2}  # value (repeated)
-_VALUE_FIELDS = {1: 2, 8: 2, 9: 2}  # tag, tensor, metadata
-_TENSOR_FIELDS = {1: 0, 2: 2, 4: 2}  # dtype, tensor_shape, tensor_content
-
-
-class _Bulk(NamedTuple):
-    """How a value of the block's events decodes: its payload's place in the record and where its values go."""
-
-    start: int  # byte offset of the tensor_content payload in the record
-    count: int  # float32 values in it
-    parts: _Parts
-    scalar: bool  # one number (a series point) rather than a per-layer vector
-
-
-class _Template(NamedTuple):
-    """What bulk decoding of records equal to a block's first one needs: the bytes that must match, where the step,
-    wall time and payloads are, and what each value means."""
-
-    length: int
-    fixed: tuple[tuple[int, int, np.ndarray], ...]  # (start, end, bytes): spans every record must share with the first
-    wall: int | None  # offset of the wall_time double (None: not written, 0.0)
-    step: tuple[int, int] | None  # (offset, length) of the step varint (None: not written, 0)
-    values: tuple[_Bulk, ...]
-
-
-def _template(data: bytes, described: list[tuple[_Parts, bool] | None]) -> _Template:
-    """Walk one event's wire format and mark its variable bytes; raise :class:`_NotBulk` for anything unexpected.
-
-    ``described`` says, per summary value, where the general path put that value (and whether it is one number).
-    """
-    n = len(data)
-    event = _fields(data, 0, n, _EVENT_FIELDS)
-    wall, step = _once(event, 1), _once(event, 2)
-    summary = _once(event, 5, required=True)
-    if step is not None and step[1] - step[0] > 9:
-        raise _NotBulk("negative or overlong step")  # a 10-byte varint: leave its edge cases to protobuf
-    value_spans = _fields(data, *summary, _SUMMARY_FIELDS).get(1, [])
-    if len(value_spans) != len(described):
-        raise _NotBulk("summary values do not match the decoded ones")
-    variable = np.zeros(n, dtype=bool)
-    if wall is not None:
-        variable[wall[0]:wall[1]] = True
-    if step is not None:
-        variable[step[0]:step[1]] = True
-    values = []
-    for span, desc in zip(value_spans, described, strict=True):
-        if desc is None:
-            raise _NotBulk("a value the bulk decoder cannot take")
-        tensor = _once(_fields(data, *span, _VALUE_FIELDS), 8, required=True)
-        content = _once(_fields(data, *tensor, _TENSOR_FIELDS), 4, required=True)
-        parts, scalar = desc
-        size = content[1] - content[0]
-        if size % 4 or (scalar and size != 4):
-            raise _NotBulk("payload size")
-        variable[content[0]:content[1]] = True
-        values.append(_Bulk(content[0], size // 4, parts, scalar))
-    edges = np.flatnonzero(np.diff(np.concatenate(([True], variable, [True])).astype(np.int8)))
-    whole = np.frombuffer(data, dtype=np.uint8)
-    fixed = tuple((a, b, whole[a:b].copy()) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
-    return _Template(n, fixed, None if wall is None else wall[0],
-                     None if step is None else (step[0], step[1] - step[0]), tuple(values))
-
-
 class EventFileReader:
     """Reads one event file incrementally and decodes what it holds.
 
@@ -681,7 +346,7 @@ class EventFileReader:
     def __init__(self, path: str, layouts: dict[str, tuple[str, ...]] | None = None, *, bulk: bool = True) -> None:
         self.records = RecordReader(path)
         self.layouts = layouts if layouts is not None else {}
-        #: Bulk-decode runs of equal records (see the module doc); False decodes every record with protobuf.
+        #: Bulk-decode runs of equal records (see :mod:`.bulk_decode`); False decodes every record with protobuf.
         self.bulk = bulk
         self.bulk_records = 0  # records decoded in bulk so far (the rest took the general path)
         self._meta_cache: dict[bytes, fmt.Metadata] = {}
@@ -707,7 +372,7 @@ class EventFileReader:
         With a limit, ``batch.has_more`` says whether to call again: bounded batches keep a large file's decoded
         values from piling up in memory before the caller has folded them into its arrays.
         """
-        out = _Collector()
+        out = Collector()
         known = len(self.problems)
         for chunk in self.records.read_chunks(max_bytes):
             self._decode_chunk(chunk, out)
@@ -719,74 +384,40 @@ class EventFileReader:
 
     # ----------------------------------------------------------------------------------------------- bulk decoding
 
-    def _decode_chunk(self, chunk: Chunk, out: _Collector) -> None:
+    def _decode_chunk(self, chunk: Chunk, out: Collector) -> None:
         buf, base = chunk.buf, chunk.base
         mv = memoryview(buf)
         starts, lengths = chunk.starts, chunk.lengths
-        if not self.bulk or len(starts) <= MIN_BULK_RECORDS:
+        if not self.bulk or len(starts) <= bulk_decode.MIN_BULK_RECORDS:
             for start, length in zip(starts, lengths, strict=True):
                 self._decode_record(base + start, mv[start:start + length], out, False)
             return
         s = np.asarray(starts, dtype=np.int64)
-        n = np.asarray(lengths, dtype=np.int64)
-        # blocks: consecutive records of equal length, adjacent in the buffer (no damaged record between them)
-        cuts = np.flatnonzero((n[1:] != n[:-1]) | (s[1:] != s[:-1] + n[:-1] + 16)) + 1
         array = np.frombuffer(buf, dtype=np.uint8)
-        for a, b in itertools.pairwise([0, *cuts.tolist(), len(starts)]):
+        for a, b in bulk_decode.equal_blocks(s, lengths):
             i = a
             while i < b:
                 start, length = starts[i], lengths[i]
-                want = b - i - 1 >= MIN_BULK_RECORDS and i - a < MAX_TEMPLATE_TRIES
+                want = b - i - 1 >= bulk_decode.MIN_BULK_RECORDS and i - a < bulk_decode.MAX_TEMPLATE_TRIES
                 template = self._decode_record(base + start, mv[start:start + length], out, want)
                 i += 1
                 if template is not None:
                     self._decode_block(template, array, base, s[i:b], mv, out)
                     break
 
-    def _decode_block(self, t: _Template, array: np.ndarray, base: int, starts: np.ndarray, mv: memoryview,
-                      out: _Collector) -> None:
-        """Records equal to the template's first one outside its variable bytes: their values in a few array
-        operations. The others take the general path."""
-        rows = np.lib.stride_tricks.as_strided(array[int(starts[0]):], shape=(len(starts), t.length),
-                                               strides=(t.length + 16, 1), writeable=False)
-        ok = np.ones(len(starts), dtype=bool)
-        for a, b, expect in t.fixed:
-            ok &= (rows[:, a:b] == expect).all(axis=1)
-        if t.step is not None:
-            at, size = t.step
-            varint = rows[:, at:at + size].astype(np.uint64)
-            more = (varint & 0x80) != 0
-            ok &= more[:, :-1].all(axis=1) & ~more[:, -1]  # exactly one varint of this length
-            steps = np.zeros(len(starts), dtype=np.uint64)
-            for k in range(size):
-                steps |= (varint[:, k] & np.uint64(0x7F)) << np.uint64(7 * k)
-            steps = steps.view(np.int64)
-        else:
-            steps = np.zeros(len(starts), dtype=np.int64)
-        take = slice(None) if ok.all() else np.flatnonzero(ok)
-        steps = steps[take]
-        count = len(steps)
-        if count:
-            out.events += count
-            self.bulk_records += count
-            if t.wall is not None:
-                walls = rows[take, t.wall:t.wall + 8].copy().view("<f8").reshape(count)
-            else:
-                walls = np.zeros(count, dtype=np.float64)
-            offsets = base + starts[take]
-            for j, value in enumerate(t.values):
-                # a copy (never a view of the read buffer, which it would keep alive)
-                numbers = rows[take, value.start:value.start + 4 * value.count].copy().view("<f4")
-                if value.scalar:
-                    numbers = numbers[:, 0].astype(np.float64)
-                value.parts.add_piece(Piece(steps, walls, numbers, offsets + j))
-        for k in np.flatnonzero(~ok).tolist():
-            start = int(starts[k])
+    def _decode_block(self, t: bulk_decode.Template, array: np.ndarray, base: int, starts: np.ndarray,
+                      mv: memoryview, out: Collector) -> None:
+        """The records after a block's first one: in bulk where they match its template, else the general path."""
+        count, others = bulk_decode.decode_block(t, array, base, starts)
+        out.events += count
+        self.bulk_records += count
+        for start in others:
             self._decode_record(base + start, mv[start:start + t.length], out, False)
 
     # ------------------------------------------------------------------------------------------------ general path
 
-    def _decode_record(self, at: int, data: memoryview, out: _Collector, want_template: bool) -> _Template | None:
+    def _decode_record(self, at: int, data: memoryview, out: Collector, want_template: bool
+                       ) -> bulk_decode.Template | None:
         """Decode one record with protobuf; with ``want_template``, also return its bulk template if it has one.
 
         ``at`` is the file offset of the record's data; a value's position in the file orders it (``at + index``
@@ -805,10 +436,7 @@ class EventFileReader:
         described = self._decode_summary(offset, at, event, out, want_template)
         if not want_template or len(self.problems) != known or not described or None in described:
             return None
-        try:
-            return _template(bytes(data), described)
-        except _NotBulk:
-            return None
+        return bulk_decode.template_of(bytes(data), described)
 
     def _metadata(self, content: bytes) -> fmt.Metadata:
         meta = self._meta_cache.get(content)
@@ -818,12 +446,12 @@ class EventFileReader:
                 self._meta_cache[content] = meta
         return meta
 
-    def _decode_summary(self, offset: int, at: int, event: event_pb2.Event, out: _Collector, describe: bool
-                        ) -> list[tuple[_Parts, bool] | None]:
+    def _decode_summary(self, offset: int, at: int, event: event_pb2.Event, out: Collector, describe: bool
+                        ) -> list[tuple[Parts, bool] | None]:
         """Decode every value; with ``describe``, say per value where it went and whether records like it can be
         bulk-decoded (None where not)."""
         step, wall = int(event.step), float(event.wall_time)
-        described: list[tuple[_Parts, bool] | None] = []
+        described: list[tuple[Parts, bool] | None] = []
         for index, value in enumerate(event.summary.value):
             tag = value.tag
             desc = None
@@ -839,7 +467,7 @@ class EventFileReader:
                     parts = out.scalar(metric if ours else tag, ours)
                     parts.add(at + index, step, wall, fmt.scalar_of(value))
                     # Declared in the value itself, it is a scalar whatever came before: a state-free decode.
-                    desc = (parts, True) if describe and declared and _packed_f32(value.tensor, 0) else None
+                    desc = (parts, True) if describe and declared and bulk_decode.packed_f32(value.tensor, 0) else None
                 else:
                     out.other_tags.add(tag)
             except (ValueError, RecursionError, MemoryError, OverflowError) as exc:  # FormatError is a ValueError
@@ -847,8 +475,8 @@ class EventFileReader:
             described.append(desc)
         return described
 
-    def _decode_ours(self, offset: int, order: int, step: int, wall: float, value, out: _Collector, describe: bool
-                     ) -> tuple[_Parts, bool] | None:
+    def _decode_ours(self, offset: int, order: int, step: int, wall: float, value, out: Collector, describe: bool
+                     ) -> tuple[Parts, bool] | None:
         meta = self._metadata(value.metadata.plugin_data.content)
         metric = fmt.metric_of(value.tag)
         if metric is None:
@@ -856,7 +484,7 @@ class EventFileReader:
         if metric in fmt.STEP_METRICS:
             parts = out.scalar(metric, True)
             parts.add(order, step, wall, fmt.tensor_scalar(value.tensor))
-            return (parts, True) if describe and _packed_f32(value.tensor, 0) else None
+            return (parts, True) if describe and bulk_decode.packed_f32(value.tensor, 0) else None
         if meta.layout is None:
             raise fmt.FormatError("per-layer summary without a layout id")
         if meta.layers is not None:
@@ -880,17 +508,7 @@ class EventFileReader:
         arr = fmt.layer_vector(value.tensor, len(layers))
         parts = out.layer(metric, meta.layout, layers)
         parts.add(order, step, wall, arr)
-        return (parts, False) if describe and _packed_f32(value.tensor, 1) else None
+        return (parts, False) if describe and bulk_decode.packed_f32(value.tensor, 1) else None
 
     def finish(self) -> None:
         self.records.finish()
-
-
-def _packed_f32(tensor, rank: int) -> bool:
-    """Whether the tensor's values are exactly its ``tensor_content`` read as little-endian float32 (what our writer
-    emits): then records that differ from it only in those bytes decode to those bytes, the bulk decoder's premise."""
-    dims = tensor.tensor_shape.dim
-    if tensor.dtype != types_pb2.DT_FLOAT or len(dims) != rank:
-        return False
-    count = dims[0].size if rank else 1
-    return len(tensor.tensor_content) == 4 * count

@@ -1,4 +1,4 @@
-"""Keras 3 integration: ``GradientMonitorCallback`` records the gradients ``model.fit`` actually applies.
+"""``GradientMonitorCallback``: records the gradients Keras 3 ``model.fit`` actually applies.
 
 No Keras callback sees gradients, and Keras' ``train_step`` is compiled (``tf.function``, often XLA). So the callback
 hooks in one level lower: it wraps the compiled optimizer's ``apply`` (which every ``train_step`` reaches through
@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
-from . import format as fmt
-from .guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, GradientExplosionError, OnExplosion
-from .writer import GradientWriter
+from .. import format as fmt
+from ..guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, GradientExplosionError, OnExplosion
+from ..writer import GradientWriter
+from .layers import group_by_layer, layer_paths
+from .stats import grad_stats, histogram_counts
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -51,9 +52,6 @@ _GUARD_FIXED = 5
 _HOLD_MARGIN = 1.0 - 1e-6
 #: ``_Probe.let_through``: no crossing step is let through (the default: hold every crossing step).
 _HOLD_ALL = -1
-#: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
-#: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
-_BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
 
 
 def _check_backend() -> None:
@@ -77,112 +75,6 @@ def _validate_model(model: Any) -> None:
         raise RuntimeError("the model is not compiled: call model.compile(optimizer=..., loss=...) before fit")
     if getattr(model, "optimizer", None) is None:
         raise RuntimeError("the model was compiled without an optimizer, so there are no applied gradients to record")
-
-
-def _layer_paths(model: keras.Model) -> dict[int, str]:
-    """``id(variable)`` -> path of the layer that owns it directly, relative to the model (``encoder/dense_1``)."""
-    owners: dict[int, str] = {}
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(model, "")]
-    while stack:
-        layer, path = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        for var in list(layer._trainable_variables) + list(layer._non_trainable_variables):
-            owners.setdefault(id(var), path or model.name)
-        children = list(getattr(layer, "_layers", []))
-        for child in reversed(children):  # reversed: the stack pops them in model order
-            stack.append((child, f"{path}/{child.name}" if path else child.name))
-    return owners
-
-
-def _group_by_layer(variables: Sequence[Any], owners: dict[int, str]) -> tuple[list[str], list[list[int]]]:
-    """Layer names in first-seen (model) order, and the indices of ``variables`` each layer owns."""
-    names: list[str] = []
-    groups: list[list[int]] = []
-    index: dict[str, int] = {}
-    for i, var in enumerate(variables):
-        name = owners.get(id(var))
-        if name is None:  # a variable not owned by any layer of the model: name it after its own path
-            name = str(getattr(var, "path", "") or getattr(var, "name", f"variable_{i}")).rsplit("/", 1)[0]
-        if name not in index:
-            index[name] = len(names)
-            names.append(name)
-            groups.append([])
-        groups[index[name]].append(i)
-    return names, groups
-
-
-def _bin_tops(dtype: np.dtype) -> np.ndarray:
-    """Per bin ``b`` up to the overflow bin, the smallest magnitude of ``dtype`` that belongs above ``b``.
-
-    A bin estimate that is right or one too low, plus ``|g| >= tops[estimate]``, is then exactly the bin
-    :func:`tb_gradient_plugin.format.histogram_counts` gives (exact powers of ten included), with no float64 logarithm
-    per entry. The zero bin's top is the smallest *normal* magnitude: TensorFlow's CPU kernels treat subnormal inputs
-    as zero, so a subnormal magnitude counts as zero everywhere rather than as zero or as underflow depending on the
-    kernel. Above the overflow bin sits only the non-finite bin (top: infinity).
-    """
-    edges = fmt.histogram_edge_values(dtype)
-    return np.concatenate([[np.finfo(dtype).tiny], edges, [np.inf]]).astype(dtype)
-
-
-_BIN_TOPS: dict[str, np.ndarray] = {}
-
-
-def _histogram_counts(grads: list[Any], groups: list[list[int]], scale: Any) -> Any:
-    """Per-layer counts of the gradient entries on the format's fixed bins, flattened ``[layers * HIST_BINS]``.
-
-    One pass over all layers: the entries are concatenated, binned by ``2 * log10|g|`` corrected against exact
-    thresholds, offset by their layer's first bin and counted by a single ``bincount``. ``scale`` (or ``None``) is the
-    loss scale the entries are divided by, as the optimizer does.
-    """
-    import tensorflow as tf
-
-    dtype = tf.float64 if any(g.dtype == tf.float64 for g in grads) else tf.float32
-    tops = _BIN_TOPS.get(dtype.name)
-    if tops is None:
-        tops = _BIN_TOPS[dtype.name] = _bin_tops(np.dtype(dtype.name))
-    parts = [(layer, tf.reshape(tf.cast(grads[i], dtype), [-1])) for layer, idxs in enumerate(groups) for i in idxs]
-    a = tf.abs(tf.concat([part for _, part in parts], 0))
-    offsets = tf.concat([tf.fill(tf.shape(part), layer * fmt.HIST_BINS) for layer, part in parts], 0)
-    if scale is not None:
-        a = a / tf.cast(scale, dtype)
-    # NaN joins Inf above every finite top. log(0) = -inf clips to the zero bin, +inf to the overflow bin, and the
-    # comparison moves them to where they belong (zero stays, Inf moves up into the non-finite bin).
-    a = tf.where(tf.math.is_nan(a), tf.constant(np.inf, dtype), a)
-    estimate = tf.floor(tf.math.log(a) * (2.0 / math.log(10.0)) + _BIN_OF_LOG)
-    bins = tf.cast(tf.clip_by_value(estimate, fmt.HIST_ZERO, fmt.HIST_OVERFLOW), tf.int32)
-    bins += tf.cast(a >= tf.gather(tf.constant(tops, dtype), bins), tf.int32)
-    size = len(groups) * fmt.HIST_BINS
-    # The raw op takes the number of bins as a constant (tf.math.bincount derives it from the data: not XLA-able).
-    return tf.raw_ops.DenseBincount(input=bins + offsets, size=tf.constant(size, tf.int32),
-                                    weights=tf.zeros([0], tf.int32), binary_output=False)
-
-
-def _grad_stats(grads: list[Any], groups: list[list[int]]) -> tuple[Any, Any, Any]:
-    """Per layer, in float64 and as given (scaled under a loss scale): sum of squares, max |g|, non-finite count."""
-    import tensorflow as tf
-
-    g_sumsq, g_max = [], []
-    for g in grads:
-        g_sumsq.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float64))))
-        g_max.append(tf.cast(tf.reduce_max(tf.abs(g)), tf.float64) if g.shape.num_elements() != 0
-                     else tf.constant(0.0, tf.float64))
-    layer_sumsq = tf.stack([tf.add_n([g_sumsq[i] for i in idxs]) for idxs in groups])
-    layer_max = tf.stack([tf.reduce_max(tf.stack([g_max[i] for i in idxs])) for idxs in groups])
-
-    def count_nonfinite():
-        per_var = [tf.cast(tf.size(g, tf.int64) - tf.math.count_nonzero(tf.math.is_finite(g), dtype=tf.int64),
-                           tf.float64) for g in grads]
-        return tf.stack([tf.add_n([per_var[i] for i in idxs]) for idxs in groups])
-
-    # Squares summed in float64 cannot overflow from finite float32 entries: a finite sum means no NaN/Inf.
-    nonfinite = tf.cond(tf.math.is_finite(tf.reduce_sum(layer_sumsq)),
-                        lambda: tf.zeros([len(groups)], tf.float64), count_nonfinite)
-    # A NaN entry makes the layer's sum of squares NaN; max|g| follows it (reduce_max may skip NaN).
-    layer_max = tf.where(tf.math.is_nan(layer_sumsq), tf.constant(math.nan, tf.float64), layer_max)
-    return layer_sumsq, layer_max, nonfinite
 
 
 @dataclass
@@ -358,7 +250,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     def _install(self, model: keras.Model, optimizer: Any) -> None:
         original_apply = optimizer.apply
         original_scale_loss = optimizer.scale_loss
-        owners = _layer_paths(model)
+        owners = layer_paths(model)
 
         def scale_loss(loss):
             self._record_loss(loss)
@@ -408,7 +300,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         key = tuple(id(v) for v in variables) + (int(has_loss),)
         probe = self._probes.get(key)
         if probe is None:
-            layers, groups = _group_by_layer(variables, owners)
+            layers, groups = group_by_layer(variables, owners)
             spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
             # One row per recorded step of an execution (see the row index in _apply), plus one.
             slots = sum(-(-spe // n) for n in (self.every, self.histograms_every) if n) + 1
@@ -488,7 +380,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
         # With a guard every step's gradient statistics are needed (the host judges each step); without one they are
         # computed only on logged steps, inside the branch.
-        stats = _grad_stats(live_grads, probe.groups) if probe.guard is not None else None
+        stats = grad_stats(live_grads, probe.groups) if probe.guard is not None else None
 
         def before():
             row = self._before_row(probe, live_grads, live_vars, step, loss, lr, scale, stats)
@@ -497,7 +389,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 unscale = scale if loss_scaled or optimizer.loss_scale_factor else None
                 counts = tf.cond(
                     hist_step,
-                    lambda: tf.cast(_histogram_counts(live_grads, probe.groups, unscale), tf.float64),
+                    lambda: tf.cast(histogram_counts(live_grads, probe.groups, unscale), tf.float64),
                     lambda: tf.zeros([n], tf.float64))
                 row = tf.concat([row, counts], 0)
             probe.pre.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
@@ -595,7 +487,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             value = tf.convert_to_tensor(v.value)
             snap.assign(value)
             params.append(tf.reduce_sum(tf.square(tf.cast(value, tf.float64))))
-        layer_sumsq, layer_max, nonfinite = stats if stats is not None else _grad_stats(grads, probe.groups)
+        layer_sumsq, layer_max, nonfinite = stats if stats is not None else grad_stats(grads, probe.groups)
         param_norm = tf.sqrt(tf.stack([tf.add_n([params[i] for i in idxs]) for idxs in probe.groups]))
         total_sumsq = tf.reduce_sum(layer_sumsq)
         fixed = tf.stack([tf.cast(step, tf.float64), loss, lr, scale, tf.sqrt(total_sumsq) / scale])

@@ -1,5 +1,6 @@
-"""The reader's bulk decoder against its general (protobuf) path: the same values, record for record, on our own
-files, on files mixed with other writers' events, and on records that look like ours but are not."""
+"""The reader's bulk decoder (``bulk_decode``) against its general (protobuf) path: the same values, record for
+record, on our own files, on files mixed with other writers' events, and on records that look like ours but are not;
+and its steps (blocks, templates, block decoding) on hand-made records."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tensorboard.compat.proto import event_pb2, summary_pb2, types_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 
+from tb_gradient_plugin import bulk_decode, runs
 from tb_gradient_plugin import format as fmt
-from tb_gradient_plugin import runs
+from tb_gradient_plugin.batch import Parts
 from tb_gradient_plugin.reader import EventFileReader, RecordReader, masked_crc32c
 from tb_gradient_plugin.writer import GradientWriter
 
@@ -221,7 +223,7 @@ def _base_records() -> tuple[bytes, ...]:
         return tuple(_records(_our_run(tmp, range(60), layers=LAYERS[:3])))
 
 
-#: 300 examples in CI; a longer run: TB_GRADIENT_FUZZ_EXAMPLES=20000 pytest tests/test_reader_bulk.py -k byte_change
+#: 300 examples in CI; a longer run: TB_GRADIENT_FUZZ_EXAMPLES=20000 pytest tests/test_bulk_decode.py -k byte_change
 BYTE_CHANGE_EXAMPLES = int(os.environ.get("TB_GRADIENT_FUZZ_EXAMPLES", "300"))
 
 
@@ -306,3 +308,37 @@ def test_long_runs_of_equal_records_with_damage_far_in(tmp_path):
     assert [(p.offset, p.kind) for p in reader.problems] == [(header_hit, "bad_length_crc"),
                                                              (payload_hit, "bad_data_crc")]
     assert reader.bulk_records > 2900
+
+
+def test_equal_blocks_break_at_a_length_change_or_a_gap():
+    # data offsets of records framed back to back (16 framing bytes each), a longer record from index 3, a gap before 5
+    starts = np.array([12, 38, 64, 90, 118, 160])
+    assert bulk_decode.equal_blocks(starts, [10, 10, 10, 12, 12, 12]) == [(0, 3), (3, 5), (5, 6)]
+
+
+def _scalar_event(step: int, value: float) -> bytes:
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=struct.pack("<f", value))
+    tensor.tensor_shape.SetInParent()
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="loss", tensor=tensor)])
+    return event_pb2.Event(step=step, wall_time=1000.0 + step, summary=summary).SerializeToString()
+
+
+def test_a_template_reads_the_records_equal_to_it_and_leaves_the_others():
+    first = _scalar_event(300, 0.5)
+    parts = Parts(np.asarray)
+    assert bulk_decode.template_of(first + b"\x10\x05", [(parts, True)]) is None  # a repeated step: protobuf's
+    assert bulk_decode.template_of(first, [None]) is None  # a value the general path could not describe
+    template = bulk_decode.template_of(first, [(parts, True)])
+    assert template is not None and template.length == len(first)
+    records = [_scalar_event(301, 1.5), _scalar_event(302, 2.5), _scalar_event(303, 3.5)]
+    other = event_pb2.Event.FromString(records[1])
+    other.summary.value[0].tag = "lost"  # same length, another tag: not equal outside the variable bytes
+    records[1] = other.SerializeToString()
+    buf = b"".join(_frame(r) for r in records)
+    starts = np.arange(len(records)) * (len(first) + 16) + 12
+    count, others = bulk_decode.decode_block(template, np.frombuffer(buf, dtype=np.uint8), 1000, starts)
+    assert count == 2 and others == [int(starts[1])]
+    (piece,) = parts.merged()
+    assert piece.steps.tolist() == [301, 303] and piece.values.tolist() == [1.5, 3.5]
+    assert piece.wall_times.tolist() == [1301.0, 1303.0]
+    assert piece.order.tolist() == [1000 + starts[0], 1000 + starts[2]]  # file offsets order the values

@@ -1,0 +1,13 @@
+"""Keras 3 integration: per-layer gradient health of ``model.fit``, recorded from inside the compiled train step.
+
+``from tb_gradient_plugin.keras import GradientMonitorCallback``. The modules: :mod:`.callback`
+(``GradientMonitorCallback``: the hooks in the optimizer, the traced step's ring buffers, the explosion guard's
+in-graph check and the host side that judges and writes), :mod:`.layers` (which layers are monitored, and their
+names) and :mod:`.stats` (the in-graph gradient reductions and histogram counts).
+
+Inside this package ``import keras`` is Keras itself (imports are absolute); nothing here may import it relatively.
+"""
+
+from .callback import GradientMonitorCallback
+
+__all__ = ["GradientMonitorCallback"]
