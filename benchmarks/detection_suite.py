@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 
 from tb_gradient_plugin.detect import DetectorConfig, detect  # noqa: E402
 from tb_gradient_plugin.runs import RunData, Series  # noqa: E402
+from tb_gradient_plugin.types import fails_explosion  # noqa: E402
 
 MERGE_GAP = 10  # the same grouping for every detector
 TOLERANCE = 3  # a detection within this many logged steps of a labeled window matches it
@@ -657,7 +658,7 @@ def run_baseline(rule: Callable, case: Case) -> list[Detected]:
 def run_ours(case: Case, config: DetectorConfig | None = None) -> list[Detected]:
     rep = detect(case.run, config)
     out = [Detected(e.start_step, e.end_step, e.layers[0].name if e.layers else None)
-           for e in rep.episodes if e.kind in ("explosion", "nonfinite")]
+           for e in rep.episodes if fails_explosion(e)]
     if case.loss_only:
         out += [Detected(s.step, s.step, None) for s in rep.loss_spikes if s.episode is None]
     return out

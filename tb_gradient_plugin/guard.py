@@ -87,7 +87,7 @@ def describe(episode: Episode, step: int, top: int = 3) -> str:
             parts.append(f"{f.name} ({f.metric} {f.peak_value:.3g}, {f.ratio:.3g}x baseline)")
         else:
             parts.append(f"{f.name} ({f.metric}: non-finite)")
-    what = "non-finite gradients" if episode.kind == "nonfinite" else "gradient explosion"
+    what = {"nonfinite": "non-finite gradients", "spike": "gradient spike"}.get(episode.kind, "gradient explosion")
     layers = "; ".join(parts) if parts else "no layer attributed"
     more = f" (+{len(episode.layers) - top} more)" if len(episode.layers) > top else ""
     return f"{what} at step {step}: {layers}{more}"
@@ -99,13 +99,19 @@ class ExplosionGuard:
     Pass it as ``on_explosion=ExplosionGuard("skip", config)`` to tune the detector; a plain ``"warn"`` / ``"raise"``
     / ``"skip"`` / callable uses the default :class:`DetectorConfig`.
 
-    Warn, raise and the callable happen once per episode (its first crossing step). ``"skip"`` (or a callable that
-    returned ``"skip"``) refuses every crossing step of the episode, not only the first: a step that still crosses the
-    threshold is still dangerous. Crossings at most ``config.merge_gap`` judged steps apart belong to one episode, as in
-    the auditor.
+    It acts on explosions, which it can tell before the step is applied: non-finite gradients, a crossing of
+    ``config.extreme_ratio`` times the baseline, and a group of crossings that reached ``config.persist_points``
+    steps. A lone clipped spike is not an explosion (the auditor counts it in the run's spike rate), and whether the
+    loss reacts is only known after the step: ``spikes=True`` acts on every crossing as well.
+
+    Warn, raise and the callable happen once per episode (its first acted-on step). ``"skip"`` (or a callable that
+    returned ``"skip"``) refuses every crossing step of the episode from then on, not only the first: a step that
+    still crosses the threshold is still dangerous. Crossings at most ``config.merge_gap`` judged steps apart belong to
+    one episode, as in the auditor.
     """
 
-    def __init__(self, on_explosion: str | Callable[[Episode], Any], config: DetectorConfig | None = None) -> None:
+    def __init__(self, on_explosion: str | Callable[[Episode], Any], config: DetectorConfig | None = None, *,
+                 spikes: bool = False) -> None:
         if isinstance(on_explosion, str):
             if on_explosion not in _ACTIONS:
                 raise ValueError(f"on_explosion must be one of {_ACTIONS}, a callable or None, got {on_explosion!r}")
@@ -117,11 +123,14 @@ class ExplosionGuard:
             raise TypeError(f"config must be a DetectorConfig, got {type(config).__name__}")
         self.action = on_explosion
         self.config = config or DetectorConfig()
+        self.spikes = bool(spikes)
         # merge_gap 0: the detector then reports every crossing step, and the guard groups them itself, so that "skip"
         # can refuse the steps that continue an episode as well as the one that opened it.
         self._detector = OnlineDetector(replace(self.config, merge_gap=0))
         self._judged = 0
         self._last_crossing: int | None = None
+        self._group_steps = 0  # crossing steps of the current group
+        self._acted = False  # the current group was acted on
         self._skipping = False
         #: Every step on which the guard did something (warned, raised, skipped or called back), in order.
         self.decisions: list[GuardDecision] = []
@@ -151,29 +160,52 @@ class ExplosionGuard:
         :class:`GradientExplosionError` for ``"raise"``; the caller records the step first if it wants it on disk.
         """
         crossing = [e for e in self._detector.update(step, layers, dict(metrics), dict(scalars or {}))
-                    if e.kind in ACTED_KINDS]
+                    if e.kind != "overflow_skip"]
         judged, self._judged = self._judged, self._judged + 1
         if not crossing:
             return GuardDecision(step, GUARD_NONE)
-        continuing = self._last_crossing is not None and judged - self._last_crossing <= self.config.merge_gap
+        if not self._continues(judged):
+            self._group_steps, self._acted = 0, False
         self._last_crossing = judged
-        episodes = tuple(crossing)
-        if continuing:
+        self._group_steps += 1
+        episodes = tuple(self._acted_on(e) for e in crossing if self._acts_on(e))
+        if not episodes:
+            return GuardDecision(step, GUARD_NONE)
+        if self._acted:
             decision = GuardDecision(step, GUARD_SKIP if self._skipping else GUARD_NONE, episodes)
         else:
+            self._acted = True
             decision = self._act(step, episodes)
         if decision.action != GUARD_NONE:
             self.decisions.append(decision)
         return decision
 
+    def _continues(self, judged: int) -> bool:
+        """Whether a crossing at judged step ``judged`` belongs to the current group."""
+        return self._last_crossing is not None and judged - self._last_crossing <= self.config.merge_gap
+
+    def _acts_on(self, episode: Episode) -> bool:
+        if episode.kind in ACTED_KINDS:
+            return True
+        return episode.kind == "spike" and (self.spikes or self._group_steps >= self.config.persist_points)
+
+    def _acted_on(self, episode: Episode) -> Episode:
+        """A crossing the guard acts on, named for why: a persistent group is an explosion; a spike stays a spike."""
+        if episode.kind == "spike" and self._group_steps >= self.config.persist_points:
+            return replace(episode, kind="explosion", confirmed_by=["persistent"])
+        return episode
+
     def next_thresholds(self, layers: Sequence[str]) -> tuple[np.ndarray, float]:
-        """Per layer of ``layers``, the gradient norm above which the next step crosses, and the total norm's.
+        """Per layer of ``layers``, the gradient norm above which the guard acts on the next step, and the total
+        norm's.
 
         For integrations that must decide inside a compiled step, before :meth:`check` can run (see
         :meth:`OnlineDetector.next_thresholds`): ``inf`` during the detector's warm-up; non-finite gradients always
-        cross.
+        count. That is the crossing threshold while the guard acts on spikes or on the current group (acted on, or
+        one step from persistent), else the extreme one.
         """
-        return self._detector.next_thresholds(layers)
+        group = self._continues(self._judged) and (self._acted or self._group_steps + 1 >= self.config.persist_points)
+        return self._detector.next_thresholds(layers, extreme=not (self.spikes or group))
 
     def _act(self, step: int, episodes: tuple[Episode, ...]) -> GuardDecision:
         """First crossing of a new episode: do what the user asked."""

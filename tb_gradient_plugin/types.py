@@ -144,13 +144,71 @@ class Episode:
     loss_spike_step: int | None = None
     advice: list[str] = field(default_factory=list)
     validation: dict | None = None  # kind val_degradation: the ValidationFinding (start_step = its best step)
+    #: kind explosion / chronic: what showed that training broke (see CONFIRMATIONS)
+    confirmed_by: list[str] = field(default_factory=list)
+    #: kind chronic: the recurrence (events, explosions, spikes, rate_per_1k, loss_suffers, worst)
+    chronic: dict | None = None
 
     def to_json(self) -> dict:
         """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
         return {"kind": self.kind, "start_step": self.start_step, "end_step": self.end_step,
                 "peak_step": self.peak_step, "severity": _json_float(self.severity),
                 "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
-                "advice": list(self.advice), "validation": self.validation}
+                "advice": list(self.advice), "validation": self.validation,
+                "confirmed_by": list(self.confirmed_by), "chronic": self.chronic}
+
+
+#: Why a group of crossings is an explosion: a level that stayed up, the loss spiked after it, the applied update
+#: blew up (a clipped spike has a bounded update), a magnitude extreme enough on its own, or layers whose gradient
+#: collapsed right after it (units the update killed).
+CONFIRMATIONS = ("persistent", "loss_reaction", "update_ratio", "extreme", "collapse")
+#: Kinds that fail ``--fail-on explosion`` (a chronic finding fails it only when the loss suffers).
+FAILING_KINDS = ("explosion", "nonfinite")
+
+
+def fails_explosion(episode: Episode) -> bool:
+    """Whether an episode means training broke: the verdict ``--fail-on explosion`` and the tab's warning sign use."""
+    if episode.kind == "chronic":
+        return bool(episode.chronic and episode.chronic.get("loss_suffers"))
+    return episode.kind in FAILING_KINDS
+
+
+@dataclass
+class Spikes:
+    """Transient gradient spikes: crossings after which nothing broke (a clipped one-step spike, a hard batch).
+
+    Reported as a rate per 10,000 logged steps (the idea of OLMo 2's spike score), never as episodes.
+    """
+
+    count: int = 0
+    logged_steps: int = 0
+    max_ratio: float = 0.0
+    steps: list[int] = field(default_factory=list)  # peak step of each spike, the first MAX_LISTED
+    ratios: list[float] = field(default_factory=list)  # ... and its ratio over the baseline
+    with_loss_spike: int = 0  # how many came with or were followed by a loss spike
+
+    MAX_LISTED = 200
+
+    @property
+    def per_10k(self) -> float:
+        return 1e4 * self.count / self.logged_steps if self.logged_steps else 0.0
+
+    def summary(self) -> str:
+        """One line, the same in the tab, the CLI and the HTML report."""
+        if not self.count:
+            return "no transient gradient spikes"
+        plural = "s" if self.count != 1 else ""
+        loss = ("all followed by a normal loss" if not self.with_loss_spike
+                else f"{self.with_loss_spike} with a loss spike at or just after it")
+        rate = f"{self.per_10k / 10:.2g} per 1k"
+        return (f"{self.count} transient spike{plural} in {self.logged_steps:,} steps ({rate}), "
+                f"up to {self.max_ratio:.3g}×, {loss}")
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "logged_steps": self.logged_steps, "per_10k_steps": round(self.per_10k, 3),
+                "max_ratio": _json_float(self.max_ratio), "steps": list(self.steps),
+                "ratios": [_json_float(r) for r in self.ratios], "truncated": self.count > len(self.steps),
+                "with_loss_spike": self.with_loss_spike, "summary": self.summary()}
 
 
 @dataclass
@@ -217,9 +275,10 @@ class Report:
     loss_spikes: list[LossSpike]
     warnings: list[str]
     validation: list[ValidationFinding] = field(default_factory=list)  # one per validation series (+ NaN findings)
+    spikes: Spikes = field(default_factory=Spikes)
 
     def to_json(self) -> dict:
         return {"run": self.run, "source": self.source, "steps": self.steps,
                 "episodes": [e.to_json() for e in self.episodes],
                 "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings),
-                "validation": [v.to_json() for v in self.validation]}
+                "validation": [v.to_json() for v in self.validation], "spikes": self.spikes.to_json()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,9 @@ class Context:
     lr_values: np.ndarray
     #: a layer's gradient histograms: (steps, counts [k, HIST_BINS]) of the steps that logged it, or None
     hist: HistogramLookup | None = None
+    #: the training loss (for whether recurring spikes made it worse)
+    loss_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    loss_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -179,8 +182,25 @@ def _loss_spike(f: Facts) -> str | None:
             "the episode began.")
 
 
+def _chronic(f: Facts) -> str | None:
+    """Recurring spikes: how often, how bad, whether the loss paid for them, and what usually causes that."""
+    ep = f.episode
+    if ep.kind != "chronic" or not ep.chronic:
+        return None
+    c = ep.chronic
+    worst = ", ".join(f"{fmt_num(w['ratio'])}x at step {w['step']}" for w in c["worst"][:3])
+    loss = ("the loss suffered (it ended higher than before, or spiked right after a gradient spike)"
+            if c["loss_suffers"] else "the loss did not suffer")
+    return (f"Gradient spikes recurred {c['events']} times from step {ep.start_step} to {ep.end_step} "
+            f"({fmt_num(c['rate_per_1k'])} per 1,000 logged steps, {c['explosions']} of them explosions; worst "
+            f"{worst}); {loss}. Recurring spikes point at the learning rate (lower it or lengthen the warm-up), at a "
+            "loose clip threshold, or at bad batches that recur with the data order: look at the batches of those "
+            "steps.")
+
+
 #: The advice rules, in the order their sentences appear.
 RULES: list[Callable[[Facts], str | None]] = [
+    _chronic,
     _overflow_skip,
     _nonfinite_gradients,
     _nonfinite_loss,

@@ -26,6 +26,17 @@ class DetectorConfig:
     loss_back_ratio: float = 3.0  # a loss spike ends once a point is back below this many times the loss baseline
     max_ratio: float = 50.0  # however noisy a series, this many times its baseline always crosses
     merge_gap: int = 10  # crossings at most this many logged steps apart form one episode
+    # A group of crossings is an explosion only when something broke (docs/DETECTION.md), else a transient spike:
+    persist_points: int = 8  # ... crossings at this many logged steps (a level that stayed up for a block) ...
+    react_points: int = 10  # ... the loss react_ratio x its baseline within this many logged losses after the
+    react_ratio: float = 3.0  # group, while normal at its start (a hard batch raises both at once: no reaction) ...
+    extreme_ratio: float = 1000.0  # ... or a crossing this far above its baseline, which needs nothing else ...
+    collapse_ratio: float = 1000.0  # ... or, in the collapse_points logged steps after it, a layer's gradient this
+    collapse_points: int = 20  # far below its baseline at half of them (units the update killed)
+    chronic_gap: int = 500  # spikes and explosions at most this many logged steps apart recur ...
+    chronic_events: int = 8  # ... and this many of them, at least chronic_rate per 1,000 logged steps of their span,
+    chronic_rate: float = 5.0  # are one chronic finding when one is an explosion or the loss suffers ...
+    chronic_loss_rise: float = 1.25  # ... (the loss at the span's end this many times its level before the span)
     loss_link_points: int = 50  # a loss spike this many logged steps after an episode's end "followed" it
     early_points: int = 10  # non-finite values within the first logged steps point at initialization
     loss_scale_floor: float = 1.0  # an AMP loss scale below this means the overflows are not benign
@@ -45,12 +56,19 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         if self.block < 1 or self.window_blocks < 1:
             raise ValueError("block and window_blocks must be at least 1")
-        for name in ("ratio", "update_ratio_ratio", "loss_ratio"):
+        for name in ("ratio", "update_ratio_ratio", "loss_ratio", "react_ratio"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
         if not self.loss_back_ratio >= 1.0:
             raise ValueError(f"loss_back_ratio must be at least 1, got {self.loss_back_ratio!r}")
         if self.merge_gap < 0 or self.min_history < 0 or self.mature_history < 0:
             raise ValueError("merge_gap, min_history and mature_history must be non-negative")
+        if self.persist_points < 1 or self.react_points < 0 or self.chronic_events < 2 or self.chronic_gap < 1 \
+                or self.collapse_points < 1:
+            raise ValueError("persist_points, collapse_points and chronic_gap must be at least 1, chronic_events at "
+                             "least 2 and react_points non-negative")
+        for name in ("extreme_ratio", "collapse_ratio"):
+            if not getattr(self, name) > 1.0:
+                raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
         if not 0.0 < self.hist_tail_share < 1.0:
             raise ValueError(f"hist_tail_share must be between 0 and 1, got {self.hist_tail_share!r}")

@@ -6,10 +6,11 @@ The same code for the offline and the online path (online, a single new row tell
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from ..types import TOTAL, Episode, LayerFinding, LossSpike
+from ..types import TOTAL, Episode, LayerFinding, LossSpike, Spikes
 from .advice import Context, advise, clip_threshold
 from .config import DetectorConfig
 from .rows import LossRow, Metric, Row
@@ -59,6 +60,14 @@ def _findings(rows: list[Row], layers: list[str], grad_metric: str, cfg: Detecto
     return out
 
 
+class Findings(NamedTuple):
+    """What the rows of a run (or of one online step) amount to."""
+
+    episodes: list[Episode]
+    loss_spikes: list[LossSpike]
+    transients: list[Episode]  # kind "spike": groups of crossings after which nothing broke
+
+
 def build_episodes(
     rows: list[Row],
     layers: list[str],
@@ -66,11 +75,16 @@ def build_episodes(
     loss_rows: list[LossRow],
     ctx: Context,
     cfg: DetectorConfig,
-) -> tuple[list[Episode], list[LossSpike]]:
-    """Episodes and loss spikes from the per-step crossing rows (the same code for offline and online)."""
-    episodes: list[Episode] = []
-    spans: list[tuple[int, int]] = []  # (first u, last u) of each episode, in list order
-    groups: list[list[Row]] = []
+    collapsed: dict[int, np.ndarray] | None = None,
+) -> Findings:
+    """Episodes, loss spikes and transient spikes from the per-step crossing rows (the same code offline and online).
+
+    A group of crossings (at most ``merge_gap`` logged steps apart) is an explosion only when something broke (see
+    :func:`confirmations`); otherwise it is a transient spike, counted in the run's spike rate. Spikes and explosions
+    that keep recurring become one chronic finding (see :func:`_chronic`).
+    """
+    loss_us = np.asarray(sorted({r[0] for r in loss_rows}), dtype=np.int64)
+    events: list[tuple[Episode, list[Row]]] = []
     for overflow in (False, True):
         sel = [r for r in rows if r.overflow == overflow]
         us = np.asarray([r.u for r in sel], dtype=np.int64)
@@ -78,36 +92,178 @@ def build_episodes(
             grp = sel[i:j]
             nonfinite = any(r.loss_nonfinite or r.has_nonfinite_layer() for r in grp) or any(
                 r.total is not None and not math.isfinite(r.total[1]) for r in grp)
-            kind = "overflow_skip" if overflow else ("nonfinite" if nonfinite else "explosion")
             finds = _findings(grp, layers, grad_metric, cfg)
-            peak_row = _peak_row(grp)
             severity = max([f.ratio for f in finds] + [r.total[1] for r in grp if r.total is not None] + [1.0])
             if any(r.loss_nonfinite for r in grp):
                 severity = math.inf
-            ep = Episode(kind, grp[0].step, grp[-1].step, peak_row.step, float(severity), finds)
-            episodes.append(ep)
-            spans.append((grp[0].u, grp[-1].u))
-            groups.append(grp)
-    order = sorted(range(len(episodes)), key=lambda k: (episodes[k].start_step, episodes[k].kind))
-    episodes = [episodes[k] for k in order]
-    spans = [spans[k] for k in order]
-    groups = [groups[k] for k in order]
+            reasons: list[str] = []
+            if overflow:
+                kind = "overflow_skip"
+            elif nonfinite:
+                kind = "nonfinite"
+            else:
+                reasons = confirmations(grp, severity, ctx, cfg, collapsed or {})
+                kind = "explosion" if reasons else "spike"
+            ep = Episode(kind, grp[0].step, grp[-1].step, _peak_row(grp).step, float(severity), finds,
+                         confirmed_by=reasons)
+            ep.loss_spike_step = _loss_step_near(grp, loss_rows, loss_us, cfg) if kind == "spike" else None
+            events.append((ep, grp))
+    events.sort(key=lambda e: (e[0].start_step, e[0].kind))
+    events = _chronic(events, layers, grad_metric, loss_us, ctx, cfg)
+    kept = [(ep, grp) for ep, grp in events if ep.kind != "spike"]
+    episodes = [ep for ep, _ in kept]
 
     spikes = _loss_spikes(loss_rows, cfg)
     for s, su in spikes:
-        for k, ep in enumerate(episodes):
+        for k, (ep, grp) in enumerate(kept):
             if ep.kind == "overflow_skip":
                 continue
-            first_u, last_u = spans[k]
-            if first_u <= su <= last_u + cfg.loss_link_points:
+            if grp[0].u <= su <= grp[-1].u + cfg.loss_link_points:
                 s.episode = k
                 if ep.loss_spike_step is None:
                     ep.loss_spike_step = s.step
                 break
     clip = clip_threshold(ctx, episodes, cfg)
-    for ep, grp in zip(episodes, groups, strict=True):
+    for ep, grp in kept:
         ep.advice = advise(ep, grp, layers, clip, ctx, cfg)
-    return episodes, [s for s, _ in spikes]
+    return Findings(episodes, [s for s, _ in spikes], [ep for ep, _ in events if ep.kind == "spike"])
+
+
+def spike_summary(transients: list[Episode], logged_steps: int) -> Spikes:
+    """The run's transient spikes as a rate (the report's ``spikes``)."""
+    listed = transients[:Spikes.MAX_LISTED]
+    return Spikes(len(transients), logged_steps, max((t.severity for t in transients), default=0.0),
+                  [t.peak_step for t in listed], [t.severity for t in listed],
+                  sum(t.loss_spike_step is not None for t in transients))
+
+
+def confirmations(grp: list[Row], severity: float, ctx: Context, cfg: DetectorConfig,
+                  collapsed: dict[int, np.ndarray]) -> list[str]:
+    """What shows that a group of finite crossings broke training (empty: a transient spike).
+
+    - ``persistent``: crossings at ``persist_points`` logged steps or more (a level that stayed up);
+    - ``loss_reaction``: the loss ``react_ratio`` times its baseline (the median of the window before the group) at
+      one of the ``react_points`` losses logged after the group, while it was below that at the group's first step
+      (a hard batch raises loss and gradient at once, and is not a reaction);
+    - ``update_ratio``: an applied update beyond its threshold that grew at least as much as its layer's gradient
+      (or without it: a learning rate too high); clipping shrinks a spike's update far below its gradient's jump;
+    - ``extreme``: ``extreme_ratio`` times the baseline or more, which needs nothing else;
+    - ``collapse``: in the ``collapse_points`` logged steps after the group, a layer's gradient ``collapse_ratio``
+      below its baseline at half of them or more, which it was not at the group's start (units the update killed).
+    A run logged without the loss or update norms is judged on magnitude and persistence alone.
+    """
+    reasons = []
+    if len(grp) >= cfg.persist_points:  # one row per logged step that crossed
+        reasons.append("persistent")
+    if _loss_reacted(grp[0].step, grp[-1].step, ctx, cfg):
+        reasons.append("loss_reaction")
+    if any(_update_blew_up(r) for r in grp):
+        reasons.append("update_ratio")
+    if severity >= cfg.extreme_ratio:
+        reasons.append("extreme")
+    if _collapsed_after(grp[0].u, grp[-1].u, collapsed, cfg):
+        reasons.append("collapse")
+    return reasons
+
+
+def _collapsed_after(first: int, last: int, collapsed: dict[int, np.ndarray], cfg: DetectorConfig) -> bool:
+    if not collapsed:
+        return False
+    counts: dict[int, int] = {}
+    for u in range(last + 1, last + cfg.collapse_points + 1):
+        for col in collapsed.get(u, ()):
+            counts[int(col)] = counts.get(int(col), 0) + 1
+    already = set(collapsed.get(first, np.zeros(0, dtype=np.int64)).tolist())
+    need = max(1, cfg.collapse_points // 2)
+    return any(n >= need and col not in already for col, n in counts.items())
+
+
+def _update_blew_up(row: Row) -> bool:
+    """An update-ratio crossing in a layer whose gradient crossed less far at that step, or not at all."""
+    grad = {int(c): float(r) for c, m, r in zip(row.cols.tolist(), row.metric.tolist(), row.ratio.tolist(), strict=True)
+            if m == Metric.GRAD}
+    return any(m == Metric.UPDATE_RATIO and r >= grad.get(int(c), 0.0)
+               for c, m, r in zip(row.cols.tolist(), row.metric.tolist(), row.ratio.tolist(), strict=True))
+
+
+def _loss_reacted(first: int, last: int, ctx: Context, cfg: DetectorConfig) -> bool:
+    steps, vals = ctx.loss_steps, ctx.loss_values
+    k0 = int(np.searchsorted(steps, first))
+    before = vals[max(0, k0 - cfg.block * cfg.window_blocks):k0]
+    before = before[np.isfinite(before) & (before > 0)]
+    if before.size < cfg.loss_min_history:
+        return False
+    limit = cfg.react_ratio * float(np.median(before))
+    at_start = vals[k0] if k0 < steps.size and steps[k0] == first else -np.inf
+    k1 = int(np.searchsorted(steps, last, side="right"))
+    after = vals[k1:k1 + cfg.react_points]
+    return not at_start >= limit and bool(np.any(after >= limit))
+
+
+def _loss_step_near(grp: list[Row], loss_rows: list[LossRow], loss_us: np.ndarray, cfg: DetectorConfig) -> int | None:
+    """The step of a loss crossing during a spike or within ``react_points`` after it (a hard batch, or a reaction
+    too small to confirm it), or None."""
+    lo, hi = np.searchsorted(loss_us, [grp[0].u, grp[-1].u + cfg.react_points + 1])
+    if hi <= lo:
+        return None
+    u = int(loss_us[lo])
+    return next(r[1] for r in loss_rows if r[0] == u)
+
+
+def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_metric: str, loss_us: np.ndarray,
+             ctx: Context, cfg: DetectorConfig) -> list[tuple[Episode, list[Row]]]:
+    """Spikes and explosions that recur (``chronic_events`` or more, no two more than ``chronic_gap`` logged steps
+    apart, at ``chronic_rate`` per 1,000 logged steps or more) become one chronic finding over their span, when one
+    of them is an explosion or the loss suffers; a healthy heavy-tailed run keeps its spikes as a rate."""
+    idx = [k for k, (ep, _) in enumerate(events) if ep.kind in ("explosion", "spike")]
+    if len(idx) < cfg.chronic_events:
+        return events
+    first_us = np.asarray([events[k][1][0].u for k in idx], dtype=np.int64)
+    absorbed: set[int] = set()
+    made: list[tuple[Episode, list[Row]]] = []
+    for a, b in _group(first_us, cfg.chronic_gap):
+        members = [events[k] for k in idx[a:b]]
+        span = members[-1][1][-1].u - members[0][1][0].u + 1
+        if len(members) < cfg.chronic_events or 1000.0 * len(members) / span < cfg.chronic_rate:
+            continue
+        explosions = [ep for ep, _ in members if ep.kind == "explosion"]
+        suffers = any("loss_reaction" in ep.confirmed_by for ep in explosions) or _loss_rose(
+            members[0][0].start_step, members[-1][0].end_step, ctx, cfg)
+        if not explosions and not suffers:
+            continue
+        rows = sorted((r for _, grp in members for r in grp), key=lambda r: r.u)
+        worst = sorted(members, key=lambda m: -m[0].severity)[:5]
+        severity = max(ep.severity for ep, _ in members)
+        reasons = sorted({c for ep in explosions for c in ep.confirmed_by} | ({"loss_rose"} if suffers else set()))
+        chronic = {"events": len(members), "explosions": len(explosions), "spikes": len(members) - len(explosions),
+                   "rate_per_1k": round(1000.0 * len(members) / span, 3), "loss_suffers": bool(suffers),
+                   "worst": [{"step": ep.peak_step, "ratio": ep.severity} for ep, _ in worst]}
+        peak = worst[0][0].peak_step
+        ep = Episode("chronic", members[0][0].start_step, members[-1][0].end_step, peak, float(severity),
+                     _findings(rows, layers, grad_metric, cfg), confirmed_by=reasons, chronic=chronic)
+        made.append((ep, rows))
+        absorbed.update(idx[a:b])
+    if not made:
+        return events
+    out = [e for k, e in enumerate(events) if k not in absorbed] + made
+    out.sort(key=lambda e: (e[0].start_step, e[0].kind))
+    return out
+
+
+def _loss_rose(start: int, end: int, ctx: Context, cfg: DetectorConfig) -> bool:
+    """Whether the loss at the end of ``[start, end]`` is ``chronic_loss_rise`` times its level before ``start`` (or,
+    with too little before it, at the span's start): medians over a baseline window of points each."""
+    steps, vals = ctx.loss_steps, ctx.loss_values
+    n = cfg.block * cfg.window_blocks
+    ok = np.isfinite(vals) & (vals > 0)
+    before = vals[ok & (steps < start)][-n:]
+    inside = vals[ok & (steps >= start) & (steps <= end)]
+    if before.size < cfg.block:
+        before, inside = inside[: max(1, inside.size // 4)], inside[max(1, inside.size // 4):]
+    late = inside[-n:]
+    if before.size < cfg.block or late.size < cfg.block:
+        return False
+    return float(np.median(late)) >= cfg.chronic_loss_rise * float(np.median(before))
 
 
 def _peak_row(grp: list[Row]) -> Row:

@@ -16,7 +16,7 @@ from ..types import Report, RunData, Series, update_ratio_inputs
 from .advice import Context
 from .baseline import Points, log_positive, solve
 from .config import DetectorConfig
-from .episodes import build_episodes
+from .episodes import build_episodes, spike_summary
 from .histograms import run_histograms
 from .rows import AmpState, Crossing, LossRow, Metric, RowBook, run_warnings
 from .validation import judge_validation, with_validation
@@ -59,10 +59,10 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
 
     warnings = run_warnings(loss_nonpositive, norms is not None or tot is not None)
     ctx = _context(ax.steps, ser, run, steps, norms, cfg)
-    episodes, spikes = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg)
-    val = judge_validation(run.series, ser["loss"], episodes, spikes, cfg)
-    return Report(run.name, run.source, int(ax.steps.size), with_validation(episodes, spikes, val), spikes, warnings,
-                  val)
+    found = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg, book.collapsed)
+    val = judge_validation(run.series, ser["loss"], found.episodes, found.loss_spikes, cfg)
+    return Report(run.name, run.source, int(ax.steps.size), with_validation(found.episodes, found.loss_spikes, val),
+                  found.loss_spikes, warnings, val, spike_summary(found.transients, int(ax.steps.size)))
 
 
 def _series(run: RunData, name: str) -> Series | None:
@@ -125,8 +125,9 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
     if gm is not None:
         norms = gm
         pts = Points(gm, valid)
-        c, bases, _ = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
+        c, bases, thr = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
         crosses.append((Metric.GRAD, c, bases, pts))
+        _collapsed_rows(gm, valid, bases, thr, lu, book, cfg)
     upd = _update_ratio_points(run, valid)
     if upd is not None:
         c, bases, _ = solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history, cfg.mature_history)
@@ -149,6 +150,20 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
         book.add_layers(u, ax.step(u), crossings, nf, None if nfc is None else nfc[i, nf], ax.overflow(u),
                         None if norms is None else np.asarray(norms[i], dtype=np.float64))
     return grad_metric, norms
+
+
+def _collapsed_rows(gm: np.ndarray, valid: np.ndarray, bases: np.ndarray, thr: np.ndarray, lu: np.ndarray,
+                    book: RowBook, cfg: DetectorConfig, chunk: int = 4096) -> None:
+    """Steps where a layer's gradient fell ``collapse_ratio`` below its baseline (judged once the baseline is
+    mature enough to cross), in row chunks: no full-size copy of a large run."""
+    log_drop = math.log(cfg.collapse_ratio)
+    for a in range(0, gm.shape[0], chunk):
+        blocks = np.arange(a, min(a + chunk, gm.shape[0])) // cfg.block
+        with np.errstate(invalid="ignore", over="ignore"):
+            limit = np.exp(bases[blocks] - log_drop)
+            low = valid[a:a + chunk] & np.isfinite(thr[blocks]) & (gm[a:a + chunk] <= limit)
+        for i in np.nonzero(low.any(axis=1))[0].tolist():
+            book.add_collapsed(int(lu[a + i]), np.nonzero(low[i])[0])
 
 
 def _update_ratio_points(run: RunData, valid: np.ndarray) -> Points | None:
@@ -210,10 +225,14 @@ def _context(axis: np.ndarray, ser: dict[str, Series | None], run: RunData, step
         ts, tv = steps, _total_from_layers(norms, run.present)
     else:
         ts, tv = np.zeros(0, dtype=np.int64), np.zeros(0)
-    lr = ser["lr"]
+    lr, loss = ser["lr"], ser["loss"]
     ls = np.asarray(lr.steps, dtype=np.int64) if lr is not None else np.zeros(0, dtype=np.int64)
     lv = np.asarray(lr.values, dtype=np.float64) if lr is not None else np.zeros(0)
-    return Context(int(axis[0]) if axis.size else 0, early, ts, tv, ls, lv, run_histograms(run))
+    ctx = Context(int(axis[0]) if axis.size else 0, early, ts, tv, ls, lv, run_histograms(run))
+    if loss is not None:
+        ctx.loss_steps = np.asarray(loss.steps, dtype=np.int64)
+        ctx.loss_values = np.asarray(loss.values, dtype=np.float64)
+    return ctx
 
 
 def _total_from_layers(norms: np.ndarray, present: np.ndarray | None) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..types import Episode, Report, Series, update_ratio
 from .advice import Context
 from .baseline import Baseline, log_positive
 from .config import DetectorConfig
-from .episodes import build_episodes
+from .episodes import build_episodes, spike_summary
 from .rows import AmpState, Crossing, LossRow, Metric, RowBook, run_warnings
 from .validation import judge_validation, validation_series, with_validation
 
@@ -95,7 +95,11 @@ class OnlineDetector:
     def update(
         self, step: int, layers: Sequence[str], metrics: dict[str, np.ndarray], scalars: dict[str, float]
     ) -> list[Episode]:
-        """Judge one logged step; returns the episodes that opened at it."""
+        """Judge one logged step; returns the episodes that opened at it.
+
+        A crossing that nothing confirms yet comes back as an episode of kind ``"spike"``: it may be a transient
+        spike, or the first step of an explosion that later steps (or the loss) confirm in :meth:`report`.
+        """
         step = int(step)
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"steps must increase: got {step} after {self._last_step}")
@@ -161,24 +165,30 @@ class OnlineDetector:
             return []
         ctx = Context(self._steps[0], self._early_step(), np.zeros(0, dtype=np.int64), np.zeros(0),
                       np.zeros(0, dtype=np.int64), np.zeros(0))
-        eps, _ = build_episodes([row], self._layers, self._grad_metric or "grad_norm", [], ctx, cfg)
-        return eps
+        found = build_episodes([row], self._layers, self._grad_metric or "grad_norm", [], ctx, cfg)
+        return found.episodes + found.transients
 
-    def next_thresholds(self, layers: Sequence[str]) -> tuple[np.ndarray, float]:
+    def next_thresholds(self, layers: Sequence[str], *, extreme: bool = False) -> tuple[np.ndarray, float]:
         """The values the next :meth:`update` will judge against, for a caller that must decide before it can call it.
 
         Per name in ``layers``, the value of the gradient metric (``grad_norm`` when it is given) above which that
         layer crosses, and the total gradient norm above which the total crosses; ``inf`` where a series has fewer
         than ``min_history`` points or is unknown. Non-finite values always make an episode and are not expressed
-        here. The thresholds stay valid until the next :meth:`update`.
+        here. The thresholds stay valid until the next :meth:`update`. ``extreme``: the values ``extreme_ratio``
+        times the baseline (an explosion on its own) instead, where that is higher than the crossing threshold.
         """
-        _, thr = self._engine.grad.limits()
+        base, thr = self._engine.grad.limits()
+        if extreme:
+            thr = np.fmax(thr, base + math.log(self.cfg.extreme_ratio))
         out = np.full(len(layers), np.inf)
         for i, name in enumerate(layers):
             col = self._col.get(name)
             if col is not None and col < thr.size:
                 out[i] = thr[col]
-        total = float(self._engine.total.limits()[1][0])
+        total_base, total_thr = self._engine.total.limits()
+        total = float(total_thr[0])
+        if extreme:
+            total = float(np.fmax(total, total_base[0] + math.log(self.cfg.extreme_ratio)))
         with np.errstate(over="ignore"):
             return np.exp(out), math.exp(total) if total < 709.0 else math.inf
 
@@ -223,6 +233,10 @@ class OnlineDetector:
         if g is not None:
             self._saw_norms = True
             eng.grad.grow(n)
+            base, thr = eng.grad.limits()
+            with np.errstate(invalid="ignore", over="ignore"):
+                low = valid & np.isfinite(thr) & (g <= np.exp(base - math.log(cfg.collapse_ratio)))
+            self._book.add_collapsed(u, np.nonzero(low)[0])
             logv, ok = log_positive(g)
             c, e = eng.grad.step(logv, ok & valid)
             cc = np.nonzero(c)[0]
@@ -256,11 +270,13 @@ class OnlineDetector:
         ctx = Context(first, self._early_step() if self._steps else 0, ts, tv,
                       np.asarray(self._lr[0], dtype=np.int64), np.asarray(self._lr[1], dtype=np.float64),
                       self._histograms_of if self._hist else None)
-        episodes, spikes = build_episodes(self._book.ordered(), self._layers, self._grad_metric or "grad_norm",
-                                          self._loss_rows, ctx, cfg)
+        loss = Series(np.asarray(self._loss[0], dtype=np.int64), np.asarray(self._loss[1])) if self._loss[0] else None
+        if loss is not None:
+            ctx.loss_steps, ctx.loss_values = loss.steps, loss.values
+        found = build_episodes(self._book.ordered(), self._layers, self._grad_metric or "grad_norm",
+                               self._loss_rows, ctx, cfg, self._book.collapsed)
         series = {k: Series(np.asarray(st, dtype=np.int64), np.asarray(v, dtype=np.float64))
                   for k, (st, v) in self._val.items()}
-        loss = Series(np.asarray(self._loss[0], dtype=np.int64), np.asarray(self._loss[1])) if self._loss[0] else None
-        val = judge_validation(series, loss, episodes, spikes, cfg)
-        return Report(self.name, self.source, len(self._steps), with_validation(episodes, spikes, val), spikes,
-                      warnings, val)
+        val = judge_validation(series, loss, found.episodes, found.loss_spikes, cfg)
+        return Report(self.name, self.source, len(self._steps), with_validation(found.episodes, found.loss_spikes, val),
+                      found.loss_spikes, warnings, val, spike_summary(found.transients, len(self._steps)))

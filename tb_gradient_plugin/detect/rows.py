@@ -63,6 +63,12 @@ class RowBook:
 
     def __init__(self) -> None:
         self._rows: dict[int, Row] = {}
+        #: step index -> layer columns whose gradient fell ``collapse_ratio`` below their baseline (dead units)
+        self.collapsed: dict[int, np.ndarray] = {}
+
+    def add_collapsed(self, u: int, cols: np.ndarray) -> None:
+        if cols.size:
+            self.collapsed[u] = cols
 
     def get(self, u: int) -> Row | None:
         return self._rows.get(u)
