@@ -26,10 +26,10 @@ from .detect import DetectorConfig, detect
 from .reader import is_remote
 from .run_report import failed_report, report_json
 from .runs import RunData, find_runs, load_run
+from .types import fails_explosion
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 #: Episode kinds that fail each ``--fail-on`` level ("any" also fails on loss spikes).
-FAIL_KINDS = {"never": set(), "explosion": {"explosion", "nonfinite"}, "nonfinite": {"nonfinite"}}
 #: Worker processes are started only for this many runs and (unless ``--workers`` is given) this many bytes of event
 #: files: below that, reading in this process is faster than starting workers.
 PARALLEL_MIN_RUNS = 4
@@ -134,17 +134,18 @@ def _event_bytes(targets: Sequence[tuple[str, str]], enough: int) -> int:
 
 
 def _fails(episode: dict, fail_on: str) -> bool:
-    """Validation findings are never explosions: ``explosion`` ignores them, a NaN evaluation still fails
-    ``nonfinite``."""
-    if episode["kind"] not in FAIL_KINDS[fail_on]:
-        return False
-    return fail_on != "explosion" or not episode.get("validation")
+    """``explosion``: what broke training (validation findings and transient spikes never do; a chronic finding
+    when the loss suffered); ``nonfinite``: any non-finite finding, a NaN evaluation included."""
+    if fail_on == "explosion":
+        return fails_explosion(episode)
+    return fail_on == "nonfinite" and episode["kind"] == "nonfinite"
 
 
 def failing(results: Sequence[dict], fail_on: str) -> list[dict]:
-    """The results whose findings match ``--fail-on``."""
+    """The results whose findings match ``--fail-on`` (``any``: any episode, loss spike or transient spike)."""
     if fail_on == "any":
-        return [r for r in results if r["report"]["episodes"] or r["report"]["loss_spikes"]]
+        return [r for r in results if r["report"]["episodes"] or r["report"]["loss_spikes"]
+                or r["report"].get("spikes", {}).get("count")]
     return [r for r in results if any(_fails(e, fail_on) for e in r["report"]["episodes"])]
 
 
@@ -178,17 +179,22 @@ def _print_tables(results: Sequence[dict], console) -> None:
         summary.add_column(col, no_wrap=True)
     summary.add_column("episodes", overflow="fold")
     summary.add_column("loss spikes", no_wrap=True)
+    summary.add_column("transient spikes", no_wrap=True)
     for r in results:
         rep = r["report"]
         kinds = sorted({e["kind"] for e in rep["episodes"]})
-        bad = {"explosion", "nonfinite"} & set(kinds)
+        bad = any(fails_explosion(e) for e in rep["episodes"])
         episodes = f"[bold red]{len(rep['episodes'])} {', '.join(kinds)}[/]" if bad else \
             (f"{len(rep['episodes'])} {', '.join(kinds)}" if kinds else "[green]0[/]")
+        spikes = rep.get("spikes") or {}
+        transient = f"{spikes['count']} ({spikes['per_10k_steps'] / 10:.2g}/1k)" if spikes.get("count") else "0"
         summary.add_row(_esc(rep["run"]), rep["source"], str(rep["steps"]), str(r["layers"]), episodes,
-                        str(len(rep["loss_spikes"])))
+                        str(len(rep["loss_spikes"])), transient)
     console.print(summary)
     for r in results:
         rep = r["report"]
+        if rep.get("spikes", {}).get("count"):
+            console.print(_esc(f"{rep['run']}: {rep['spikes']['summary']}"), soft_wrap=True)
         if not rep["episodes"]:
             continue
         table = Table(title=f"{_esc(rep['run'])} ({rep['source']})", title_justify="left", show_lines=True)
@@ -298,7 +304,7 @@ def compare_runs(a: RunData, b: RunData, top: int = 20) -> dict:
     reports = {}
     for key, run in (("a", a), ("b", b)):
         rep = report_json(detect(run), run.warnings)
-        bad = [e for e in rep["episodes"] if e["kind"] in ("explosion", "nonfinite")]
+        bad = [e for e in rep["episodes"] if fails_explosion(e)]
         rep["exploded"] = bool(bad)
         rep["first_episode"] = bad[0] if bad else None
         rep["layers"] = len(run.layers)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .binning import bin_steps, envelope, max_pool
 from .runs import RunData
+from .types import fails_explosion
 
 HEATMAP_BINS = 240
 LOSS_BINS = 600
@@ -122,7 +123,7 @@ def _episode_bands(episodes: list[dict], first: int, last: int, width: float, he
     return "".join(parts)
 
 
-def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict]) -> str:
+def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict], transients: list[int]) -> str:
     loss, val = chart["loss"], chart["val_loss"]
     lines = [s for s in (loss, val) if s is not None]
     first = min(s["start"][0] for s in lines)
@@ -150,6 +151,9 @@ def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict]) -> str:
         return " ".join(out)
 
     body = [_episode_bands(episodes, first, last, _W, _LOSS_H)]
+    body += [f'<line x1="{_x(st, first, last, _W):.1f}" x2="{_x(st, first, last, _W):.1f}" y1="0" y2="{_LOSS_H}" '
+             f'stroke="#7f7f7f" stroke-dasharray="2,3"><title>transient gradient spike at step {st}</title></line>'
+             for st in transients]
     for s, colour, label in ((loss, "#1f77b4", "loss"), (val, "#2ca02c", "val_loss")):
         if s is None:
             continue
@@ -167,7 +171,8 @@ def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict]) -> str:
     scale = "log scale" if log else "linear scale"
     return (f'<figure><svg viewBox="0 0 {_W} {_LOSS_H}" width="{_W}" height="{_LOSS_H}" class="chart" role="img">'
             f'{"".join(body)}</svg><figcaption>loss (blue){" and val_loss (green)" if val else ""}, {scale}, '
-            f'steps {first}–{last}; red circles: loss spikes; shaded: episodes</figcaption></figure>')
+            f'steps {first}–{last}; red circles: loss spikes; shaded: episodes; grey dotted: transient gradient spikes'
+            '</figcaption></figure>')
 
 
 def _heatmap_html(hm: dict, episodes: list[dict]) -> str:
@@ -208,13 +213,15 @@ def _summary_table(results: list[dict]) -> str:
     for r in results:
         rep = r["report"]
         kinds = sorted({e["kind"] for e in rep["episodes"]})
-        cls = "bad" if {"explosion", "nonfinite"} & set(kinds) else "ok"
+        cls = "bad" if any(fails_explosion(e) for e in rep["episodes"]) else "ok"
+        spikes = rep.get("spikes") or {}
         rows.append(f'<tr><td><a href="#run-{r["index"]}">{html.escape(rep["run"])}</a></td>'
                     f'<td>{html.escape(rep["source"])}</td><td>{rep["steps"]}</td><td>{r["layers"]}</td>'
                     f'<td class="{cls}">{len(rep["episodes"])} {html.escape(", ".join(kinds))}</td>'
-                    f'<td>{len(rep["loss_spikes"])}</td><td>{len(rep["warnings"])}</td></tr>')
+                    f'<td>{len(rep["loss_spikes"])}</td><td>{spikes.get("count", 0)}</td>'
+                    f'<td>{len(rep["warnings"])}</td></tr>')
     return ("<table><tr><th>run</th><th>source</th><th>steps</th><th>layers</th><th>episodes</th>"
-            f"<th>loss spikes</th><th>warnings</th></tr>{''.join(rows)}</table>")
+            f"<th>loss spikes</th><th>transient spikes</th><th>warnings</th></tr>{''.join(rows)}</table>")
 
 
 def _episodes_table(episodes: list[dict]) -> str:
@@ -223,7 +230,8 @@ def _episodes_table(episodes: list[dict]) -> str:
         layers = ", ".join(f'{html.escape(f["name"])} ({_ratio(f.get("ratio"))})' for f in e["layers"][:5])
         after = "" if e["loss_spike_step"] is None else f'{e["loss_spike_step"] - e["start_step"]} steps after start'
         advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
-        rows.append(f'<tr><td class="bad">{html.escape(e["kind"])}</td><td>{e["start_step"]}–{e["end_step"]}</td>'
+        cls = "bad" if fails_explosion(e) else "warn"
+        rows.append(f'<tr><td class="{cls}">{html.escape(e["kind"])}</td><td>{e["start_step"]}–{e["end_step"]}</td>'
                     f'<td>{e["peak_step"]}</td><td>{_ratio(e["severity"])}</td><td>{layers}</td><td>{after}</td>'
                     f'<td><ul>{advice}</ul></td></tr>')
     return ("<table><tr><th>kind</th><th>steps</th><th>peak</th><th>severity</th><th>offending layers (ratio)</th>"
@@ -245,8 +253,11 @@ def render(results: list[dict], title: str = "Gradient audit") -> str:
             parts.append(_episodes_table(rep["episodes"]))
         else:
             parts.append('<p class="ok">No gradient episode found.</p>')
+        spikes = rep.get("spikes") or {}
+        if spikes.get("count"):
+            parts.append(f'<p class="spikes">{html.escape(spikes["summary"])}: not episodes (nothing broke).</p>')
         if chart.get("loss") or chart.get("val_loss"):
-            parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"]))
+            parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
         if chart.get("heatmap"):
             parts.append(_heatmap_html(chart["heatmap"], rep["episodes"]))
         elif not chart.get("loss"):

@@ -29,7 +29,7 @@ from . import binning
 from . import format as fmt
 from .backend import Backend, UnknownRunError, parse_logdir_spec
 from .json_encoding import to_json
-from .types import update_ratio_inputs
+from .types import fails_explosion, update_ratio_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "layers": len(data.layers),
                 "episodes": len(report.episodes),
                 "episode_kinds": dict(Counter(e.kind for e in report.episodes)),
+                # what broke training (the run picker's warning sign); transient spikes are only a rate
+                "alarming": sum(fails_explosion(e) for e in report.episodes),
+                "spikes": report.spikes.count,
                 # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
                 "first_wall_time": data.first_wall_time,
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),

@@ -162,15 +162,16 @@ class Episode:
 #: blew up (a clipped spike has a bounded update), a magnitude extreme enough on its own, or layers whose gradient
 #: collapsed right after it (units the update killed).
 CONFIRMATIONS = ("persistent", "loss_reaction", "update_ratio", "extreme", "collapse")
-#: Kinds that fail ``--fail-on explosion`` (a chronic finding fails it only when the loss suffers).
-FAILING_KINDS = ("explosion", "nonfinite")
+#: Kinds that fail ``--fail-on explosion``. A chronic finding exists only where something broke (one of its spikes was
+#: an explosion, or the loss suffered), so it always does.
+FAILING_KINDS = ("explosion", "nonfinite", "chronic")
 
 
-def fails_explosion(episode: Episode) -> bool:
-    """Whether an episode means training broke: the verdict ``--fail-on explosion`` and the tab's warning sign use."""
-    if episode.kind == "chronic":
-        return bool(episode.chronic and episode.chronic.get("loss_suffers"))
-    return episode.kind in FAILING_KINDS
+def fails_explosion(episode: Episode | dict) -> bool:
+    """Whether an episode (or its JSON object) means training broke: what ``--fail-on explosion`` and the tab's
+    warning sign go by. A validation finding never does (a NaN evaluation fails ``--fail-on nonfinite`` only)."""
+    doc = episode if isinstance(episode, dict) else {"kind": episode.kind, "validation": episode.validation}
+    return not doc.get("validation") and doc["kind"] in FAILING_KINDS
 
 
 @dataclass

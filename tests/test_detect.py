@@ -38,6 +38,13 @@ def _run(n_steps: int = 2000, n_layers: int = 12, seed: int = 0, **series) -> Ru
                    present=np.ones((n_steps, n_layers), dtype=bool), series=ser)
 
 
+def _reacting_loss(n: int, at: int, factor: float = 20.0) -> np.ndarray:
+    """A falling training loss that spikes ``factor`` x at step ``at``: the loss reacting to a gradient spike."""
+    loss = 2 * np.exp(-np.arange(n) / 700) * np.exp(np.random.default_rng(9).normal(0, 0.03, n)) + 0.3
+    loss[at] *= factor
+    return loss
+
+
 def _online(run: RunData, config: DetectorConfig | None = None) -> Report:
     """Feed a RunData step by step into the online detector (as a training loop would)."""
     det = OnlineDetector(config, name=run.name, source=run.source)
@@ -66,8 +73,8 @@ def test_healthy_run_with_warmup_decay_and_late_rise_is_quiet():
     assert rep.loss_spikes == []
 
 
-def test_spike_is_an_episode_ranked_by_first_crossing_then_magnitude():
-    run = _run()
+def test_spike_the_loss_reacts_to_is_an_explosion_ranked_by_first_crossing_then_magnitude():
+    run = _run(loss=_reacting_loss(2000, 1004))
     g = run.layer_metrics["grad_norm"]
     g[1000, 7] *= 40  # the origin crosses first ...
     g[1001, 2] *= 400  # ... a bigger crossing one step later ranks second
@@ -79,7 +86,75 @@ def test_spike_is_an_episode_ranked_by_first_crossing_then_magnitude():
     assert [f.name for f in ep.layers] == ["layer7", "layer2", "layer9"]
     assert ep.peak_step == 1001 and ep.severity == pytest.approx(ep.layers[1].ratio)
     assert 25 < ep.layers[0].ratio < 70
+    assert ep.confirmed_by == ["loss_reaction"] and rep.spikes.count == 0
 
+
+def test_the_same_spike_with_a_normal_loss_is_a_transient_spike_not_an_episode():
+    run = _run(loss=_reacting_loss(2000, 1004, factor=1.0))
+    g = run.layer_metrics["grad_norm"]
+    g[1000, 7] *= 40
+    g[1001, 2] *= 400
+    rep = detect(run)
+    assert rep.episodes == []
+    assert (rep.spikes.count, rep.spikes.steps, rep.spikes.with_loss_spike) == (1, [1001], 0)
+    assert rep.spikes.max_ratio == pytest.approx(400, rel=0.5)
+    assert rep.spikes.summary().startswith("1 transient spike in 2,000 steps (0.5 per 1k), up to ")
+    assert rep.spikes.summary().endswith("all followed by a normal loss")
+    assert _online(run).to_json() == rep.to_json()
+
+
+def test_a_hard_batch_raising_loss_and_gradient_at_once_is_not_a_reaction():
+    """Both jump at the same step (the batch itself is unusual), as in TF-NMT's periodic bursts: a spike."""
+    run = _run(loss=_reacting_loss(2000, 1000))
+    run.layer_metrics["grad_norm"][1000, 7] *= 40
+    rep = detect(run)
+    assert rep.episodes == [] and rep.spikes.steps == [1000] and rep.spikes.with_loss_spike == 1
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("extreme", "extreme"),  # 10,000x in one layer of an otherwise quiet series
+    ("persistent", "persistent"),  # up for 12 logged steps
+    ("update", "update_ratio"),  # the applied update grew with the gradient (no clipping)
+    ("collapse", "collapse"),  # the layer's gradient died right after
+])
+def test_what_makes_a_spike_an_explosion(change, reason):
+    run = _run()
+    g, upd = run.layer_metrics["grad_norm"], run.layer_metrics["update_norm"]
+    if change == "extreme":
+        g[1000, 4] *= 1e4
+    elif change == "persistent":
+        g[1000:1012, 4] *= 40
+    else:
+        g[1000, 4] *= 40
+        if change == "update":
+            upd[1000, 4] *= 80
+        else:
+            g[1001:1030, 4] = 0.0
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.kind == "explosion" and ep.confirmed_by == [reason] and ep.layers[0].name == "layer4"
+    assert rep.spikes.count == 0
+    assert _online(run).to_json() == rep.to_json()
+
+
+def test_chronic_spikes_with_a_rising_loss_are_one_finding():
+    n = 6000
+    loss = 2 * np.exp(-np.arange(n) / 700) + 0.3
+    loss[4000:] *= np.linspace(1, 2.5, n - 4000)  # drifts up while the spikes recur
+    run = _run(n, loss=loss)
+    hits = np.arange(3000, n, 40)
+    run.layer_metrics["grad_norm"][hits, 5] *= 30  # clipped-looking one-step spikes, every 40 steps
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.kind == "chronic" and ep.start_step == 3000 and ep.end_step == hits[-1]
+    assert ep.chronic["loss_suffers"] and ep.chronic["events"] == hits.size and ep.chronic["explosions"] == 0
+    assert ep.chronic["rate_per_1k"] == pytest.approx(25.0, rel=0.05)
+    assert ep.layers[0].name == "layer5" and any("recurred" in a for a in ep.advice)
+    assert rep.spikes.count == 0
+    healthy = _run(n, loss=2 * np.exp(-np.arange(n) / 700) + 0.3)
+    healthy.layer_metrics["grad_norm"][hits, 5] *= 30  # the same spikes while the loss keeps falling: a rate
+    rep = detect(healthy)
+    assert rep.episodes == [] and rep.spikes.count == hits.size
 
 def test_nonfinite_is_always_an_episode_even_in_the_first_steps_with_init_advice():
     run = _run()
@@ -149,7 +224,7 @@ def test_loss_spike_links_to_the_episode_and_orphan_spikes_are_reported():
 
 
 def test_clip_advice_comes_from_the_healthy_total_norm():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1003))
     run.layer_metrics["grad_norm"][1000, 1] *= 100
     total = np.sqrt((run.layer_metrics["grad_norm"].astype(np.float64) ** 2).sum(axis=1))
     healthy = np.delete(total, 1000)
@@ -188,10 +263,13 @@ def test_total_norm_only_run_and_loss_only_run():
     n = 1500
     rng = np.random.default_rng(1)
     tot = np.exp(rng.normal(0, 0.1, n))
-    tot[700] = 500.0
+    tot[700] = 5000.0  # without loss or update norms, only magnitude and persistence can confirm
+    tot[300] = 60.0
     run = RunData("hf", "hf_trainer", series={"total_grad_norm": Series(np.arange(n) * 10, tot)})
-    (ep,) = detect(run).episodes
-    assert ep.start_step == 7000 and ep.layers[0].name == "total_grad_norm"
+    rep = detect(run)
+    (ep,) = rep.episodes
+    assert ep.start_step == 7000 and ep.layers[0].name == "total_grad_norm" and ep.confirmed_by == ["extreme"]
+    assert rep.spikes.steps == [3000]
     loss = np.exp(rng.normal(0, 0.05, n))
     loss[900] = np.nan
     rep = detect(RunData("lo", "plain", series={"loss": Series(np.arange(n), loss)}))
@@ -201,8 +279,9 @@ def test_total_norm_only_run_and_loss_only_run():
 
 def test_online_gives_the_same_report_as_offline_on_the_same_data():
     cases = [suite.synthetic_case(7, 40, 2500), suite.synthetic_case(8, 30, 2000, amp=True)]
-    run = _run(loss=np.linspace(3, 1, 2000), lr=np.full(2000, 1e-3))
+    run = _run(loss=_reacting_loss(2000, 1003), lr=np.full(2000, 1e-3))
     run.layer_metrics["grad_norm"][1000, 1] *= 100
+    run.layer_metrics["grad_norm"][1500, 2] *= 100  # a transient spike: the same in both
     run.present[:300, 11] = False  # a layer added late
     run.present[1200:1300, 3] = False  # and one frozen for a while
     for rd in [run] + [c.run for c in cases]:
@@ -248,7 +327,7 @@ def test_detect_reads_a_run_written_by_our_writer(tmp_path):
         for step in range(400):
             g = np.exp(rng.normal(0, 0.1, 3))
             if step == 300:
-                g[1] *= 200
+                g[1] *= 5000
             w.write(step, layers, grad_norm=g, loss=1.0 + rng.random() * 0.01)
     batches = [EventFileReader(str(p)).read() for p in tmp_path.iterdir()]
     recs = [r for b in batches for r in b.layer_records]
@@ -287,15 +366,16 @@ def test_early_growth_before_a_full_baseline_window_is_not_an_explosion_but_a_hu
     run = _run(n_steps=1000)
     g = run.layer_metrics["grad_norm"]
     g[:40] *= np.logspace(-1.5, 0, 40)[:, None].astype(np.float32)  # 30x over the first 40 steps, then steady
-    assert detect(run).episodes == []
-    assert _online(run).episodes == []
+    rep = detect(run)
+    assert rep.episodes == [] and rep.spikes.count == 0
+    assert _online(run).to_json() == rep.to_json()
     g[45, 3] *= 200
-    (ep,) = detect(run).episodes
-    assert (ep.start_step, ep.layers[0].name) == (45, "layer3")
+    rep = detect(run)
+    assert [e.start_step for e in rep.episodes] + rep.spikes.steps == [45]  # it crosses
     assert _online(run).to_json() == detect(run).to_json()
     late = _run(n_steps=1000)
     late.layer_metrics["grad_norm"][300, 3] *= 20  # the same 20x crossing with a mature baseline is one
-    assert [e.start_step for e in detect(late).episodes] == [300]
+    assert detect(late).spikes.steps == [300]
 
 
 def test_demo_amp_run_early_growth_is_not_an_explosion():

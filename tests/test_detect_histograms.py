@@ -12,7 +12,7 @@ import pytest
 from tb_gradient_plugin import format as fmt
 from tb_gradient_plugin.detect import detect, hist_quantile, hist_share_above
 from tb_gradient_plugin.runs import load_run
-from tests.test_detect import _online, _run
+from tests.test_detect import _online, _reacting_loss, _run
 
 MASS = "Most entries grew"
 TAIL = "A thin tail grew"
@@ -56,7 +56,7 @@ def test_quantiles_and_shares_of_a_histogram_match_the_entries_within_a_bin():
 
 
 def test_mass_moved_when_every_entry_of_the_offending_layer_grew():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000:1003, 7] *= 40
     run = _with_histograms(run, 5, 4096, {1000: np.full(4096, 40.0)})
     (ep,) = detect(run).episodes
@@ -67,7 +67,7 @@ def test_mass_moved_when_every_entry_of_the_offending_layer_grew():
 
 
 def test_tail_moved_when_a_few_entries_grew_and_the_median_stayed():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000, 7] *= 40
     factors = np.ones(4096)
     factors[:4] = 1e5  # 0.1 % of the entries, from one bad sample
@@ -79,10 +79,10 @@ def test_tail_moved_when_a_few_entries_grew_and_the_median_stayed():
 
 
 def test_no_histogram_inside_the_episode_or_none_before_gives_no_histogram_advice():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1003, 7] *= 40  # histograms every 10 steps: none at 1003
     assert _hist_advice(detect(_with_histograms(run, 10, 1024))) == []
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000, 7] *= 40
     run = _with_histograms(run, 10, 1024, {1000: np.full(1024, 40.0)})
     run.histograms[run.hist_steps < 1000, 7] = 0  # the layer was never histogrammed before the episode
@@ -90,7 +90,7 @@ def test_no_histogram_inside_the_episode_or_none_before_gives_no_histogram_advic
 
 
 def test_nonfinite_entries_count_as_the_tail_they_are():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000, 7] = np.nan
     run.layer_metrics["nonfinite_count"][1000, 7] = 3
     factors = np.ones(4096)
@@ -103,7 +103,7 @@ def test_nonfinite_entries_count_as_the_tail_they_are():
 
 
 def test_online_with_histograms_equals_offline():
-    run = _run(loss=np.linspace(3, 1, 2000))
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000:1003, 7] *= 40
     run = _with_histograms(run, 5, 2048, {1000: np.full(2048, 40.0)})
     off = detect(run)
@@ -191,7 +191,7 @@ def test_real_corrupted_sample_moves_a_thin_tail_of_the_layer_it_feeds(tmp_path)
 def test_exact_zeros_do_not_pin_the_median():
     # 3/4 of the layer's entries are exactly zero (dead units); the live quarter grew 40x: a scale problem, which
     # a median over all entries (stuck in the zero bin) would call a thin tail
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000:1003, 7] *= 40
     run = _with_histograms(run, 5, 4096, {1000: np.full(4096, 40.0)})
     run.histograms[:, 7, fmt.HIST_ZERO] += 3 * 4096
@@ -200,7 +200,7 @@ def test_exact_zeros_do_not_pin_the_median():
 
 
 def test_the_histogram_compared_is_the_last_one_up_to_the_peak_with_finite_entries():
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000:1004, 7] *= 40
     run.layer_metrics["grad_norm"][1006, 7] = np.nan
     run.layer_metrics["nonfinite_count"][1006, 7] = 4096
@@ -213,7 +213,7 @@ def test_the_histogram_compared_is_the_last_one_up_to_the_peak_with_finite_entri
 
 def test_a_large_share_beyond_the_old_largest_is_not_a_thin_tail():
     # the median stays, but 10 % of the entries jumped 1e4x: too many for a few outliers
-    run = _run()
+    run = _run(loss=_reacting_loss(2000, 1005))
     run.layer_metrics["grad_norm"][1000, 7] *= 40
     factors = np.ones(4096)
     factors[:410] = 1e4

@@ -41,7 +41,9 @@ def test_overfitting_names_the_best_step_and_is_not_an_explosion():
 
 def test_worsening_with_a_gradient_episode_is_instability():
     rng = np.random.default_rng(1)
-    run = _run(loss=np.linspace(3, 0.5, 2000))
+    loss = np.linspace(3, 0.5, 2000)
+    loss[1004] *= 10  # the training loss reacts to the blow-up: an explosion
+    run = _run(loss=loss)
     val = np.linspace(2, 1, 19) * np.exp(rng.normal(0, 0.005, 19))
     val[10:] *= 1.6  # jumps after the blow-up at step 1000 and stays up
     run.series["val_loss"] = _epochs(val)

@@ -25,7 +25,7 @@ SPIKE = 40  # the detector needs min_history (24) healthy points before it judge
 def _norms(step: int, rng: np.random.Generator) -> np.ndarray:
     norms = np.array([1.0, 0.5, 0.3, 0.2]) * np.exp(rng.normal(0, 0.05, 4))
     if step in (SPIKE, SPIKE + 1):
-        norms[2] *= 1000.0
+        norms[2] *= 1e4  # an extreme jump: an explosion on its own
     return norms
 
 
@@ -122,3 +122,53 @@ def test_custom_detector_config_and_bad_arguments():
         for step in range(60):
             g = _norms(step, rng)
             bad.check(step, LAYERS, {"grad_norm": g}, {})
+
+
+def _feed_spikes(guard: ExplosionGuard, spikes: dict[int, float], steps: int = 120) -> list:
+    """Healthy steps with the ``block.1`` norm multiplied by ``spikes[step]`` where given."""
+    rng = np.random.default_rng(1)
+    out = []
+    for step in range(steps):
+        g = np.array([1.0, 0.5, 0.3, 0.2]) * np.exp(rng.normal(0, 0.05, 4))
+        g[2] *= spikes.get(step, 1.0)
+        out.append(guard.check(step, LAYERS, {"grad_norm": g}, {}))
+    return out
+
+
+def test_a_lone_clipped_spike_is_not_acted_on_unless_spikes_are_asked_for():
+    plain = _feed_spikes(ExplosionGuard("skip"), {80: 40.0})
+    assert all(d.action == GUARD_NONE for d in plain)
+    eager = ExplosionGuard("skip", spikes=True)
+    decisions = _feed_spikes(eager, {80: 40.0})
+    assert [d.step for d in decisions if d.skip] == [80]
+    assert decisions[80].episodes[0].kind == "spike"
+
+
+def test_crossings_that_persist_are_acted_on_from_the_step_they_become_an_explosion():
+    cfg = DetectorConfig()
+    guard = ExplosionGuard("skip", cfg)
+    decisions = _feed_spikes(guard, {s: 40.0 for s in range(80, 92)})
+    acted = [d.step for d in decisions if d.skip]
+    assert acted == list(range(80 + cfg.persist_points - 1, 92))
+    (first,) = decisions[acted[0]].episodes
+    assert first.kind == "explosion" and first.confirmed_by == ["persistent"]
+
+
+def test_next_thresholds_are_the_extreme_ones_until_a_group_is_about_to_count():
+    """For a compiled step that must hold a step back before the guard sees it (Keras)."""
+    cfg = DetectorConfig()
+    guard, eager = ExplosionGuard("skip", cfg), ExplosionGuard("skip", cfg, spikes=True)
+    rng = np.random.default_rng(2)
+    for step in range(80 + cfg.persist_points - 1):
+        g = np.array([1.0, 0.5, 0.3, 0.2]) * np.exp(rng.normal(0, 0.05, 4))
+        if step >= 80:
+            g[2] *= 40.0
+        if step == 80:
+            extreme, _ = guard.next_thresholds(LAYERS)
+            crossing, _ = eager.next_thresholds(LAYERS)
+            assert np.all(np.isfinite(crossing)) and np.all(extreme > 100 * crossing)
+        guard.check(step, LAYERS, {"grad_norm": g}, {})
+        eager.check(step, LAYERS, {"grad_norm": g}, {})
+    # the group has persist_points - 1 crossings: the next one makes it an explosion, so the crossing threshold holds
+    now, _ = guard.next_thresholds(LAYERS)
+    np.testing.assert_allclose(now, eager.next_thresholds(LAYERS)[0])

@@ -10,7 +10,6 @@ import { Theme } from "./theme.js";
 const RELOAD_MS = 30000;
 const LOADING_POLL_MS = 1000;
 /** Episodes that make a run the one to open on: the gradient blew up. */
-const ALARMING = new Set(["explosion", "nonfinite"]);
 /** The heatmap's metric choices, in the order offered (named by the served metric registry). */
 const HEATMAP_METRICS = ["grad_norm", "update_ratio", "grad_max_abs", "param_norm"];
 
@@ -159,15 +158,13 @@ export class App {
   }
 
   /**
-   * The run to open on, so the first look shows a problem if there is one: the most explosion / non-finite episodes,
-   * ties broken by the most recent run, then by episodes of any kind. The runs route counts episodes by kind, so no
-   * run's episode list is read.
+   * The run to open on, so the first look shows a problem if there is one: the most episodes that broke training
+   * (the runs route's `alarming`: explosions, non-finite values, chronic instability the loss suffered from), ties
+   * broken by the most recent run, then by episodes of any kind. No run's episode list is read.
    */
   async mostInteresting(runs) {
     const recency = await this.recencyRanks(runs);
-    const alarming = (r) => Object.entries(r.episode_kinds || {}).reduce(
-      (n, [kind, count]) => n + (ALARMING.has(kind) ? count : 0), 0);
-    const key = (r) => [alarming(r), recency.get(r.run) ?? -1, r.episodes];
+    const key = (r) => [r.alarming || 0, recency.get(r.run) ?? -1, r.episodes];
     let pick = null;
     for (const r of runs) {
       if (!pick) {

@@ -237,7 +237,7 @@ function validationMarkers(validation, pal, labels) {
  * or one of `loss.val_metrics` (accuracy, mAP...). `view` (the step window shown) and `width` (the plot's width in
  * pixels) decide which marker labels fit. Returns the ECharts option and `marks`, what the chart marks and labels.
  */
-export function lossOption({ loss, episodes, validation, full, view, width, pal, logY, right }) {
+export function lossOption({ loss, episodes, transients = [], validation, full, view, width, pal, logY, right }) {
   const labels = new LabelRows(view, width);
   const markers = validationMarkers(validation, pal, labels);
   const spikes = loss.spikes || [];
@@ -336,12 +336,21 @@ export function lossOption({ loss, episodes, validation, full, view, width, pal,
   series.push({ name: "validation markers", type: "line", data: [], silent: true,
     markLine: { silent: true, animation: false, symbol: "none", data: markers.lines },
     markArea: { silent: true, data: markers.areas } });
+  if (transients.length) {
+    // Transient gradient spikes (nothing broke): thin dotted lines, a rate rather than episodes.
+    series.push({ name: "transient gradient spike", type: "line", data: [], silent: true,
+      itemStyle: { color: pal.secondLine },
+      markLine: { silent: true, animation: false, symbol: "none", label: { show: false },
+        lineStyle: { color: pal.secondLine, type: "dotted", width: 1, opacity: 0.7 },
+        data: transients.map((step) => ({ xAxis: step })) } });
+  }
   const hidden = new Set(["min", "range", "validation markers"]);
   const marks = {
     nanLines: markers.lines.filter((m) => m.name === "nan").length,
     nanSpans: markers.areas.length,
     labels: labels.shown,
     hiddenLabels: labels.hidden,
+    transients: transients.length,
   };
   const option = {
     animation: false,

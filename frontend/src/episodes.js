@@ -9,6 +9,7 @@ const KIND_LABEL = {
   explosion: "Explosion",
   nonfinite: "Non-finite gradients",
   overflow_skip: "Overflow skips",
+  chronic: "Chronic instability",
   val_degradation: "Validation degradation",
 };
 
@@ -114,8 +115,13 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
     );
     list.append(item);
   });
+  const spikes = report.spikes || { count: 0 };
   return h("div", { class: "episodes" },
     h("div", { class: "block-title", text: `Episodes (${episodes.length})` }),
+    spikes.count
+      ? h("p", { class: "spike-summary", text: `${spikes.summary}: not episodes (nothing broke); marked on the loss chart.`,
+        dataset: { count: String(spikes.count) } })
+      : null,
     episodes.length
       ? list
       : message("empty", "No explosion, non-finite or overflow episode detected.",

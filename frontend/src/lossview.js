@@ -17,13 +17,15 @@ export class LossView {
    * @param {object} opts.app the tab (shared step range, zoom, palette, status line)
    * @param {string} opts.run the run shown
    * @param {() => object[]} opts.episodes the run's episodes (from the episodes route)
+   * @param {() => number[]} opts.transients the steps of its transient gradient spikes (the report's ``spikes``)
    * @param {() => object[]} opts.validation the run's validation findings
    * @param {(range: {start: number, end: number}) => void} opts.onZoom the chart was zoomed to a step range
    */
-  constructor({ app, run, episodes, validation, onZoom }) {
+  constructor({ app, run, episodes, transients, validation, onZoom }) {
     this.app = app;
     this.run = run;
     this.episodes = episodes;
+    this.transients = transients;
     this.validation = validation;
     this.onZoom = onZoom;
     this.data = null;
@@ -207,12 +209,14 @@ export class LossView {
   draw() {
     if (!this.chart || !this.data) return;
     this.width = this.chartEl.clientWidth;
-    const { option, marks } = lossOption({ loss: this.data, episodes: this.episodes(), validation: this.validation(),
+    const { option, marks } = lossOption({ loss: this.data, episodes: this.episodes(), transients: this.transients(),
+      validation: this.validation(),
       full: this.app.fullRange(), view: this.app.range(), width: plotWidth(this.chartEl), pal: this.app.palette(),
       logY: this.logY, right: this.right });
     // What the chart marks, for whoever checks it without reading its canvas.
     const view = this.app.view;
     Object.assign(this.chartEl.dataset, { nanLines: String(marks.nanLines), nanSpans: String(marks.nanSpans),
+      transients: String(marks.transients),
       labels: JSON.stringify(marks.labels), hiddenLabels: String(marks.hiddenLabels),
       labelView: view ? `${Math.round(view.start)}-${Math.round(view.end)}` : "" });
     this.applyingView = true;

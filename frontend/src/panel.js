@@ -34,6 +34,7 @@ export class RunPanel {
       app,
       run: info.run,
       episodes: () => this.episodes(),
+      transients: () => (this.report && this.report.spikes ? this.report.spikes.steps : []),
       validation: () => this.validation(),
       onZoom: (range) => app.setView(range, this),
     });

@@ -21,7 +21,8 @@ const LIGHT = {
   accent: "#f57c00",
   selected: "#1a73e8",
   nonfinite: [255, 23, 68],
-  episode: { explosion: "#f57c00", nonfinite: "#d50000", overflow_skip: "#8e24aa", val_degradation: "#9334e6" },
+  episode: { explosion: "#f57c00", nonfinite: "#d50000", overflow_skip: "#8e24aa", val_degradation: "#9334e6",
+    chronic: "#ef6c00" },
   episodeAlpha: 0.16,
 };
 
@@ -45,7 +46,8 @@ const DARK = {
   spike: "#f28b82",
   accent: "#ff9800",
   selected: "#8ab4f8",
-  episode: { explosion: "#ff9800", nonfinite: "#ff5252", overflow_skip: "#ce93d8", val_degradation: "#d7aefb" },
+  episode: { explosion: "#ff9800", nonfinite: "#ff5252", overflow_skip: "#ce93d8", val_degradation: "#d7aefb",
+    chronic: "#ffb74d" },
   episodeAlpha: 0.22,
 };
 

@@ -29,7 +29,8 @@ class DetectorConfig:
     # A group of crossings is an explosion only when something broke (docs/DETECTION.md), else a transient spike:
     persist_points: int = 8  # ... crossings at this many logged steps (a level that stayed up for a block) ...
     react_points: int = 10  # ... the loss react_ratio x its baseline within this many logged losses after the
-    react_ratio: float = 3.0  # group, while normal at its start (a hard batch raises both at once: no reaction) ...
+    react_ratio: float = 3.0  # group (after a hard batch that raised both at once: staying there) ...
+    update_blowup: float = 10.0  # ... an update ratio this far above its baseline (and grown with its gradient) ...
     extreme_ratio: float = 1000.0  # ... or a crossing this far above its baseline, which needs nothing else ...
     collapse_ratio: float = 1000.0  # ... or, in the collapse_points logged steps after it, a layer's gradient this
     collapse_points: int = 20  # far below its baseline at half of them (units the update killed)
@@ -67,7 +68,7 @@ class DetectorConfig:
                 or self.collapse_points < 1:
             raise ValueError("persist_points, collapse_points and chronic_gap must be at least 1, chronic_events at "
                              "least 2 and react_points non-negative")
-        for name in ("extreme_ratio", "collapse_ratio"):
+        for name in ("extreme_ratio", "collapse_ratio", "update_blowup"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
         if not 0.0 < self.hist_tail_share < 1.0:
