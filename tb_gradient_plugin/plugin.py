@@ -29,7 +29,7 @@ from . import binning
 from . import format as fmt
 from .backend import Backend, UnknownRunError, parse_logdir_spec
 from .json_encoding import to_json
-from .types import fails_explosion, update_ratio_inputs
+from .types import FAILING_KINDS, update_ratio_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "layers": len(data.layers),
                 "episodes": len(report.episodes),
                 "episode_kinds": dict(Counter(e.kind for e in report.episodes)),
-                # what broke training (the run picker's warning sign); transient spikes are only a rate
-                "alarming": sum(fails_explosion(e) for e in report.episodes),
+                # episodes that broke training, a NaN evaluation included (the tab opens on the run with the most)
+                "alarming": sum(e.kind in FAILING_KINDS for e in report.episodes),
                 "spikes": report.spikes.count,
                 # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
                 "first_wall_time": data.first_wall_time,

@@ -71,11 +71,15 @@ def _write_live(path: Path, steps: range) -> None:
             writer.write(step, LAYERS[:3], grad_norm=np.exp(rng.normal(0.0, 0.1, 3)), loss=1.0)
 
 
+#: The loss-only run's total gradient norm jumps 40x here while its loss stays normal: a transient spike.
+TRANSIENT = 150
+
+
 def _write_loss_only(path: Path) -> None:
     """What a run of another tool often holds: loss and total gradient norm, no per-layer statistics."""
     with GradientWriter(path) as writer:
         for step in range(200):
-            writer.write(step, [], loss=1.0 / (1 + step), total_grad_norm=2.0)
+            writer.write(step, [], loss=1.0 / (1 + step), total_grad_norm=80.0 if step == TRANSIENT else 2.0)
 
 
 def _write_validation(path: Path) -> None:
@@ -503,13 +507,14 @@ def _demo_default_run(server: TensorBoardServer) -> str:
     """The run the tab should open on for demo_logs, from the auditor's episodes and TensorBoard's run order."""
     from tb_gradient_plugin.detect import detect
     from tb_gradient_plugin.runs import find_runs, load_run
+    from tb_gradient_plugin.types import FAILING_KINDS
 
     order = server.get_json("data/runs")  # by start time, oldest first
     best: tuple[int, int] | None = None
     pick = ""
     for name, path in find_runs(str(DEMO_LOGS)):
         episodes = detect(load_run(path, name)).to_json()["episodes"]
-        alarming = sum(e["kind"] in ("explosion", "nonfinite") for e in episodes)
+        alarming = sum(e["kind"] in FAILING_KINDS for e in episodes)
         recency = max((i for i, r in enumerate(order) if r == name or r.startswith(name + "/")), default=-1)
         if best is None or (alarming, recency) > best:
             best, pick = (alarming, recency), name
@@ -555,6 +560,16 @@ def test_during_the_first_read_the_tab_moves_to_a_worse_run_until_one_is_picked(
     picked.page.wait_for_timeout(1500)  # more than one poll of the first read
     assert picked.frame.locator("#run-a").input_value() == "healthy"
     assert picked.panel("healthy").count() == 1 and picked.panel("exploding").count() == 0
+
+
+def test_transient_spikes_are_one_line_and_marks_not_episodes(tab_factory) -> None:
+    tab = tab_factory()
+    panel, chart = tab.open_loss_chart("loss_only", "data-transients='1'")
+    summary = panel.locator(".transient-summary")
+    assert summary.get_attribute("data-count") == "1"
+    assert summary.inner_text().startswith("1 transient spike in 200 steps (5 per 1k), up to ")
+    assert "all followed by a normal loss" in summary.inner_text()
+    assert panel.locator(".episode").count() == 0
 
 
 def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:

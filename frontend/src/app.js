@@ -159,8 +159,8 @@ export class App {
 
   /**
    * The run to open on, so the first look shows a problem if there is one: the most episodes that broke training
-   * (the runs route's `alarming`: explosions, non-finite values, chronic instability the loss suffered from), ties
-   * broken by the most recent run, then by episodes of any kind. No run's episode list is read.
+   * (the runs route's `alarming`: explosions, chronic instability, non-finite values and evaluations), ties broken
+   * by the most recent run, then by episodes of any kind. No run's episode list is read.
    */
   async mostInteresting(runs) {
     const recency = await this.recencyRanks(runs);

@@ -119,7 +119,7 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
   return h("div", { class: "episodes" },
     h("div", { class: "block-title", text: `Episodes (${episodes.length})` }),
     spikes.count
-      ? h("p", { class: "spike-summary", text: `${spikes.summary}: not episodes (nothing broke); marked on the loss chart.`,
+      ? h("p", { class: "transient-summary", text: `${spikes.summary}: not episodes (nothing broke); marked on the loss chart.`,
         dataset: { count: String(spikes.count) } })
       : null,
     episodes.length
