@@ -29,12 +29,15 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def write(path: Path, steps: int = 600, *, spike: int | None = None, nan_from: int | None = None,
-          layers=LAYERS, seed: int = 0) -> None:
-    """A run written by our writer; ``spike``: layer 5 explodes for 3 steps; ``nan_from``: layer 2 goes NaN."""
+          transient: int | None = None, layers=LAYERS, seed: int = 0) -> None:
+    """A run written by our writer; ``spike``: layer 5 explodes for 3 steps; ``nan_from``: layer 2 goes NaN;
+    ``transient``: layer 3 jumps 40x for one step while the loss stays normal (a clipped spike)."""
     rng = np.random.default_rng(seed)
     with GradientWriter(path) as w:
         for s in range(steps):
             g = np.exp(rng.normal(0, 0.1, len(layers)))
+            if s == transient:
+                g[3] *= 40
             loss = 2.0 * np.exp(-s / 200) + 0.1 + rng.normal(0, 0.005)
             if spike is not None and spike <= s < spike + 3:
                 g[5] *= 1000
@@ -212,6 +215,11 @@ def test_realruns_audit(realruns, tmp_path):
     for name, run in runs.items():
         assert run["steps"] > 0, name
     assert runs["aarugunj27__EnzymeKcatAnaylsis/logs"]["source"] == "hf_trainer"
+    nmt = [name for name in runs if "train_log" in name]  # TF-NMT: heavy-tailed pre-clip norms, healthy training
+    assert len(nmt) == 4
+    for name in nmt:
+        assert runs[name]["episodes"] == [], name
+    assert sum(runs[name]["spikes"]["count"] > 0 for name in nmt) >= 3
     assert "TensorBoard-Tutorial" in report.read_text(encoding="utf-8")
 
 
@@ -262,6 +270,20 @@ def test_several_paths_prefix_names(logdir, tmp_path):
     write(tmp_path / "other", steps=100, seed=5)
     doc, _ = audit_json(str(logdir), str(tmp_path), "--run", "*other*")
     assert [r["run"] for r in doc["runs"]] == [f"{tmp_path}/other"]
+
+
+def test_transient_spikes_are_a_rate_that_fails_only_fail_on_any(tmp_path):
+    write(tmp_path / "spiky", transient=300, seed=4)
+    for fail_on, code in (("explosion", 0), ("nonfinite", 0), ("any", 1)):
+        assert cli("audit", str(tmp_path), "--fail-on", fail_on).returncode == code, fail_on
+    doc, _ = audit_json(str(tmp_path), "--fail-on", "never")
+    (run,) = doc["runs"]
+    assert run["episodes"] == []
+    spikes = run["spikes"]
+    assert (spikes["count"], spikes["steps"], spikes["logged_steps"], spikes["with_loss_spike"]) == (1, [300], 600, 0)
+    assert spikes["per_10k_steps"] == pytest.approx(16.667, abs=1e-3) and 20 < spikes["max_ratio"] < 80
+    table = cli("audit", str(tmp_path)).stdout
+    assert spikes["summary"] in table.replace("\n", " ") and "spiky" in table
 
 
 def test_fsspec_url_in_process(logdir, capsys):
