@@ -17,12 +17,8 @@ import pytest
 
 from tb_gradient_plugin import GradientWriter
 from tb_gradient_plugin.format import HIST_BINS
-from tb_gradient_plugin.runs import (
-    RunStore,
-    dedupe_series,
-    find_runs,
-    load_run,
-)
+from tb_gradient_plugin.run_arrays import dedupe_series
+from tb_gradient_plugin.runs import RunStore, find_runs, load_run
 
 LAYERS = ["embed", "block0.attn", "block0.mlp", "head"]
 
