@@ -39,7 +39,7 @@ APPEND = textwrap.dedent("""
         for s in range(first, last):
             g = rng.lognormal(0.0, 0.05, len(layers))
             if s == spike_step:
-                g[spike_layer] *= 500.0
+                g[spike_layer] *= 5000.0
             w.write(s, layers, grad_norm=g, loss=1.0)
 """)
 
@@ -52,14 +52,14 @@ def _append(run: Path, first: int, last: int, spike_step: int, spike_layer: int)
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """A logdir with one 20,000-step run holding a single-step 500x spike in one layer."""
+    """A logdir with one 20,000-step run holding a single-step 5000x spike in one layer."""
     root = tmp_path_factory.mktemp("template")
     rng = np.random.default_rng(0)
     with GradientWriter(root / "train") as w:
         for s in range(STEPS):
             g = rng.lognormal(0.0, 0.05, len(LAYERS))
             if s == SPIKE_STEP:
-                g[SPIKE_LAYER] *= 500.0
+                g[SPIKE_LAYER] *= 5000.0  # extreme: an explosion on its own (500x would be a transient spike)
             w.write(s, LAYERS, grad_norm=g, loss=1.0)
     return root
 
