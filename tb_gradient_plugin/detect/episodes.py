@@ -109,7 +109,7 @@ def build_episodes(
             ep.loss_spike_step = _loss_step_near(grp, loss_rows, loss_us, cfg) if kind == "spike" else None
             events.append((ep, grp))
     events.sort(key=lambda e: (e[0].start_step, e[0].kind))
-    events = _chronic(events, layers, grad_metric, loss_us, ctx, cfg)
+    events = _chronic(events, layers, grad_metric, ctx, cfg)
     kept = [(ep, grp) for ep, grp in events if ep.kind != "spike"]
     episodes = [ep for ep, _ in kept]
 
@@ -221,8 +221,8 @@ def _loss_step_near(grp: list[Row], loss_rows: list[LossRow], loss_us: np.ndarra
     return next(r[1] for r in loss_rows if r[0] == u)
 
 
-def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_metric: str, loss_us: np.ndarray,
-             ctx: Context, cfg: DetectorConfig) -> list[tuple[Episode, list[Row]]]:
+def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_metric: str, ctx: Context,
+             cfg: DetectorConfig) -> list[tuple[Episode, list[Row]]]:
     """Spikes and explosions that recur (``chronic_events`` or more, no two more than ``chronic_gap`` logged steps
     apart, at ``chronic_rate`` per 1,000 logged steps or more) become one chronic finding over their span, when one
     of them is an explosion or the loss suffers; a healthy heavy-tailed run keeps its spikes as a rate."""
