@@ -123,10 +123,11 @@ def build_episodes(
                 if ep.loss_spike_step is None:
                     ep.loss_spike_step = s.step
                 break
-    clip = clip_threshold(ctx, episodes, cfg)
+    transients = [ep for ep, _ in events if ep.kind == "spike"]
+    clip = clip_threshold(ctx, episodes + transients, cfg)  # from the steps that did not spike: the spikes to clip
     for ep, grp in kept:
         ep.advice = advise(ep, grp, layers, clip, ctx, cfg)
-    return Findings(episodes, [s for s, _ in spikes], [ep for ep, _ in events if ep.kind == "spike"])
+    return Findings(episodes, [s for s, _ in spikes], transients)
 
 
 def spike_summary(transients: list[Episode], logged_steps: int) -> Spikes:
