@@ -83,7 +83,8 @@ def build_episodes(
     :func:`confirmations`); otherwise it is a transient spike, counted in the run's spike rate. Spikes and explosions
     that keep recurring become one chronic finding (see :func:`_chronic`).
     """
-    loss_us = np.asarray(sorted({r[0] for r in loss_rows}), dtype=np.int64)
+    loss_step = {r[0]: r[1] for r in loss_rows}  # step index -> step of each loss crossing
+    loss_us = np.asarray(sorted(loss_step), dtype=np.int64)
     events: list[tuple[Episode, list[Row]]] = []
     for overflow in (False, True):
         sel = [r for r in rows if r.overflow == overflow]
@@ -106,7 +107,7 @@ def build_episodes(
                 kind = "explosion" if reasons else "spike"
             ep = Episode(kind, grp[0].step, grp[-1].step, _peak_row(grp).step, float(severity), finds,
                          confirmed_by=reasons)
-            ep.loss_spike_step = _loss_step_near(grp, loss_rows, loss_us, cfg) if kind == "spike" else None
+            ep.loss_spike_step = _loss_step_near(grp, loss_step, loss_us, cfg) if kind == "spike" else None
             events.append((ep, grp))
     events.sort(key=lambda e: (e[0].start_step, e[0].kind))
     events = _chronic(events, layers, grad_metric, ctx, cfg)
@@ -212,14 +213,14 @@ def _loss_reacted(first: int, last: int, ctx: Context, cfg: DetectorConfig) -> b
     return bool(np.any(after >= limit))
 
 
-def _loss_step_near(grp: list[Row], loss_rows: list[LossRow], loss_us: np.ndarray, cfg: DetectorConfig) -> int | None:
+def _loss_step_near(grp: list[Row], loss_step: dict[int, int], loss_us: np.ndarray, cfg: DetectorConfig
+                    ) -> int | None:
     """The step of a loss crossing during a spike or within ``react_points`` after it (a hard batch, or a reaction
     too small to confirm it), or None."""
     lo, hi = np.searchsorted(loss_us, [grp[0].u, grp[-1].u + cfg.react_points + 1])
     if hi <= lo:
         return None
-    u = int(loss_us[lo])
-    return next(r[1] for r in loss_rows if r[0] == u)
+    return loss_step[int(loss_us[lo])]
 
 
 def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_metric: str, ctx: Context,
