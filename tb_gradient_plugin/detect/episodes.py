@@ -13,7 +13,7 @@ import numpy as np
 from ..types import TOTAL, Episode, LayerFinding, LossSpike, Spikes
 from .advice import Context, advise, clip_threshold
 from .config import DetectorConfig
-from .rows import LossRow, Metric, Row
+from .rows import LossRow, Metric, Row, collapsed_cols
 
 
 def _group(us: np.ndarray, gap: int) -> list[tuple[int, int]]:
@@ -75,7 +75,7 @@ def build_episodes(
     loss_rows: list[LossRow],
     ctx: Context,
     cfg: DetectorConfig,
-    collapsed: dict[int, np.ndarray] | None = None,
+    collapsed: dict[int, bytes] | None = None,
 ) -> Findings:
     """Episodes, loss spikes and transient spikes from the per-step crossing rows (the same code offline and online).
 
@@ -140,7 +140,7 @@ def spike_summary(transients: list[Episode], logged_steps: int) -> Spikes:
 
 
 def confirmations(grp: list[Row], severity: float, ctx: Context, cfg: DetectorConfig,
-                  collapsed: dict[int, np.ndarray]) -> list[str]:
+                  collapsed: dict[int, bytes]) -> list[str]:
     """What shows that a group of finite crossings broke training (empty: a transient spike).
 
     - ``persistent``: crossings at ``persist_points`` logged steps or more (a level that stayed up);
@@ -169,14 +169,15 @@ def confirmations(grp: list[Row], severity: float, ctx: Context, cfg: DetectorCo
     return reasons
 
 
-def _collapsed_after(first: int, last: int, collapsed: dict[int, np.ndarray], cfg: DetectorConfig) -> bool:
+def _collapsed_after(first: int, last: int, collapsed: dict[int, bytes], cfg: DetectorConfig) -> bool:
     if not collapsed:
         return False
     counts: dict[int, int] = {}
     for u in range(last + 1, last + cfg.collapse_points + 1):
-        for col in collapsed.get(u, ()):
-            counts[int(col)] = counts.get(int(col), 0) + 1
-    already = set(collapsed.get(first, np.zeros(0, dtype=np.int64)).tolist())
+        if u in collapsed:
+            for col in collapsed_cols(collapsed[u]).tolist():
+                counts[col] = counts.get(col, 0) + 1
+    already = set(collapsed_cols(collapsed[first]).tolist()) if first in collapsed else set()
     need = max(1, cfg.collapse_points // 2)
     return any(n >= need and col not in already for col, n in counts.items())
 

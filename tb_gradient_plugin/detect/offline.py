@@ -163,7 +163,7 @@ def _collapsed_rows(gm: np.ndarray, valid: np.ndarray, bases: np.ndarray, thr: n
             limit = np.exp(bases[blocks] - log_drop)
             low = valid[a:a + chunk] & np.isfinite(thr[blocks]) & (gm[a:a + chunk] <= limit)
         for i in np.nonzero(low.any(axis=1))[0].tolist():
-            book.add_collapsed(int(lu[a + i]), np.nonzero(low[i])[0])
+            book.add_collapsed(int(lu[a + i]), low[i])
 
 
 def _update_ratio_points(run: RunData, valid: np.ndarray) -> Points | None:

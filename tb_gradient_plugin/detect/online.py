@@ -236,7 +236,7 @@ class OnlineDetector:
             base, thr = eng.grad.limits()
             with np.errstate(invalid="ignore", over="ignore"):
                 low = valid & np.isfinite(thr) & (g <= np.exp(base - math.log(cfg.collapse_ratio)))
-            self._book.add_collapsed(u, np.nonzero(low)[0])
+            self._book.add_collapsed(u, low)
             logv, ok = log_positive(g)
             c, e = eng.grad.step(logv, ok & valid)
             cc = np.nonzero(c)[0]

@@ -63,12 +63,14 @@ class RowBook:
 
     def __init__(self) -> None:
         self._rows: dict[int, Row] = {}
-        #: step index -> layer columns whose gradient fell ``collapse_ratio`` below their baseline (dead units)
-        self.collapsed: dict[int, np.ndarray] = {}
+        #: step index -> the layer columns whose gradient fell ``collapse_ratio`` below their baseline (dead units),
+        #: as packed bits (see :func:`collapsed_cols`): a dead network has them at every step
+        self.collapsed: dict[int, bytes] = {}
 
-    def add_collapsed(self, u: int, cols: np.ndarray) -> None:
-        if cols.size:
-            self.collapsed[u] = cols
+    def add_collapsed(self, u: int, low: np.ndarray) -> None:
+        """``low``: per layer column, whether its gradient collapsed at step ``u``."""
+        if low.any():
+            self.collapsed[u] = np.packbits(low).tobytes()
 
     def get(self, u: int) -> Row | None:
         return self._rows.get(u)
@@ -141,6 +143,11 @@ class AmpState:
             self.scale_max = max(self.scale_max, scale)
             self.prev_scale = scale
         return is_skip, collapsed
+
+
+def collapsed_cols(packed: bytes) -> np.ndarray:
+    """The layer columns of a :attr:`RowBook.collapsed` entry."""
+    return np.nonzero(np.unpackbits(np.frombuffer(packed, dtype=np.uint8)))[0]
 
 
 def run_warnings(loss_nonpositive: bool, judged_gradients: bool) -> list[str]:
