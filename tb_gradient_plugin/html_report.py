@@ -227,7 +227,7 @@ def _summary_table(results: list[dict]) -> str:
 def _episodes_table(episodes: list[dict]) -> str:
     rows = []
     for e in episodes:
-        layers = ", ".join(f'{html.escape(f["name"])} ({_ratio(f.get("ratio"))})' for f in e["layers"][:5])
+        layers = ", ".join(f'{html.escape(f["name"])} ({layer_note(e, f)})' for f in e["layers"][:5])
         after = "" if e["loss_spike_step"] is None else f'{e["loss_spike_step"] - e["start_step"]} steps after start'
         advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
         cls = "bad" if fails_explosion(e) else "warn"
@@ -240,6 +240,12 @@ def _episodes_table(episodes: list[dict]) -> str:
 
 def _ratio(x: float | None) -> str:
     return "non-finite" if x is None else f"{x:.3g}×"
+
+
+def layer_note(episode: dict, finding: dict) -> str:
+    """How far a layer was off in an episode: its ratio over the baseline, or, for a dead layer, since when (the
+    table of the CLI and this report say the same)."""
+    return f"zero from {finding['first_step']}" if episode.get("dead") else _ratio(finding.get("ratio"))
 
 
 def render(results: list[dict], title: str = "Gradient audit") -> str:

@@ -148,6 +148,8 @@ class Episode:
     confirmed_by: list[str] = field(default_factory=list)
     #: kind chronic: the recurrence (events, explosions, spikes, rate_per_1k, loss_suffers, worst)
     chronic: dict | None = None
+    #: kind dead: layers whose gradient died (layers, of, from_step, after_episode, restart_before)
+    dead: dict | None = None
 
     def to_json(self) -> dict:
         """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
@@ -155,7 +157,7 @@ class Episode:
                 "peak_step": self.peak_step, "severity": _json_float(self.severity),
                 "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
                 "advice": list(self.advice), "validation": self.validation,
-                "confirmed_by": list(self.confirmed_by), "chronic": self.chronic}
+                "confirmed_by": list(self.confirmed_by), "chronic": self.chronic, "dead": self.dead}
 
 
 #: Why a group of crossings is an explosion: a level that stayed up, the loss spiked after it, the applied update

@@ -89,6 +89,19 @@ def test_exploding_runs_are_flagged_and_healthy_runs_are_clean(demo_audit):
         assert {e["kind"] for e in by_top[name]["episodes"]} == {"val_degradation"}, name
 
 
+def test_keras_high_lr_kills_its_layers_and_says_so(demo_audit):
+    """After the 134x spike at step 34, 8 of the 9 layers' gradients are exactly zero to the end: one dead finding,
+    after that explosion, which fails ``--fail-on any`` but not ``--fail-on explosion``."""
+    rep = next(r for name, r in demo_audit.items() if name.startswith("keras_high_lr"))
+    explosion, dead = [e for e in rep["episodes"] if e["kind"] in ("explosion", "dead")]
+    assert explosion["start_step"] == 34 and "collapse" in explosion["confirmed_by"]
+    assert dead["dead"] == {"layers": 8, "of": 9, "from_step": 45, "after_episode": 34, "restart_before": 34}
+    assert dead["end_step"] == rep["steps"] - 1 and "out" not in [f["name"] for f in dead["layers"]]
+    assert any("restart from a checkpoint from before step 34" in a.lower() for a in dead["advice"])
+    others = [e for name, r in demo_audit.items() if not name.startswith("keras_high_lr") for e in r["episodes"]]
+    assert not [e for e in others if e["kind"] == "dead"]
+
+
 def test_amp_overflow_skips_are_not_explosions(demo_audit):
     rep = demo_audit["amp_overflow"]
     skips = [e for e in rep["episodes"] if e["kind"] == "overflow_skip"]

@@ -129,7 +129,7 @@ def test_what_makes_a_spike_an_explosion(change, reason):
         if change == "update":
             upd[1000, 4] *= 80
         else:
-            g[1001:1030, 4] = 0.0
+            g[1001:1016, 4] = 0.0  # 15 steps: half the window after the spike, too short to be a dead layer
     rep = detect(run)
     (ep,) = rep.episodes
     assert ep.kind == "explosion" and ep.confirmed_by == [reason] and ep.layers[0].name == "layer4"
@@ -448,4 +448,32 @@ def test_update_ratio_has_one_definition_for_the_run_store_and_both_detector_pat
     rep = detect(run)
     found = [(f.name, f.metric, f.first_step) for e in rep.episodes for f in e.layers]
     assert found == [("layer2", "update_ratio", 300)]
+    assert _online(run).to_json() == rep.to_json()
+
+
+def test_layers_whose_gradient_dies_are_one_dead_finding_after_the_explosion():
+    """A spike kills two layers: their gradients are exactly zero from a few steps later on."""
+    run = _run()
+    g = run.layer_metrics["grad_norm"]
+    g[1000, 3] *= 40
+    g[1005:, 3] = 0.0
+    g[1006:, 8] = 0.0
+    rep = detect(run)
+    kinds = [(e.kind, e.start_step) for e in rep.episodes]
+    assert kinds == [("explosion", 1000), ("dead", 1005)]
+    explosion, dead = rep.episodes
+    assert explosion.confirmed_by == ["collapse"]
+    assert [f.name for f in dead.layers] == ["layer3", "layer8"] and dead.end_step == 1999
+    assert dead.dead == {"layers": 2, "of": 12, "from_step": 1005, "after_episode": 1000, "restart_before": 1000}
+    assert any("2 of 12 layers went to exactly zero" in a and "before step 1000" in a for a in dead.advice)
+    assert _online(run).to_json() == rep.to_json()
+
+
+def test_a_layer_that_never_had_a_gradient_or_dies_only_briefly_is_not_dead():
+    run = _run()
+    g = run.layer_metrics["grad_norm"]
+    g[:, 2] = 0.0  # unused from the start (a frozen or unused embedding): not dead
+    g[1200:1210, 5] = 0.0  # ten steps: shorter than dead_points
+    rep = detect(run)
+    assert rep.episodes == []
     assert _online(run).to_json() == rep.to_json()

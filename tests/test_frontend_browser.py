@@ -572,6 +572,16 @@ def test_transient_spikes_are_one_line_and_marks_not_episodes(tab_factory) -> No
     assert panel.locator(".episode").count() == 0
 
 
+def test_dead_layers_are_their_own_card(tab_factory, demo_server) -> None:
+    tab = tab_factory("light", demo_server)
+    tab.frame.locator("#run-a").select_option("keras_high_lr")
+    card = tab.panel("keras_high_lr").locator(".episode.kind-dead")
+    card.wait_for()
+    assert "8 of 9 layers at zero" in card.inner_text() and "Dead layers:" in card.inner_text()
+    assert card.locator(".layer-chip .ratio").first.inner_text().strip() == "zero from 45"
+    assert "stopped learning" in card.locator(".ep-advice").inner_text()
+
+
 def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:
     """``make demo`` opens TensorBoard on demo_logs/ at #gradients; these are also the README's screenshots."""
     expected = _demo_default_run(demo_server)

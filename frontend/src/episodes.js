@@ -10,6 +10,7 @@ const KIND_LABEL = {
   nonfinite: "Non-finite gradients",
   overflow_skip: "Overflow skips",
   chronic: "Chronic instability",
+  dead: "Dead layers",
   val_degradation: "Validation degradation",
 };
 
@@ -27,7 +28,9 @@ function episodeHead(ep, i) {
       h("span", { class: "ep-steps", text: ep.start_step === ep.end_step
         ? `step ${formatStep(ep.start_step)}`
         : `steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}, peak ${formatStep(ep.peak_step)}` }),
-      h("span", { class: "ep-severity", title: "severity", text: `severity ${ep.severity === null ? "∞ (non-finite)" : formatValue(ep.severity)}` }),
+      ep.dead
+        ? h("span", { class: "ep-severity", text: `${ep.dead.layers} of ${ep.dead.of} layers at zero` })
+        : h("span", { class: "ep-severity", title: "severity", text: `severity ${ep.severity === null ? "∞ (non-finite)" : formatValue(ep.severity)}` }),
     ];
   }
   const what = seriesLabel(v.series);
@@ -91,18 +94,23 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
       ep.validation ? validationFacts(ep.validation) : null,
       top.length
         ? h("div", { class: "ep-layers" },
-          h("span", { class: "ep-label", text: top.length > 1 ? "Offending layers:" : "Offending layer:" }),
+          h("span", { class: "ep-label", text: ep.dead ? "Dead layers:"
+            : top.length > 1 ? "Offending layers:" : "Offending layer:" }),
           top.slice(0, 3).map((f, j) => h("button", {
             class: `layer-chip${j === 0 ? " top" : ""}`,
             type: "button",
-            title: `${f.name}: ${metricLabel(f.metric)} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
-              + `baseline) at step ${formatStep(f.peak_step)}, first over threshold at step ${formatStep(f.first_step)}`,
+            title: ep.dead
+              ? `${f.name}: ${metricLabel(f.metric)} exactly zero from step ${formatStep(f.first_step)} to step `
+                + `${formatStep(f.peak_step)}`
+              : `${f.name}: ${metricLabel(f.metric)} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
+                + `baseline) at step ${formatStep(f.peak_step)}, first over threshold at step ${formatStep(f.first_step)}`,
             dataset: { layer: f.name },
             onclick: (e) => {
               e.stopPropagation();
               onLayer(f.name, ep);
             },
-          }, h("span", { class: "name", text: f.name }), h("span", { class: "ratio", text: ` ×${ratioText(f.ratio)}` }))),
+          }, h("span", { class: "name", text: f.name }),
+          h("span", { class: "ratio", text: ep.dead ? ` zero from ${formatStep(f.first_step)}` : ` ×${ratioText(f.ratio)}` }))),
           top.length > 3 ? h("span", { class: "ep-more", text: `+${top.length - 3} more` }) : null)
         : null,
       ep.loss_spike_step !== null && ep.loss_spike_step !== undefined

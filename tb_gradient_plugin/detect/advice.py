@@ -198,8 +198,25 @@ def _chronic(f: Facts) -> str | None:
             "steps.")
 
 
+def _dead(f: Facts) -> str | None:
+    """Layers whose gradient died: how many, from when, after what, the usual causes and where to restart."""
+    ep = f.episode
+    if ep.kind != "dead" or not ep.dead:
+        return None
+    d = ep.dead
+    after = (f", {d['from_step'] - d['after_episode']} steps after the episode at step {d['after_episode']}"
+             if d["after_episode"] is not None else "")
+    restart = (f" Restart from a checkpoint from before step {d['restart_before']}"
+               if d["restart_before"] is not None else " Restart from a checkpoint from before it")
+    return (f"The gradients of {d['layers']} of {d['of']} layers went to exactly zero from step {d['from_step']}"
+            f"{after}, and stayed there: the layers stopped learning. Usual "
+            "causes: ReLU units killed by one large update, saturated activations (sigmoid/tanh), a learning rate "
+            f"too high.{restart}, with a lower learning rate, a warm-up or gradient clipping.")
+
+
 #: The advice rules, in the order their sentences appear.
 RULES: list[Callable[[Facts], str | None]] = [
+    _dead,
     _chronic,
     _overflow_skip,
     _nonfinite_gradients,

@@ -32,8 +32,8 @@ class DetectorConfig:
     react_ratio: float = 3.0  # group (after a hard batch that raised both at once: staying there) ...
     update_blowup: float = 10.0  # ... an update ratio this far above its baseline (and grown with its gradient) ...
     extreme_ratio: float = 1000.0  # ... or a crossing this far above its baseline, which needs nothing else ...
-    collapse_ratio: float = 1000.0  # ... or, in the collapse_points logged steps after it, a layer's gradient this
-    collapse_points: int = 20  # far below its baseline at half of them (units the update killed)
+    collapse_points: int = 20  # ... or a layer's gradient exactly zero at half of the logged steps this long after it
+    dead_points: int = 20  # a layer whose gradient is exactly zero at this many points in a row is dead
     chronic_gap: int = 500  # spikes and explosions at most this many logged steps apart recur ...
     chronic_events: int = 8  # ... and this many of them, at least chronic_rate per 1,000 logged steps of their span,
     chronic_rate: float = 5.0  # are one chronic finding when one is an explosion or the loss suffers ...
@@ -68,7 +68,9 @@ class DetectorConfig:
                 or self.collapse_points < 1:
             raise ValueError("persist_points, collapse_points and chronic_gap must be at least 1, chronic_events at "
                              "least 2 and react_points non-negative")
-        for name in ("extreme_ratio", "collapse_ratio", "update_blowup"):
+        if self.dead_points < 1:
+            raise ValueError(f"dead_points must be at least 1, got {self.dead_points!r}")
+        for name in ("extreme_ratio", "update_blowup"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
         if not 0.0 < self.hist_tail_share < 1.0:

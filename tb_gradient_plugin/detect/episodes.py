@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..types import TOTAL, Episode, LayerFinding, LossSpike, Spikes
+from ..types import TOTAL, Episode, LayerFinding, LossSpike, Spikes, fails_explosion
 from .advice import Context, advise, clip_threshold
 from .config import DetectorConfig
-from .rows import LossRow, Metric, Row, collapsed_cols
+from .rows import LossRow, Metric, Row, RowBook, collapsed_cols
 
 
 def _group(us: np.ndarray, gap: int) -> list[tuple[int, int]]:
@@ -75,14 +75,16 @@ def build_episodes(
     loss_rows: list[LossRow],
     ctx: Context,
     cfg: DetectorConfig,
-    collapsed: dict[int, bytes] | None = None,
+    book: RowBook | None = None,
 ) -> Findings:
     """Episodes, loss spikes and transient spikes from the per-step crossing rows (the same code offline and online).
 
     A group of crossings (at most ``merge_gap`` logged steps apart) is an explosion only when something broke (see
     :func:`confirmations`); otherwise it is a transient spike, counted in the run's spike rate. Spikes and explosions
-    that keep recurring become one chronic finding (see :func:`_chronic`).
+    that keep recurring become one chronic finding (see :func:`_chronic`); layers whose gradient died, one finding
+    of kind ``dead`` (see :func:`_dead`). ``book`` carries what the rows do not: collapsed and dead layers.
     """
+    collapsed = book.collapsed if book is not None else {}
     loss_step = {r[0]: r[1] for r in loss_rows}  # step index -> step of each loss crossing
     loss_us = np.asarray(sorted(loss_step), dtype=np.int64)
     events: list[tuple[Episode, list[Row]]] = []
@@ -103,7 +105,7 @@ def build_episodes(
             elif nonfinite:
                 kind = "nonfinite"
             else:
-                reasons = confirmations(grp, severity, ctx, cfg, collapsed or {})
+                reasons = confirmations(grp, severity, ctx, cfg, collapsed)
                 kind = "explosion" if reasons else "spike"
             ep = Episode(kind, grp[0].step, grp[-1].step, _peak_row(grp).step, float(severity), finds,
                          confirmed_by=reasons)
@@ -111,6 +113,9 @@ def build_episodes(
             events.append((ep, grp))
     events.sort(key=lambda e: (e[0].start_step, e[0].kind))
     events = _chronic(events, layers, grad_metric, ctx, cfg)
+    if book is not None and book.dead:
+        events.append((_dead(book.dead, [ep for ep, _ in events if fails_explosion(ep)], layers, grad_metric), []))
+        events.sort(key=lambda e: (e[0].start_step, e[0].kind))
     kept = [(ep, grp) for ep, grp in events if ep.kind != "spike"]
     episodes = [ep for ep, _ in kept]
 
@@ -151,8 +156,8 @@ def confirmations(grp: list[Row], severity: float, ctx: Context, cfg: DetectorCo
       layer's gradient (or without it: a learning rate too high); clipping keeps a spike's update far below its
       gradient's jump (5-9x on a clipped LSTM, against 25-1000x when a learning rate was raised);
     - ``extreme``: ``extreme_ratio`` times the baseline or more, which needs nothing else;
-    - ``collapse``: in the ``collapse_points`` logged steps after the group, a layer's gradient ``collapse_ratio``
-      below its baseline at half of them or more, which it was not at the group's start (units the update killed).
+    - ``collapse``: in the ``collapse_points`` logged steps after the group, a layer's gradient exactly zero at half
+      of them or more, which it was not at the group's start (units the update killed).
     A run logged without the loss or update norms is judged on magnitude and persistence alone.
     """
     reasons = []
@@ -262,6 +267,20 @@ def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_me
     out = [e for k, e in enumerate(events) if k not in absorbed] + made
     out.sort(key=lambda e: (e[0].start_step, e[0].kind))
     return out
+
+
+def _dead(dead: dict[int, list[int]], broke: list[Episode], layers: list[str], grad_metric: str) -> Episode:
+    """One finding for every layer whose gradient died (exactly zero at ``dead_points`` judged points in a row, after
+    it had been non-zero): how many, from when, and after which episode, if one came before."""
+    cols = sorted(dead, key=lambda c: (dead[c][1], c))
+    onset, last = min(dead[c][1] for c in cols), max(dead[c][2] for c in cols)
+    before = [ep for ep in broke if ep.start_step <= onset]
+    after = before[-1] if before else None
+    finds = [LayerFinding(layers[c], grad_metric, dead[c][1], dead[c][2], 0.0, 0.0) for c in cols]
+    info = {"layers": len(cols), "of": len(layers), "from_step": onset,
+            "after_episode": None if after is None else after.start_step,
+            "restart_before": None if after is None else after.start_step}
+    return Episode("dead", onset, last, onset, 0.0, finds, dead=info)
 
 
 def _loss_rose(start: int, end: int, ctx: Context, cfg: DetectorConfig) -> bool:

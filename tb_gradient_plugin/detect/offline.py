@@ -18,7 +18,7 @@ from .baseline import Points, log_positive, solve
 from .config import DetectorConfig
 from .episodes import build_episodes, spike_summary
 from .histograms import run_histograms
-from .rows import AmpState, Crossing, LossRow, Metric, RowBook, run_warnings
+from .rows import AmpState, Crossing, LossRow, Metric, RowBook, dead_runs, run_warnings
 from .validation import judge_validation, with_validation
 
 #: The per-step series the detector judges (besides the validation series).
@@ -59,7 +59,7 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
 
     warnings = run_warnings(loss_nonpositive, norms is not None or tot is not None)
     ctx = _context(ax.steps, ser, run, steps, norms, cfg)
-    found = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg, book.collapsed)
+    found = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg, book)
     val = judge_validation(run.series, ser["loss"], found.episodes, found.loss_spikes, cfg)
     return Report(run.name, run.source, int(ax.steps.size), with_validation(found.episodes, found.loss_spikes, val),
                   found.loss_spikes, warnings, val, spike_summary(found.transients, int(ax.steps.size)))
@@ -125,9 +125,9 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
     if gm is not None:
         norms = gm
         pts = Points(gm, valid)
-        c, bases, thr = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
+        c, bases, _ = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
         crosses.append((Metric.GRAD, c, bases, pts))
-        _collapsed_rows(gm, valid, bases, thr, lu, book, cfg)
+        _zero_rows(gm, valid, lu, steps, book, cfg)
     upd = _update_ratio_points(run, valid)
     if upd is not None:
         c, bases, _ = solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history, cfg.mature_history)
@@ -152,18 +152,20 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
     return grad_metric, norms
 
 
-def _collapsed_rows(gm: np.ndarray, valid: np.ndarray, bases: np.ndarray, thr: np.ndarray, lu: np.ndarray,
-                    book: RowBook, cfg: DetectorConfig, chunk: int = 4096) -> None:
-    """Steps where a layer's gradient fell ``collapse_ratio`` below its baseline (judged once the baseline is
-    mature enough to cross), in row chunks: no full-size copy of a large run."""
-    log_drop = math.log(cfg.collapse_ratio)
+def _zero_rows(gm: np.ndarray, valid: np.ndarray, lu: np.ndarray, steps: np.ndarray, book: RowBook,
+               cfg: DetectorConfig, chunk: int = 4096) -> None:
+    """Steps where a layer's gradient was exactly zero, and the runs where it stayed so (dead layers), in row
+    chunks. Zero, not "far below the baseline": the baseline is exact offline only where a point may cross."""
+    zero = np.zeros(valid.shape, dtype=bool)
     for a in range(0, gm.shape[0], chunk):
-        blocks = np.arange(a, min(a + chunk, gm.shape[0])) // cfg.block
-        with np.errstate(invalid="ignore", over="ignore"):
-            limit = np.exp(bases[blocks] - log_drop)
-            low = valid[a:a + chunk] & np.isfinite(thr[blocks]) & (gm[a:a + chunk] <= limit)
-        for i in np.nonzero(low.any(axis=1))[0].tolist():
-            book.add_collapsed(int(lu[a + i]), low[i])
+        z = zero[a:a + chunk]
+        z[...] = valid[a:a + chunk] & (gm[a:a + chunk] == 0)
+        for i in np.nonzero(z.any(axis=1))[0].tolist():
+            book.add_collapsed(int(lu[a + i]), z[i])
+    if zero.any():
+        with np.errstate(invalid="ignore"):
+            positive = np.asarray(gm) > 0
+        dead_runs(zero, valid, positive, lu, steps, book, cfg.dead_points)
 
 
 def _update_ratio_points(run: RunData, valid: np.ndarray) -> Points | None:

@@ -19,7 +19,7 @@ from .advice import Context
 from .baseline import Baseline, log_positive
 from .config import DetectorConfig
 from .episodes import build_episodes, spike_summary
-from .rows import AmpState, Crossing, LossRow, Metric, RowBook, run_warnings
+from .rows import AmpState, Crossing, DeadTracker, LossRow, Metric, RowBook, run_warnings
 from .validation import judge_validation, validation_series, with_validation
 
 
@@ -51,6 +51,7 @@ class OnlineDetector:
         self.name, self.source = name, source
         self._engine = _Engine(self.cfg)
         self._book = RowBook()
+        self._dead = DeadTracker()
         self._layers: list[str] = []
         self._col: dict[str, int] = {}
         self._loss_rows: list[LossRow] = []
@@ -233,10 +234,10 @@ class OnlineDetector:
         if g is not None:
             self._saw_norms = True
             eng.grad.grow(n)
-            base, thr = eng.grad.limits()
-            with np.errstate(invalid="ignore", over="ignore"):
-                low = valid & np.isfinite(thr) & (g <= np.exp(base - math.log(cfg.collapse_ratio)))
-            self._book.add_collapsed(u, low)
+            with np.errstate(invalid="ignore"):
+                zero, positive = valid & (g == 0), g > 0
+            self._book.add_collapsed(u, zero)
+            self._dead.step(u, step, valid, zero, positive, self._book, cfg.dead_points)
             logv, ok = log_positive(g)
             c, e = eng.grad.step(logv, ok & valid)
             cc = np.nonzero(c)[0]
@@ -274,7 +275,7 @@ class OnlineDetector:
         if loss is not None:
             ctx.loss_steps, ctx.loss_values = loss.steps, loss.values
         found = build_episodes(self._book.ordered(), self._layers, self._grad_metric or "grad_norm",
-                               self._loss_rows, ctx, cfg, self._book.collapsed)
+                               self._loss_rows, ctx, cfg, self._book)
         series = {k: Series(np.asarray(st, dtype=np.int64), np.asarray(v, dtype=np.float64))
                   for k, (st, v) in self._val.items()}
         val = judge_validation(series, loss, found.episodes, found.loss_spikes, cfg)

@@ -63,9 +63,19 @@ class RowBook:
 
     def __init__(self) -> None:
         self._rows: dict[int, Row] = {}
-        #: step index -> the layer columns whose gradient fell ``collapse_ratio`` below their baseline (dead units),
-        #: as packed bits (see :func:`collapsed_cols`): a dead network has them at every step
+        #: step index -> the layer columns whose gradient was exactly zero (dead units), as packed bits (see
+        #: :func:`collapsed_cols`): a dead network has them at every step
         self.collapsed: dict[int, bytes] = {}
+        #: layer column -> [step index, step, last step] of its first run of ``dead_points`` dead points
+        self.dead: dict[int, list[int]] = {}
+
+    def add_dead(self, col: int, onset_u: int, onset_step: int, last_step: int) -> None:
+        """Layer ``col`` has been dead since ``onset_step`` (its first such run only), through ``last_step``."""
+        known = self.dead.get(col)
+        if known is None:
+            self.dead[col] = [onset_u, onset_step, last_step]
+        elif known[0] == onset_u:
+            known[2] = last_step
 
     def add_collapsed(self, u: int, low: np.ndarray) -> None:
         """``low``: per layer column, whether its gradient collapsed at step ``u``."""
@@ -143,6 +153,52 @@ class AmpState:
             self.scale_max = max(self.scale_max, scale)
             self.prev_scale = scale
         return is_skip, collapsed
+
+
+class DeadTracker:
+    """Runs of dead points per layer, one judged point at a time (the online path; offline finds the same runs with
+    :func:`dead_runs`). A layer counts only once it has had a non-zero gradient: one that never had one is unused,
+    not dead."""
+
+    def __init__(self) -> None:
+        self.run = np.zeros(0, dtype=np.int64)
+        self.onset = np.zeros((0, 2), dtype=np.int64)  # (u, step) of the current run's first point
+        self.alive = np.zeros(0, dtype=bool)  # had a non-zero gradient at a judged point
+
+    def step(self, u: int, step: int, judged: np.ndarray, dead: np.ndarray, positive: np.ndarray, book: RowBook,
+             need: int) -> None:
+        n = judged.size
+        if self.run.size < n:
+            grow = n - self.run.size
+            self.run = np.concatenate([self.run, np.zeros(grow, dtype=np.int64)])
+            self.onset = np.concatenate([self.onset, np.zeros((grow, 2), dtype=np.int64)])
+            self.alive = np.concatenate([self.alive, np.zeros(grow, dtype=bool)])
+        hit, miss = judged & dead & self.alive[:n], judged & ~dead
+        fresh = hit & (self.run[:n] == 0)
+        self.onset[:n][fresh] = (u, step)
+        self.run[:n][hit] += 1
+        self.run[:n][miss] = 0
+        self.alive[:n] |= judged & positive
+        for col in np.nonzero(hit & (self.run[:n] >= need))[0].tolist():
+            book.add_dead(col, int(self.onset[col, 0]), int(self.onset[col, 1]), step)
+
+
+def dead_runs(dead: np.ndarray, judged: np.ndarray, positive: np.ndarray, lu: np.ndarray, steps: np.ndarray,
+              book: RowBook, need: int) -> None:
+    """Every layer's first run of ``need`` dead points among its judged points, after its first non-zero one
+    (``dead``, ``judged``, ``positive``: [points, layers]; ``lu``: each point's step index, ``steps``: its step)."""
+    for col in np.nonzero((dead & judged).any(axis=0))[0].tolist():
+        idx = np.flatnonzero(judged[:, col])
+        alive = np.flatnonzero(positive[idx, col])
+        if not alive.size:
+            continue
+        idx = idx[alive[0] + 1:]
+        d = dead[idx, col]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], d.astype(np.int8), [0]])))
+        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            if b - a >= need:
+                book.add_dead(col, int(lu[idx[a]]), int(steps[idx[a]]), int(steps[idx[b - 1]]))
+                break
 
 
 def collapsed_cols(packed: bytes) -> np.ndarray:
