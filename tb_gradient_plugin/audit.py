@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 
 from .detect import DetectorConfig, detect
-from .html_report import layer_note
+from .html_report import finding_name, layer_note
 from .reader import is_remote
 from .run_report import failed_report, report_json
 from .runs import RunData, find_runs, load_run
@@ -202,7 +202,7 @@ def _print_tables(results: Sequence[dict], console) -> None:
         for col in ("kind", "steps", "peak", "severity", "offending layers (peak / baseline)", "loss spike"):
             table.add_column(col, overflow="fold")
         for e in rep["episodes"]:
-            layers = "\n".join(_esc(f"{i + 1}. {f['name']} [{f.get('metric', '')}] {layer_note(e, f)}")
+            layers = "\n".join(_esc(f"{i + 1}. {finding_name(f)} [{f.get('metric', '')}] {layer_note(e, f)}")
                                for i, f in enumerate(e["layers"][:3]))
             if len(e["layers"]) > 3:
                 layers += f"\n(+{len(e['layers']) - 3} more)"

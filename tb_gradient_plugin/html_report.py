@@ -20,7 +20,7 @@ import numpy as np
 
 from .binning import bin_steps, envelope, max_pool
 from .runs import RunData
-from .types import fails_explosion
+from .types import TOTAL, fails_explosion
 
 HEATMAP_BINS = 240
 LOSS_BINS = 600
@@ -227,7 +227,7 @@ def _summary_table(results: list[dict]) -> str:
 def _episodes_table(episodes: list[dict]) -> str:
     rows = []
     for e in episodes:
-        layers = ", ".join(f'{html.escape(f["name"])} ({layer_note(e, f)})' for f in e["layers"][:5])
+        layers = ", ".join(f'{html.escape(finding_name(f))} ({layer_note(e, f)})' for f in e["layers"][:5])
         after = "" if e["loss_spike_step"] is None else f'{e["loss_spike_step"] - e["start_step"]} steps after start'
         advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
         cls = "bad" if fails_explosion(e) else "warn"
@@ -240,6 +240,11 @@ def _episodes_table(episodes: list[dict]) -> str:
 
 def _ratio(x: float | None) -> str:
     return "non-finite" if x is None else f"{x:.3g}×"
+
+
+def finding_name(finding: dict) -> str:
+    """A finding's layer, or the run-level series it is (a run without per-layer data), named as what it is."""
+    return "total gradient norm" if finding.get("metric") == TOTAL else finding["name"]
 
 
 def layer_note(episode: dict, finding: dict) -> str:

@@ -286,6 +286,16 @@ def test_transient_spikes_are_a_rate_that_fails_only_fail_on_any(tmp_path):
     assert spikes["summary"] in table.replace("\n", " ") and "spiky" in table
 
 
+def test_a_run_level_series_is_named_as_what_it_is(tmp_path):
+    """A run without per-layer data: its finding is the total gradient norm, not a layer called total_grad_norm."""
+    rng = np.random.default_rng(6)
+    with GradientWriter(tmp_path / "hf") as w:
+        for s in range(400):
+            w.write(s, [], loss=1.0, total_grad_norm=float(np.exp(rng.normal(0, 0.05))) * (5000.0 if s == 300 else 1))
+    table = cli("audit", str(tmp_path)).stdout
+    assert "1. total gradient norm [total_grad_norm]" in table and "1. total_grad_norm" not in table
+
+
 def test_fsspec_url_in_process(logdir, capsys):
     """A logdir behind an fsspec URL (memory://, as for s3:// or gs://) audits like a local one."""
     import fsspec

@@ -95,7 +95,8 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
       top.length
         ? h("div", { class: "ep-layers" },
           h("span", { class: "ep-label", text: ep.dead ? "Dead layers:"
-            : top.length > 1 ? "Offending layers:" : "Offending layer:" }),
+            : top.every((f) => f.metric === "total_grad_norm") ? "Run-level series:"
+              : top.length > 1 ? "Offending layers:" : "Offending layer:" }),
           top.slice(0, 3).map((f, j) => h("button", {
             class: `layer-chip${j === 0 ? " top" : ""}`,
             type: "button",
@@ -109,7 +110,7 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
               e.stopPropagation();
               onLayer(f.name, ep);
             },
-          }, h("span", { class: "name", text: f.name }),
+          }, h("span", { class: "name", text: f.metric === "total_grad_norm" ? metricLabel(f.metric) : f.name }),
           h("span", { class: "ratio", text: ep.dead ? ` zero from ${formatStep(f.first_step)}` : ` ×${ratioText(f.ratio)}` }))),
           top.length > 3 ? h("span", { class: "ep-more", text: `+${top.length - 3} more` }) : null)
         : null,
