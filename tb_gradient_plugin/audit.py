@@ -196,6 +196,9 @@ def _print_tables(results: Sequence[dict], console) -> None:
         rep = r["report"]
         if rep.get("spikes", {}).get("count"):
             console.print(_esc(f"{rep['run']}: {rep['spikes']['summary']}"), soft_wrap=True)
+        amp = rep.get("amp") or {}
+        if amp.get("skipped") or amp.get("collapsed"):
+            console.print(_esc(f"{rep['run']}: {amp['summary']}"), soft_wrap=True)
         if not rep["episodes"]:
             continue
         table = Table(title=f"{_esc(rep['run'])} ({rep['source']})", title_justify="left", show_lines=True)

@@ -267,6 +267,9 @@ def render(results: list[dict], title: str = "Gradient audit") -> str:
         spikes = rep.get("spikes") or {}
         if spikes.get("count"):
             parts.append(f'<p class="spikes">{html.escape(spikes["summary"])}: not episodes (nothing broke).</p>')
+        amp = rep.get("amp") or {}
+        if amp.get("skipped") or amp.get("collapsed"):
+            parts.append(f'<p class="amp">{html.escape(amp["summary"])}.</p>')
         if chart.get("loss") or chart.get("val_loss"):
             parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
         if chart.get("heatmap"):

@@ -177,6 +177,32 @@ def fails_explosion(episode: Episode | dict) -> bool:
 
 
 @dataclass
+class AmpSkips:
+    """Steps a mixed-precision loss scaler skipped for overflow: normal while the scale holds (one informational
+    line), a non-finite episode once it collapses."""
+
+    skipped: int = 0  # skipped steps while the scale was healthy
+    logged_steps: int = 0
+    last_scale: float | None = None  # the last finite loss scale logged
+    collapsed: bool = False  # the scale collapsed somewhere (that is a non-finite episode)
+
+    def summary(self) -> str:
+        if not self.skipped and not self.collapsed:
+            return "no AMP overflow skips"
+        scale = ""
+        if self.last_scale is not None and self.last_scale > 0:
+            k = math.log2(self.last_scale)
+            shown = f"2^{int(k)}" if k == int(k) else f"{self.last_scale:.3g}"
+            scale = f"; the loss scale {'ended' if self.collapsed else 'settled'} at {shown}"
+        verdict = "it collapsed: see the non-finite episode" if self.collapsed else "normal"
+        return f"AMP skipped {self.skipped} of {self.logged_steps:,} steps{scale}: {verdict}"
+
+    def to_json(self) -> dict:
+        return {"skipped": self.skipped, "logged_steps": self.logged_steps, "last_scale": self.last_scale,
+                "collapsed": self.collapsed, "summary": self.summary()}
+
+
+@dataclass
 class Spikes:
     """Transient gradient spikes: crossings after which nothing broke (a clipped one-step spike, a hard batch).
 
@@ -279,9 +305,11 @@ class Report:
     warnings: list[str]
     validation: list[ValidationFinding] = field(default_factory=list)  # one per validation series (+ NaN findings)
     spikes: Spikes = field(default_factory=Spikes)
+    amp: AmpSkips | None = None  # runs that logged a loss scale or skip flag
 
     def to_json(self) -> dict:
         return {"run": self.run, "source": self.source, "steps": self.steps,
                 "episodes": [e.to_json() for e in self.episodes],
                 "loss_spikes": [s.to_json() for s in self.loss_spikes], "warnings": list(self.warnings),
-                "validation": [v.to_json() for v in self.validation], "spikes": self.spikes.to_json()}
+                "validation": [v.to_json() for v in self.validation], "spikes": self.spikes.to_json(),
+                "amp": None if self.amp is None else self.amp.to_json()}

@@ -105,7 +105,9 @@ def test_keras_high_lr_kills_its_layers_and_says_so(demo_audit):
 def test_amp_overflow_skips_are_not_explosions(demo_audit):
     rep = demo_audit["amp_overflow"]
     skips = [e for e in rep["episodes"] if e["kind"] == "overflow_skip"]
-    assert skips
+    assert skips and all(e["layers"] == [] and e["severity"] == 0 for e in skips)  # no offending layer, no alarm
+    assert rep["amp"] == {"skipped": 11, "logged_steps": 400, "last_scale": 2.0**19, "collapsed": False,
+                          "summary": "AMP skipped 11 of 400 steps; the loss scale settled at 2^19: normal"}
     run = load_run(str(DEMO / "amp_overflow"))
     skipped_steps = run.series["step_skipped"].steps[run.series["step_skipped"].values > 0]
     for e in rep["episodes"]:

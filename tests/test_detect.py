@@ -191,6 +191,10 @@ def test_amp_overflow_sawtooth_is_reported_apart_but_a_collapsing_scale_is_an_ep
     bad = [e for e in rep.episodes if e.kind != "overflow_skip"]
     assert [e.start_step for e in over][:3] == [400, 900, 1400]
     assert len(bad) == 1 and bad[0].kind == "nonfinite" and 1700 < bad[0].start_step < 1730
+    assert all(e.layers == [] for e in over)  # the scaler's business: no offending layer
+    assert rep.amp.collapsed and rep.amp.logged_steps == n and rep.amp.summary().endswith(
+        "it collapsed: see the non-finite episode")
+    assert _online(run).to_json() == rep.to_json()
 
 
 def test_update_ratio_far_too_high_names_the_layer_and_value():

@@ -582,6 +582,23 @@ def test_dead_layers_are_their_own_card(tab_factory, demo_server) -> None:
     assert "stopped learning" in card.locator(".ep-advice").inner_text()
 
 
+def test_amp_overflow_skips_are_one_line_not_alarms(tab_factory, demo_server) -> None:
+    """The healthy fp16 run: no warning sign in the picker, no episode card, no offending layer: one line."""
+    tab = tab_factory("light", demo_server)
+    frame = tab.frame
+    option = frame.locator("#run-a option[value='amp_overflow']")
+    assert option.inner_text() == "amp_overflow"
+    frame.locator("#run-a").select_option("amp_overflow")
+    panel = tab.panel("amp_overflow")
+    line = panel.locator(".amp-summary")
+    line.wait_for()
+    assert line.inner_text() == "AMP skipped 11 of 400 steps; the loss scale settled at 2^19: normal."
+    assert panel.locator(".episode").count() == 0 and panel.locator(".layer-chip").count() == 0
+    heatmap = panel.locator(".heatmap[data-drawn-cells]")
+    heatmap.wait_for()
+    assert panel.locator(".row-label.offending").count() == 0
+
+
 def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:
     """``make demo`` opens TensorBoard on demo_logs/ at #gradients; these are also the README's screenshots."""
     expected = _demo_default_run(demo_server)

@@ -148,7 +148,9 @@ export class App {
   fillSelects() {
     const keepA = this.runA.value;
     const keepB = this.runB.value;
-    const option = (r) => h("option", { value: r.run, text: r.episodes ? `${r.run} (${r.episodes} ⚠)` : r.run });
+    // AMP overflow skips are normal: they do not count towards the warning sign.
+    const flagged = (r) => r.episodes - ((r.episode_kinds || {}).overflow_skip || 0);
+    const option = (r) => h("option", { value: r.run, text: flagged(r) ? `${r.run} (${flagged(r)} ⚠)` : r.run });
     this.runA.replaceChildren(...this.runs.map(option));
     this.runB.replaceChildren(h("option", { value: "", text: "— none —" }), ...this.runs.map(option));
     const names = this.runs.map((r) => r.run);

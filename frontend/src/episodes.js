@@ -70,7 +70,10 @@ function validationFacts(v) {
 export function renderEpisodes(report, { onEpisode, onLayer }) {
   const { episodes, warnings } = report;
   const list = h("ol", { class: "episode-list" });
+  // AMP overflow skips are the loss scaler doing its job: one line below, not episode cards.
+  const shown = episodes.filter((ep) => ep.kind !== "overflow_skip");
   episodes.forEach((ep, i) => {
+    if (ep.kind === "overflow_skip") return;
     const top = ep.layers || [];
     const item = h(
       "li",
@@ -125,15 +128,19 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
     list.append(item);
   });
   const spikes = report.spikes || { count: 0 };
+  const amp = report.amp;
   return h("div", { class: "episodes" },
-    h("div", { class: "block-title", text: `Episodes (${episodes.length})` }),
+    h("div", { class: "block-title", text: `Episodes (${shown.length})` }),
+    amp && (amp.skipped || amp.collapsed)
+      ? h("p", { class: "amp-summary", text: `${amp.summary}.`, dataset: { skipped: String(amp.skipped) } })
+      : null,
     spikes.count
       ? h("p", { class: "transient-summary", text: `${spikes.summary}: not episodes (nothing broke); marked on the loss chart.`,
         dataset: { count: String(spikes.count) } })
       : null,
-    episodes.length
+    shown.length
       ? list
-      : message("empty", "No explosion, non-finite or overflow episode detected.",
+      : message("empty", "No explosion or non-finite episode detected.",
         `Checked ${formatStep(report.steps)} logged steps. Spikes in the loss alone are still marked on the loss chart.`,
         ...(report.validation || []).filter((v) => v.best_step !== null).map((v) => `${seriesLabel(v.series)} `
           + `has not worsened: best ${formatValue(v.best_value)} at step ${formatStep(v.best_step)}.`)),

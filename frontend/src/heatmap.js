@@ -196,7 +196,8 @@ export class Heatmap extends StepCanvas {
 
   drawOverlays(ctx, pal, pw, ph, rowH) {
     const { layers, offending, nonfinite, bin_start: bs, bin_end: be } = this.data;
-    const episodes = this.episodes || this.data.episodes;
+    // AMP overflow skips are normal: no episode band here (the track still ticks their non-finite bins).
+    const episodes = (this.episodes || this.data.episodes).filter((ep) => ep.kind !== "overflow_skip");
     const X = (step) => GUTTER + this.xOf(step, pw);
     ctx.save();
     ctx.beginPath();

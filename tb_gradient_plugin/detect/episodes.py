@@ -95,10 +95,13 @@ def build_episodes(
             grp = sel[i:j]
             nonfinite = any(r.loss_nonfinite or r.has_nonfinite_layer() for r in grp) or any(
                 r.total is not None and not math.isfinite(r.total[1]) for r in grp)
-            finds = _findings(grp, layers, grad_metric, cfg)
+            # AMP overflow skips are the scaler doing its job: no offending layer, no severity
+            finds = [] if overflow else _findings(grp, layers, grad_metric, cfg)
             severity = max([f.ratio for f in finds] + [r.total[1] for r in grp if r.total is not None] + [1.0])
             if any(r.loss_nonfinite for r in grp):
                 severity = math.inf
+            if overflow:
+                severity = 0.0
             reasons: list[str] = []
             if overflow:
                 kind = "overflow_skip"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..types import Report, RunData, Series, update_ratio_inputs
+from ..types import AmpSkips, Report, RunData, Series, update_ratio_inputs
 from .advice import Context
 from .baseline import Points, log_positive, solve
 from .config import DetectorConfig
@@ -62,7 +62,19 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
     found = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg, book)
     val = judge_validation(run.series, ser["loss"], found.episodes, found.loss_spikes, cfg)
     return Report(run.name, run.source, int(ax.steps.size), with_validation(found.episodes, found.loss_spikes, val),
-                  found.loss_spikes, warnings, val, spike_summary(found.transients, int(ax.steps.size)))
+                  found.loss_spikes, warnings, val, spike_summary(found.transients, int(ax.steps.size)),
+                  _amp_skips(ax, ser))
+
+
+def _amp_skips(ax: _StepAxis, ser: dict[str, Series | None]) -> AmpSkips | None:
+    """The run's AMP overflow skips, for runs that logged a loss scale or a skip flag."""
+    scale = ser["loss_scale"]
+    if scale is None and ser["step_skipped"] is None:
+        return None
+    finite = np.asarray(scale.values, dtype=np.float64) if scale is not None else np.zeros(0)
+    finite = finite[np.isfinite(finite)]
+    return AmpSkips(int((ax.skipped & ~ax.collapsed).sum()), int(ax.steps.size),
+                    float(finite[-1]) if finite.size else None, bool((ax.skipped & ax.collapsed).any()))
 
 
 def _series(run: RunData, name: str) -> Series | None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from .. import format as fmt
-from ..types import Episode, Report, Series, update_ratio
+from ..types import AmpSkips, Episode, Report, Series, update_ratio
 from .advice import Context
 from .baseline import Baseline, log_positive
 from .config import DetectorConfig
@@ -61,6 +62,8 @@ class OnlineDetector:
         self._last_active = {False: None, True: None}
         self._grad_metric: str | None = None
         self._has_amp_skip = False
+        self._amp = AmpSkips()
+        self._amp_seen = False
         self._total: tuple[list[int], list[float]] = ([], [])
         self._layer_total: tuple[list[int], list[float]] = ([], [])
         self._lr: tuple[list[int], list[float]] = ([], [])
@@ -118,8 +121,14 @@ class OnlineDetector:
             self._has_amp_skip = True
         skip, collapse = False, False
         if "loss_scale" in sc or "step_skipped" in sc:
+            self._amp_seen = True
             sk = sc.get("step_skipped", 0.0 if self._has_amp_skip else None)
             skip, collapse = eng.amp.step(sc.get("loss_scale"), sk)
+            amp = self._amp
+            amp.skipped += skip and not collapse
+            amp.collapsed |= skip and collapse
+            if math.isfinite(sc.get("loss_scale", math.nan)):
+                amp.last_scale = sc["loss_scale"]
         overflow = skip and not collapse
         book = self._book
         if layers:
@@ -280,4 +289,5 @@ class OnlineDetector:
                   for k, (st, v) in self._val.items()}
         val = judge_validation(series, loss, found.episodes, found.loss_spikes, cfg)
         return Report(self.name, self.source, len(self._steps), with_validation(found.episodes, found.loss_spikes, val),
-                      found.loss_spikes, warnings, val, spike_summary(found.transients, len(self._steps)))
+                      found.loss_spikes, warnings, val, spike_summary(found.transients, len(self._steps)),
+                      replace(self._amp, logged_steps=len(self._steps)) if self._amp_seen else None)
