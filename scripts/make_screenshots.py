@@ -7,6 +7,8 @@ Writes, into ``--out``:
                        and the drill-down of the top layer down to its gradient histograms over time
   gradients_dark.png   rnn_no_clip beside rnn_clipped in dark mode (the before/after pair), drill-down on ``rnn``
                        with both runs' gradient histograms
+  report.png           ``tb-gradient audit --html`` of keras_high_lr: the episode table, the loss chart with its axes
+                       and legend, the layer x step heatmap
 
 Needs playwright (Python) and a Chromium binary; nothing is downloaded. Each shot waits for the drawn state the tab
 marks in its DOM (``data-drawn-cells``, ``data-drawn-columns``), so it never captures a half-drawn chart.
@@ -15,6 +17,7 @@ marks in its DOM (``data-drawn-cells``, ``data-drawn-columns``), so it never cap
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +111,16 @@ def make_screenshots(logdir: Path, out: Path, chromium: str) -> None:
             dark.wait_drill("rnn_clipped")
             dark.shot(out / "gradients_dark.png")
             dark.close()
+
+            report = out / "report.html"
+            subprocess.run([sys.executable, "-m", "tb_gradient_plugin.audit", "audit", str(logdir), "--run",
+                            "keras_high_lr", "--html", str(report), "--fail-on", "never"], check=True,
+                           capture_output=True)
+            page = browser.new_page(viewport={"width": 1250, "height": 1000})
+            page.goto(report.as_uri())
+            page.screenshot(path=str(out / "report.png"), full_page=True)
+            page.close()
+            report.unlink()
         finally:
             browser.close()
 

@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 
 from .detect import DetectorConfig, detect
-from .html_report import finding_name, layer_note
+from .html_report import finding_name, layer_note, severity_text
 from .reader import is_remote
 from .run_report import failed_report, report_json
 from .runs import RunData, find_runs, load_run
@@ -212,7 +212,7 @@ def _print_tables(results: Sequence[dict], console) -> None:
             spike = "—" if e["loss_spike_step"] is None else \
                 f"step {e['loss_spike_step']} ({e['loss_spike_step'] - e['start_step']} steps after start)"
             table.add_row(e["kind"], f"{e['start_step']}–{e['end_step']}", str(e["peak_step"]),
-                          _ratio(e["severity"]), layers, spike)
+                          severity_text(e), layers, spike)
         console.print(table)
         # the same advice for several episodes (e.g. every AMP overflow skip) is printed once, with where it applies
         advice: dict[str, list[str]] = {}

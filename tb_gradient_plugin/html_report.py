@@ -123,6 +123,45 @@ def _episode_bands(episodes: list[dict], first: int, last: int, width: float, he
     return "".join(parts)
 
 
+#: Margins of the loss chart around its plot: room for the value axis (left), the legend (top) and the step axis.
+_ML, _MR, _MT, _MB = 64, 12, 24, 30
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round values (1, 2 or 5 times a power of ten apart) from ``lo`` to ``hi``."""
+    span = hi - lo
+    if not span > 0:
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.0e}"
+
+
+def _step_axis(first: int, last: int, width: float, y: float) -> str:
+    """Tick marks and step labels along ``y`` for steps ``first``..``last`` over ``width`` pixels."""
+    out = [f'<line x1="0" x2="{width}" y1="{y}" y2="{y}" stroke="#999"/>']
+    for t in _ticks(first, last):
+        x = _x(t, first, last, width)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y}" y2="{y + 4}" stroke="#999"/>'
+                   f'<text x="{x:.1f}" y="{y + 15}" text-anchor="middle">{int(t)}</text>')
+    return f'<g class="axis x-axis">{"".join(out)}</g>'
+
+
+def _legend(items: list[tuple[str, str]]) -> str:
+    """Swatches and names along the top margin: (SVG of the swatch at 0,0, text)."""
+    out, x = [], 0.0
+    for swatch, text in items:
+        out.append(f'<g transform="translate({x:.0f},-14)">{swatch}<text x="16" y="4">{html.escape(text)}</text></g>')
+        x += 26 + 7 * len(text)
+    return f'<g class="legend">{"".join(out)}</g>'
+
+
 def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict], transients: list[int]) -> str:
     loss, val = chart["loss"], chart["val_loss"]
     lines = [s for s in (loss, val) if s is not None]
@@ -136,9 +175,10 @@ def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict], transients:
     else:
         lo, hi = 0.0, 1.0
     span = (hi - lo) or 1.0
+    pw, ph = _W - _ML - _MR, _LOSS_H - _MT - _MB
 
     def y(v: float) -> float:
-        return _LOSS_H - 4 - ((math.log10(v) if log else v) - lo) / span * (_LOSS_H - 8)
+        return ph - ((math.log10(v) if log else v) - lo) / span * ph
 
     def path(s: dict, key: str) -> str:
         out, pen = [], "M"
@@ -146,12 +186,12 @@ def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict], transients:
             if v is None:
                 pen = "M"
                 continue
-            out.append(f"{pen}{_x((st + en) / 2, first, last, _W):.1f},{y(v):.1f}")
+            out.append(f"{pen}{_x((st + en) / 2, first, last, pw):.1f},{y(v):.1f}")
             pen = "L"
         return " ".join(out)
 
-    body = [_episode_bands(episodes, first, last, _W, _LOSS_H)]
-    body += [f'<line x1="{_x(st, first, last, _W):.1f}" x2="{_x(st, first, last, _W):.1f}" y1="0" y2="{_LOSS_H}" '
+    body = [_episode_bands(episodes, first, last, pw, ph)]
+    body += [f'<line x1="{_x(st, first, last, pw):.1f}" x2="{_x(st, first, last, pw):.1f}" y1="0" y2="{ph}" '
              f'stroke="#7f7f7f" stroke-dasharray="2,3"><title>transient gradient spike at step {st}</title></line>'
              for st in transients]
     for s, colour, label in ((loss, "#1f77b4", "loss"), (val, "#2ca02c", "val_loss")):
@@ -161,17 +201,34 @@ def _loss_svg(chart: dict, episodes: list[dict], spikes: list[dict], transients:
         body.append(f'<path d="{path(s, "max")}" stroke="{colour}" fill="none"><title>{label}</title></path>')
         for st, bad in zip(s["start"], s["nonfinite"], strict=True):
             if bad:
-                body.append(f'<text x="{_x(st, first, last, _W):.1f}" y="12" fill="#e60078" font-size="12">'
+                body.append(f'<text x="{_x(st, first, last, pw):.1f}" y="12" fill="#e60078" font-size="12">'
                             f'NaN<title>{label} non-finite at {st}</title></text>')
     for sp in spikes:
         if sp.get("value") is not None and (sp["value"] > 0 or not log):
-            body.append(f'<circle cx="{_x(sp["step"], first, last, _W):.1f}" cy="{y(sp["value"]):.1f}" r="4" '
+            body.append(f'<circle cx="{_x(sp["step"], first, last, pw):.1f}" cy="{y(sp["value"]):.1f}" r="4" '
                         f'fill="none" stroke="#d62728" stroke-width="2"><title>loss spike at step {sp["step"]}'
                         f'</title></circle>')
+    ticks = [10.0 ** k for k in range(math.ceil(lo), math.floor(hi) + 1)] if log else _ticks(lo, hi, 4)
+    if log and len(ticks) < 2:  # less than two decades on screen: label the ends
+        ticks = [10.0 ** lo, 10.0 ** hi]
+    yaxis = [f'<line x1="0" x2="0" y1="0" y2="{ph}" stroke="#999"/>']
+    for t in ticks:
+        ty = y(t)
+        yaxis.append(f'<line x1="-4" x2="0" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#999"/>'
+                     f'<text x="-6" y="{ty + 4:.1f}" text-anchor="end">{_num(t)}</text>')
+    legend = [('<line x1="0" x2="12" y1="0" y2="0" stroke="#1f77b4" stroke-width="2"/>', "loss")]
+    if val is not None:
+        legend.append(('<line x1="0" x2="12" y1="0" y2="0" stroke="#2ca02c" stroke-width="2"/>', "val_loss"))
+    legend += [('<circle cx="6" cy="0" r="4" fill="none" stroke="#d62728" stroke-width="2"/>', "loss spike"),
+               ('<rect x="0" y="-5" width="12" height="10" fill="#ff8c0030" stroke="#ff8c00"/>', "episode")]
+    if transients:
+        legend.append(('<line x1="6" x2="6" y1="-6" y2="6" stroke="#7f7f7f" stroke-dasharray="2,3"/>',
+                       "transient gradient spike"))
     scale = "log scale" if log else "linear scale"
-    return (f'<figure><svg viewBox="0 0 {_W} {_LOSS_H}" width="{_W}" height="{_LOSS_H}" class="chart" role="img">'
-            f'{"".join(body)}</svg><figcaption>loss (blue){" and val_loss (green)" if val else ""}, {scale}, '
-            f'steps {first}–{last}; red circles: loss spikes; shaded: episodes; grey dotted: transient gradient spikes'
+    return (f'<figure><svg viewBox="0 0 {_W} {_LOSS_H}" width="{_W}" height="{_LOSS_H}" class="chart" role="img" '
+            f'font-size="11" fill="#444"><g transform="translate({_ML},{_MT})">'
+            f'{"".join(body)}<g class="axis y-axis">{"".join(yaxis)}</g>{_step_axis(first, last, pw, ph)}'
+            f'{_legend(legend)}</g></svg><figcaption>loss{" and val_loss" if val else ""} by step, {scale}'
             '</figcaption></figure>')
 
 
@@ -185,10 +242,13 @@ def _heatmap_html(hm: dict, episodes: list[dict]) -> str:
     labels = "".join(f'<div style="height:{row_h}px">{html.escape(name)}</div>' for name in hm["layers"]) \
         if row_h >= 10 else ""
     shown = f'{rows} of {hm["total_layers"]} layers' if rows < hm["total_layers"] else f"{rows} layers"
-    return (f'<figure><div class="hm"><div class="labels">{labels}</div><div class="hmimg" style="height:{height}px">'
+    return (f'<figure><div class="hm"><div class="labels">{labels}</div><div class="hmimg">'
             f'<img src="{_png(rgb)}" width="{_W}" height="{height}" alt="heatmap">'
-            f'<svg viewBox="0 0 {_W} {height}" width="{_W}" height="{height}">'
-            f'{_episode_bands(episodes, first, last, _W, height)}</svg></div></div>'
+            f'<svg viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" class="bands">'
+            f'{_episode_bands(episodes, first, last, _W, height)}</svg>'
+            f'<svg viewBox="0 -1 {_W} 22" width="{_W}" height="22" font-size="11" fill="#444" '
+            'style="overflow:visible">'
+            f'{_step_axis(first, last, _W - 1, 0)}</svg></div></div>'
             f'<figcaption>{html.escape(hm["metric"])} per layer (rows, model order, {shown}) and step (columns, '
             f'max per column, steps {first}–{last}); colour log10 {lo:.2f} … {hi:.2f}; black: exactly 0; '
             f'grey: not logged; magenta: NaN/Inf</figcaption></figure>')
@@ -203,7 +263,9 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 word-break:break-word;vertical-align:top}th{background:#f4f4f4}.ok{color:#217a21}.bad{color:#b00020;font-weight:600}
 .chart{background:#fafafa;border:1px solid #eee}.hm{display:flex;gap:6px}.labels{font-size:10px;line-height:1;
 text-align:right;max-width:220px;overflow:hidden;white-space:nowrap}.hmimg{position:relative}
-.hmimg img{image-rendering:pixelated;display:block}.hmimg svg{position:absolute;left:0;top:0}
+.hmimg img{image-rendering:pixelated;display:block}.hmimg svg.bands{position:absolute;left:0;top:0}
+.eps td:nth-child(-n+4),.eps th:nth-child(-n+4),.eps td:nth-child(6),.eps th:nth-child(6){white-space:nowrap}
+.eps td:nth-child(5){min-width:200px}.chart text{font-family:system-ui,sans-serif}
 figure{margin:8px 0}figcaption{font-size:12px;color:#666}.warn{color:#8a5a00}code{word-break:break-all}
 """
 
@@ -232,9 +294,10 @@ def _episodes_table(episodes: list[dict]) -> str:
         advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
         cls = "bad" if fails_explosion(e) else "warn"
         rows.append(f'<tr><td class="{cls}">{html.escape(e["kind"])}</td><td>{e["start_step"]}–{e["end_step"]}</td>'
-                    f'<td>{e["peak_step"]}</td><td>{_ratio(e["severity"])}</td><td>{layers}</td><td>{after}</td>'
+                    f'<td>{e["peak_step"]}</td><td>{severity_text(e)}</td><td>{layers}</td><td>{after}</td>'
                     f'<td><ul>{advice}</ul></td></tr>')
-    return ("<table><tr><th>kind</th><th>steps</th><th>peak</th><th>severity</th><th>offending layers (ratio)</th>"
+    return ('<table class="eps"><tr><th>kind</th><th>steps</th><th>peak</th><th>severity</th>'
+            "<th>offending layers (ratio)</th>"
             f"<th>loss spike</th><th>advice</th></tr>{''.join(rows)}</table>")
 
 
@@ -245,6 +308,11 @@ def _ratio(x: float | None) -> str:
 def finding_name(finding: dict) -> str:
     """A finding's layer, or the run-level series it is (a run without per-layer data), named as what it is."""
     return "total gradient norm" if finding.get("metric") == TOTAL else finding["name"]
+
+
+def severity_text(episode: dict) -> str:
+    """Peak over baseline; none for findings that measure no excess (dead layers, AMP skips)."""
+    return "—" if episode["kind"] in ("dead", "overflow_skip") else _ratio(episode["severity"])
 
 
 def layer_note(episode: dict, finding: dict) -> str:

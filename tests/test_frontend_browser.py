@@ -599,6 +599,32 @@ def test_amp_overflow_skips_are_one_line_not_alarms(tab_factory, demo_server) ->
     assert panel.locator(".row-label.offending").count() == 0
 
 
+def test_html_report_reads_like_the_tab(browser, tmp_path) -> None:
+    """``tb-gradient audit --html`` in Chromium: headers on one line, charts with step and value axes and a legend."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.html"
+    subprocess.run([sys.executable, "-m", "tb_gradient_plugin.audit", "audit", str(DEMO_LOGS), "--run", "*_lr*",
+                    "--html", str(report), "--fail-on", "never"], check=True, capture_output=True, timeout=300)
+    page = browser.new_page(viewport={"width": 1250, "height": 1000})
+    try:
+        page.goto(report.as_uri())
+        heights = page.eval_on_selector_all("table.eps th", "hs => hs.map((h) => h.getBoundingClientRect().height)")
+        line = page.eval_on_selector("table.eps th", "h => parseFloat(getComputedStyle(h).lineHeight)")
+        assert heights and max(heights) < 1.9 * line + 12, heights  # one line each, padding included
+        for chart in page.query_selector_all("svg.chart"):
+            assert len(chart.query_selector_all(".x-axis text")) >= 2
+            assert len(chart.query_selector_all(".y-axis text")) >= 2
+            assert "loss" in chart.query_selector(".legend").text_content()
+        assert page.query_selector_all("svg.chart")
+        assert len(page.query_selector_all(".hmimg .x-axis text")) >= 2
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=True)
+    finally:
+        page.close()
+
+
 def test_demo_logs_open_on_the_most_interesting_run(tab_factory, demo_server) -> None:
     """``make demo`` opens TensorBoard on demo_logs/ at #gradients; these are also the README's screenshots."""
     expected = _demo_default_run(demo_server)
