@@ -98,12 +98,22 @@ def _write_validation(path: Path) -> None:
         writer.close()
 
 
+def _write_total_only(path: Path) -> None:
+    """A run whose only gradient series is the total norm (HF Trainer-like), with an extreme jump at step 120."""
+    rng = np.random.default_rng(7)
+    with GradientWriter(path) as writer:
+        for step in range(200):
+            total = float(np.exp(rng.normal(0.0, 0.05))) * (5000.0 if step == 120 else 1.0)
+            writer.write(step, [], loss=1.0, total_grad_norm=total)
+
+
 def write_logdir(root: str | Path) -> Path:
-    """The test logdir: runs ``early_stop`` (overfits), ``exploding``, ``healthy``, ``live`` (grown by a test) and
-    ``loss_only``. ``early_stop`` is written first: it ties with ``exploding`` on alarming episodes (one non-finite
-    evaluation, one explosion), so the tab must open on ``exploding``, the more recent run, though ``early_stop``
-    comes first by name and has more episodes in all."""
+    """The test logdir: runs ``total_only`` (no layers, one explosion of the total norm), ``early_stop`` (overfits),
+    ``exploding``, ``healthy``, ``live`` (grown by a test) and ``loss_only``. ``total_only`` and ``early_stop`` are
+    written first: they tie with ``exploding`` on alarming episodes (one explosion; one non-finite evaluation), so the
+    tab must open on ``exploding``, the most recent of them, though ``early_stop`` has more episodes in all."""
     root = Path(root)
+    _write_total_only(root / "total_only")  # the oldest: its one explosion ties, and the most recent tie opens
     _write_run(root / "early_stop", explode=False, seed=4)
     _write_validation(root / "early_stop")
     _write_run(root / "exploding", explode=True, seed=1)
@@ -556,7 +566,7 @@ def test_during_the_first_read_the_tab_moves_to_a_worse_run_until_one_is_picked(
     picked.frame.locator("#run-a").select_option("healthy")  # the user's choice ends the following
     picked.panel("healthy").locator(".heatmap[data-drawn-cells]").wait_for()
     first_read.done()
-    picked.frame.wait_for_function("() => document.querySelector('#run-a').options.length === 5")
+    picked.frame.wait_for_function("() => document.querySelector('#run-a').options.length === 6")
     picked.page.wait_for_timeout(1500)  # more than one poll of the first read
     assert picked.frame.locator("#run-a").input_value() == "healthy"
     assert picked.panel("healthy").count() == 1 and picked.panel("exploding").count() == 0
@@ -570,6 +580,15 @@ def test_transient_spikes_are_one_line_and_marks_not_episodes(tab_factory) -> No
     assert summary.inner_text().startswith("1 transient spike in 200 steps (5 per 1k), up to ")
     assert "all followed by a normal loss" in summary.inner_text()
     assert panel.locator(".episode").count() == 0
+
+
+def test_a_run_level_series_is_not_called_a_layer(tab_factory) -> None:
+    tab = tab_factory()
+    tab.frame.locator("#run-a").select_option("total_only")
+    card = tab.panel("total_only").locator(".episode.kind-explosion")
+    card.wait_for()
+    assert "Run-level series:" in card.inner_text() and "Offending layer" not in card.inner_text()
+    assert card.locator(".layer-chip .name").inner_text() == "total grad norm"
 
 
 def test_dead_layers_are_their_own_card(tab_factory, demo_server) -> None:
