@@ -481,3 +481,14 @@ def test_a_layer_that_never_had_a_gradient_or_dies_only_briefly_is_not_dead():
     rep = detect(run)
     assert rep.episodes == []
     assert _online(run).to_json() == rep.to_json()
+
+
+def test_a_loss_spike_after_layers_died_links_to_the_explosion_not_the_dead_finding():
+    run = _run(loss=_reacting_loss(2000, 1500))
+    g = run.layer_metrics["grad_norm"]
+    g[1000, 3] *= 40
+    g[1005:, 3] = 0.0
+    rep = detect(run)
+    assert [e.kind for e in rep.episodes] == ["explosion", "dead"]
+    assert [(s.step, s.episode) for s in rep.loss_spikes] == [(1500, None)]
+    assert _online(run).to_json() == rep.to_json()

@@ -95,21 +95,15 @@ def build_episodes(
             grp = sel[i:j]
             nonfinite = any(r.loss_nonfinite or r.has_nonfinite_layer() for r in grp) or any(
                 r.total is not None and not math.isfinite(r.total[1]) for r in grp)
-            # AMP overflow skips are the scaler doing its job: no offending layer, no severity
-            finds = [] if overflow else _findings(grp, layers, grad_metric, cfg)
-            severity = max([f.ratio for f in finds] + [r.total[1] for r in grp if r.total is not None] + [1.0])
-            if any(r.loss_nonfinite for r in grp):
-                severity = math.inf
-            if overflow:
-                severity = 0.0
-            reasons: list[str] = []
-            if overflow:
-                kind = "overflow_skip"
-            elif nonfinite:
-                kind = "nonfinite"
+            if overflow:  # the loss scaler doing its job: no offending layer, no severity
+                kind, finds, severity, reasons = "overflow_skip", [], 0.0, []
             else:
-                reasons = confirmations(grp, severity, ctx, cfg, collapsed)
-                kind = "explosion" if reasons else "spike"
+                finds = _findings(grp, layers, grad_metric, cfg)
+                severity = max([f.ratio for f in finds] + [r.total[1] for r in grp if r.total is not None] + [1.0])
+                if any(r.loss_nonfinite for r in grp):
+                    severity = math.inf
+                reasons = [] if nonfinite else confirmations(grp, severity, ctx, cfg, collapsed)
+                kind = "nonfinite" if nonfinite else "explosion" if reasons else "spike"
             ep = Episode(kind, grp[0].step, grp[-1].step, _peak_row(grp).step, float(severity), finds,
                          confirmed_by=reasons)
             ep.loss_spike_step = _loss_step_near(grp, loss_step, loss_us, cfg) if kind == "spike" else None
@@ -125,7 +119,7 @@ def build_episodes(
     spikes = _loss_spikes(loss_rows, cfg)
     for s, su in spikes:
         for k, (ep, grp) in enumerate(kept):
-            if ep.kind == "overflow_skip":
+            if ep.kind in ("overflow_skip", "dead"):  # a dead finding has no crossing rows to follow
                 continue
             if grp[0].u <= su <= grp[-1].u + cfg.loss_link_points:
                 s.episode = k
