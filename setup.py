@@ -45,7 +45,7 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": ["tb-gradient = tb_gradient_plugin.audit:main"],
+        "console_scripts": ["tb-gradient = tb_gradient_plugin.cli:main"],
         "tensorboard_plugins": ["gradients = tb_gradient_plugin.plugin:GradientsLoader"],
     },
     classifiers=[

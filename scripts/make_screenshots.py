@@ -113,7 +113,7 @@ def make_screenshots(logdir: Path, out: Path, chromium: str) -> None:
             dark.close()
 
             report = out / "report.html"
-            subprocess.run([sys.executable, "-m", "tb_gradient_plugin.audit", "audit", str(logdir), "--run",
+            subprocess.run([sys.executable, "-m", "tb_gradient_plugin", "audit", str(logdir), "--run",
                             "keras_high_lr", "--html", str(report), "--fail-on", "never"], check=True,
                            capture_output=True)
             page = browser.new_page(viewport={"width": 1250, "height": 1000})

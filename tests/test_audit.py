@@ -20,7 +20,7 @@ LAYERS = [f"block{i}.fc" for i in range(12)]
 
 def tb_gradient() -> list[str]:
     exe = Path(sys.executable).with_name("tb-gradient")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tb_gradient_plugin.audit"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tb_gradient_plugin"]
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -139,7 +139,7 @@ def test_unreadable_input_exit_2(tmp_path):
 
 def test_a_run_not_read_or_not_judged_still_gets_the_whole_run_object(logdir, monkeypatch):
     """The fallback reports carry every field of the run object (docs/AUDIT_JSON.md), ``validation`` included."""
-    from tb_gradient_plugin import audit
+    from tb_gradient_plugin import auditor as audit
 
     fields = set(audit.audit_run("healthy", str(logdir / "healthy"))["report"])
     assert "validation" in fields
@@ -300,7 +300,7 @@ def test_fsspec_url_in_process(logdir, capsys):
     """A logdir behind an fsspec URL (memory://, as for s3:// or gs://) audits like a local one."""
     import fsspec
 
-    from tb_gradient_plugin.audit import main
+    from tb_gradient_plugin.cli import main
 
     fs = fsspec.filesystem("memory")
     for path in (logdir / "exploding").iterdir():

@@ -38,7 +38,7 @@ LR_RAISED_AT = 300
 
 @pytest.fixture(scope="module")
 def demo_audit() -> dict[str, dict]:
-    out = subprocess.run([sys.executable, "-m", "tb_gradient_plugin.audit", "audit", str(DEMO), "--json",
+    out = subprocess.run([sys.executable, "-m", "tb_gradient_plugin", "audit", str(DEMO), "--json",
                           "--fail-on", "never"], capture_output=True, text=True, check=True)
     return {r["run"]: r for r in json.loads(out.stdout)["runs"]}
 

@@ -624,7 +624,7 @@ def test_html_report_reads_like_the_tab(browser, tmp_path) -> None:
     import sys
 
     report = tmp_path / "report.html"
-    subprocess.run([sys.executable, "-m", "tb_gradient_plugin.audit", "audit", str(DEMO_LOGS), "--run", "*_lr*",
+    subprocess.run([sys.executable, "-m", "tb_gradient_plugin", "audit", str(DEMO_LOGS), "--run", "*_lr*",
                     "--html", str(report), "--fail-on", "never"], check=True, capture_output=True, timeout=300)
     page = browser.new_page(viewport={"width": 1250, "height": 1000})
     try:
