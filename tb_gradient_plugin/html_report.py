@@ -318,7 +318,9 @@ def severity_text(episode: dict) -> str:
 def layer_note(episode: dict, finding: dict) -> str:
     """How far a layer was off in an episode: its ratio over the baseline, or, for a dead layer, since when (the
     table of the CLI and this report say the same)."""
-    return f"zero from {finding['first_step']}" if episode.get("dead") else _ratio(finding.get("ratio"))
+    if not episode.get("dead"):
+        return _ratio(finding.get("ratio"))
+    return f"{'vanished' if finding.get('ratio') else 'zero'} from {finding['first_step']}"
 
 
 def render(results: list[dict], title: str = "Gradient audit") -> str:

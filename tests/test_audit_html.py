@@ -44,3 +44,14 @@ def test_render_draws_each_run():
                     "chart": chart_data(run, report)}])
     assert "r&lt;&amp;&gt;" in page and "w&lt;b&gt;" in page and "lower &lt;lr&gt;" in page and "x&lt;y" in page
     assert "<b>" not in page and page.count("data:image/png;base64,") == 1 and "<svg" in page
+
+
+def test_dead_layers_say_whether_they_went_to_zero_or_vanished():
+    """The CLI table and the report name a dead layer's onset, and whether it hit zero or fell far below its
+    baseline; other findings show their ratio over the baseline."""
+    from tb_gradient_plugin.html_report import layer_note
+
+    dead = {"kind": "dead", "dead": {"layers": 2, "vanished": 1}}
+    assert layer_note(dead, {"first_step": 45, "ratio": 0}) == "zero from 45"
+    assert layer_note(dead, {"first_step": 1300, "ratio": 3.1e-5}) == "vanished from 1300"
+    assert layer_note({"kind": "explosion", "dead": None}, {"first_step": 3, "ratio": 134.2}) == "134×"

@@ -95,7 +95,8 @@ def test_keras_high_lr_kills_its_layers_and_says_so(demo_audit):
     rep = next(r for name, r in demo_audit.items() if name.startswith("keras_high_lr"))
     explosion, dead = [e for e in rep["episodes"] if e["kind"] in ("explosion", "dead")]
     assert explosion["start_step"] == 34 and "collapse" in explosion["confirmed_by"]
-    assert dead["dead"] == {"layers": 8, "of": 9, "from_step": 45, "after_episode": 34, "restart_before": 34}
+    assert dead["dead"] == {"layers": 8, "of": 9, "from_step": 45, "vanished": 0, "after_episode": 34,
+                            "restart_before": 34}
     assert dead["end_step"] == rep["steps"] - 1 and "out" not in [f["name"] for f in dead["layers"]]
     assert any("restart from a checkpoint from before step 34" in a.lower() for a in dead["advice"])
     others = [e for name, r in demo_audit.items() if not name.startswith("keras_high_lr") for e in r["episodes"]]

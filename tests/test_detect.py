@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks import detection_suite as suite
 from tb_gradient_plugin.detect import (
@@ -18,6 +20,7 @@ from tb_gradient_plugin.detect import (
     baseline_band,
     detect,
 )
+from tb_gradient_plugin.detect.baseline import Baseline, Points, log_positive, solve
 from tb_gradient_plugin.reader import EventFileReader
 from tb_gradient_plugin.runs import RunData, Series
 from tb_gradient_plugin.types import update_ratio
@@ -468,9 +471,70 @@ def test_layers_whose_gradient_dies_are_one_dead_finding_after_the_explosion():
     explosion, dead = rep.episodes
     assert explosion.confirmed_by == ["collapse"]
     assert [f.name for f in dead.layers] == ["layer3", "layer8"] and dead.end_step == 1999
-    assert dead.dead == {"layers": 2, "of": 12, "from_step": 1005, "after_episode": 1000, "restart_before": 1000}
+    assert dead.dead == {"layers": 2, "of": 12, "from_step": 1005, "vanished": 0, "after_episode": 1000,
+                         "restart_before": 1000}
+    assert [f.ratio for f in dead.layers] == [0.0, 0.0]
     assert any("2 of 12 layers went to exactly zero" in a and "before step 1000" in a for a in dead.advice)
     assert _online(run).to_json() == rep.to_json()
+
+
+def test_a_gradient_that_vanishes_far_below_its_baseline_is_dead_too():
+    """Not exactly zero, but 1e5x below its own baseline for the rest of the run (saturated units): dead. A layer
+    only 1e3x below is not; nor is a vanished stretch shorter than ``dead_points``."""
+    run = _run()
+    g = run.layer_metrics["grad_norm"]
+    g[1300:, 4] *= 1e-5
+    g[1300:, 6] *= 1e-3
+    g[1500:1510, 9] *= 1e-6
+    rep = detect(run)
+    (dead,) = rep.episodes
+    assert dead.kind == "dead" and dead.start_step == 1300 and dead.end_step == 1999
+    assert dead.dead == {"layers": 1, "of": 12, "from_step": 1300, "vanished": 1, "after_episode": None,
+                         "restart_before": None}
+    (layer,) = dead.layers
+    assert layer.name == "layer4" and layer.peak_value == pytest.approx(float(g[1300, 4]))
+    assert 1e-6 < layer.ratio < 1e-4  # the gradient over its baseline at the onset
+    assert any("fell 10,000× or more below their baseline from step 1300" in a for a in dead.advice)
+    assert _online(run).to_json() == rep.to_json()
+
+
+def test_zero_and_vanished_layers_make_one_finding_that_counts_both():
+    run = _run()
+    g = run.layer_metrics["grad_norm"]
+    g[1000, 3] *= 40
+    g[1005:, 3] = 0.0
+    g[1010:, 7] *= 1e-6
+    rep = detect(run)
+    dead = rep.episodes[-1]
+    assert [(f.name, f.ratio > 0) for f in dead.layers] == [("layer3", False), ("layer7", True)]
+    assert dead.dead["layers"] == 2 and dead.dead["vanished"] == 1 and dead.dead["after_episode"] == 1000
+    assert any("went to exactly zero (1) or fell 10,000× or more below their baseline (1)" in a for a in dead.advice)
+    assert _online(run).to_json() == rep.to_json()
+
+
+@given(seed=st.integers(0, 10_000), drops=st.lists(st.tuples(st.integers(0, 399), st.integers(0, 5),
+                                                            st.floats(1e-7, 1e-2)), max_size=6))
+@settings(max_examples=40, deadline=None)
+def test_offline_points_far_below_the_baseline_equal_the_sequential_ones(seed, drops):
+    """:func:`solve`'s low points are exactly those :meth:`Baseline.below` finds point by point."""
+    cfg = DetectorConfig(block=8, window_blocks=4, min_history=16, mature_history=32)
+    rng = np.random.default_rng(seed)
+    v = np.exp(rng.normal(0, 0.5, (400, 6)))
+    v[rng.random((400, 6)) < 0.02] *= 30  # crossings move the baselines
+    for at, col, factor in drops:
+        v[at:at + 20, col] *= factor
+    valid = rng.random((400, 6)) > 0.05
+    _, _, _, (rows, cols, base) = solve(Points(v, valid), cfg, cfg.ratio, cfg.z, cfg.min_history,
+                                          cfg.mature_history, low_ratio=1e3)
+    seq = Baseline(6, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
+    found = {}
+    for i in range(400):
+        logv, ok = log_positive(v[i])
+        below = seq.below(logv, ok & valid[i], math.log(1e3))
+        for c in np.nonzero(~np.isnan(below))[0].tolist():
+            found[(i, c)] = below[c]
+        seq.step(logv, ok & valid[i])
+    assert dict(zip(zip(rows.tolist(), cols.tolist(), strict=True), base.tolist(), strict=True)) == found
 
 
 def test_a_layer_that_never_had_a_gradient_or_dies_only_briefly_is_not_dead():
@@ -491,4 +555,17 @@ def test_a_loss_spike_after_layers_died_links_to_the_explosion_not_the_dead_find
     rep = detect(run)
     assert [e.kind for e in rep.episodes] == ["explosion", "dead"]
     assert [(s.step, s.episode) for s in rep.loss_spikes] == [(1500, None)]
+    assert _online(run).to_json() == rep.to_json()
+
+
+@given(seed=st.integers(0, 10_000), spans=st.lists(st.tuples(st.integers(100, 1900), st.integers(1, 400),
+                                                            st.integers(0, 11), st.sampled_from([0.0, 1e-6, 1e-3])),
+                                                  min_size=1, max_size=5))
+@settings(max_examples=15, deadline=None)
+def test_dead_layers_online_equal_offline_for_any_mix_of_zeros_and_vanished_stretches(seed, spans):
+    run = _run(n_steps=2000, seed=seed)
+    g = run.layer_metrics["grad_norm"]
+    for at, length, col, factor in spans:
+        g[at:at + length, col] *= factor
+    rep = detect(run)
     assert _online(run).to_json() == rep.to_json()

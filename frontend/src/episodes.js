@@ -19,6 +19,13 @@ function ratioText(ratio) {
   return ratio === null || ratio === undefined ? "∞" : formatValue(ratio);
 }
 
+/** How many layers died, and how: at exactly zero, or vanished far below their baseline. */
+function deadHead(d) {
+  const how = !d.vanished ? "at zero" : d.vanished === d.layers ? "vanished"
+    : `dead (${d.layers - d.vanished} at zero, ${d.vanished} vanished)`;
+  return `${d.layers} of ${d.of} layers ${how}`;
+}
+
 /** Head line of an episode: its kind and steps. Validation findings say what they are about instead of a peak. */
 function episodeHead(ep, i) {
   const v = ep.validation;
@@ -29,7 +36,7 @@ function episodeHead(ep, i) {
         ? `step ${formatStep(ep.start_step)}`
         : `steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}, peak ${formatStep(ep.peak_step)}` }),
       ep.dead
-        ? h("span", { class: "ep-severity", text: `${ep.dead.layers} of ${ep.dead.of} layers at zero` })
+        ? h("span", { class: "ep-severity", text: deadHead(ep.dead) })
         : h("span", { class: "ep-severity", title: "severity", text: `severity ${ep.severity === null ? "∞ (non-finite)" : formatValue(ep.severity)}` }),
     ];
   }
@@ -104,8 +111,8 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
             class: `layer-chip${j === 0 ? " top" : ""}`,
             type: "button",
             title: ep.dead
-              ? `${f.name}: ${metricLabel(f.metric)} exactly zero from step ${formatStep(f.first_step)} to step `
-                + `${formatStep(f.peak_step)}`
+              ? `${f.name}: ${metricLabel(f.metric)} ${f.ratio ? `×${ratioText(f.ratio)} its baseline` : "exactly zero"} `
+                + `from step ${formatStep(f.first_step)} to step ${formatStep(f.peak_step)}`
               : `${f.name}: ${metricLabel(f.metric)} peaked at ${formatValue(f.peak_value)} (×${ratioText(f.ratio)} its `
                 + `baseline) at step ${formatStep(f.peak_step)}, first over threshold at step ${formatStep(f.first_step)}`,
             dataset: { layer: f.name },
@@ -114,7 +121,8 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
               onLayer(f.name, ep);
             },
           }, h("span", { class: "name", text: f.metric === "total_grad_norm" ? metricLabel(f.metric) : f.name }),
-          h("span", { class: "ratio", text: ep.dead ? ` zero from ${formatStep(f.first_step)}` : ` ×${ratioText(f.ratio)}` }))),
+          h("span", { class: "ratio", text: ep.dead
+            ? ` ${f.ratio ? "vanished" : "zero"} from ${formatStep(f.first_step)}` : ` ×${ratioText(f.ratio)}` }))),
           top.length > 3 ? h("span", { class: "ep-more", text: `+${top.length - 3} more` }) : null)
         : null,
       ep.loss_spike_step !== null && ep.loss_spike_step !== undefined

@@ -208,7 +208,10 @@ def _dead(f: Facts) -> str | None:
              if d["after_episode"] is not None else "")
     restart = (f" Restart from a checkpoint from before step {d['restart_before']}"
                if d["restart_before"] is not None else " Restart from a checkpoint from before it")
-    return (f"The gradients of {d['layers']} of {d['of']} layers went to exactly zero from step {d['from_step']}"
+    below = f"fell {f.cfg.dead_ratio:,.0f}× or more below their baseline"
+    how = ("went to exactly zero" if not d["vanished"] else below if d["vanished"] == d["layers"]
+           else f"went to exactly zero ({d['layers'] - d['vanished']}) or {below} ({d['vanished']})")
+    return (f"The gradients of {d['layers']} of {d['of']} layers {how} from step {d['from_step']}"
             f"{after}, and stayed there: the layers stopped learning. Usual "
             "causes: ReLU units killed by one large update, saturated activations (sigmoid/tanh), a learning rate "
             f"too high.{restart}, with a lower learning rate, a warm-up or gradient clipping.")

@@ -20,6 +20,7 @@ the points that crossed the threshold left out; the baseline of the next block i
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -133,6 +134,14 @@ class Baseline:
             excess = logv - base
         return cross, excess, base
 
+    def below(self, logv: np.ndarray, valid: np.ndarray, log_low: float) -> np.ndarray:
+        """The log baseline of the points at least ``log_low`` below it (NaN elsewhere), for series with a full window
+        of history (a young series has no reference to vanish from); call before :meth:`step`."""
+        base, _ = self.limits()
+        mature = (self.hist >= self.mature) & (self.hist >= self.min_history)
+        with np.errstate(invalid="ignore"):
+            return np.where(valid & mature & (logv - base < -log_low), base, np.nan)
+
     def step(self, logv: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Online: judge one point of every column, then buffer it (finishing the block when full)."""
         cross, excess, _ = self.judge(logv, valid)
@@ -169,7 +178,7 @@ def baseline_band(
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if steps.shape[0] != values.shape[0]:
         raise ValueError(f"steps ({steps.shape[0]}) and values ({values.shape[0]}) differ in length")
-    _, base, thr = solve(Points(values[:, None], np.ones((values.shape[0], 1), dtype=bool)), cfg, cfg.ratio, cfg.z,
+    _, base, thr, _ = solve(Points(values[:, None], np.ones((values.shape[0], 1), dtype=bool)), cfg, cfg.ratio, cfg.z,
                           cfg.min_history, cfg.mature_history, full=True)
     per_point = np.arange(values.shape[0]) // cfg.block
     with np.errstate(over="ignore"):
@@ -252,12 +261,20 @@ def _block_floor(x: np.ndarray, ok: np.ndarray, tight: bool) -> np.ndarray:
     return np.where(ok.all(axis=1), np.minimum(a[3], a[4]), low)
 
 
-def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history: int, mature: int, *,
-           full: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Offline judgement of every point, equal to feeding them one by one through :class:`Baseline`.
+class Solved(NamedTuple):
+    """What :func:`solve` found."""
 
-    Returns the crossings ``[N, n]`` and, per block, the log baseline and log threshold ``[blocks, n]`` (computed for
-    the blocks that were judged exactly, or for all with ``full``; NaN/+inf elsewhere).
+    cross: np.ndarray  # [N, n] the points that crossed
+    base: np.ndarray  # [blocks, n] log baseline (exact for the blocks judged exactly, or all with ``full``; else NaN)
+    thr: np.ndarray  # [blocks, n] log threshold (likewise; +inf elsewhere)
+    #: with ``low_ratio``: (rows, columns, log baseline) of the points ``low_ratio`` or more below their baseline, in
+    #: a series with a full window of history (as :meth:`Baseline.below` finds them one by one)
+    low: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+
+
+def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history: int, mature: int, *,
+          full: bool = False, low_ratio: float | None = None) -> Solved:
+    """Offline judgement of every point, equal to feeding them one by one through :class:`Baseline`.
 
     Sequentially, block ``k``'s baseline depends on the medians of the blocks before it, and those medians on which of
     their points crossed. Crossings are rare, so this solves the recurrence as a fixed point instead of block by
@@ -265,7 +282,9 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
     smallest of the window's block-median lower bounds, as if nothing had crossed) rules out nearly every point: a
     point can cross only above ``ratio`` x its baseline. Only the blocks left are judged exactly; then only the (block,
     layer) pairs whose inputs changed are re-judged, until nothing changes. Dependencies only point forward, so the
-    fixed point is unique and is the sequential result, to the bit.
+    fixed point is unique and is the sequential result, to the bit. Points far *below* their baseline are found the
+    same way from the other side: an upper bound of every baseline (the largest block maximum of its window) rules out
+    nearly every point, and the blocks left get their exact baseline once the crossings have settled.
     """
     n_pts, n = pts.shape
     b, w = cfg.block, cfg.window_blocks
@@ -276,7 +295,7 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
     base = np.full((ka, n), np.nan)
     thr = np.full((ka, n), np.inf)
     if n_pts == 0 or n == 0:
-        return cross, base, thr
+        return Solved(cross, base, thr, None if low_ratio is None else _no_points())
     # padded rings: row w + k holds block k's (median, MAD), filled where first needed (every read of a block is
     # preceded by ensure_stats); block k's window is rows k .. k + w - 1
     med = np.empty((w + kf, n))
@@ -285,6 +304,9 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
     known = np.zeros((kf, n), dtype=bool)
     floor = np.empty((w + kf, n))  # lower bounds of the block medians, in value units
     floor[:w] = np.inf
+    ceil = np.empty((w + kf, n)) if low_ratio is not None else None  # upper bounds of the block medians
+    if ceil is not None:
+        ceil[:w] = -np.inf
     warm = np.zeros((ka, n), dtype=bool)
     young = np.zeros((ka, n), dtype=bool)  # fewer than ``mature`` points before the block: only log_max crosses
 
@@ -337,6 +359,7 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
     chunk = max(1, (1 << 21) // (n * b))  # blocks per chunk: about 2M points
     factor = ratio * (1 - 1e-9)
     cand: list[np.ndarray] = []
+    low_cand: list[np.ndarray] = []
     for k0 in range(0, ka, chunk):
         k1 = min(ka, k0 + chunk)
         v, ok = pts.usable(slice(k0 * b, min(n_pts, k1 * b)))
@@ -353,6 +376,8 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
             young[k0:k1] = before < mature
             seen += counts.sum(axis=0)
         x = np.where(ok, v, np.inf)
+        if ceil is not None:
+            low_cand.append(_below_candidates(v, ok, ceil, k0, k1, nfull, w, low_ratio, warm[k0:k1] | young[k0:k1]))
         for tight in (False, True):  # the cheap floor first; the tight one where it leaves too many candidates
             floor[w + k0:w + k0 + nfull] = _block_floor(x[:nfull], ok[:nfull], tight)
             lb = floor[k0:k1 + w - 1]
@@ -425,4 +450,41 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
                 key = np.unique(np.concatenate([fk * n + fj, ek * n + changed_cols[ei]]))
                 fk, fj = key // n, key % n
         kk, jj = settle(fk, fj)
-    return cross, base, thr
+    if low_ratio is None:
+        return Solved(cross, base, thr, None)
+    # the crossings have settled, so every block's median is final: exact baselines for the blocks that may hold low
+    # points (a block never judged had no crossing, so its first-guess median is its final one)
+    key = np.concatenate(low_cand)
+    if not key.size:
+        return Solved(cross, base, thr, _no_points())
+    kk, jj = np.divmod(key, n)
+    limits(kk, jj)
+    rows, cols, logv, ok = points(kk, jj)
+    at = np.broadcast_to(base[kk, jj][:, None], logv.shape)
+    with np.errstate(invalid="ignore"):
+        hit = ok & ~(warm[kk, jj] | young[kk, jj])[:, None] & (logv - at < -math.log(low_ratio))
+    return Solved(cross, base, thr, (rows[hit], cols[hit], at[hit]))
+
+
+def _no_points() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    z = np.zeros(0, dtype=np.int64)
+    return z, z, np.zeros(0)
+
+
+def _below_candidates(v: np.ndarray, ok: np.ndarray, ceil: np.ndarray, k0: int, k1: int, nfull: int, w: int,
+                      low_ratio: float, immature: np.ndarray) -> np.ndarray:
+    """Keys ``block * n + column`` of the pairs among blocks ``k0..k1`` (``v``, ``ok``: ``[blocks, b, n]``) holding a
+    point that may lie ``low_ratio`` below its baseline, after recording the full blocks' maxima in ``ceil``: a block's
+    median is at most its largest usable value, so a window's baseline is at most the largest of those."""
+    top = np.where(ok, v, -np.inf).max(axis=1)
+    ceil[w + k0:w + k0 + nfull] = top[:nfull]
+    ub = ceil[k0:k1 + w - 1]
+    span = 1
+    while span < w:  # sliding maximum over w rows, by doubling
+        step = min(span, w - span)
+        ub = np.maximum(ub[:-step], ub[step:])
+        span += step
+    with np.errstate(invalid="ignore", over="ignore"):
+        may = ok & (v.astype(np.float64) * (low_ratio * (1 - 1e-9)) <= ub[:, None, :])
+    ck, cj = np.nonzero(may.any(axis=1) & ~immature)
+    return (ck + k0) * v.shape[2] + cj

@@ -33,7 +33,8 @@ class DetectorConfig:
     update_blowup: float = 10.0  # ... an update ratio this far above its baseline (and grown with its gradient) ...
     extreme_ratio: float = 1000.0  # ... or a crossing this far above its baseline, which needs nothing else ...
     collapse_points: int = 20  # ... or a layer's gradient exactly zero at half of the logged steps this long after it
-    dead_points: int = 20  # a layer whose gradient is exactly zero at this many points in a row is dead
+    dead_points: int = 20  # a layer whose gradient is exactly zero at this many points in a row is dead ...
+    dead_ratio: float = 1e4  # ... or this many times below its baseline (vanished)
     chronic_gap: int = 500  # spikes and explosions at most this many logged steps apart recur ...
     chronic_events: int = 8  # ... and this many of them, at least chronic_rate per 1,000 logged steps of their span,
     chronic_rate: float = 5.0  # are one chronic finding when one is an explosion or the loss suffers ...
@@ -70,6 +71,8 @@ class DetectorConfig:
                              "least 2 and react_points non-negative")
         if self.dead_points < 1:
             raise ValueError(f"dead_points must be at least 1, got {self.dead_points!r}")
+        if not self.dead_ratio > 1:
+            raise ValueError(f"dead_ratio must be above 1, got {self.dead_ratio!r}")
         for name in ("extreme_ratio", "update_blowup"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")

@@ -13,7 +13,7 @@ import numpy as np
 from ..types import TOTAL, Episode, LayerFinding, LossSpike, Spikes, fails_explosion
 from .advice import Context, advise, clip_threshold
 from .config import DetectorConfig
-from .rows import LossRow, Metric, Row, RowBook, collapsed_cols
+from .rows import DeadRun, LossRow, Metric, Row, RowBook, collapsed_cols
 
 
 def _group(us: np.ndarray, gap: int) -> list[tuple[int, int]]:
@@ -266,15 +266,18 @@ def _chronic(events: list[tuple[Episode, list[Row]]], layers: list[str], grad_me
     return out
 
 
-def _dead(dead: dict[int, list[int]], broke: list[Episode], layers: list[str], grad_metric: str) -> Episode:
-    """One finding for every layer whose gradient died (exactly zero at ``dead_points`` judged points in a row, after
-    it had been non-zero): how many, from when, and after which episode, if one came before."""
-    cols = sorted(dead, key=lambda c: (dead[c][1], c))
-    onset, last = min(dead[c][1] for c in cols), max(dead[c][2] for c in cols)
+def _dead(dead: dict[int, DeadRun], broke: list[Episode], layers: list[str], grad_metric: str) -> Episode:
+    """One finding for every layer whose gradient died (exactly zero, or ``dead_ratio`` below its baseline, at
+    ``dead_points`` judged points in a row, after it had been non-zero): how many, from when, and after which episode,
+    if one came before."""
+    cols = sorted(dead, key=lambda c: (dead[c].step, c))
+    onset, last = min(dead[c].step for c in cols), max(dead[c].last_step for c in cols)
     before = [ep for ep in broke if ep.start_step <= onset]
     after = before[-1] if before else None
-    finds = [LayerFinding(layers[c], grad_metric, dead[c][1], dead[c][2], 0.0, 0.0) for c in cols]
+    finds = [LayerFinding(layers[c], grad_metric, dead[c].step, dead[c].last_step, dead[c].value, dead[c].ratio)
+             for c in cols]
     info = {"layers": len(cols), "of": len(layers), "from_step": onset,
+            "vanished": sum(dead[c].ratio > 0 for c in cols),
             "after_episode": None if after is None else after.start_step,
             "restart_before": None if after is None else after.start_step}
     return Episode("dead", onset, last, onset, 0.0, finds, dead=info)

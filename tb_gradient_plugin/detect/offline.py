@@ -137,12 +137,14 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
     if gm is not None:
         norms = gm
         pts = Points(gm, valid)
-        c, bases, _ = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history)
+        c, bases, _, low = solve(pts, cfg, cfg.ratio, cfg.z, cfg.min_history, cfg.mature_history,
+                                 low_ratio=cfg.dead_ratio)
         crosses.append((Metric.GRAD, c, bases, pts))
-        _zero_rows(gm, valid, lu, steps, book, cfg)
+        _dead_rows(gm, valid, low, lu, steps, book, cfg)
     upd = _update_ratio_points(run, valid)
     if upd is not None:
-        c, bases, _ = solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history, cfg.mature_history)
+        c, bases, _, _ = solve(upd, cfg, cfg.update_ratio_ratio, cfg.update_ratio_z, cfg.min_history,
+                               cfg.mature_history)
         ci, cj = np.nonzero(c)
         low = ~(upd.raw(ci, cj) > cfg.update_ratio_floor)
         c[ci[low], cj[low]] = False
@@ -164,20 +166,22 @@ def _layer_rows(run: RunData, steps: np.ndarray, ax: _StepAxis, book: RowBook, c
     return grad_metric, norms
 
 
-def _zero_rows(gm: np.ndarray, valid: np.ndarray, lu: np.ndarray, steps: np.ndarray, book: RowBook,
-               cfg: DetectorConfig, chunk: int = 4096) -> None:
-    """Steps where a layer's gradient was exactly zero, and the runs where it stayed so (dead layers), in row
-    chunks. Zero, not "far below the baseline": the baseline is exact offline only where a point may cross."""
+def _dead_rows(gm: np.ndarray, valid: np.ndarray, low: tuple[np.ndarray, np.ndarray, np.ndarray], lu: np.ndarray,
+               steps: np.ndarray, book: RowBook, cfg: DetectorConfig, chunk: int = 4096) -> None:
+    """Steps where a layer's gradient was exactly zero (in row chunks), and the runs where it stayed zero or
+    ``dead_ratio`` below its baseline (``low``: those points, from :func:`solve`): dead layers."""
     zero = np.zeros(valid.shape, dtype=bool)
     for a in range(0, gm.shape[0], chunk):
         z = zero[a:a + chunk]
         z[...] = valid[a:a + chunk] & (gm[a:a + chunk] == 0)
         for i in np.nonzero(z.any(axis=1))[0].tolist():
             book.add_collapsed(int(lu[a + i]), z[i])
-    if zero.any():
-        with np.errstate(invalid="ignore"):
-            positive = np.asarray(gm) > 0
-        dead_runs(zero, valid, positive, lu, steps, book, cfg.dead_points)
+    if not (low[0].size or zero.any()):
+        return
+    with np.errstate(invalid="ignore"):
+        positive = np.asarray(gm) > 0
+    dead_runs(zero, valid, positive, low, lambda col: log_positive(gm[:, col])[0], gm, lu, steps, book,
+              cfg.dead_points, math.log(cfg.dead_ratio))
 
 
 def _update_ratio_points(run: RunData, valid: np.ndarray) -> Points | None:
@@ -193,7 +197,7 @@ def _total_rows(tot: Series, ax: _StepAxis, book: RowBook, cfg: DetectorConfig) 
     tu = np.searchsorted(ax.steps, np.asarray(tot.steps, dtype=np.int64))
     tv = np.asarray(tot.values, dtype=np.float64)
     nonfinite_t = ~np.isfinite(tv)
-    c, bases, _ = solve(Points(tv[:, None], ~ax.skipped[tu][:, None]), cfg, cfg.ratio, cfg.z, cfg.min_history,
+    c, bases, _, _ = solve(Points(tv[:, None], ~ax.skipped[tu][:, None]), cfg, cfg.ratio, cfg.z, cfg.min_history,
                         cfg.mature_history)
     logv = log_positive(tv)[0]
     for k in np.nonzero(c[:, 0] | nonfinite_t)[0].tolist():
@@ -210,7 +214,7 @@ def _loss_rows(loss: Series | None, ax: _StepAxis, book: RowBook, cfg: DetectorC
     lv = np.asarray(loss.values, dtype=np.float64)
     lsu = np.searchsorted(ax.steps, np.asarray(loss.steps, dtype=np.int64))
     nonpositive = bool(np.any(np.isfinite(lv) & (lv <= 0)))
-    c, bases, _ = solve(Points(lv[:, None], ~ax.skipped[lsu][:, None]), cfg, cfg.loss_ratio, cfg.loss_z,
+    c, bases, _, _ = solve(Points(lv[:, None], ~ax.skipped[lsu][:, None]), cfg, cfg.loss_ratio, cfg.loss_z,
                         cfg.loss_min_history, cfg.loss_min_history)
     logv = log_positive(lv)[0]
     usable = np.isfinite(lv) & (lv > 0) & ~ax.skipped[lsu]

@@ -244,10 +244,11 @@ class OnlineDetector:
             self._saw_norms = True
             eng.grad.grow(n)
             with np.errstate(invalid="ignore"):
-                zero, positive = valid & (g == 0), g > 0
-            self._book.add_collapsed(u, zero)
-            self._dead.step(u, step, valid, zero, positive, self._book, cfg.dead_points)
+                self._book.add_collapsed(u, valid & (g == 0))
             logv, ok = log_positive(g)
+            log_low = math.log(cfg.dead_ratio)
+            below = eng.grad.below(logv, ok & valid, log_low)
+            self._dead.step(u, step, valid, g, logv, below, self._book, cfg.dead_points, log_low)
             c, e = eng.grad.step(logv, ok & valid)
             cc = np.nonzero(c)[0]
             crossings.append((Metric.GRAD, cc, g[cc].astype(np.float64), np.exp(e[cc])))

@@ -9,7 +9,7 @@ one :class:`RowBook`, judge AMP steps with one :class:`AmpState` and word the ru
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -58,6 +58,17 @@ def _empty_row(u: int, step: int, overflow: bool) -> Row:
     return Row(u, step, z, z, np.zeros(0), np.zeros(0), None, overflow, False, None)
 
 
+@dataclass
+class DeadRun:
+    """A layer's first run of dead points: from its onset (step index ``u``, ``step``) through ``last_step``."""
+
+    u: int
+    step: int
+    last_step: int
+    value: float  # the gradient at the onset
+    ratio: float  # ... over its baseline there; 0 for an exact zero, which has no ratio
+
+
 class RowBook:
     """The rows of one run by step index: every fact that makes a step part of an episode goes through here."""
 
@@ -66,16 +77,17 @@ class RowBook:
         #: step index -> the layer columns whose gradient was exactly zero (dead units), as packed bits (see
         #: :func:`collapsed_cols`): a dead network has them at every step
         self.collapsed: dict[int, bytes] = {}
-        #: layer column -> [step index, step, last step] of its first run of ``dead_points`` dead points
-        self.dead: dict[int, list[int]] = {}
+        #: layer column -> its first run of ``dead_points`` dead points: :class:`DeadRun`
+        self.dead: dict[int, DeadRun] = {}
 
-    def add_dead(self, col: int, onset_u: int, onset_step: int, last_step: int) -> None:
-        """Layer ``col`` has been dead since ``onset_step`` (its first such run only), through ``last_step``."""
+    def add_dead(self, col: int, onset_u: int, onset_step: int, last_step: int, onset: tuple[float, float]) -> None:
+        """Layer ``col`` has been dead since ``onset_step`` (its first such run only), through ``last_step``;
+        ``onset``: its gradient there and that over its baseline (0 for an exact zero)."""
         known = self.dead.get(col)
         if known is None:
-            self.dead[col] = [onset_u, onset_step, last_step]
-        elif known[0] == onset_u:
-            known[2] = last_step
+            self.dead[col] = DeadRun(onset_u, onset_step, last_step, *onset)
+        elif known.u == onset_u:
+            known.last_step = last_step
 
     def add_collapsed(self, u: int, low: np.ndarray) -> None:
         """``low``: per layer column, whether its gradient collapsed at step ``u``."""
@@ -157,48 +169,104 @@ class AmpState:
 
 class DeadTracker:
     """Runs of dead points per layer, one judged point at a time (the online path; offline finds the same runs with
-    :func:`dead_runs`). A layer counts only once it has had a non-zero gradient: one that never had one is unused,
-    not dead."""
+    :func:`dead_runs`). A run starts at a gradient exactly zero or ``dead_ratio`` below its baseline, and goes on
+    while the gradient stays zero or that far below the baseline where the run started: the baseline itself follows
+    the vanished level within a window, the layer is no less dead for it. A layer counts only once it has had a
+    non-zero gradient: one that never had one is unused, not dead."""
 
     def __init__(self) -> None:
         self.run = np.zeros(0, dtype=np.int64)
         self.onset = np.zeros((0, 2), dtype=np.int64)  # (u, step) of the current run's first point
+        self.level = np.zeros((0, 2))  # (gradient, ratio to the baseline) there
+        self.ref = np.zeros(0)  # the run's log baseline: where its first point far below one was; NaN before
         self.alive = np.zeros(0, dtype=bool)  # had a non-zero gradient at a judged point
 
-    def step(self, u: int, step: int, judged: np.ndarray, dead: np.ndarray, positive: np.ndarray, book: RowBook,
-             need: int) -> None:
-        n = judged.size
-        if self.run.size < n:
-            grow = n - self.run.size
+    def _grow(self, n: int) -> None:
+        grow = n - self.run.size
+        if grow > 0:
             self.run = np.concatenate([self.run, np.zeros(grow, dtype=np.int64)])
             self.onset = np.concatenate([self.onset, np.zeros((grow, 2), dtype=np.int64)])
+            self.level = np.concatenate([self.level, np.zeros((grow, 2))])
+            self.ref = np.concatenate([self.ref, np.full(grow, np.nan)])
             self.alive = np.concatenate([self.alive, np.zeros(grow, dtype=bool)])
+
+    def step(self, u: int, step: int, judged: np.ndarray, grad: np.ndarray, logv: np.ndarray, below: np.ndarray,
+             book: RowBook, need: int, log_low: float) -> None:
+        """One step of every layer: ``grad`` its gradient, ``logv`` its log, ``below`` the log baseline where it is
+        ``log_low`` or more below (NaN elsewhere, see :meth:`Baseline.below`)."""
+        n = judged.size
+        self._grow(n)
+        run, ref = self.run[:n], self.ref[:n]
+        low = ~np.isnan(below)
+        with np.errstate(invalid="ignore"):
+            zero, positive = grad == 0, grad > 0
+            dead = zero | np.where((run > 0) & ~np.isnan(ref), logv < ref - log_low, low)
+            ratio = np.where(low, np.exp(logv - below), 0.0)
         hit, miss = judged & dead & self.alive[:n], judged & ~dead
-        fresh = hit & (self.run[:n] == 0)
+        fresh = hit & (run == 0)
         self.onset[:n][fresh] = (u, step)
-        self.run[:n][hit] += 1
-        self.run[:n][miss] = 0
+        self.level[:n][fresh] = np.stack([grad[fresh], ratio[fresh]], axis=1)
+        known = hit & np.isnan(ref) & low
+        ref[known] = below[known]
+        run[hit] += 1
+        run[miss] = 0
+        ref[miss] = np.nan
         self.alive[:n] |= judged & positive
-        for col in np.nonzero(hit & (self.run[:n] >= need))[0].tolist():
-            book.add_dead(col, int(self.onset[col, 0]), int(self.onset[col, 1]), step)
+        for col in np.nonzero(hit & (run >= need))[0].tolist():
+            book.add_dead(col, int(self.onset[col, 0]), int(self.onset[col, 1]), step,
+                          (float(self.level[col, 0]), float(self.level[col, 1])))
 
 
-def dead_runs(dead: np.ndarray, judged: np.ndarray, positive: np.ndarray, lu: np.ndarray, steps: np.ndarray,
-              book: RowBook, need: int) -> None:
-    """Every layer's first run of ``need`` dead points among its judged points, after its first non-zero one
-    (``dead``, ``judged``, ``positive``: [points, layers]; ``lu``: each point's step index, ``steps``: its step)."""
-    for col in np.nonzero((dead & judged).any(axis=0))[0].tolist():
+def _first(mask: np.ndarray, start: int) -> int:
+    """The first index at or after ``start`` where ``mask`` holds (``mask.size`` if none)."""
+    hits = np.flatnonzero(mask[start:])
+    return start + int(hits[0]) if hits.size else mask.size
+
+
+def dead_runs(zero: np.ndarray, judged: np.ndarray, positive: np.ndarray, low: tuple[np.ndarray, ...],
+              logv: Callable[[int], np.ndarray], grad: np.ndarray, lu: np.ndarray, steps: np.ndarray, book: RowBook,
+              need: int, log_low: float) -> None:
+    """Every layer's first run of ``need`` dead points among its judged points after its first non-zero one, as
+    :class:`DeadTracker` finds them one by one. ``zero``, ``judged``, ``positive``: [points, layers]; ``low``: (rows,
+    columns, log baseline) of the points ``log_low`` below their baseline; ``logv(col)``: a layer's log gradients;
+    ``grad``: the gradients; ``lu``: each point's step index, ``steps``: its step."""
+    low_rows, low_cols, low_base = low
+    for col in np.nonzero(((zero & judged).any(axis=0)) | np.isin(np.arange(zero.shape[1]), low_cols))[0].tolist():
         idx = np.flatnonzero(judged[:, col])
         alive = np.flatnonzero(positive[idx, col])
         if not alive.size:
             continue
         idx = idx[alive[0] + 1:]
-        d = dead[idx, col]
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], d.astype(np.int8), [0]])))
-        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
-            if b - a >= need:
-                book.add_dead(col, int(lu[idx[a]]), int(steps[idx[a]]), int(steps[idx[b - 1]]))
+        z = zero[idx, col]
+        lb = np.full(idx.size, np.nan)
+        mine = low_cols == col
+        at = np.searchsorted(idx, low_rows[mine])
+        inside = (at < idx.size) & (idx[np.minimum(at, idx.size - 1)] == low_rows[mine])
+        lb[at[inside]] = low_base[mine][inside]
+        lowc = ~np.isnan(lb)
+        lv = logv(col)[idx]
+        starts = np.flatnonzero(z | lowc)
+        k = 0
+        while k < starts.size:
+            a = int(starts[k])
+            ref = lb[a]
+            end = a + 1
+            if np.isnan(ref):  # started at a zero: dead while zero or far below the current baseline, until the
+                stop = _first(~(z | lowc), end)  # first point far below one fixes the run's baseline
+                first_low = _first(lowc, end)
+                if first_low < stop:
+                    ref, end = lb[first_low], first_low + 1
+                else:
+                    end = stop
+            if not np.isnan(ref):
+                with np.errstate(invalid="ignore"):
+                    end = _first(~(z | (lv < ref - log_low)), end)
+            if end - a >= need:
+                i = int(idx[a])
+                ratio = float(np.exp(lv[a] - lb[a])) if lowc[a] else 0.0
+                book.add_dead(col, int(lu[i]), int(steps[i]), int(steps[idx[end - 1]]), (float(grad[i, col]), ratio))
                 break
+            k = int(np.searchsorted(starts, end + 1))
 
 
 def collapsed_cols(packed: bytes) -> np.ndarray:
