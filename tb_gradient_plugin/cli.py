@@ -26,26 +26,29 @@ def _ratio(x: float | None) -> str:
 
 
 def _print_tables(results: Sequence[dict], console) -> None:
+    from rich.box import SIMPLE_HEAD
     from rich.table import Table
 
-    summary = Table(title="Gradient audit", title_justify="left")
+    # at 80 columns (a pipe, a CI log) only the run name and source wrap, never the counts and kinds
+    summary = Table(title="Gradient audit", title_justify="left", box=SIMPLE_HEAD)
     longest = max((len(r["report"]["run"]) for r in results), default=3)
-    summary.add_column("run", overflow="fold", min_width=min(24, longest))
-    for col in ("source", "steps", "layers"):
-        summary.add_column(col, no_wrap=True)
-    summary.add_column("episodes", overflow="fold")
-    summary.add_column("loss spikes", no_wrap=True)
-    summary.add_column("transient spikes", no_wrap=True)
+    summary.add_column("run", overflow="fold", min_width=min(16, longest))
+    summary.add_column("source", overflow="fold", max_width=18)
+    for col in ("steps", "layers"):
+        summary.add_column(col, no_wrap=True, justify="right")
+    summary.add_column("episodes", min_width=12, overflow="fold")
+    summary.add_column("spikes:\nloss /\ntransient", min_width=9)
     for r in results:
         rep = r["report"]
-        kinds = sorted({e["kind"] for e in rep["episodes"]})
-        bad = any(fails_explosion(e) for e in rep["episodes"])
-        episodes = f"[bold red]{len(rep['episodes'])} {', '.join(kinds)}[/]" if bad else \
-            (f"{len(rep['episodes'])} {', '.join(kinds)}" if kinds else "[green]0[/]")
+        found = _findings(rep)
+        kinds = sorted({e["kind"] for e in found})
+        bad = any(fails_explosion(e) for e in found)
+        episodes = f"[bold red]{len(found)} {', '.join(kinds)}[/]" if bad else \
+            (f"{len(found)} {', '.join(kinds)}" if kinds else "[green]0[/]")
         spikes = rep.get("spikes") or {}
         transient = f"{spikes['count']} ({spikes['per_10k_steps'] / 10:.2g}/1k)" if spikes.get("count") else "0"
         summary.add_row(_esc(rep["run"]), rep["source"], str(rep["steps"]), str(r["layers"]), episodes,
-                        str(len(rep["loss_spikes"])), transient)
+                        f"{len(rep['loss_spikes'])} / {transient}")
     console.print(summary)
     for r in results:
         rep = r["report"]
@@ -54,12 +57,16 @@ def _print_tables(results: Sequence[dict], console) -> None:
         amp = rep.get("amp") or {}
         if amp.get("skipped") or amp.get("collapsed"):
             console.print(_esc(f"{rep['run']}: {amp['summary']}"), soft_wrap=True)
-        if not rep["episodes"]:
+        found = _findings(rep)
+        if not found:
             continue
-        table = Table(title=f"{_esc(rep['run'])} ({rep['source']})", title_justify="left", show_lines=True)
-        for col in ("kind", "steps", "peak", "severity", "offending layers (peak / baseline)", "loss spike"):
-            table.add_column(col, overflow="fold")
-        for e in rep["episodes"]:
+        table = Table(title=f"{_esc(rep['run'])} ({rep['source']})", title_justify="left", show_lines=True,
+                      box=SIMPLE_HEAD)
+        for col in ("kind", "steps", "peak", "severity"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("offending layers (peak / baseline)", overflow="fold", ratio=3)
+        table.add_column("loss spike", ratio=1)
+        for e in found:
             layers = "\n".join(_esc(f"{i + 1}. {finding_name(f)} [{f.get('metric', '')}] {layer_note(e, f)}")
                                for i, f in enumerate(e["layers"][:3]))
             if len(e["layers"]) > 3:
@@ -71,12 +78,17 @@ def _print_tables(results: Sequence[dict], console) -> None:
         console.print(table)
         # the same advice for several episodes (e.g. every AMP overflow skip) is printed once, with where it applies
         advice: dict[str, list[str]] = {}
-        for e in rep["episodes"]:
+        for e in found:
             for line in e["advice"]:
                 advice.setdefault(line, []).append(f"{e['kind']} at {e['start_step']}")
         for line, where in advice.items():
             label = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} more"
             console.print(_esc(f"  • [{label}] {line}"), highlight=False)
+
+
+def _findings(report: dict) -> list[dict]:
+    """The episodes the tables list: normal AMP overflow skips are the run's one ``amp`` line instead."""
+    return [e for e in report["episodes"] if e["kind"] != "overflow_skip"]
 
 
 def _esc(text: str) -> str:

@@ -23,8 +23,8 @@ def tb_gradient() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tb_gradient_plugin"]
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200")
+def cli(*args: str, timeout: float = 120, columns: int = 200) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS=str(columns))
     return subprocess.run(tb_gradient() + list(args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -313,3 +313,15 @@ def test_fsspec_url_in_process(logdir, capsys):
     assert code == 1
     (run,) = json.loads(capsys.readouterr().out)["runs"]
     assert run["run"] == "exploding" and run["episodes"][0]["start_step"] == 400
+
+
+def test_tables_stay_readable_at_80_columns(logdir):
+    """A pipe or a CI log is 80 columns wide: counts, kinds and headers are never cut or wrapped letter by letter."""
+    out = cli("audit", str(logdir), columns=80).stdout
+    lines = out.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    head = next(i for i, line in enumerate(lines) if "episodes" in line)
+    summary = lines[head + 2:head + 2 + 3]
+    assert any("1 explosion" in line for line in summary) and any("1 nonfinite" in line for line in summary)
+    assert sum(line.strip() == "" for line in lines[:head]) <= 2  # no column of single letters above the header
+    assert "kind" in out and "severity" in out and "offending layers" in out
