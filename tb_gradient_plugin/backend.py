@@ -201,20 +201,27 @@ class Backend:
             found = self._published(name)
         if found is None:
             raise UnknownRunError(f"no run named {name[:200]!r}")
-        cached = found[0].__dict__.get("cached")
-        if cached is not None:
-            from .cache import CacheError
+        data, version = self._checked(name, *found)
+        return _snapshot(data), version
 
-            try:
-                cached.arrays()  # maps the run's arrays, checked against their checksums on first use
-            except CacheError as exc:
-                logger.warning("gradients plugin: cache entry of run %r is damaged (%s); reading the run again",
-                               name, exc)
-                self._store.rebuild(name)
-                found = self._published(name)
-                if found is None:
-                    raise UnknownRunError(f"no run named {name[:200]!r}") from None
-        return _snapshot(found[0]), found[1]
+    def _checked(self, name: str, data: Any, version: int) -> tuple[Any, int]:
+        """A run served from the cache, its arrays mapped and checked (on first use) before anything reads them; a
+        damaged entry makes the run be read again from its event files, and that is what is served."""
+        cached = data.__dict__.get("cached")
+        if cached is None:
+            return data, version
+        from .cache import CacheError
+
+        try:
+            cached.arrays()
+            return data, version
+        except CacheError as exc:
+            logger.warning("gradients plugin: cache entry of run %r is damaged (%s); reading the run again", name, exc)
+        self._store.rebuild(name)
+        found = self._published(name)
+        if found is None:
+            raise UnknownRunError(f"no run named {name[:200]!r}")
+        return found
 
     def _published(self, name: str) -> tuple[Any, int] | None:
         store = self._store
@@ -244,6 +251,8 @@ class Backend:
             done = self._reports.get(run)
             if done is None or done[0] < version:
                 stored = self._store.cached_report(run, version) if self._store is not None else None
+                if stored is None:
+                    data, version = self._checked(run, data, version)
                 done = (version, stored if stored is not None else _judge(data))
                 if stored is None and self._store is not None:
                     self._store.save_report(run, version, done[1])

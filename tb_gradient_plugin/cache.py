@@ -427,22 +427,29 @@ class CachedRun:
         self.budget = budget
         self.big = big
         self.index, self.inode = entry.snapshot()
-        self._arrays: dict[str, np.ndarray] | None = None
+        self._arrays: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The mapped arrays (CacheError if the entry no longer holds them intact: the run must be read again)."""
+    def array(self, name: str) -> np.ndarray:
+        """One mapped array (CacheError if the entry no longer holds it intact: the run must be read again)."""
+        return self.arrays([name])[name]
+
+    def arrays(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The named mapped arrays (all by default), each checked against its checksum when first mapped."""
+        wanted = self.big if names is None else names
         with self._lock:
-            arrays = self._arrays
-            if arrays is None:
-                arrays = self._arrays = self.entry.mapped(self.big, self.index, self.inode)
-        self.budget.touch(self, sum(a.nbytes for a in arrays.values()))
-        return arrays
+            missing = [name for name in wanted if name not in self._arrays]
+            if missing:
+                self._arrays.update(self.entry.mapped(missing, self.index, self.inode))
+            found = {name: self._arrays[name] for name in wanted}
+            nbytes = sum(a.nbytes for a in self._arrays.values())
+        self.budget.touch(self, nbytes)
+        return found
 
     def unmap(self) -> None:
         """Drop the maps (views handed to requests in progress keep theirs until they finish)."""
         with self._lock:
-            self._arrays = None
+            self._arrays = {}
 
     def close(self) -> None:
         """No longer published: out of the budget; the maps go when the last request holding them ends."""
@@ -459,7 +466,7 @@ class _LazyMetrics(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._names:
             raise KeyError(name)
-        return self._run.arrays()[f"metric/{name}"]
+        return self._run.array(f"metric/{name}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -484,18 +491,23 @@ class CachedRunData(RunData):
         cached = self.__dict__.get("cached")
         if cached is None:
             return self.__dict__["_present"]
-        return cached.arrays()["present"] if "present" in cached.big else np.zeros((0, len(self.layers)), dtype=bool)
+        return cached.array("present")
 
     @present.setter
     def present(self, value: np.ndarray) -> None:
         self.__dict__["_present"] = value
+
+    def update_ratio_available(self) -> bool:
+        """Decided on the metric names alone: listing runs never maps their arrays."""
+        names = set(self.layer_metrics)
+        return "update_ratio" in names or {"update_norm", "param_norm"} <= names
 
     @property  # type: ignore[override]
     def histograms(self) -> np.ndarray | None:
         cached = self.__dict__.get("cached")
         if cached is None:
             return self.__dict__["_histograms"]
-        return cached.arrays()["histograms"] if "histograms" in cached.big else None
+        return cached.array("histograms") if "histograms" in cached.big else None
 
     @histograms.setter
     def histograms(self, value: np.ndarray | None) -> None:

@@ -227,7 +227,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
                 "first_wall_time": data.first_wall_time,
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),
-                "has_histograms": data.histograms is not None and len(data.hist_steps) > 0,
+                "has_histograms": len(data.hist_steps) > 0,  # never maps a cached run's histograms
                 "metrics": sorted(data.layer_metrics) + (["update_ratio"] if data.update_ratio_available() else []),
                 "version": int(version),
                 "episodes_version": int(seen),
