@@ -48,6 +48,13 @@ class _LRU:
             self._items.move_to_end(key)
             return item[0]
 
+    def resize(self, max_bytes: int) -> None:
+        with self._lock:
+            self._max = max_bytes
+            while self._bytes > self._max:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
     def put(self, key: Any, value: Any, size: int) -> None:
         with self._lock:
             old = self._items.pop(key, None)
@@ -157,7 +164,11 @@ class Backend:
                     from .cache import RunCache, memory_budget
                     from .runs import RunStore
 
-                    cache = RunCache.open(self._cache_dir, memory_budget(self._memory_mb))
+                    # One budget: a quarter (at most CACHE_BYTES) for finished responses, the rest for mapped arrays.
+                    budget = memory_budget(self._memory_mb)
+                    responses = min(CACHE_BYTES, budget // 4)
+                    self.cache.resize(responses)
+                    cache = RunCache.open(self._cache_dir, budget - responses)
                     self._store = RunStore(self._logdir, spec=self._spec, cache=cache)
                 self._store.refresh()
                 self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
