@@ -70,6 +70,7 @@ class _Run:
         self.notices: list[str] = []  # files read again from the start: kept across restarts
         self.version = 0
         self.spilled = False  # values live in the cache entry, not in memory (see RunStore)
+        self.dirty = False  # values in memory newer than the cache entry
         self.entry: Any = None  # the run's cache entry, when there is a cache
         self.resume: dict | None = None  # how the entry's arrays rebuild the values read so far
         self._clear()
@@ -89,6 +90,7 @@ class _Run:
         self.cache = None
         self.entry = None
         self.spilled = True
+        self.dirty = False
 
     def _clear(self, files: Iterable[tuple[str, str]] = ()) -> None:
         """Forget everything read (fresh readers for ``files``); the version keeps counting up."""
@@ -566,13 +568,22 @@ class RunStore:
                         if run.spilled:
                             run.reset()
                         run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
-                    if run_changed or full not in self._published:
-                        data = self._publishable(run, root)
+                    # With a cache, a run read for the first time is written to it at once (so that a large first
+                    # read never holds more than one run); one that grows stays in memory while it keeps growing,
+                    # and is written once a refresh finds it idle (a live run is not rewritten every second).
+                    first = full not in self._published
+                    growing = run_changed and not first and self.cache is not None
+                    idle = not run_changed and run.dirty and not run.spilled
+                    if run_changed or idle or first:
+                        if growing:
+                            data, run.dirty = run.data(), True
+                        else:
+                            data, run.dirty = self._publishable(run, root), False
                         with self._lock:
                             old = self._published.get(full)
                             self._published[full] = (data, run.version)
                         _close(old)
-                        changed = True
+                        changed |= run_changed or first
             return changed
 
     # ---------------------------------------------------------------------------------------------------- the cache

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -165,6 +166,43 @@ def test_a_grown_file_is_read_on_from_where_the_cache_stopped(tmp_path, monkeypa
     assert warm == _answers(_plugin(logdir, "off"))
     episodes = warm[("episodes", json.dumps({"run": "a"}))]["episodes"]
     assert any(e["start_step"] <= SPIKE_STEP <= e["end_step"] for e in episodes)  # found in the appended part
+
+
+def _settled(instance: plugin.GradientsPlugin) -> dict:
+    """The answers once the reports of grown runs, recomputed in the background, describe the data served."""
+    backend_ = instance._backend
+    for _ in range(400):
+        _answers(instance)  # asks for the reports, which starts their recomputation
+        if all(backend_._reports.get(name, (-1, None))[0] >= version for name, _, version in backend_.runs()):
+            return _answers(instance)
+        time.sleep(0.05)
+    raise AssertionError("reports were not recomputed")
+
+
+def test_a_live_run_stays_in_memory_while_it_grows_and_is_cached_once_idle(tmp_path, monkeypatch):
+    logdir, cache_dir = tmp_path / "logs", tmp_path / "cache"
+    rng = np.random.default_rng(0)
+    writer = GradientWriter(logdir / "a")
+    _steps(writer, range(400), rng)
+    writer.flush()
+    _write(logdir / "b", n=300, seed=1)
+    instance = _plugin(logdir, str(cache_dir))
+    _answers(instance)
+    store = instance._backend._store
+    assert store._runs["a"].spilled  # read once: written to the cache, out of memory
+    _steps(writer, range(400, 1200), rng)
+    writer.flush()
+    store.refresh()
+    assert not store._runs["a"].spilled and store._runs["a"].dirty  # growing: served from memory
+    growing = _settled(instance)
+    assert growing == _answers(_plugin(logdir, "off"))
+    store.refresh()  # nothing new: idle, so written to the cache and dropped from memory
+    assert store._runs["a"].spilled and not store._runs["a"].dirty
+    assert _answers(instance) == growing
+    writer.close()
+    counter = _ReadCounter(monkeypatch)
+    assert _answers(_plugin(logdir, str(cache_dir))) == growing
+    assert counter.bytes <= 64 * 1024  # at most what closing the writer appended
 
 
 def test_a_replaced_file_is_read_again(logdir, tmp_path):
