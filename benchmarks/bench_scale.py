@@ -226,7 +226,7 @@ def bench(name: str, logdir: Path, runs: int, steps: int, work: Path) -> dict:
     cache_dir = work / f"cache-{name}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     events = sum(f.stat().st_size for f in logdir.rglob("*tfevents*"))
-    print(f"\n{name}: {runs} runs x {steps} steps, {events / 1e9:.2f} GB of event files", flush=True)
+    print(f"\n{name}: {len(names)} runs x {steps} steps, {events / 1e9:.2f} GB of event files", flush=True)
     cold = one_start(logdir, cache_dir, names)
     second = one_start(logdir, cache_dir, names)
     cache_bytes = size_of(cache_dir)

@@ -541,7 +541,7 @@ class RunStore:
         self._lock = threading.Lock()
         #: a :class:`cache.RunCache`: runs are published from their cache entries and kept out of memory
         self.cache = cache
-        self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report) found in its cache entry
+        self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report): cached, or judged since
 
     def refresh(self) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed."""
@@ -651,6 +651,10 @@ class RunStore:
                                   "pyramids": shape}, protocol=pickle.HIGHEST_PROTOCOL)
             files = [file_identity(path) for path in sorted(run.readers)]
             run.entry.write(state=state, arrays=arrays, files=files, data_version=run.version)
+            with self._lock:
+                judged = self._reports.get(run.name)
+            if judged is not None and judged[0] == run.version:  # judged while the run was in memory (a live run)
+                run.entry.write_report(judged[1], run.version)
         except OSError as exc:
             logger.warning("gradients plugin: writing the cache failed (%s); working without the cache from now on",
                            exc)
@@ -687,6 +691,8 @@ class RunStore:
         entry = None if state is None else state.entry
         if self.cache is None or entry is None:
             return
+        with self._lock:
+            self._reports[run] = (version, report)
         try:
             entry.write_report(report, version)
         except Exception:  # noqa: BLE001 - the report is served from memory all the same

@@ -191,18 +191,22 @@ def test_a_live_run_stays_in_memory_while_it_grows_and_is_cached_once_idle(tmp_p
     store = instance._backend._store
     assert store._runs["a"].spilled  # read once: written to the cache, out of memory
     _steps(writer, range(400, 1200), rng)
-    writer.flush()
+    writer.close()
     store.refresh()
     assert not store._runs["a"].spilled and store._runs["a"].dirty  # growing: served from memory
     growing = _settled(instance)
     assert growing == _answers(_plugin(logdir, "off"))
-    store.refresh()  # nothing new: idle, so written to the cache and dropped from memory
+    store.refresh()  # nothing new: idle, so written to the cache (with its report) and dropped from memory
     assert store._runs["a"].spilled and not store._runs["a"].dirty
     assert _answers(instance) == growing
-    writer.close()
+    from tb_gradient_plugin import backend as backend_module
+
+    judged = []
+    original_judge = backend_module._judge
+    monkeypatch.setattr(backend_module, "_judge", lambda data: judged.append(data.name) or original_judge(data))
     counter = _ReadCounter(monkeypatch)
     assert _answers(_plugin(logdir, str(cache_dir))) == growing
-    assert counter.bytes <= 64 * 1024  # at most what closing the writer appended
+    assert counter.bytes == 0 and judged == []
 
 
 def test_a_replaced_file_is_read_again(logdir, tmp_path):
