@@ -205,6 +205,8 @@ def main() -> int:
     instance = plugin.GradientsLoader().load(base_plugin.TBContext(logdir=str(logdir), flags=flags))
     timer = Timer(Client(application.TensorBoardWSGI([instance])))
     runs = timer.get("runs", "cold (first load: read logdir + detect)")
+    while not runs["runs"]:  # still reading: the run list answers with the runs read so far
+        runs = timer.get("runs", "cold (first load: read logdir + detect)")
     load_s = time.perf_counter() - t0
     run = runs["runs"][0]
     assert run["steps"] == args.steps and run["layers"] == args.layers, run

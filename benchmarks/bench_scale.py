@@ -18,6 +18,9 @@ directory and reports:
 * cache size relative to the event files;
 * whether every planted explosion is found, and whether the tab's reports equal the offline auditor's (no cache).
 
+One more start with the cache off (``--gradients_cache_dir off``: every run read and kept in memory, as before the
+cache) gives the reference for the cold numbers, measured in the same run of the benchmark.
+
     python benchmarks/bench_scale.py                    # full size (3.0 GB of event files, about 3 GB of cache)
     python benchmarks/bench_scale.py --scale 0.1        # steps x 0.1: a quick run
     python benchmarks/bench_scale.py --root /big/disk --only runs10,runs20
@@ -155,7 +158,7 @@ def fetch(tb: TensorBoardServer, route: str) -> tuple[dict, float]:
     return json.loads(body), time.perf_counter() - t0
 
 
-def one_start(logdir: Path, cache_dir: Path, names: list[str]) -> dict:
+def one_start(logdir: Path, cache_dir: Path | str, names: list[str]) -> dict:
     """Start tensorboard, wait until every run is listed, open OPENED runs; the numbers of this start."""
     t_spawn = time.perf_counter()
     with TensorBoardServer(logdir, extra_args=["--gradients_cache_dir", str(cache_dir)], reload_interval=5.0,
@@ -227,15 +230,17 @@ def bench(name: str, logdir: Path, runs: int, steps: int, work: Path) -> dict:
     shutil.rmtree(cache_dir, ignore_errors=True)
     events = sum(f.stat().st_size for f in logdir.rglob("*tfevents*"))
     print(f"\n{name}: {len(names)} runs x {steps} steps, {events / 1e9:.2f} GB of event files", flush=True)
+    nocache = one_start(logdir, "off", names)  # as before the cache: everything read and kept in memory
     cold = one_start(logdir, cache_dir, names)
     second = one_start(logdir, cache_dir, names)
     cache_bytes = size_of(cache_dir)
     reference = audit(logdir)
     found = sum(found_planted(second["reports"][n], planted(int(n[3:]), runs, steps)[0]) for n in names)
-    same = all(same_report(start["reports"][n], reference[n]) for start in (cold, second) for n in names)
+    same = all(same_report(start["reports"][n], reference[n]) for start in (nocache, cold, second) for n in names)
     result = {"name": name, "runs": len(names), "steps": steps, "event_bytes": events, "cache_bytes": cache_bytes,
               "cold": {k: v for k, v in cold.items() if k not in ("reports", "episodes")},
               "second": {k: v for k, v in second.items() if k not in ("reports", "episodes")},
+              "nocache": {k: v for k, v in nocache.items() if k not in ("reports", "episodes")},
               "planted_found": found, "same_as_auditor": same}
     print_result(result)
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -252,7 +257,12 @@ def print_result(r: dict) -> None:
     print(f"  every run listed after: cold {c['list_s']:.1f} s (server up + {c['list_after_up_s']:.1f} s),"
           f" second start {s['list_s']:.1f} s (up + {s['list_after_up_s']:.1f} s)"
           f"  (goal <= {GOALS['second_start_s']} s)")
-    for start, label in ((c, "cold cache"), (s, "second start")):
+    n = r["nocache"]
+    print(f"  without the cache (--gradients_cache_dir off): resident {n['rss_listed'] / mb:.0f} /"
+          f" {n['rss_opened'] / mb:.0f} MB, every run listed after {n['list_s']:.1f} s"
+          f" (server up + {n['list_after_up_s']:.1f} s); cold cache / no cache, after the server is up:"
+          f" {c['list_after_up_s'] / max(n['list_after_up_s'], 1e-9):.2f}x")
+    for start, label in ((n, "no cache"), (c, "cold cache"), (s, "second start")):
         lat, top = start["latency"], start["latency_max"]
         print(f"  {label}: episodes first {lat['episodes_cold'] * 1e3:.0f} ms (max {top['episodes_cold'] * 1e3:.0f}),"
               f" again {lat['episodes_warm'] * 1e3:.0f} ms; heatmap first {lat['heatmap_cold'] * 1e3:.0f} ms"

@@ -575,16 +575,22 @@ class RunStore:
                     growing = run_changed and not first and self.cache is not None
                     idle = not run_changed and run.dirty and not run.spilled
                     if run_changed or idle or first:
-                        if growing:
-                            data, run.dirty = run.data(), True
+                        if growing or self.cache is None:
+                            data, run.dirty = run.data(), growing
                         else:
+                            if not idle:  # served while it is written to the cache (detection need not wait)
+                                self._publish(full, run.data(), run.version)
                             data, run.dirty = self._publishable(run, root), False
-                        with self._lock:
-                            old = self._published.get(full)
-                            self._published[full] = (data, run.version)
-                        _close(old)
+                        self._publish(full, data, run.version)
                         changed |= run_changed or first
             return changed
+
+    def _publish(self, name: str, data: RunData, version: int) -> None:
+        with self._lock:
+            old = self._published.get(name)
+            self._published[name] = (data, version)
+        if old is not None and old[0] is not data:
+            _close(old)
 
     # ---------------------------------------------------------------------------------------------------- the cache
 
