@@ -28,6 +28,7 @@ setup(
         "crc32c>=2.3",
         "fsspec>=2023.1",
         "rich>=13",
+        "platformdirs>=3",  # the default cache directory of the plugin's persistent run cache
     ],
     extras_require={
         "torch": TORCH,

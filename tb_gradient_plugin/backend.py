@@ -8,7 +8,7 @@ only what TensorBoard itself has already loaded; the run store and detector are 
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import math
 import os
@@ -47,6 +47,13 @@ class _LRU:
                 return None
             self._items.move_to_end(key)
             return item[0]
+
+    def resize(self, max_bytes: int) -> None:
+        with self._lock:
+            self._max = max_bytes
+            while self._bytes > self._max:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
 
     def put(self, key: Any, value: Any, size: int) -> None:
         with self._lock:
@@ -97,10 +104,13 @@ class Backend:
     ``loading``) and a request for one run waits only until that run is read.
     """
 
-    def __init__(self, logdir: str | None, spec: dict[str, str] | None = None, *, reload: bool = True) -> None:
+    def __init__(self, logdir: str | None, spec: dict[str, str] | None = None, *, reload: bool = True,
+                 cache_dir: str | None = None, memory_mb: float | None = None) -> None:
         self._logdir = logdir or ""
         self._spec = spec or None
         self._reload = reload
+        self._cache_dir = cache_dir  # None: TB_GRADIENT_CACHE_DIR, else the user's cache directory ("off": none)
+        self._memory_mb = memory_mb
         self._lock = threading.Lock()  # guards the reports and the warm-up thread; never held during a read
         self._refresh_lock = threading.Lock()  # held by the one thread reading the logdir
         self._store: Any = None
@@ -151,9 +161,15 @@ class Backend:
                 return
             try:
                 if self._store is None:
+                    from .cache import RunCache, memory_budget
                     from .runs import RunStore
 
-                    self._store = RunStore(self._logdir, spec=self._spec)
+                    # One budget: a quarter (at most CACHE_BYTES) for finished responses, the rest for mapped arrays.
+                    budget = memory_budget(self._memory_mb)
+                    responses = min(CACHE_BYTES, budget // 4)
+                    self.cache.resize(responses)
+                    cache = RunCache.open(self._cache_dir, budget - responses)
+                    self._store = RunStore(self._logdir, spec=self._spec, cache=cache)
                 self._store.refresh()
                 self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
                 self._error = None
@@ -196,7 +212,27 @@ class Backend:
             found = self._published(name)
         if found is None:
             raise UnknownRunError(f"no run named {name[:200]!r}")
-        return _snapshot(found[0]), found[1]
+        data, version = self._checked(name, *found)
+        return _snapshot(data), version
+
+    def _checked(self, name: str, data: Any, version: int) -> tuple[Any, int]:
+        """A run served from the cache, its arrays mapped and checked (on first use) before anything reads them; a
+        damaged entry makes the run be read again from its event files, and that is what is served."""
+        cached = data.__dict__.get("cached")
+        if cached is None:
+            return data, version
+        from .cache import CacheError
+
+        try:
+            cached.arrays()
+            return data, version
+        except CacheError as exc:
+            logger.warning("gradients plugin: cache entry of run %r is damaged (%s); reading the run again", name, exc)
+        self._store.rebuild(name)
+        found = self._published(name)
+        if found is None:
+            raise UnknownRunError(f"no run named {name[:200]!r}")
+        return found
 
     def _published(self, name: str) -> tuple[Any, int] | None:
         store = self._store
@@ -225,7 +261,12 @@ class Backend:
         with run_lock:
             done = self._reports.get(run)
             if done is None or done[0] < version:
-                done = (version, _judge(data))
+                stored = self._store.cached_report(run, version) if self._store is not None else None
+                if stored is None:
+                    data, version = self._checked(run, data, version)
+                done = (version, stored if stored is not None else _judge(data))
+                if stored is None and self._store is not None:
+                    self._store.save_report(run, version, done[1])
                 with self._lock:
                     self._reports[run] = max(done, self._reports.get(run, done), key=lambda d: d[0])
         return done[1], done[0]
@@ -249,6 +290,7 @@ class Backend:
                     if done is not None and done[0] >= version:
                         return
                 report = _judge(data)
+                self._store.save_report(run, version, report)
                 with self._lock:
                     if version > self._reports.get(run, (-1, None))[0]:
                         self._reports[run] = (version, report)
@@ -260,8 +302,9 @@ class Backend:
 
 
 def _snapshot(data: Any) -> Any:
-    """A shallow copy: later refreshes may rebind the store's fields, the request keeps a consistent set of arrays."""
-    return dataclasses.replace(data) if dataclasses.is_dataclass(data) else data
+    """A shallow copy: later refreshes may rebind the store's fields, the request keeps a consistent set of arrays
+    (a cached run's arrays stay unmapped until the request reads them)."""
+    return copy.copy(data)
 
 
 def _has_data(data: Any) -> bool:

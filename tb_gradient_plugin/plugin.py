@@ -25,7 +25,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from . import binning
+from . import binning, pyramid
 from . import format as fmt
 from .backend import Backend, UnknownRunError, parse_logdir_spec
 from .json_encoding import to_json
@@ -145,6 +145,8 @@ class GradientsPlugin(base_plugin.TBPlugin):
             context.logdir or None,
             parse_logdir_spec(spec_text) if spec_text and not context.logdir else None,
             reload=reload_interval != 0,
+            cache_dir=getattr(flags, "gradients_cache_dir", None) or None,
+            memory_mb=getattr(flags, "gradients_memory_mb", None),
         )
         self._backend.start()
 
@@ -225,7 +227,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
                 "first_wall_time": data.first_wall_time,
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),
-                "has_histograms": data.histograms is not None and len(data.hist_steps) > 0,
+                "has_histograms": len(data.hist_steps) > 0,  # never maps a cached run's histograms
                 "metrics": sorted(data.layer_metrics) + (["update_ratio"] if data.update_ratio_available() else []),
                 "version": int(version),
                 "episodes_version": int(seen),
@@ -274,14 +276,17 @@ class GradientsPlugin(base_plugin.TBPlugin):
                        start: int | None, end: int | None) -> dict:
         report, episodes_version = detected
         bins = binning.bin_steps(data.steps, n_bins, start, end)
+        # A cached run pools whole blocks from its in-memory pyramid and reads only the bins' edges from the cache.
+        pyramids = getattr(data, "pyramids", {})
+        present = data.present
         if metric == "update_ratio":  # divided a chunk at a time, never as a full-size copy
             values, divide_by = update_ratio_inputs(data.layer_metrics)
-            pooled, nonfinite = binning.max_pool(values, bins, data.present, divide_by=divide_by)
+            pooled, nonfinite = pyramid.max_pool(pyramids.get(metric), values, bins, present, divide_by=divide_by)
         else:
-            pooled, nonfinite = binning.max_pool(_metric_values(data, metric), bins, data.present)
+            pooled, nonfinite = pyramid.max_pool(pyramids.get(metric), data.layer_metrics[metric], bins, present)
         counts = data.layer_metrics.get("nonfinite_count")
         if counts is not None and metric != "nonfinite_count":
-            pooled_counts, _ = binning.max_pool(counts, bins, data.present)
+            pooled_counts, _ = pyramid.max_pool(pyramids.get("nonfinite_count"), counts, bins, present)
             nonfinite |= pooled_counts > 0
         return {
             "run": run,
@@ -489,6 +494,18 @@ def _offending(report: Any) -> list[str]:
 
 class GradientsLoader(base_plugin.TBLoader):
     """Entry point ``gradients`` of the ``tensorboard_plugins`` group."""
+
+    def define_flags(self, parser: Any) -> None:
+        """The cache and memory options (see docs/CACHE.md); the environment variables are the fallback."""
+        group = parser.add_argument_group("gradients plugin")
+        group.add_argument("--gradients_cache_dir", metavar="DIR", default=None,
+                           help="Directory of the Gradients tab's persistent cache of run summaries (default: "
+                                "$TB_GRADIENT_CACHE_DIR, else the user's cache directory; 'off' disables it). "
+                                "Never inside the logdir.")
+        group.add_argument("--gradients_memory_mb", metavar="MB", type=float, default=None,
+                           help="Memory budget of the Gradients tab for runs' full-resolution arrays mapped from "
+                                "the cache; least recently used runs are unmapped beyond it (default: "
+                                "$TB_GRADIENT_MEMORY_MB, else 400).")
 
     def load(self, context: base_plugin.TBContext) -> GradientsPlugin:
         return GradientsPlugin(context)

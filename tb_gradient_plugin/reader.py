@@ -168,6 +168,19 @@ class RecordReader:
             return "the bytes it had at the end of the last read changed: it was rewritten"
         return None
 
+    def changed(self) -> bool:
+        """Whether the file's size or modification stamp differs from the last read (a read would find something,
+        or find the file replaced): one ``stat``, no read. True for a file never read or gone."""
+        try:
+            size, stamp, _ = self._size_and_reader()
+        except OSError:
+            return True
+        return self._stamp is None or size != self._seen or stamp != self._stamp
+
+    def release_buffer(self) -> None:
+        """Drop the reusable read buffer (it is recreated by the next big read)."""
+        self._buffer = None
+
     @staticmethod
     def _tail_hash(read, end: int) -> bytes:
         start = max(0, end - TAIL_BYTES)

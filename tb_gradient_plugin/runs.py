@@ -16,18 +16,27 @@ recognise are listed in :attr:`RunData.unknown_tags`, never guessed at.
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import posixpath
 import re
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
+from . import format as fmt
+from . import pyramid
+from .batch import LayerBlock, Piece
+from .cache import CachedRun, CacheError, cached_run_data, file_identity, still_there
 from .reader import EventFileReader, is_remote
 from .run_arrays import LayerTable, ScalarAcc, fold_params
 from .tags import ParamTag, SeriesTag, is_bookkeeping, layer_of, map_tag, tool_hint
-from .types import RunData, Series
+from .types import RunData, Series, update_ratio_inputs
+
+logger = logging.getLogger(__name__)
 
 #: Our own tool name, as it appears in ``RunData.source``.
 OURS = "tb_gradient_plugin"
@@ -60,7 +69,28 @@ class _Run:
         self.failure: str | None = None  # why the last read failed, if it did
         self.notices: list[str] = []  # files read again from the start: kept across restarts
         self.version = 0
+        self.spilled = False  # values live in the cache entry, not in memory (see RunStore)
+        self.dirty = False  # values in memory newer than the cache entry
+        self.entry: Any = None  # the run's cache entry, when there is a cache
+        self.resume: dict | None = None  # how the entry's arrays rebuild the values read so far
         self._clear()
+
+    def __getstate__(self) -> dict:
+        """What a cache entry keeps of the reading state: readers (offsets, layouts), counts, notices; the values
+        themselves are stored as arrays beside it."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("table", "scalars", "cache", "entry")}
+        for reader, _ in self.readers.values():
+            reader.records.release_buffer()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.table = LayerTable()
+        self.scalars = {}
+        self.cache = None
+        self.entry = None
+        self.spilled = True
+        self.dirty = False
 
     def _clear(self, files: Iterable[tuple[str, str]] = ()) -> None:
         """Forget everything read (fresh readers for ``files``); the version keeps counting up."""
@@ -154,6 +184,73 @@ class _Run:
             self.problem_count = problems
             changed = True
         return changed
+
+    def has_new_bytes(self, finished: Iterable[str]) -> bool:
+        """Whether a read would find anything: a file grew, was written to or is new, or is to be finished."""
+        if any(path not in self.finished for path in finished if path in self.readers):
+            return True
+        return any(reader.records.changed() for reader, _ in self.readers.values())
+
+    # -------------------------------------------------------------------------------------------- cache round trip
+
+    def cache_arrays(self, data: RunData) -> tuple[dict[str, np.ndarray], list[str], list[str], dict]:
+        """The arrays of a cache entry: (all arrays by name, the ones kept in memory, the ones mapped on demand,
+        what is needed to rebuild the reading state from them)."""
+        arrays: dict[str, np.ndarray] = {"steps": np.asarray(data.steps, dtype=np.int64),
+                                         "hist_steps": np.asarray(data.hist_steps, dtype=np.int64)}
+        for name, series in data.series.items():
+            arrays[f"series/{name}/steps"] = series.steps
+            arrays[f"series/{name}/values"] = series.values
+        resident = list(arrays)
+        big = ["present"]
+        arrays["present"] = data.present
+        for metric, values in data.layer_metrics.items():
+            arrays[f"metric/{metric}"] = values
+            big.append(f"metric/{metric}")
+        if data.histograms is not None:
+            arrays["histograms"] = data.histograms
+            big.append("histograms")
+        keys = list(self.scalars)
+        for i, key in enumerate(keys):
+            series = self.scalars[key].series()
+            arrays[f"raw/{i}/steps"], arrays[f"raw/{i}/values"] = series.steps, series.values
+        resume = {"scalars": keys, "table_rows": bool(self.table.n), "table_layers": list(self.table.layers),
+                  "table_hist": bool(self.table.hist)}
+        return arrays, resident, big, resume
+
+    def spill(self) -> None:
+        """Forget the values (they are in the cache entry); the readers stay, to notice appended bytes."""
+        self.table = LayerTable()
+        self.scalars = {}
+        self.cache = None
+        self.spilled = True
+
+    def unspill(self, arrays: dict[str, np.ndarray], resume: dict) -> None:
+        """Rebuild the values read so far from a cache entry's arrays, so that reading can go on where it stopped."""
+        table = LayerTable()
+        table.layers = list(resume["table_layers"])
+        table.index = {name: j for j, name in enumerate(table.layers)}
+        if resume["table_rows"]:
+            table.steps = arrays["steps"]
+            table.n = len(table.steps)
+            table.present = arrays["present"]
+            table.metrics = {key.split("/", 1)[1]: value for key, value in arrays.items() if key.startswith("metric/")}
+        if resume["table_hist"]:
+            hist_steps = arrays["hist_steps"]
+            piece = Piece(hist_steps, np.zeros(len(hist_steps)), arrays["histograms"],
+                          np.arange(len(hist_steps), dtype=np.int64))
+            table.hist = [(0, LayerBlock(fmt.HISTOGRAM_METRIC, tuple(table.layers), [piece]))]
+        self.table = table
+        self.scalars = {}
+        for i, key in enumerate(resume["scalars"]):
+            self._acc(tuple(key)).add(arrays[f"raw/{i}/steps"], arrays[f"raw/{i}/values"])
+        self.cache = None
+        self.spilled = False
+
+    def reset(self) -> None:
+        """Start over from the first byte of every file (a cache entry that could not be used)."""
+        self._clear([(path, role) for path, (_, role) in self.readers.items()])
+        self.spilled = False
 
     def _acc(self, key: tuple[str, str]) -> ScalarAcc:
         acc = self.scalars.get(key)
@@ -435,13 +532,16 @@ class RunStore:
     only what is still new), so no byte is read twice.
     """
 
-    def __init__(self, logdir: str, *, spec: dict[str, str] | None = None) -> None:
+    def __init__(self, logdir: str, *, spec: dict[str, str] | None = None, cache: Any = None) -> None:
         self.logdir = logdir
         self._roots: list[tuple[str, str]] = list(spec.items()) if spec else [("", logdir)]
         self._runs: dict[str, _Run] = {}  # reading state: only touched while holding _read_lock
         self._published: dict[str, tuple[RunData, int]] = {}
         self._read_lock = threading.Lock()
         self._lock = threading.Lock()
+        #: a :class:`cache.RunCache`: runs are published from their cache entries and kept out of memory
+        self.cache = cache
+        self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report): cached, or judged since
 
     def refresh(self) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed."""
@@ -452,20 +552,157 @@ class RunStore:
                     full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
                     run = self._runs.get(full)
                     if run is None:
-                        run = self._runs[full] = _Run(full, run_dir)
+                        run = self._runs[full] = self._restore(full, root, run_dir) or _Run(full, run_dir)
                         run.lightning_hparams = _has_lightning_hparams(run_dir)
                     for f, role in files:
                         run.add_file(f, role)
+                    finished = self._finished(files)
                     try:
-                        run_changed = run.read(finished=self._finished(files))
+                        if run.spilled and not run.has_new_bytes(finished):
+                            run_changed = False
+                        else:
+                            if run.spilled:
+                                self._unspill(run)
+                            run_changed = run.read(finished=finished)
                     except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+                        if run.spilled:
+                            run.reset()
                         run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
-                    if run_changed or full not in self._published:
-                        data = run.data()
-                        with self._lock:
-                            self._published[full] = (data, run.version)
-                        changed = True
+                    # With a cache, a run read for the first time is written to it at once (so that a large first
+                    # read never holds more than one run); one that grows stays in memory while it keeps growing,
+                    # and is written once a refresh finds it idle (a live run is not rewritten every second).
+                    first = full not in self._published
+                    growing = run_changed and not first and self.cache is not None
+                    idle = not run_changed and run.dirty and not run.spilled
+                    if run_changed or idle or first:
+                        if growing or self.cache is None:
+                            data, run.dirty = run.data(), growing
+                        else:
+                            if not idle:  # served while it is written to the cache (detection need not wait)
+                                self._publish(full, run.data(), run.version)
+                            data, run.dirty = self._publishable(run, root), False
+                        self._publish(full, data, run.version)
+                        changed |= run_changed or first
             return changed
+
+    def _publish(self, name: str, data: RunData, version: int) -> None:
+        with self._lock:
+            old = self._published.get(name)
+            self._published[name] = (data, version)
+        if old is not None and old[0] is not data:
+            _close(old)
+
+    # ---------------------------------------------------------------------------------------------------- the cache
+
+    def _restore(self, name: str, root: str, run_dir: str) -> _Run | None:
+        """A run as its cache entry left it (published from the entry, values not in memory), or None when there is
+        no usable entry: none, another version, a checksum mismatch, or an event file that is no longer the one read
+        (shorter, or other first bytes). An unusable entry is removed; the run is read from its event files."""
+        if self.cache is None:
+            return None
+        entry = self.cache.entry(root, name)
+        try:
+            manifest, state, resident, report = entry.load()
+            if not all(still_there(identity) for identity in manifest["files"]):
+                raise CacheError("an event file changed")
+        except CacheError:
+            entry.remove()
+            return None
+        except Exception:  # noqa: BLE001 - a cache entry must never stop a run from being read
+            logger.warning("gradients plugin: cache entry of run %r unusable; reading it again", name, exc_info=True)
+            entry.remove()
+            return None
+        run: _Run = state["run"]
+        run.path = run_dir
+        run.entry = entry
+        run.resume = state["resume"]
+        cached = CachedRun(entry, self.cache.budget, state["big"])
+        data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident))
+        with self._lock:
+            self._published[name] = (data, run.version)
+            if report is not None:
+                self._reports[name] = (run.version, report)
+        return run
+
+    def _unspill(self, run: _Run) -> None:
+        try:
+            names = [n for n in run.entry.names() if not n.startswith(("pyr/", "series/"))]
+            run.unspill(run.entry.read(names), run.resume)
+        except (CacheError, OSError):
+            run.entry.remove()
+            run.reset()
+
+    def _publishable(self, run: _Run, root: str) -> RunData:
+        """The run's data to publish; with a cache, written to the run's entry and published from it."""
+        data = run.data()
+        if self.cache is None or run.failure:
+            return data
+        try:
+            if run.entry is None:
+                run.entry = self.cache.entry(root, run.name)
+            arrays, resident, big, resume = run.cache_arrays(data)
+            pyramids = _build_pyramids(data)
+            for metric, pyr in pyramids.items():
+                for k, level in enumerate(pyr.levels):
+                    arrays[f"pyr/{metric}/{k}/max"] = level.max
+                    arrays[f"pyr/{metric}/{k}/bad"] = level.bad
+                    resident += [f"pyr/{metric}/{k}/max", f"pyr/{metric}/{k}/bad"]
+            facts = {"name": data.name, "source": data.source, "layers": list(data.layers),
+                     "warnings": list(data.warnings), "unknown_tags": list(data.unknown_tags), "events": data.events,
+                     "bytes_read": data.bytes_read, "first_wall_time": data.first_wall_time,
+                     "series": list(data.series), "metrics": list(data.layer_metrics)}
+            shape = {metric: (pyr.rows, [level.block for level in pyr.levels]) for metric, pyr in pyramids.items()}
+            run.resume = resume
+            state = pickle.dumps({"run": run, "facts": facts, "big": big, "resident": resident, "resume": resume,
+                                  "pyramids": shape}, protocol=pickle.HIGHEST_PROTOCOL)
+            files = [file_identity(path) for path in sorted(run.readers)]
+            run.entry.write(state=state, arrays=arrays, files=files, data_version=run.version)
+            with self._lock:
+                judged = self._reports.get(run.name)
+            if judged is not None and judged[0] == run.version:  # judged while the run was in memory (a live run)
+                run.entry.write_report(judged[1], run.version)
+        except OSError as exc:
+            logger.warning("gradients plugin: writing the cache failed (%s); working without the cache from now on",
+                           exc)
+            self.cache = None
+            return data
+        resident_arrays = {name: arrays[name] for name in resident}
+        cached = CachedRun(run.entry, self.cache.budget, big)
+        run.spill()
+        _release_memory()
+        return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays))
+
+    def rebuild(self, run: str) -> None:
+        """Read a run again from its event files (its cache entry failed a check when its arrays were mapped)."""
+        with self._read_lock:
+            state = self._runs.get(run)
+            if state is None:
+                return
+            if state.entry is not None:
+                state.entry.remove()
+            state.reset()
+            with self._lock:
+                self._reports.pop(run, None)
+        self.refresh()
+
+    def cached_report(self, run: str, version: int) -> Any:
+        """The detector's report found in the run's cache entry, if it describes data ``version``; else None."""
+        with self._lock:
+            found = self._reports.get(run)
+        return found[1] if found is not None and found[0] == version else None
+
+    def save_report(self, run: str, version: int, report: Any) -> None:
+        """Keep the detector's report on data ``version`` in the run's cache entry (no-op without a cache)."""
+        state = self._runs.get(run)
+        entry = None if state is None else state.entry
+        if self.cache is None or entry is None:
+            return
+        with self._lock:
+            self._reports[run] = (version, report)
+        try:
+            entry.write_report(report, version)
+        except Exception:  # noqa: BLE001 - the report is served from memory all the same
+            logger.warning("gradients plugin: could not cache the report of run %r", run, exc_info=True)
 
     @staticmethod
     def _finished(files: list[tuple[str, str]]) -> list[str]:
@@ -497,3 +734,38 @@ class RunStore:
     def version(self, run: str) -> int:
         """Increases whenever the run's data changes: a cache key for anything derived from it."""
         return self.snapshot(run)[1]
+
+
+def _close(published: tuple[RunData, int] | None) -> None:
+    """Unmap the arrays of data no longer published (requests in progress keep their own views)."""
+    cached = getattr(published[0], "__dict__", {}).get("cached") if published is not None else None
+    if cached is not None:
+        cached.close()
+
+
+def _build_pyramids(data: RunData) -> dict[str, Any]:
+    """Max pyramids of every per-layer metric the heatmap shows (``update_ratio`` included, when derivable)."""
+    out = {metric: pyramid.build(values, data.present) for metric, values in data.layer_metrics.items()}
+    inputs = update_ratio_inputs(data.layer_metrics)
+    if inputs is not None and inputs[1] is not None:
+        out["update_ratio"] = pyramid.build(inputs[0], data.present, inputs[1])
+    return {metric: pyr for metric, pyr in out.items() if pyr.levels}
+
+
+def _pyramids(shape: dict[str, tuple[int, list[int]]], resident: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The pyramids of a cache entry, from its in-memory arrays."""
+    def levels(metric: str, blocks: list[int]) -> list[pyramid.Level]:
+        return [pyramid.Level(block, resident[f"pyr/{metric}/{k}/max"], resident[f"pyr/{metric}/{k}/bad"])
+                for k, block in enumerate(blocks)]
+
+    return {metric: pyramid.Pyramid(rows, levels(metric, blocks)) for metric, (rows, blocks) in shape.items()}
+
+
+def _release_memory() -> None:
+    """Hand the heap freed by a spilled run back to the system (glibc keeps freed blocks of this size otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

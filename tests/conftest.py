@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ from scripts.fetch_realruns import MANIFEST, missing
 REPO = Path(__file__).resolve().parents[1]
 #: set (as CI does) to make missing third-party files a failure instead of a skip
 REQUIRE_REALRUNS = "TB_GRADIENT_REQUIRE_REALRUNS"
+
+# The plugin's persistent run cache (docs/CACHE.md) of the tests, and of the TensorBoard processes they start, goes to
+# a fresh directory, never the user's own cache directory.
+if "TB_GRADIENT_CACHE_DIR" not in os.environ:
+    os.environ["TB_GRADIENT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tb-gradient-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TB_GRADIENT_CACHE_DIR"], True)
 
 
 def _realruns_dir() -> Path:

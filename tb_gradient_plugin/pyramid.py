@@ -1,0 +1,158 @@
+"""A min/max pyramid of a run's series: max-pooled blocks of logged steps at several resolutions, small enough to keep
+in memory for every run, from which a heatmap of any zoom is pooled exactly.
+
+A level holds, per block of ``block`` consecutive logged steps (rows) and per layer, the largest *finite* logged value
+(NaN where there is none) and whether the block held a logged non-finite value; line series keep the smallest finite
+value too. Blocks grow by :data:`FACTOR` from level to level. Max-pooling is associative, so a bin of any width is the
+maximum of the widest whole blocks inside it plus the few rows at its edges read at full resolution:
+:func:`max_pool` gives bit for bit what :func:`binning.max_pool` gives over all rows, while reading at most
+``2 * (BASE_BLOCK - 1)`` full-resolution rows per bin. No one-step spike is lost at any zoom: a block's maximum is
+its spike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import binning
+from .types import update_ratio
+
+#: Rows per block of the finest level: small enough that zoomed-out bins are mostly whole blocks, large enough that
+#: the levels of every run fit in memory (about 1/100 of the full-resolution values).
+BASE_BLOCK = 128
+#: Blocks of the next level up hold this many blocks of the level below.
+FACTOR = 4
+
+
+@dataclass
+class Level:
+    """One resolution: ``block`` rows per entry."""
+
+    block: int
+    max: np.ndarray  # float32 [blocks, *tail]: largest finite logged value, NaN where none
+    bad: np.ndarray  # bool [blocks, *tail]: a logged NaN/Inf in the block
+    min: np.ndarray | None = None  # float32, line series only: smallest finite logged value
+
+    @property
+    def nbytes(self) -> int:
+        return self.max.nbytes + self.bad.nbytes + (0 if self.min is None else self.min.nbytes)
+
+
+@dataclass
+class Pyramid:
+    """The levels of one series (``[rows]``) or one per-layer metric (``[rows, layers]``), finest first."""
+
+    rows: int
+    levels: list[Level]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in self.levels)
+
+
+def _whole_bins(rows: int, block: int) -> binning.StepBins:
+    starts = np.arange(0, rows, block, dtype=np.int64)
+    return binning.StepBins(lo=0, hi=rows, starts=starts, bin_start=starts, bin_end=starts)
+
+
+def build(values: np.ndarray, present: np.ndarray | None = None, divide_by: np.ndarray | None = None, *,
+          with_min: bool = False, base: int = BASE_BLOCK, factor: int = FACTOR) -> Pyramid:
+    """The pyramid of ``values`` (rows = logged steps); ``present`` and ``divide_by`` as in :func:`binning.max_pool`.
+
+    Levels stop once a level has at most ``factor`` blocks (above that a heatmap of a few hundred bins needs no
+    coarser level). Runs shorter than ``base`` rows get no level: they are read at full resolution, which is cheap.
+    """
+    values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    rows = int(values.shape[0])
+    levels: list[Level] = []
+    if rows < base:
+        return Pyramid(rows, levels)
+    bins = _whole_bins(rows, base)
+    pooled, bad = binning.max_pool(values, bins, present, divide_by)
+    low = None
+    if with_min:
+        low = -binning.max_pool(-np.asarray(values, dtype=np.float64), bins, present)[0]
+    level = Level(base, pooled.astype(np.float32), bad, None if low is None else low.astype(np.float32))
+    levels.append(level)
+    while level.max.shape[0] > factor:
+        starts = np.arange(0, level.max.shape[0], factor)
+        with np.errstate(invalid="ignore"):
+            up_max = np.fmax.reduceat(level.max, starts, axis=0)
+            up_min = None if level.min is None else np.fmin.reduceat(level.min, starts, axis=0)
+        level = Level(level.block * factor, up_max, np.logical_or.reduceat(level.bad, starts, axis=0), up_min)
+        levels.append(level)
+    return Pyramid(rows, levels)
+
+
+def _segments(array: np.ndarray, first: np.ndarray, stop: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """``ufunc.reduce(array[first[k]:stop[k]])`` for sorted, disjoint, non-empty segments."""
+    index = np.column_stack([first, stop]).ravel()
+    if index[-1] == array.shape[0]:
+        index = index[:-1]  # the last segment runs to the end
+    with np.errstate(invalid="ignore"):
+        return ufunc.reduceat(array, index, axis=0)[::2]
+
+
+def max_pool(pyr: Pyramid | None, values: np.ndarray, bins: binning.StepBins, present: np.ndarray | None = None,
+             divide_by: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly :func:`binning.max_pool` ``(values, bins, present, divide_by)``, from the pyramid where bins hold
+    whole blocks and from ``values`` (full resolution, e.g. a memory map) only at the bins' edges."""
+    if pyr is None or not pyr.levels or bins.count == 0 or pyr.rows != values.shape[0]:
+        return binning.max_pool(values, bins, present, divide_by)
+    tail = values.shape[1:]
+    pooled = np.full((bins.count, *tail), np.nan, dtype=np.float64)
+    bad = np.zeros((bins.count, *tail), dtype=bool)
+    owner = np.arange(bins.count, dtype=np.int64)
+    lo = bins.lo + bins.starts
+    hi = np.append(lo[1:], bins.hi)
+    for level in reversed(pyr.levels):
+        b = level.block
+        first, stop = -(-lo // b), hi // b
+        whole = first < stop
+        if not whole.any():
+            continue
+        at = owner[whole]
+        with np.errstate(invalid="ignore"):
+            np.fmax.at(pooled, at, _segments(level.max, first[whole], stop[whole], np.fmax))
+        np.logical_or.at(bad, at, _segments(level.bad, first[whole], stop[whole], np.logical_or))
+        # what is left of each piece: the rows before its first whole block and after its last one
+        left_hi, right_lo = first[whole] * b, stop[whole] * b
+        parts = [(owner[~whole], lo[~whole], hi[~whole]), (at, lo[whole], left_hi), (at, right_lo, hi[whole])]
+        owner, lo, hi = (np.concatenate(column) for column in zip(*parts, strict=True))
+        keep = lo < hi
+        order = np.argsort(lo[keep], kind="stable")
+        owner, lo, hi = owner[keep][order], lo[keep][order], hi[keep][order]
+    _pool_rows(values, present, divide_by, owner, lo, hi, pooled, bad)
+    return pooled, bad
+
+
+def _pool_rows(values: np.ndarray, present: np.ndarray | None, divide_by: np.ndarray | None, owner: np.ndarray,
+               lo: np.ndarray, hi: np.ndarray, pooled: np.ndarray, bad: np.ndarray) -> None:
+    """Fold the full-resolution rows ``lo[k]:hi[k]`` into bin ``owner[k]``, a bounded group of pieces at a time."""
+    if not len(owner):
+        return
+    row_elems = max(1, int(np.prod(values.shape[1:], dtype=np.int64)))
+    per_chunk = max(1, binning._CHUNK_ELEMENTS // row_elems)
+    lengths = hi - lo
+    ends = np.cumsum(lengths)
+    k = 0
+    while k < len(owner):
+        stop = max(k + 1, int(np.searchsorted(ends, ends[k] - lengths[k] + per_chunk, side="right")))
+        rows = np.concatenate([np.arange(a, z) for a, z in zip(lo[k:stop].tolist(), hi[k:stop].tolist(), strict=True)])
+        chunk = values[rows]
+        if divide_by is not None:
+            chunk = update_ratio(chunk, divide_by[rows])
+        finite = np.isfinite(chunk)
+        nonfinite = ~finite
+        if present is not None:
+            mask = np.asarray(present[rows], dtype=bool)
+            finite &= mask
+            nonfinite &= mask
+        clean = np.where(finite, chunk, np.nan)
+        starts = np.concatenate(([0], np.cumsum(lengths[k:stop])[:-1]))
+        with np.errstate(invalid="ignore"):
+            np.fmax.at(pooled, owner[k:stop], np.fmax.reduceat(clean, starts, axis=0))
+        np.logical_or.at(bad, owner[k:stop], np.logical_or.reduceat(nonfinite, starts, axis=0))
+        k = stop
