@@ -3,14 +3,14 @@
 
 import { formatStep, formatValue, h } from "./dom.js";
 
-/** Episode kinds in the order the table lists them (the worst first), with their short names. */
+/** Episode kinds in the order the table lists them (the worst first): [kind, one, many, what it is]. */
 const KINDS = [
-  ["nonfinite", "non-finite"],
-  ["explosion", "explosion"],
-  ["chronic", "chronic"],
-  ["val_degradation", "validation"],
-  ["dead", "dead layers"],
-  ["overflow_skip", "AMP skips"],
+  ["nonfinite", "non-finite", "non-finite", "NaN/Inf gradients, loss or evaluations"],
+  ["explosion", "explosion", "explosions", "gradient explosions that broke training"],
+  ["chronic", "chronic", "chronic", "recurring spikes and explosions"],
+  ["val_degradation", "validation", "validation", "validation worse than at its best step"],
+  ["dead", "dead", "dead", "layers whose gradient went to zero and stayed there"],
+  ["overflow_skip", "AMP skip", "AMP skips", "AMP overflow skips (normal, no finding)"],
 ];
 
 /** Episodes that are findings: AMP overflow skips are normal, as in the run picker's warning count. */
@@ -41,8 +41,9 @@ const COLUMNS = [
 
 function kindsCell(run) {
   const kinds = run.episode_kinds || {};
-  const chips = KINDS.filter(([kind]) => kinds[kind]).map(([kind, label]) => h("span",
-    { class: `ov-kind kind-${kind}`, dataset: { kind }, text: `${kinds[kind]} ${label}` }));
+  const chips = KINDS.filter(([kind]) => kinds[kind]).map(([kind, one, many, what]) => h("span",
+    { class: `ov-kind kind-${kind}`, dataset: { kind }, title: what,
+      text: `${kinds[kind]} ${kinds[kind] === 1 ? one : many}` }));
   return chips.length ? chips : h("span", { class: "ov-none", text: "none" });
 }
 
