@@ -7,6 +7,7 @@ Writes, into ``--out``:
                        and the drill-down of the top layer down to its gradient histograms over time
   gradients_dark.png   rnn_no_clip beside rnn_clipped in dark mode (the before/after pair), drill-down on ``rnn``
                        with both runs' gradient histograms
+  overview.png         the run overview ("All runs"): every run in one table, runs with findings first, the worst first
   report.png           ``tb-gradient audit --html`` of keras_high_lr: the episode table, the loss chart with its axes
                        and legend, the layer x step heatmap
 
@@ -111,6 +112,13 @@ def make_screenshots(logdir: Path, out: Path, chromium: str) -> None:
             dark.wait_drill("rnn_clipped")
             dark.shot(out / "gradients_dark.png")
             dark.close()
+
+            overview = Tab(browser, tb.url, "light")
+            overview.page.set_viewport_size({"width": WIDTH, "height": 640})  # room for the table, no blank page below
+            overview.frame.locator("#overview-toggle").click()
+            overview.frame.locator(".overview .ov-row").first.wait_for(timeout=TIMEOUT_MS)
+            overview.shot(out / "overview.png")
+            overview.close()
 
             report = out / "report.html"
             subprocess.run([sys.executable, "-m", "tb_gradient_plugin", "audit", str(logdir), "--run",

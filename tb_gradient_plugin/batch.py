@@ -137,6 +137,13 @@ class Batch:
             walls.append(min(self.scalar_blocks, key=lambda b: int(b.order[0])).wall_times[0])
         return float(min(walls)) if walls else None
 
+    def last_wall_time(self) -> float | None:
+        """The largest wall time of any value in the batch (a file's values need not be in wall-time order)."""
+        walls = [float(piece.wall_times.max()) for block in self.layer_blocks for piece in block.pieces
+                 if len(piece.wall_times)]
+        walls += [float(block.wall_times.max()) for block in self.scalar_blocks if len(block.wall_times)]
+        return max(walls) if walls else None
+
 
 class Parts:
     """Values of one block key as they are decoded: bulk-decoded pieces, and single values of the general path

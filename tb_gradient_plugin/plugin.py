@@ -226,6 +226,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 "spikes": report.spikes.count,
                 # Orders runs by start without TensorBoard's run list; null where the store does not keep it.
                 "first_wall_time": data.first_wall_time,
+                **_overview(report, data),
                 "has_layers": bool(data.layers) and bool(data.layer_metrics),
                 "has_histograms": len(data.hist_steps) > 0,  # never maps a cached run's histograms
                 "metrics": sorted(data.layer_metrics) + (["update_ratio"] if data.update_ratio_available() else []),
@@ -480,6 +481,21 @@ def _detector() -> Any:
     from . import detect
 
     return detect
+
+
+def _overview(report: Any, data: Any) -> dict:
+    """What the tab's run overview lists besides the counts: where the first finding starts, how bad the worst one
+    is, and when the run last wrote. AMP overflow skips are normal and no finding, as in the run picker's count."""
+    findings = [e for e in report.episodes if e.kind != "overflow_skip"]
+    severities = [float(e.severity) for e in report.episodes if e.kind in FAILING_KINDS]
+    finite = [s for s in severities if math.isfinite(s)]
+    nonfinite = len(finite) < len(severities)
+    return {
+        "first_episode_step": min((int(e.start_step) for e in findings), default=None),
+        "worst_severity": None if nonfinite or not finite else max(finite),
+        "worst_severity_nonfinite": nonfinite,
+        "last_wall_time": data.last_wall_time,
+    }
 
 
 def _offending(report: Any) -> list[str]:

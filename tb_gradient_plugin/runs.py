@@ -103,6 +103,7 @@ class _Run:
         self.tf2_files = False
         self.events = 0
         self.first_wall_time: float | None = None
+        self.last_wall_time: float | None = None
         self.problem_count = 0
         self.cache: RunData | None = None
         for path, role in files:
@@ -165,6 +166,9 @@ class _Run:
                     wall = batch.first_wall_time()
                     if wall is not None and (self.first_wall_time is None or wall < self.first_wall_time):
                         self.first_wall_time = wall
+                    wall = batch.last_wall_time()
+                    if wall is not None and (self.last_wall_time is None or wall > self.last_wall_time):
+                        self.last_wall_time = wall
                     if batch.layer_blocks:
                         if batch.has_more:  # the rest of the file holds about as many steps per byte
                             rows = max(sum(len(p.steps) for p in block.pieces) for block in batch.layer_blocks)
@@ -269,7 +273,7 @@ class _Run:
         t = self.table
         run = RunData(name=self.name, source=OURS, events=self.events,
                       bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()),
-                      first_wall_time=self.first_wall_time)
+                      first_wall_time=self.first_wall_time, last_wall_time=self.last_wall_time)
         if t.n:
             run.layers = list(t.layers)
             run.steps = t.steps[:t.n]

@@ -78,6 +78,7 @@ class RunData:
     events: int = 0  # intact events read: 0 means nothing at all could be read
     bytes_read: int = 0
     first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
+    last_wall_time: float | None = None  # wall time of the latest summary: when the run last wrote
 
     def update_ratio_available(self) -> bool:
         """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""

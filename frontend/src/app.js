@@ -3,13 +3,15 @@
 import { getJson } from "./api.js";
 import { h, message } from "./dom.js";
 import { loadMetrics, metricLabel } from "./metrics.js";
+import { RunOverview, findingCount } from "./overview.js";
 import { RunPanel } from "./panel.js";
 import { Theme } from "./theme.js";
 
 /** TensorBoard's own auto-reload period. */
 const RELOAD_MS = 30000;
 const LOADING_POLL_MS = 1000;
-/** Episodes that make a run the one to open on: the gradient blew up. */
+/** From this many runs on, the tab opens on the run overview (a table of all runs) rather than on one run. */
+const OVERVIEW_RUNS = 20;
 /** The heatmap's metric choices, in the order offered (named by the served metric registry). */
 const HEATMAP_METRICS = ["grad_norm", "update_ratio", "grad_max_abs", "param_norm"];
 
@@ -32,13 +34,18 @@ export class App {
 
     const picked = () => {
       this.autoPick = false;
-      this.selectRuns();
+      this.showRunView();
     };
     this.runA = h("select", { id: "run-a", "aria-label": "Run", onchange: picked });
     this.runB = h("select", { id: "run-b", "aria-label": "Compare with", onchange: picked });
     this.metricSelect = h("select", { id: "metric", "aria-label": "Heatmap metric", onchange: (e) => this.setMetric(e.target.value) });
     this.resetButton = h("button", { id: "reset-zoom", type: "button", disabled: true, text: "Reset zoom",
       onclick: () => this.setView(null, null) });
+    this.overviewButton = h("button", { id: "overview-toggle", type: "button", "aria-pressed": "false",
+      text: "All runs", onclick: () => (this.overview.shown ? this.showRunView() : this.showOverview()) });
+    this.overview = new RunOverview({ onOpen: (run) => this.openRun(run) });
+    // Until the user shows or leaves the overview, it is shown when the logdir holds many runs.
+    this.overviewChosen = false;
     this.status = h("span", { class: "status", role: "status" });
     this.main = h("div", { class: "panels" });
     this.el = h("div", { class: "app" },
@@ -47,7 +54,9 @@ export class App {
         h("label", {}, h("span", { text: "Compare with" }), this.runB),
         h("label", {}, h("span", { text: "Heatmap" }), this.metricSelect),
         this.resetButton,
+        this.overviewButton,
         this.status),
+      this.overview.el,
       this.main);
     this.theme.onChange(() => this.panels.forEach((p) => p.redraw()));
   }
@@ -110,8 +119,11 @@ export class App {
     const before = new Map(this.runs.map((r) => [r.run, r]));
     this.runs = runs;
     const names = runs.map((r) => r.run);
+    this.overviewButton.textContent = `All runs (${runs.length})`;
+    if (!this.overviewChosen && this.autoPick && runs.length >= OVERVIEW_RUNS) this.setOverview(true);
     const listChanged = first || names.join("\n") !== [...before.keys()].join("\n");
     if (!runs.length) {
+      this.overview.update(runs, null);
       this.fillSelects();
       this.disposePanels();
       this.main.replaceChildren(this.loading ? message("loading", "Reading the logdir…") : message("empty", "No runs with gradient data yet.",
@@ -127,14 +139,54 @@ export class App {
     // The last update of the first read still moves to a worse run; after it the choice stays the user's.
     const follow = this.autoPick && this.panels.length > 0 && this.panels[0].info.run !== this.runA.value;
     if (!this.loading) this.autoPick = false;
+    this.overview.update(runs, this.runA.value);
+    // Panels are not drawn behind the overview: they catch up when the run view is shown again.
+    if (this.overview.shown) return;
+    await this.syncPanels(follow);
+  }
+
+  /** Open (or rebuild) the picked runs' panels, or bring open panels up to the runs' current versions. */
+  async syncPanels(follow) {
+    const names = this.runs.map((r) => r.run);
     if (!this.panels.length || follow || this.panels.some((p) => !names.includes(p.info.run))) {
       await this.selectRuns();
       return;
     }
     await Promise.all(this.panels.map((p) => {
-      const info = runs.find((r) => r.run === p.info.run);
+      const info = this.runs.find((r) => r.run === p.info.run);
       return info.version !== p.info.version ? p.refresh(info) : null;
     }));
+  }
+
+  // ------------------------------------------------------------------------------------------------- run overview
+
+  setOverview(flag) {
+    this.overview.show(flag);
+    this.main.hidden = flag;
+    this.overviewButton.setAttribute("aria-pressed", String(flag));
+  }
+
+  showOverview() {
+    this.overviewChosen = true;
+    this.overview.update(this.runs, this.runA.value);
+    this.setOverview(true);
+  }
+
+  /** Leave the overview for the runs picked in the toolbar. */
+  async showRunView() {
+    this.overviewChosen = true;
+    this.setOverview(false);
+    if (!this.runs.length) return;
+    await this.selectRuns();
+    await this.syncPanels(false);
+  }
+
+  /** A row of the overview was picked: open that run (the comparison run stays). */
+  async openRun(run) {
+    this.autoPick = false;
+    this.runA.value = run;
+    if (this.runB.value === run) this.runB.value = "";
+    await this.showRunView();
   }
 
   /** The heatmap's metric choices, once the metric registry (their labels) has arrived. */
@@ -149,8 +201,7 @@ export class App {
     const keepA = this.runA.value;
     const keepB = this.runB.value;
     // AMP overflow skips are normal: they do not count towards the warning sign.
-    const flagged = (r) => r.episodes - ((r.episode_kinds || {}).overflow_skip || 0);
-    const option = (r) => h("option", { value: r.run, text: flagged(r) ? `${r.run} (${flagged(r)} ⚠)` : r.run });
+    const option = (r) => h("option", { value: r.run, text: findingCount(r) ? `${r.run} (${findingCount(r)} ⚠)` : r.run });
     this.runA.replaceChildren(...this.runs.map(option));
     this.runB.replaceChildren(h("option", { value: "", text: "— none —" }), ...this.runs.map(option));
     const names = this.runs.map((r) => r.run);
