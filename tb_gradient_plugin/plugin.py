@@ -59,6 +59,8 @@ STATIC_TYPES = {
     ".woff2": "font/woff2",
 }
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Where :meth:`GradientsLoader.fix_flags` keeps a remote ``--logdir`` that only this plugin can read.
+REMOTE_LOGDIR_FLAG = "gradients_remote_logdir"
 
 
 class HTTPError(Exception):
@@ -142,7 +144,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
         spec_text = getattr(flags, "logdir_spec", "") if flags is not None else ""
         reload_interval = getattr(flags, "reload_interval", 5.0) if flags is not None else 5.0
         self._backend = Backend(
-            context.logdir or None,
+            getattr(flags, REMOTE_LOGDIR_FLAG, None) or context.logdir or None,
             parse_logdir_spec(spec_text) if spec_text and not context.logdir else None,
             reload=reload_interval != 0,
         )
@@ -489,6 +491,22 @@ def _offending(report: Any) -> list[str]:
 
 class GradientsLoader(base_plugin.TBLoader):
     """Entry point ``gradients`` of the ``tensorboard_plugins`` group."""
+
+    def fix_flags(self, flags: Any) -> None:
+        """``--logdir s3://...`` with TensorFlow installed (and no tensorflow-io): TensorBoard refuses to start, since
+        its loaders cannot open the URL. This plugin reads it through fsspec, so it takes the URL for itself and
+        leaves TensorBoard's own loaders no logdir (their tabs stay empty), with a warning that says so."""
+        logdir = getattr(flags, "logdir", "") or ""
+        if getattr(flags, "inspect", False) or "://" not in logdir or logdir.startswith("file://"):
+            return
+        from .remote import tensorboard_reads
+
+        if not tensorboard_reads(logdir):
+            setattr(flags, REMOTE_LOGDIR_FLAG, logdir)
+            flags.logdir = ""
+            logger.warning("TensorBoard cannot open %s itself (TensorFlow without tensorflow-io): the Gradients tab "
+                           "reads it; TensorBoard's other tabs stay empty. Install tensorflow-io, or run TensorBoard "
+                           "without TensorFlow, for them.", logdir)
 
     def load(self, context: base_plugin.TBContext) -> GradientsPlugin:
         return GradientsPlugin(context)
