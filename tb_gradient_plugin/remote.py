@@ -104,9 +104,11 @@ def exists(url: str) -> bool:
     fs, path = filesystem(url)
     _forget_listings(fs, path)
     try:
+        if fs.exists(path):  # first: without credentials this raises, where asking for the bucket says "missing"
+            return True
         if protocol(url) in BUCKET_PROTOCOLS:
             _require_bucket(fs, path)
-        return bool(fs.exists(path))
+        return False
     except RemoteLogdirError:
         raise
     except Exception as exc:  # noqa: BLE001 - as in list_files
