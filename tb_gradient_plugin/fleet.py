@@ -37,7 +37,7 @@ def audit_on_cluster(scheduler: str, tasks: Sequence[Any], task: Callable[[Any],
         results: list[dict | None] = [None] * len(tasks)
         futures = client.map(task, list(tasks), pure=False)
         index = {future.key: i for i, future in enumerate(futures)}
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             results[index[future.key]] = future.result()
             if on_done:
                 on_done(results[index[future.key]])
