@@ -175,3 +175,11 @@ def test_plugin_reports_a_missing_bucket_and_keeps_serving(s3):
     backend.refresh()
     assert backend.runs() == []
     assert url in backend.error and "no bucket" in backend.error
+
+
+def test_unknown_protocol_is_a_usage_error_naming_the_url():
+    from tb_gradient_plugin import audit
+    from tb_gradient_plugin.auditor import UsageError
+
+    with pytest.raises(UsageError, match=r"cannot read nosuchproto://bucket/logs: Protocol not known"):
+        audit("nosuchproto://bucket/logs")
