@@ -103,7 +103,7 @@ def test_growing_file_is_read_with_ranged_requests_of_the_new_bytes(s3, tmp_path
     assert appended <= fetched <= appended + checks, (fetched, appended)
 
 
-def _poll(tb: TensorBoardServer, predicate, timeout: float = 60.0):
+def _poll(tb: TensorBoardServer, predicate, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while True:
         doc = tb.get_json("data/plugin/gradients/runs")
