@@ -130,6 +130,8 @@ def tensorboard_reads(url: str) -> bool:
     """Whether TensorBoard's own loaders can open ``url``, the check TensorBoard makes at start-up: without
     TensorFlow its stub reads any fsspec URL; with TensorFlow, only the schemes TensorFlow registered (``gs://``) or
     those tensorflow-io adds."""
+    if "://" not in url or url.startswith("file://"):
+        return True
     from tensorboard.compat import tf
 
     if getattr(tf, "__version__", "stub") == "stub":

@@ -144,6 +144,18 @@ def test_tensorboard_serves_an_s3_logdir_and_a_run_growing_on_it(s3, local_logs,
     assert "Gradients tab reads it" in tb.output  # TensorBoard itself cannot open s3:// with TensorFlow installed
 
 
+def test_tensorboard_logdir_spec_with_an_s3_url(s3, local_logs, tmp_path):
+    url = f"s3://{s3.bucket()}/logs"
+    s3.upload(local_logs, url)
+    write(tmp_path / "local_run", spike=300, seed=7)
+    env = dict(os.environ, **s3.env, PYTHONPATH=str(REPO))
+    with TensorBoardServer(None, env=env, extra_args=["--logdir_spec", f"team:{url},mine:{tmp_path}"]) as tb:
+        doc = _poll(tb, lambda d: len(d["runs"]) == 3 and not d["loading"])
+        assert {r["run"] for r in doc["runs"]} == {"team/healthy", "team/exploding", "mine/local_run"}
+        episodes = tb.get_json("data/plugin/gradients/episodes?run=team/exploding")
+        assert episodes["episodes"][0]["start_step"] == 400
+
+
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(tb_gradient() + list(args), capture_output=True, text=True, timeout=120,
                           env=dict(env, PYTHONPATH=str(REPO)))
