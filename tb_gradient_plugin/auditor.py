@@ -2,8 +2,9 @@
 
 The auditor reads runs through the same run store and detector as the TensorBoard plugin, so both report the same
 episodes, to the step. Runs are read one by one (in worker processes when there are many), and each worker hands back
-only the report and a small chart summary: a 10 GB logdir never sits in memory at once. The command line lives in
-:mod:`.cli`, the notebook API in :mod:`.notebook`.
+only the report and a small chart summary: a 10 GB logdir never sits in memory at once. On a Dask cluster the same
+per-run task runs on its workers (:mod:`.fleet`). The command line lives in :mod:`.cli`, the notebook API in
+:mod:`.notebook`.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def audit_runs(targets: Sequence[tuple[str, str]], *, chart: bool = False, worke
     if scheduler is not None:
         from .fleet import audit_on_cluster
 
-        results = audit_on_cluster(scheduler, [(name, path, chart) for name, path in targets], _audit_task, on_done)
+        # a worker's working directory is its own: it gets absolute paths (the same on a shared filesystem)
+        tasks = [(name, path if is_remote(path) else os.path.abspath(path), chart) for name, path in targets]
+        results = audit_on_cluster(scheduler, tasks, _audit_task, on_done)
         for i, r in enumerate(results):
             r["index"] = i
         return results

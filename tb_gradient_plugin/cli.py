@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .auditor import UsageError, audit_json, audit_runs, collect_runs, compare_runs, failing
 from .html_report import finding_name, layer_note, severity_text
+from .remote import RemoteLogdirError
 from .runs import load_run
 from .types import fails_explosion
 
@@ -141,7 +142,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for path in (args.run_a, args.run_b):
         try:
             runs.append(load_run(path, path))
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, RemoteLogdirError) as exc:  # their message names the path
             raise UsageError(str(exc)) from exc
     if not all(r.events for r in runs):
         raise UsageError("nothing could be read from " + " and ".join(r.name for r in runs if not r.events))

@@ -167,6 +167,8 @@ def test_missing_bucket_is_a_usage_error_naming_the_url(s3):
     assert proc.returncode == 2, proc.stderr
     assert url in proc.stderr and "no bucket named 'no-such-bucket-here'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _cli(dict(os.environ, **s3.env), "compare", f"{url}/a", f"{url}/b")
+    assert proc.returncode == 2 and f"{url}/a" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_missing_credentials_is_a_usage_error_naming_the_url(s3, local_logs):
