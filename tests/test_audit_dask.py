@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,11 @@ def test_unreachable_scheduler_is_exit_code_2(logdir):
 def test_scheduler_and_workers_exclude_each_other(logdir):
     proc = cli("audit", str(logdir), "--scheduler", "tcp://127.0.0.1:1", "--workers", "2")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+def test_without_dask_the_error_says_which_extra(logdir, monkeypatch):
+    from tb_gradient_plugin.auditor import UsageError
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # what `import distributed` meets where it is not installed
+    with pytest.raises(UsageError, match=r"needs dask.distributed: pip install 'tb_gradient_plugin\[dask\]'"):
+        audit(logdir, scheduler="tcp://127.0.0.1:1")
