@@ -35,6 +35,12 @@ setup(
         "keras": KERAS,
         "lightning": TORCH + ["lightning>=2.1"],
         "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
+        # s3:// and gs:// logdirs (fsspec is a core dependency; these are its protocols)
+        "remote": ["s3fs>=2023.1", "gcsfs>=2023.1"],
+        # tb-gradient audit --scheduler: the per-run audit on a Dask cluster
+        "dask": ["dask[distributed]>=2023.1"],
+        # RunAudit.to_pandas() in notebooks
+        "pandas": ["pandas>=1.5"],
         "test": [
             "pytest>=7",
             "pytest-timeout>=2.1",
@@ -43,6 +49,9 @@ setup(
             "playwright>=1.40",
             "tbparse>=0.0.9",
             "tensorboardX>=2.6",
+            "moto[server]>=5.0",  # a real S3-compatible server for the s3:// tests
+            "s3fs>=2023.1",
+            "pandas>=1.5",
         ],
     },
     entry_points={

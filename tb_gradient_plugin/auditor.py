@@ -2,8 +2,9 @@
 
 The auditor reads runs through the same run store and detector as the TensorBoard plugin, so both report the same
 episodes, to the step. Runs are read one by one (in worker processes when there are many), and each worker hands back
-only the report and a small chart summary: a 10 GB logdir never sits in memory at once. The command line lives in
-:mod:`.cli`, the notebook API in :mod:`.notebook`.
+only the report and a small chart summary: a 10 GB logdir never sits in memory at once. On a Dask cluster the same
+per-run task runs on its workers (:mod:`.fleet`). The command line lives in :mod:`.cli`, the notebook API in
+:mod:`.notebook`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from .detect import DetectorConfig, detect
 from .reader import is_remote
+from .remote import RemoteLogdirError
 from .run_report import failed_report, report_json
 from .runs import RunData, find_runs, load_run
 from .types import fails_explosion
@@ -75,7 +77,7 @@ def collect_runs(paths: Sequence[str], pattern: str | None = None) -> list[tuple
     for path in paths:
         try:
             runs = find_runs(path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, RemoteLogdirError) as exc:  # their message names the path
             raise UsageError(str(exc)) from exc
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc}") from exc
@@ -87,8 +89,18 @@ def collect_runs(paths: Sequence[str], pattern: str | None = None) -> list[tuple
 
 
 def audit_runs(targets: Sequence[tuple[str, str]], *, chart: bool = False, workers: int | None = None,
-               on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Audit every target, in parallel processes when there are many; results in the order of ``targets``."""
+               on_done: Callable[[dict], None] | None = None, scheduler: str | None = None) -> list[dict]:
+    """Audit every target, in parallel processes when there are many, or on a Dask cluster when ``scheduler`` is its
+    address; results in the order of ``targets``."""
+    if scheduler is not None:
+        from .fleet import audit_on_cluster
+
+        # a worker's working directory is its own: it gets absolute paths (the same on a shared filesystem)
+        tasks = [(name, path if is_remote(path) else os.path.abspath(path), chart) for name, path in targets]
+        results = audit_on_cluster(scheduler, tasks, _audit_task, on_done)
+        for i, r in enumerate(results):
+            r["index"] = i
+        return results
     if workers is None:
         big = _event_bytes(targets, PARALLEL_MIN_BYTES) >= PARALLEL_MIN_BYTES
         workers = min(len(targets), os.cpu_count() or 1, 8) if big else 1
@@ -142,15 +154,17 @@ def failing(results: Sequence[dict], fail_on: str) -> list[dict]:
 
 def audit_json(results: Sequence[dict], fail_on: str) -> dict:
     """The ``--json`` document (schema in docs/AUDIT_JSON.md)."""
-    runs = []
-    for r in results:
-        obj = dict(r["report"])
-        obj["layers"] = r["layers"]
-        obj["unknown_tags"] = list(r["unknown_tags"])
-        runs.append(obj)
     failed = failing(results, fail_on)
     return {"version": 1, "fail_on": fail_on, "failed": bool(failed),
-            "failed_runs": [r["report"]["run"] for r in failed], "runs": runs}
+            "failed_runs": [r["report"]["run"] for r in failed], "runs": [run_json(r) for r in results]}
+
+
+def run_json(result: dict) -> dict:
+    """One run's object of the ``--json`` document."""
+    obj = dict(result["report"])
+    obj["layers"] = result["layers"]
+    obj["unknown_tags"] = list(result["unknown_tags"])
+    return obj
 
 
 def _layer_stats(run: RunData, metric: str) -> dict[str, tuple[float, float]]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from .auditor import UsageError, audit_json, audit_runs, collect_runs, compare_runs, failing
 from .html_report import finding_name, layer_note, severity_text
+from .remote import RemoteLogdirError
 from .runs import load_run
 from .types import fails_explosion
 
@@ -117,7 +118,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         console=err, transient=True, disable=not err.is_terminal)
     with progress:
         task = progress.add_task("audit", total=len(targets))
-        results = audit_runs(targets, chart=bool(args.html), workers=args.workers,
+        results = audit_runs(targets, chart=bool(args.html), workers=args.workers, scheduler=args.scheduler,
                              on_done=lambda _r: progress.advance(task))
     _print_warnings(results)
     if not any(r["events"] for r in results):
@@ -153,7 +154,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for path in (args.run_a, args.run_b):
         try:
             runs.append(load_run(path, path))
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, RemoteLogdirError) as exc:  # their message names the path
             raise UsageError(str(exc)) from exc
     if not all(r.events for r in runs):
         raise UsageError("nothing could be read from " + " and ".join(r.name for r in runs if not r.events))
@@ -204,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which findings make the exit code 1 (default: explosion, i.e. explosion or nonfinite "
                        "episodes; any: any episode or loss spike)")
     audit.add_argument("--run", metavar="GLOB", help="only runs whose name matches this glob")
-    audit.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    where = audit.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="audit the runs on this Dask cluster "
+                       "(needs the [dask] extra; the workers must reach the logdir's paths)")
     compare = sub.add_parser("compare", help="compare two runs (e.g. with and without a fix)")
     compare.add_argument("run_a", metavar="RUN_A", help="run directory")
     compare.add_argument("run_b", metavar="RUN_B", help="run directory")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -325,35 +326,57 @@ def layer_note(episode: dict, finding: dict) -> str:
 
 def render(results: list[dict], title: str = "Gradient audit") -> str:
     """The whole report. ``results`` are the auditor's per-run results (``report`` JSON, ``layers``, ``chart``)."""
-    sections = []
-    for r in results:
-        rep, chart = r["report"], r.get("chart") or {}
-        parts = [f'<h2 id="run-{r["index"]}">{html.escape(rep["run"])} '
-                 f'<small>({html.escape(rep["source"])}, {rep["steps"]} steps, {r["layers"]} layers)</small></h2>']
-        if rep["episodes"]:
-            parts.append(_episodes_table(rep["episodes"]))
-        else:
-            parts.append('<p class="ok">No gradient episode found.</p>')
-        spikes = rep.get("spikes") or {}
-        if spikes.get("count"):
-            parts.append(f'<p class="spikes">{html.escape(spikes["summary"])}: not episodes (nothing broke).</p>')
-        amp = rep.get("amp") or {}
-        if amp.get("skipped") or amp.get("collapsed"):
-            parts.append(f'<p class="amp">{html.escape(amp["summary"])}.</p>')
-        if chart.get("loss") or chart.get("val_loss"):
-            parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
-        if chart.get("heatmap"):
-            parts.append(_heatmap_html(chart["heatmap"], rep["episodes"]))
-        elif not chart.get("loss"):
-            parts.append("<p>Nothing to draw: this run logged neither a loss nor per-layer norms.</p>")
-        if rep["warnings"]:
-            parts.append("<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in rep["warnings"])
-                         + "</ul>")
-        if r.get("unknown_tags"):
-            tags = ", ".join(f"<code>{html.escape(t)}</code>" for t in r["unknown_tags"][:50])
-            more = f" and {len(r['unknown_tags']) - 50} more" if len(r["unknown_tags"]) > 50 else ""
-            parts.append(f"<p><small>Tags not used by the audit: {tags}{more}</small></p>")
-        sections.append("".join(parts))
+    sections = [_run_section(r) for r in results]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{_summary_table(results)}'
             f'{"".join(sections)}</body></html>')
+
+
+#: The class that scopes the report's style when one run's section is shown inside another page (a notebook).
+FRAGMENT_CLASS = "tb-gradient-report"
+
+
+def run_fragment(result: dict) -> str:
+    """One run's section of the report (episodes, loss chart, heatmap), with its style scoped to it, for embedding
+    in a page that has its own (a notebook cell's output)."""
+    style = _scoped_css("." + FRAGMENT_CLASS)
+    return f'<div class="{FRAGMENT_CLASS}"><style>{style}</style>{_run_section(result)}</div>'
+
+
+def _scoped_css(scope: str) -> str:
+    """The report's style with every selector inside ``scope`` (``body`` becomes the scope itself)."""
+    rules = []
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", _CSS):
+        scoped = [scope if s.strip() == "body" else f"{scope} {s.strip()}" for s in selectors.split(",")]
+        rules.append(f"{','.join(scoped)}{{{body.strip()}}}")
+    return "".join(rules)
+
+
+def _run_section(r: dict) -> str:
+    rep, chart = r["report"], r.get("chart") or {}
+    parts = [f'<h2 id="run-{r["index"]}">{html.escape(rep["run"])} '
+             f'<small>({html.escape(rep["source"])}, {rep["steps"]} steps, {r["layers"]} layers)</small></h2>']
+    if rep["episodes"]:
+        parts.append(_episodes_table(rep["episodes"]))
+    else:
+        parts.append('<p class="ok">No gradient episode found.</p>')
+    spikes = rep.get("spikes") or {}
+    if spikes.get("count"):
+        parts.append(f'<p class="spikes">{html.escape(spikes["summary"])}: not episodes (nothing broke).</p>')
+    amp = rep.get("amp") or {}
+    if amp.get("skipped") or amp.get("collapsed"):
+        parts.append(f'<p class="amp">{html.escape(amp["summary"])}.</p>')
+    if chart.get("loss") or chart.get("val_loss"):
+        parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
+    if chart.get("heatmap"):
+        parts.append(_heatmap_html(chart["heatmap"], rep["episodes"]))
+    elif not chart.get("loss"):
+        parts.append("<p>Nothing to draw: this run logged neither a loss nor per-layer norms.</p>")
+    if rep["warnings"]:
+        parts.append("<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in rep["warnings"])
+                     + "</ul>")
+    if r.get("unknown_tags"):
+        tags = ", ".join(f"<code>{html.escape(t)}</code>" for t in r["unknown_tags"][:50])
+        more = f" and {len(r['unknown_tags']) - 50} more" if len(r["unknown_tags"]) > 50 else ""
+        parts.append(f"<p><small>Tags not used by the audit: {tags}{more}</small></p>")
+    return "".join(parts)

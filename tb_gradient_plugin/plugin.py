@@ -59,6 +59,9 @@ STATIC_TYPES = {
     ".woff2": "font/woff2",
 }
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Where :meth:`GradientsLoader.fix_flags` keeps a remote ``--logdir`` (``--logdir_spec``) only this plugin can read.
+REMOTE_LOGDIR_FLAG = "gradients_remote_logdir"
+REMOTE_LOGDIR_SPEC_FLAG = "gradients_remote_logdir_spec"
 
 
 class HTTPError(Exception):
@@ -139,10 +142,11 @@ class GradientsPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         flags = context.flags
-        spec_text = getattr(flags, "logdir_spec", "") if flags is not None else ""
+        spec_text = (getattr(flags, REMOTE_LOGDIR_SPEC_FLAG, "") or getattr(flags, "logdir_spec", "")) \
+            if flags is not None else ""
         reload_interval = getattr(flags, "reload_interval", 5.0) if flags is not None else 5.0
         self._backend = Backend(
-            context.logdir or None,
+            getattr(flags, REMOTE_LOGDIR_FLAG, None) or context.logdir or None,
             parse_logdir_spec(spec_text) if spec_text and not context.logdir else None,
             reload=reload_interval != 0,
             cache_dir=getattr(flags, "gradients_cache_dir", None) or None,
@@ -522,6 +526,26 @@ class GradientsLoader(base_plugin.TBLoader):
                            help="Memory budget of the Gradients tab for runs' full-resolution arrays mapped from "
                                 "the cache; least recently used runs are unmapped beyond it (default: "
                                 "$TB_GRADIENT_MEMORY_MB, else 400).")
+
+    def fix_flags(self, flags: Any) -> None:
+        """``--logdir s3://...`` (or a ``--logdir_spec`` holding one) with TensorFlow installed and no tensorflow-io:
+        TensorBoard refuses to start, since its loaders cannot open the URL. This plugin reads it through fsspec, so
+        it takes the flag's value for itself and leaves TensorBoard's own loaders none (their tabs stay empty), with a
+        warning that says so."""
+        if getattr(flags, "inspect", False):
+            return
+        from .remote import tensorboard_reads
+
+        for name, keep in (("logdir", REMOTE_LOGDIR_FLAG), ("logdir_spec", REMOTE_LOGDIR_SPEC_FLAG)):
+            value = getattr(flags, name, "") or ""
+            paths = parse_logdir_spec(value).values() if name == "logdir_spec" else [value]
+            unreadable = [p for p in paths if not tensorboard_reads(p)]
+            if unreadable:
+                setattr(flags, keep, value)
+                setattr(flags, name, "")
+                logger.warning("TensorBoard cannot open %s itself (TensorFlow without tensorflow-io): the Gradients "
+                               "tab reads it; TensorBoard's other tabs stay empty. Install tensorflow-io, or run "
+                               "TensorBoard without TensorFlow, for them.", ", ".join(unreadable))
 
     def load(self, context: base_plugin.TBContext) -> GradientsPlugin:
         return GradientsPlugin(context)

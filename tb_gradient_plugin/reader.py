@@ -60,8 +60,9 @@ REUSE_BUFFER_BYTES = 1024 * 1024
 HEAD_BYTES = 64
 #: the block at the end of what was read whose hash must not change while a file only grows
 TAIL_BYTES = 4096
-#: fsspec ``info`` keys that change when a file is written (the first one a filesystem gives is used).
-_STAMP_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
+#: fsspec ``info`` keys that change when a file is written (the first one a filesystem gives is used; an object
+#: store's ETag changes with every upload, its modification time only to the second).
+_STAMP_KEYS = ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def masked_crc32c(data: bytes | memoryview) -> int:
@@ -122,16 +123,15 @@ class RecordReader:
 
     def _size_and_reader(self):
         if is_remote(self.path):
-            import fsspec
+            from . import remote
 
-            fs, fpath = fsspec.core.url_to_fs(self.path)
+            # info comes from the run store's last (fresh) listing where there was one; a read is one ranged request
+            fs, fpath = remote.filesystem(self.path)
             info = fs.info(fpath)
             stamp = next((str(info[key]) for key in _STAMP_KEYS if info.get(key) is not None), None)
 
             def read(offset: int, n: int) -> bytes:
-                with fs.open(fpath, "rb") as f:
-                    f.seek(offset)
-                    return f.read(n)
+                return remote.read_range(fs, fpath, offset, n)
 
             return int(info["size"]), stamp, read
         local = _local(self.path)

@@ -414,13 +414,11 @@ def _list_event_dirs(root: str) -> dict[str, list[str]]:
     """Directory (relative to ``root``, posix, ``"."`` for root) -> full paths of its event files."""
     found: dict[str, list[str]] = {}
     if is_remote(root):
-        import fsspec
+        from . import remote
 
-        fs, base = fsspec.core.url_to_fs(root)
-        if not fs.exists(base):
-            return found
+        fs, base, files = remote.list_files(root)
         base = base.rstrip("/")
-        for path in fs.find(base, withdirs=False):
+        for path in files:
             directory, name = posixpath.split(path)
             if _is_event_file(name):
                 rel = posixpath.relpath(directory, base) if directory != base else "."
@@ -471,10 +469,9 @@ def _join(root: str, rel: str) -> str:
 
 def _check_exists(logdir: str) -> None:
     if is_remote(logdir):
-        import fsspec
+        from . import remote
 
-        fs, base = fsspec.core.url_to_fs(logdir)
-        if not fs.exists(base):
+        if not remote.exists(logdir):
             raise FileNotFoundError(f"no such logdir: {logdir}")
     elif not os.path.isdir(logdir[len("file://"):] if logdir.startswith("file://") else logdir):
         raise FileNotFoundError(f"no such logdir (or not a directory): {logdir}")
