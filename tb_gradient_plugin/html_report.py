@@ -311,7 +311,13 @@ def finding_name(finding: dict) -> str:
 
 
 def severity_text(episode: dict) -> str:
-    """Peak over baseline; none for findings that measure no excess (dead layers, AMP skips)."""
+    """Peak over baseline; none for findings that measure no excess (dead layers, AMP skips); for slow growth the
+    growth, for a saturated clip the share of steps it binds on."""
+    growth = episode.get("growth")
+    if growth:
+        if growth["signal"] == "saturated_clip":
+            return f"clip binds on {100 * growth['binding_share']:.0f} %"
+        return f"{_ratio(growth['factor'])} growth"
     return "—" if episode["kind"] in ("dead", "overflow_skip") else _ratio(episode["severity"])
 
 

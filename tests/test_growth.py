@@ -35,7 +35,8 @@ def _ramp_run(factor: float, *, loss_falls: bool = False, jump: bool = False, n:
     loss = (np.exp(-3 * t / n) if loss_falls else 1.0) * 2.0 + rng.normal(0, 0.02, n)
     return RunData("ramp", "tb_gradient_plugin", ["emb", "fc1", "fc2", "head"], t, {"grad_norm": g},
                    np.ones(g.shape, dtype=bool),
-                   {"loss": Series(t, loss), "total_grad_norm": Series(t, total), "clip_threshold": Series(t, np.ones(n))})
+                   {"loss": Series(t, loss), "total_grad_norm": Series(t, total),
+                    "clip_threshold": Series(t, np.ones(n))})
 
 
 def _online(run: RunData) -> dict:
@@ -100,7 +101,8 @@ def test_no_growth_on_the_demos_healthy_runs():
         assert [e.to_json() for e in rep.episodes if e.kind == GROWTH_KIND] == [], name
 
 
-def _train(logdir: str, clip: float, steps: int = 60, opt_cls: type = torch.optim.Adam) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _train(logdir: str, clip: float, steps: int = 60, opt_cls: type = torch.optim.Adam
+           ) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = opt_cls(model.parameters(), lr=1e-2)
