@@ -283,7 +283,6 @@ class GradientMonitor:
             self._loss = float(loss)
 
     @property
-    @property
     def clip(self) -> float | None:
         """The clipping threshold recorded with each logged step (None: none)."""
         return self._clip
@@ -296,6 +295,7 @@ class GradientMonitor:
                 raise ValueError(f"clip must be a positive finite number or None, got {value!r}")
         self._clip = value
 
+    @property
     def update_norm_paths(self) -> tuple[str | None, ...]:
         """Per optimizer, where the last logged step's update norms came from: ``"state"`` (the optimizer's own
         state, no weights copy), ``"copy"`` (a weights copy) or None (``update_norms=False``)."""
