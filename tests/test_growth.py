@@ -153,3 +153,28 @@ def test_adam_moment_norms_equal_the_optimizer_state(tmp_path):
     # an optimizer without moments records none
     _train(str(tmp_path / "sgd"), clip=1e6, steps=5, opt_cls=torch.optim.SGD)
     assert "exp_avg_norm" not in load_run(str(tmp_path / "sgd")).layer_metrics
+
+
+def test_cli_json_and_html_show_growth_and_fail_on_any_only(tmp_path, capsys):
+    import json
+
+    from tb_gradient_plugin import GradientWriter
+    from tb_gradient_plugin.cli import main
+
+    run = _ramp_run(70.0)
+    g, total = run.layer_metrics["grad_norm"], run.series["total_grad_norm"].values
+    with GradientWriter(tmp_path / "logs" / "ramp") as writer:
+        for i, step in enumerate(run.steps.tolist()):
+            writer.write(step, run.layers, grad_norm=g[i], total_grad_norm=float(total[i]),
+                         loss=float(run.series["loss"].values[i]), clip_threshold=1.0)
+    logs = str(tmp_path / "logs")
+    assert main(["audit", logs]) == 0  # --fail-on explosion: a warning is no failure
+    assert "clip binds on" in capsys.readouterr().out
+    assert main(["audit", logs, "--json", "--fail-on", "any"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    kinds = [(e["kind"], e["growth"]["signal"]) for e in doc["runs"][0]["episodes"]]
+    assert sorted(kinds) == [(GROWTH_KIND, "saturated_clip"), (GROWTH_KIND, "slow_growth")]
+    html = tmp_path / "report.html"
+    assert main(["audit", logs, "--html", str(html)]) == 0
+    text = html.read_text()
+    assert "growth" in text and "the learning rate is effectively set by the clip" in text
