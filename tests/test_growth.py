@@ -178,3 +178,16 @@ def test_cli_json_and_html_show_growth_and_fail_on_any_only(tmp_path, capsys):
     assert main(["audit", logs, "--html", str(html)]) == 0
     text = html.read_text()
     assert "growth" in text and "the learning rate is effectively set by the clip" in text
+
+
+def test_lead_time_table_of_the_suite():
+    from benchmarks import lead_time
+    from benchmarks.detection_suite import synthetic_cases
+
+    leads = lead_time.lead_times(synthetic_cases(True))
+    assert list(leads)[:2] == [lead_time.OURS, lead_time.OURS_WITHOUT] and len(leads) == 6
+    ours = leads[lead_time.OURS]
+    assert ours.events > 0 and len(ours.leads) == ours.events  # every event with a loss spike is caught
+    assert all(lead >= 0 for lead in ours.leads)  # and never after the loss blew up
+    table = lead_time.table(leads)
+    assert table.count("\n") == 7 and "median lead" in table
