@@ -54,6 +54,10 @@ def _print_tables(results: Sequence[dict], console) -> None:
         amp = rep.get("amp") or {}
         if amp.get("skipped") or amp.get("collapsed"):
             console.print(_esc(f"{rep['run']}: {amp['summary']}"), soft_wrap=True)
+        for e in rep["episodes"]:
+            if e.get("growth"):
+                console.print(_esc(f"{rep['run']}: {e['growth']['summary']} (a warning: nothing broke yet)"),
+                              soft_wrap=True)
         if not rep["episodes"]:
             continue
         table = Table(title=f"{_esc(rep['run'])} ({rep['source']})", title_justify="left", show_lines=True)

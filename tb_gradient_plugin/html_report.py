@@ -344,6 +344,8 @@ def render(results: list[dict], title: str = "Gradient audit") -> str:
         amp = rep.get("amp") or {}
         if amp.get("skipped") or amp.get("collapsed"):
             parts.append(f'<p class="amp">{html.escape(amp["summary"])}.</p>')
+        parts += [f'<p class="growth">{html.escape(e["growth"]["summary"])} (a warning: nothing broke yet).</p>'
+                  for e in rep["episodes"] if e.get("growth")]
         if chart.get("loss") or chart.get("val_loss"):
             parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
         if chart.get("heatmap"):

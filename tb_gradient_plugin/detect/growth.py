@@ -243,8 +243,7 @@ def _growth_episode(grown: list[_Grown], grad_metric: str, cfg: DetectorConfig) 
     info = {"signal": "slow_growth", "series": top.name, "factor": top.factor, "from_step": top.from_step,
             "to_step": top.to_step, "loss_before": top.loss_before, "loss_after": top.loss_after,
             "series_grown": len(ranked), "summary": summary}
-    advice = [f"{summary[0].upper()}{summary[1:]}.",
-              "Lower the learning rate, or look for what lets the weights grow (no weight decay, a missing "
+    advice = ["Lower the learning rate, or look for what lets the weights grow (no weight decay, a missing "
               "normalization); a clip only hides the growth from the loss."]
     return Episode(GROWTH_KIND, top.from_step, top.to_step, top.to_step, top.factor, finds, advice=advice, growth=info)
 
@@ -258,9 +257,8 @@ def _clip_episode(clip: ClipCount) -> Episode:
     first = clip.first_bound if clip.first_bound is not None else 0
     peak = clip.worst_step if clip.worst_step is not None else first
     finds = [LayerFinding(TOTAL, TOTAL, first, peak, clip.worst_ratio * clip.threshold, clip.worst_ratio)]
-    advice = [f"{summary[0].upper()}{summary[1:]} (pre-clip total norm above {clip.threshold:.3g} at "
-              f"{clip.bound:,} of {clip.judged:,} steps).",
-              "Raise the clip threshold to about the usual pre-clip norm so that it catches outliers only, or lower "
+    advice = [f"The pre-clip total norm was above {clip.threshold:.3g} at {clip.bound:,} of {clip.judged:,} steps: "
+              "raise the clip threshold to about the usual pre-clip norm so that it catches outliers only, or lower "
               "the learning rate to what the clip now sets."]
     return Episode(GROWTH_KIND, first, max(first, clip.last_step), peak, clip.worst_ratio, finds, advice=advice,
                    growth=info)
