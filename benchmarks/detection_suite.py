@@ -870,7 +870,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwall time: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
         if grp == "heavytail":
             print("\n" + heavytail_breakdown(sel))
+    print_lead_times(cases)
     return 0
+
+
+def print_lead_times(cases: list[Case]) -> None:
+    """The lead-time table (``lead_time.py``): logged steps from each detector's alarm to the loss spike."""
+    try:
+        from benchmarks import lead_time
+    except ImportError:  # run as a script from benchmarks/
+        import lead_time
+
+    print("\n### lead time (all groups with gradient norms)\n")
+    print(lead_time.table(lead_time.lead_times(cases)))
 
 
 def heavytail_breakdown(cases: list[Case]) -> str:

@@ -58,6 +58,10 @@ def _print_tables(results: Sequence[dict], console) -> None:
         amp = rep.get("amp") or {}
         if amp.get("skipped") or amp.get("collapsed"):
             console.print(_esc(f"{rep['run']}: {amp['summary']}"), soft_wrap=True)
+        for e in rep["episodes"]:
+            if e.get("growth"):
+                console.print(_esc(f"{rep['run']}: {e['growth']['summary']} (a warning: nothing broke yet)"),
+                              soft_wrap=True)
         found = _findings(rep)
         if not found:
             continue

@@ -78,12 +78,15 @@ METRIC_REGISTRY: tuple[Metric, ...] = (
     Metric("grad_max_abs", "layer", LAYER_TENSOR, "max |grad|", "absolute value"),
     Metric("nonfinite_count", "layer", LAYER_TENSOR, "non-finite entries", "entries"),
     Metric("grad_hist", "layer", HISTOGRAM, "gradient histogram", "entries per log10|g| bin"),
+    Metric("exp_avg_norm", "layer", LAYER_TENSOR, "Adam 1st moment norm", "L2 norm"),
+    Metric("exp_avg_sq_norm", "layer", LAYER_TENSOR, "Adam 2nd moment norm", "L2 norm"),
     Metric("loss", "step", SCALAR, "loss", ""),
     Metric("total_grad_norm", "step", SCALAR, "total grad norm", "L2 norm"),
     Metric("lr", "step", STEP_TENSOR, "learning rate", ""),
     Metric("loss_scale", "step", STEP_TENSOR, "loss scale", "factor"),
     Metric("step_skipped", "step", STEP_TENSOR, "skipped step", "1 = skipped"),
     Metric("guard_action", "step", STEP_TENSOR, "guard action", "action code"),
+    Metric("clip_threshold", "step", STEP_TENSOR, "clip threshold", "L2 norm"),
 )
 
 

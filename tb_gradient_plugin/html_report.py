@@ -312,7 +312,13 @@ def finding_name(finding: dict) -> str:
 
 
 def severity_text(episode: dict) -> str:
-    """Peak over baseline; none for findings that measure no excess (dead layers, AMP skips)."""
+    """Peak over baseline; none for findings that measure no excess (dead layers, AMP skips); for slow growth the
+    growth, for a saturated clip the share of steps it binds on."""
+    growth = episode.get("growth")
+    if growth:
+        if growth["signal"] == "saturated_clip":
+            return f"clip binds on {100 * growth['binding_share']:.0f} %"
+        return f"{_ratio(growth['factor'])} growth"
     return "—" if episode["kind"] in ("dead", "overflow_skip") else _ratio(episode["severity"])
 
 
@@ -366,6 +372,8 @@ def _run_section(r: dict) -> str:
     amp = rep.get("amp") or {}
     if amp.get("skipped") or amp.get("collapsed"):
         parts.append(f'<p class="amp">{html.escape(amp["summary"])}.</p>')
+    parts += [f'<p class="growth">{html.escape(e["growth"]["summary"])} (a warning: nothing broke yet).</p>'
+              for e in rep["episodes"] if e.get("growth")]
     if chart.get("loss") or chart.get("val_loss"):
         parts.append(_loss_svg(chart, rep["episodes"], rep["loss_spikes"], spikes.get("steps", [])))
     if chart.get("heatmap"):

@@ -27,7 +27,8 @@ class GradientMonitorCallback(MonitorCallback, pl.Callback):
     ``logdir`` None (the default) writes into the trainer's ``TensorBoardLogger`` run (into its own event file, so the
     Gradients tab and Lightning's scalars are one run); without a TensorBoard logger, into ``trainer.log_dir``. The
     other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`. Steps are numbered like
-    ``trainer.global_step`` (the step Lightning logs ``self.log`` values at).
+    ``trainer.global_step`` (the step Lightning logs ``self.log`` values at). A ``gradient_clip_val`` clipping the
+    norm (Lightning's default algorithm) is recorded as the clip threshold (unless ``clip=`` is given).
     """
 
     # --------------------------------------------------------------------------------------------------- lifecycle
@@ -36,9 +37,10 @@ class GradientMonitorCallback(MonitorCallback, pl.Callback):
         self._close()
         logdir, writer = self._target(trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        options = {"clip": _norm_clip(trainer), **self._options}
         self.monitor = GradientMonitor(
             pl_module, list(trainer.optimizers), logdir, writer=writer, scaler=scaler, grads_at="manual",
-            on_explosion=self._new_guard(), **self._options,
+            on_explosion=self._new_guard(), **options,
         )
         self.monitor.set_global_step(trainer.global_step)  # resumed runs continue their numbering
 
@@ -67,3 +69,12 @@ class GradientMonitorCallback(MonitorCallback, pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 return None, logger.experiment
         return trainer.log_dir or trainer.default_root_dir, None
+
+
+def _norm_clip(trainer: pl.Trainer) -> float | None:
+    """The total-norm clip Lightning applies, or None (no clipping, or clipping by value)."""
+    value = getattr(trainer, "gradient_clip_val", None)
+    algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+    if not value or str(getattr(algorithm, "value", algorithm) or "norm").lower() != "norm":
+        return None
+    return float(value)

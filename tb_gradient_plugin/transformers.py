@@ -28,8 +28,9 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
     ``logdir`` None (the default) writes into the Trainer's TensorBoard run (``report_to`` including
     ``"tensorboard"``: ``logging_dir`` in transformers 4.x, ``$TENSORBOARD_LOGGING_DIR`` or HF's default in 5.x);
     without one, into ``<output_dir>/runs/<time>_<host>`` as HF would name it. Steps are numbered
-    like HF's ``state.global_step`` after the step (the step HF logs ``train/loss`` and ``train/grad_norm`` at). The
-    other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`.
+    like HF's ``state.global_step`` after the step (the step HF logs ``train/loss`` and ``train/grad_norm`` at).
+    ``args.max_grad_norm`` is recorded as the clip threshold (unless ``clip=`` is given). The other options are those
+    of :class:`~tb_gradient_plugin.torch.GradientMonitor`.
     """
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -40,9 +41,11 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
             raise RuntimeError("the Trainer passed no model or optimizer to GradientMonitorCallback.on_train_begin")
         logdir = self._logdir(args, state) if state.is_world_process_zero else None
         self._new_guard()
+        clip = getattr(args, "max_grad_norm", None)  # HF clips the total norm at it when it is positive
+        options = {"clip": float(clip) if clip else None, **self._options}
         self.monitor = GradientMonitor(
             model, getattr(optimizer, "optimizer", optimizer), logdir, scaler=getattr(optimizer, "scaler", None),
-            on_explosion=self._guard, **self._options,
+            on_explosion=self._guard, **options,
         )
         # HF counts a step once it is done and logs at that count: record optimizer step k at k + 1 like it does.
         self.monitor.set_global_step(state.global_step + 1)

@@ -15,6 +15,9 @@ import numpy as np
 #: The kind of validation findings: a validation metric worsened after its best point, or went non-finite. Not a
 #: gradient explosion (``Episode.validation`` says which and why), so ``--fail-on explosion`` does not fail on it.
 VAL_KIND = "val_degradation"
+#: The kind of slow-growth and saturated-clip findings: warnings (nothing broke yet), never an explosion, so only
+#: ``--fail-on any`` fails on them. ``Episode.growth`` says which and why.
+GROWTH_KIND = "growth"
 #: Name used in findings for the run-level total gradient norm (not a layer of the model).
 TOTAL = "total_grad_norm"
 
@@ -116,6 +119,13 @@ def _json_float(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _json_floats(doc: dict | None) -> dict | None:
+    """A flat finding object with its non-finite floats as null."""
+    if doc is None:
+        return None
+    return {k: _json_float(v) if isinstance(v, float) else v for k, v in doc.items()}
+
+
 @dataclass
 class LayerFinding:
     """One layer's part in an episode: which metric crossed, when first, when highest, and how far above baseline."""
@@ -151,6 +161,8 @@ class Episode:
     chronic: dict | None = None
     #: kind dead: layers whose gradient died (layers, of, from_step, after_episode, restart_before)
     dead: dict | None = None
+    #: kind growth: slow growth or a saturated clip (signal, summary and its numbers; see docs/AUDIT_JSON.md)
+    growth: dict | None = None
 
     def to_json(self) -> dict:
         """JSON object; non-finite floats become null (JSON has no NaN/Inf)."""
@@ -158,7 +170,8 @@ class Episode:
                 "peak_step": self.peak_step, "severity": _json_float(self.severity),
                 "layers": [f.to_json() for f in self.layers], "loss_spike_step": self.loss_spike_step,
                 "advice": list(self.advice), "validation": self.validation,
-                "confirmed_by": list(self.confirmed_by), "chronic": self.chronic, "dead": self.dead}
+                "confirmed_by": list(self.confirmed_by), "chronic": self.chronic, "dead": self.dead,
+                "growth": _json_floats(self.growth)}
 
 
 #: Why a group of crossings is an explosion: a level that stayed up, the loss spiked after it, the applied update
@@ -166,7 +179,8 @@ class Episode:
 #: collapsed right after it (units the update killed).
 CONFIRMATIONS = ("persistent", "loss_reaction", "update_ratio", "extreme", "collapse")
 #: Kinds that fail ``--fail-on explosion``. A chronic finding exists only where something broke (one of its spikes was
-#: an explosion, or the loss suffered), so it always does.
+#: an explosion, or the loss suffered), so it always does. Slow growth and a saturated clip (kind ``growth``) are
+#: warnings: nothing broke yet, so they fail ``--fail-on any`` only.
 FAILING_KINDS = ("explosion", "nonfinite", "chronic")
 
 

@@ -257,6 +257,9 @@ class GradientWriter:
         loss_scale: Any = None,
         step_skipped: Any = None,
         guard_action: Any = None,
+        clip_threshold: Any = None,
+        exp_avg_norm: Any = None,
+        exp_avg_sq_norm: Any = None,
         wall_time: float | None = None,
     ) -> None:
         """Record one logged step. Every metric is optional; per-layer ones hold one value per entry of ``layers``.
@@ -270,13 +273,16 @@ class GradientWriter:
             "update_norm": update_norm,
             "grad_max_abs": grad_max_abs,
             "nonfinite_count": nonfinite_count,
+            "exp_avg_norm": exp_avg_norm,
+            "exp_avg_sq_norm": exp_avg_sq_norm,
         }
         step = _check_step(step)
         names = self._check_layers(layers)
         arrays = [(m, _as_vector(m, data, len(names))) for m, data in per_layer.items() if data is not None]
         scalars = [fmt.scalar_value(m, _as_float(m, data))
                    for m, data in (("loss", loss), ("total_grad_norm", total_grad_norm)) if data is not None]
-        extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action}
+        extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action,
+                  "clip_threshold": clip_threshold}
         scalars += [fmt.step_value(m, _as_float(m, data)) for m, data in extras.items() if data is not None]
         self._emit(step, wall_time, names, arrays, scalars)
 

@@ -57,7 +57,8 @@ def _our_run(logdir, steps, *, layers=LAYERS, histograms_every: int = 0, seed: i
             w.write(step, names, grad_norm=g, param_norm=g * 3, update_norm=g * 1e-3, grad_max_abs=g / 7,
                     nonfinite_count=np.isnan(g).astype(np.float32), total_grad_norm=float(np.nansum(g)),
                     loss=float(rng.normal()), lr=1e-3, loss_scale=2.0 ** (i % 5), step_skipped=i % 2,
-                    guard_action=0, wall_time=1_700_000_000.0 + i if i % 13 else 0.0)
+                    guard_action=0, clip_threshold=1.0, exp_avg_norm=g * 0.1, exp_avg_sq_norm=g * g * 0.01,
+                    wall_time=1_700_000_000.0 + i if i % 13 else 0.0)
             if histograms_every and i % histograms_every == 0:
                 w.write_histograms(step, names, rng.integers(0, 100, size=(len(names), fmt.HIST_BINS)))
     return _only_file(logdir)

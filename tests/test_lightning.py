@@ -111,6 +111,9 @@ def test_fit_writes_into_the_loggers_run_with_accumulation_and_clipping(tmp_path
     total = run.series["total_grad_norm"].values
     np.testing.assert_allclose(total, np.sqrt((expected ** 2).sum(axis=1)), rtol=1e-5)
     assert (total > clip).all()  # recorded before clipping ...
+    # gradient_clip_val (by norm, Lightning's default) is recorded as the clip threshold, with every step
+    np.testing.assert_allclose(run.series["clip_threshold"].values, clip, rtol=1e-6)
+    assert run.series["clip_threshold"].steps.tolist() == list(range(12))
     # ... while the applied SGD update was clipped: update = lr * grad * clip / total
     later = slice(1, None)  # the first step's weights copy needs gradients at the optimizer's pre-step hook
     np.testing.assert_allclose(run.layer_metrics["update_norm"][later],

@@ -100,6 +100,9 @@ def test_train_writes_into_hf_tensorboard_run_with_clipping_and_accumulation(tmp
     hf = np.array([probe.grad_norm[s] for s in range(1, 11)])
     np.testing.assert_allclose(run.series["total_grad_norm"].values, hf, rtol=1e-4)
     assert (hf > 0.1).all()  # so every step was clipped: the recorded norms are from before clipping
+    # max_grad_norm is recorded as the clip threshold, with every step
+    assert run.series["clip_threshold"].steps.tolist() == list(range(1, 11))
+    np.testing.assert_allclose(run.series["clip_threshold"].values, 0.1, rtol=1e-6)
     # HF's own scalars are in the same run, on the same steps
     assert run.series["loss"].steps.tolist() == list(range(1, 11))
     np.testing.assert_allclose(run.series["loss"].values, [probe.loss[s] for s in range(1, 11)], rtol=1e-5)

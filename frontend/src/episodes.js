@@ -11,8 +11,15 @@ const KIND_LABEL = {
   overflow_skip: "Overflow skips",
   chronic: "Chronic instability",
   dead: "Dead layers",
+  growth: "Slow growth",
   val_degradation: "Validation degradation",
 };
+
+/** A growth finding is slow growth or a saturated clip: the badge says which. */
+function kindLabel(ep) {
+  if (ep.growth && ep.growth.signal === "saturated_clip") return "Saturated clip";
+  return KIND_LABEL[ep.kind] || ep.kind;
+}
 
 /** A peak-over-baseline ratio; null stands for infinity (a non-finite value). */
 function ratioText(ratio) {
@@ -31,11 +38,15 @@ function episodeHead(ep, i) {
   const v = ep.validation;
   if (!v) {
     return [
-      h("span", { class: "badge", text: `#${i + 1} ${KIND_LABEL[ep.kind] || ep.kind}` }),
+      h("span", { class: "badge", text: `#${i + 1} ${kindLabel(ep)}` }),
       h("span", { class: "ep-steps", text: ep.start_step === ep.end_step
         ? `step ${formatStep(ep.start_step)}`
         : `steps ${formatStep(ep.start_step)}–${formatStep(ep.end_step)}, peak ${formatStep(ep.peak_step)}` }),
-      ep.dead
+      ep.growth
+        ? h("span", { class: "ep-severity", text: ep.growth.signal === "saturated_clip"
+          ? `clip binds on ${Math.round(100 * ep.growth.binding_share)} % of steps`
+          : `×${formatValue(ep.growth.factor)} over the run` })
+        : ep.dead
         ? h("span", { class: "ep-severity", text: deadHead(ep.dead) })
         : h("span", { class: "ep-severity", title: "severity", text: `severity ${ep.severity === null ? "∞ (non-finite)" : formatValue(ep.severity)}` }),
     ];
@@ -102,9 +113,13 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
       },
       h("div", { class: "ep-head" }, episodeHead(ep, i)),
       ep.validation ? validationFacts(ep.validation) : null,
+      ep.growth ? h("p", { class: "growth-summary", dataset: { signal: ep.growth.signal },
+        text: `${ep.growth.summary[0].toUpperCase()}${ep.growth.summary.slice(1)}. A warning: nothing broke yet.` })
+        : null,
       top.length
         ? h("div", { class: "ep-layers" },
           h("span", { class: "ep-label", text: ep.dead ? "Dead layers:"
+            : ep.growth ? (ep.growth.signal === "saturated_clip" ? "Clipped series:" : "Grown series:")
             : top.every((f) => f.metric === "total_grad_norm") ? "Run-level series:"
               : top.length > 1 ? "Offending layers:" : "Offending layer:" }),
           top.slice(0, 3).map((f, j) => h("button", {

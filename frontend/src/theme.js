@@ -22,7 +22,7 @@ const LIGHT = {
   selected: "#1a73e8",
   nonfinite: [255, 23, 68],
   episode: { explosion: "#f57c00", nonfinite: "#d50000", overflow_skip: "#8e24aa", val_degradation: "#9334e6",
-    chronic: "#ef6c00", dead: "#546e7a" },
+    chronic: "#ef6c00", dead: "#546e7a", growth: "#b08800" },
   episodeAlpha: 0.16,
 };
 
@@ -47,7 +47,7 @@ const DARK = {
   accent: "#ff9800",
   selected: "#8ab4f8",
   episode: { explosion: "#ff9800", nonfinite: "#ff5252", overflow_skip: "#ce93d8", val_degradation: "#d7aefb",
-    chronic: "#ffb74d", dead: "#90a4ae" },
+    chronic: "#ffb74d", dead: "#90a4ae", growth: "#e0c050" },
   episodeAlpha: 0.22,
 };
 

@@ -54,6 +54,13 @@ class DetectorConfig:
     val_smooth: int = 3  # running median over this many evaluations before the best point is chosen
     val_min_worsening: float = 0.05  # recent validation this much worse (relative) than its best: degraded ...
     val_noise_z: float = 3.0  # ... and this many times the series' own evaluation-to-evaluation noise
+    growth_ratio: float = 30.0  # slow growth: a gradient norm's level rose this many times from its low point ...
+    growth_block: int = 16  # ... judged on medians of this many points (noise and single spikes do not count) ...
+    growth_min_blocks: int = 6  # ... rising over at least this many blocks, the level held at the end ...
+    growth_end_blocks: int = 3  # ... (the median of the last this many blocks) ...
+    growth_max_jump: float = 0.5  # ... no two blocks in a row carrying more than this share of the rise (a jump) ...
+    growth_loss_gain: float = 0.05  # ... while the loss improved by less than this share over the rise
+    clip_saturated_share: float = 0.5  # saturated clip: the pre-clip total norm above the threshold at this share
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.window_blocks < 1:
@@ -76,5 +83,12 @@ class DetectorConfig:
         for name in ("extreme_ratio", "update_blowup"):
             if not getattr(self, name) > 1.0:
                 raise ValueError(f"{name} must be above 1, got {getattr(self, name)!r}")
+        if not self.growth_ratio > 1.0:
+            raise ValueError(f"growth_ratio must be above 1, got {self.growth_ratio!r}")
+        if self.growth_block < 1 or self.growth_min_blocks < 2 or self.growth_end_blocks < 1:
+            raise ValueError("growth_block and growth_end_blocks must be at least 1, growth_min_blocks at least 2")
+        for name in ("growth_max_jump", "growth_loss_gain", "clip_saturated_share"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         if not 0.0 < self.hist_tail_share < 1.0:
             raise ValueError(f"hist_tail_share must be between 0 and 1, got {self.hist_tail_share!r}")

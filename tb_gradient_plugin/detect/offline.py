@@ -17,12 +17,13 @@ from .advice import Context
 from .baseline import Points, log_positive, solve
 from .config import DetectorConfig
 from .episodes import build_episodes, spike_summary
+from .growth import GrowthTrack, growth_findings, log_level, with_growth
 from .histograms import run_histograms
 from .rows import AmpState, Crossing, LossRow, Metric, RowBook, dead_runs, run_warnings
 from .validation import judge_validation, with_validation
 
 #: The per-step series the detector judges (besides the validation series).
-_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr")
+_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr", "clip_threshold")
 
 
 @dataclass
@@ -61,9 +62,44 @@ def detect(run: RunData, config: DetectorConfig | None = None) -> Report:
     ctx = _context(ax.steps, ser, run, steps, norms, cfg)
     found = build_episodes(book.ordered(), list(run.layers), grad_metric, loss_rows, ctx, cfg, book)
     val = judge_validation(run.series, ser["loss"], found.episodes, found.loss_spikes, cfg)
-    return Report(run.name, run.source, int(ax.steps.size), with_validation(found.episodes, found.loss_spikes, val),
-                  found.loss_spikes, warnings, val, spike_summary(found.transients, int(ax.steps.size)),
-                  _amp_skips(ax, ser))
+    loss = ser["loss"]
+    growth = growth_findings(_growth_track(run, steps, ax, ser, cfg), list(run.layers), grad_metric,
+                             np.zeros(0, np.int64) if loss is None else np.asarray(loss.steps, dtype=np.int64),
+                             np.zeros(0) if loss is None else np.asarray(loss.values, dtype=np.float64), cfg)
+    episodes = with_growth(with_validation(found.episodes, found.loss_spikes, val), found.loss_spikes, growth)
+    return Report(run.name, run.source, int(ax.steps.size), episodes, found.loss_spikes, warnings, val,
+                  spike_summary(found.transients, int(ax.steps.size)), _amp_skips(ax, ser))
+
+
+def _growth_track(run: RunData, steps: np.ndarray, ax: _StepAxis, ser: dict[str, Series | None],
+                  cfg: DetectorConfig) -> GrowthTrack:
+    """The block levels of the gradient norms and the clip counts, as the online detector gathers them."""
+    track = GrowthTrack.new(cfg)
+    gm = run.layer_metrics.get("grad_norm")
+    if gm is None:
+        gm = run.layer_metrics.get("grad_max_abs")
+    n_layers = len(run.layers)
+    if gm is not None and n_layers and steps.size:
+        present = run.present if run.present.shape == (steps.size, n_layers) else np.ones(gm.shape, dtype=bool)
+        ok = present & ~ax.skipped[np.searchsorted(ax.steps, steps)][:, None]
+        for a in range(0, steps.size, 256 * cfg.growth_block):
+            b = min(steps.size, a + 256 * cfg.growth_block)
+            track.layers.extend(steps[a:b], log_level(gm[a:b], ok[a:b]))
+    tot = ser["total_grad_norm"]
+    if tot is None:
+        return track
+    ts, tv = np.asarray(tot.steps, dtype=np.int64), np.asarray(tot.values, dtype=np.float64)
+    skipped = ax.skipped[np.searchsorted(ax.steps, ts)]
+    track.total.extend(ts, log_level(tv, ~skipped)[:, None])
+    clip = ser["clip_threshold"]
+    if clip is not None:
+        cs, cv = np.asarray(clip.steps, dtype=np.int64), np.asarray(clip.values, dtype=np.float64)
+        k = np.searchsorted(cs, ts, side="right") - 1
+        thr = np.where(k >= 0, cv[np.maximum(k, 0)], np.nan)
+        with np.errstate(invalid="ignore"):
+            judged = ~skipped & np.isfinite(tv) & np.isfinite(thr) & (thr > 0) & (tv >= 0)
+        track.clip.extend(ts[judged], tv[judged], thr[judged])
+    return track
 
 
 def _amp_skips(ax: _StepAxis, ser: dict[str, Series | None]) -> AmpSkips | None:

@@ -20,6 +20,7 @@ from .advice import Context
 from .baseline import Baseline, log_positive
 from .config import DetectorConfig
 from .episodes import build_episodes, spike_summary
+from .growth import GrowthTrack, clip_points, growth_findings, log_level, with_growth
 from .rows import AmpState, Crossing, DeadTracker, LossRow, Metric, RowBook, run_warnings
 from .validation import judge_validation, validation_series, with_validation
 
@@ -74,6 +75,8 @@ class OnlineDetector:
         self._val: dict[str, tuple[list[int], list[float]]] = {}
         self._hist: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         self._last_hist_step: int | None = None
+        self._growth = GrowthTrack.new(self.cfg)
+        self._clip = math.nan  # the clip threshold in force (the last one recorded)
 
     def add_histograms(self, step: int, layers: Sequence[str], counts: np.ndarray) -> None:
         """Record one step's per-layer gradient histograms (``counts[len(layers), HIST_BINS]`` on the format's bins)."""
@@ -133,8 +136,13 @@ class OnlineDetector:
         book = self._book
         if layers:
             self._judge_layers(u, step, layers, metrics, skip, overflow)
+        if "clip_threshold" in sc:
+            self._clip = sc["clip_threshold"]
         if "total_grad_norm" in sc:
             tv = sc["total_grad_norm"]
+            self._growth.total.add(step, log_level(np.asarray([tv]), np.asarray([not skip])))
+            if clip_points(tv, self._clip, skip):
+                self._growth.clip.add(step, tv, self._clip)
             self._total[0].append(step)
             self._total[1].append(tv)
             logv, ok = log_positive(np.asarray([tv]))
@@ -242,6 +250,7 @@ class OnlineDetector:
         crossings: list[Crossing] = []
         if g is not None:
             self._saw_norms = True
+            self._growth.layers.add(step, log_level(g, present & (not skip)))
             eng.grad.grow(n)
             with np.errstate(invalid="ignore"):
                 self._book.add_collapsed(u, valid & (g == 0))
@@ -289,6 +298,9 @@ class OnlineDetector:
         series = {k: Series(np.asarray(st, dtype=np.int64), np.asarray(v, dtype=np.float64))
                   for k, (st, v) in self._val.items()}
         val = judge_validation(series, loss, found.episodes, found.loss_spikes, cfg)
-        return Report(self.name, self.source, len(self._steps), with_validation(found.episodes, found.loss_spikes, val),
-                      found.loss_spikes, warnings, val, spike_summary(found.transients, len(self._steps)),
+        growth = growth_findings(self._growth, self._layers, self._grad_metric or "grad_norm",
+                                 np.asarray(self._loss[0], dtype=np.int64), np.asarray(self._loss[1]), cfg)
+        episodes = with_growth(with_validation(found.episodes, found.loss_spikes, val), found.loss_spikes, growth)
+        return Report(self.name, self.source, len(self._steps), episodes, found.loss_spikes, warnings, val,
+                      spike_summary(found.transients, len(self._steps)),
                       replace(self._amp, logged_steps=len(self._steps)) if self._amp_seen else None)

@@ -83,6 +83,9 @@ class _StepState:
     snapshots: dict[int, tuple[list[torch.Tensor], Plan]] = field(default_factory=dict)
     state_updates: dict[int, tuple[optim_updates.StateUpdate, Plan]] = field(default_factory=dict)
     update_lost: bool = False  # an optimizer's update was not determined: no update norms this step
+    exp_avg_sq: torch.Tensor | None = None  # squared norms of Adam's first moment per layer ...
+    exp_avg_sq_sq: torch.Tensor | None = None  # ... and of its second moment
+    moment_optimizers: int = 0  # optimizers that contributed them (all must, or none are written)
     guard_action: int | None = None  # the explosion guard's decision for this step, once made
 
 
@@ -121,6 +124,9 @@ class GradientMonitor:
         on_explosion: the explosion guard (:mod:`tb_gradient_plugin.guard`): ``"warn"``, ``"raise"``, ``"skip"``, a
             callable that gets the episode and may return ``"skip"``, or an ``ExplosionGuard``. Every step is then
             measured and judged before the optimizer applies it (see ``docs/INTEGRATIONS.md``). None: no guard.
+        clip: the total-norm clipping threshold the training loop applies (``clip_grad_norm_(params, clip)``),
+            recorded with every logged step so the audit can tell how often the clip binds (the norms recorded are
+            the pre-clip ones). Change :attr:`clip` when the loop changes it. None: no clipping recorded.
     """
 
     def __init__(
@@ -141,8 +147,10 @@ class GradientMonitor:
         group_by: Callable[[str], str] | None = None,
         flush_secs: float = 2.0,
         on_explosion: OnExplosion = None,
+        clip: float | None = None,
     ) -> None:
         check_cadence(every, histograms_every)
+        self.clip = clip
         if grads_at not in ("backward", "step", "manual"):
             raise ValueError(f"grads_at must be 'backward', 'step' or 'manual', got {grads_at!r}")
         self._guard = ExplosionGuard.resolve(on_explosion)
@@ -273,6 +281,19 @@ class GradientMonitor:
             self._loss = loss.detach()
         else:
             self._loss = float(loss)
+
+    @property
+    def clip(self) -> float | None:
+        """The clipping threshold recorded with each logged step (None: none)."""
+        return self._clip
+
+    @clip.setter
+    def clip(self, value: float | None) -> None:
+        if value is not None:
+            value = float(value)
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"clip must be a positive finite number or None, got {value!r}")
+        self._clip = value
 
     @property
     def update_norm_paths(self) -> tuple[str | None, ...]:
@@ -438,7 +459,22 @@ class GradientMonitor:
             del snaps
         if state is not None and k in state.state_updates:
             self._state_update_norms(state, k, optimizer, *state.state_updates.pop(k))
+        if state is not None and self._logged():
+            self._moment_norms(state, k, optimizer)
         self._optimizer_done(k)
+
+    def _moment_norms(self, state: _StepState, k: int, optimizer: torch.optim.Optimizer) -> None:
+        """Norms of Adam's moments per layer, read from the optimizer's state after the step (no copy, no sync)."""
+        plan = self._plan_for(self._params[k], self._layer_of[k])
+        found = False
+        for g in plan.groups:
+            moments = optim_updates.adam_moments(optimizer, g.params)
+            if moments is None:
+                continue
+            found = True
+            for name, tensors in zip(("exp_avg_sq", "exp_avg_sq_sq"), moments, strict=True):
+                self._accumulate(state, name, g, squared_norms(tensors, g.index.device))
+        state.moment_optimizers += found
 
     def _state_update_norms(self, state: _StepState, k: int, optimizer: torch.optim.Optimizer,
                             pending: optim_updates.StateUpdate, plan: Plan) -> None:
@@ -618,6 +654,8 @@ class GradientMonitor:
         for name in ("param_sq", "update_sq"):
             if getattr(state, name) is not None and not (name == "update_sq" and state.update_lost):
                 parts.append((name, getattr(state, name)))
+        if state.exp_avg_sq is not None and state.moment_optimizers == len(self._optimizers):
+            parts += [("exp_avg_sq", state.exp_avg_sq), ("exp_avg_sq_sq", state.exp_avg_sq_sq)]
         if isinstance(loss, torch.Tensor):
             parts.append(("loss", loss))
         if state.loss_scale is not None:
@@ -656,6 +694,11 @@ class GradientMonitor:
                 kwargs["param_norm"] = np.sqrt(values["param_sq"][present])
             if "update_sq" in values:
                 kwargs["update_norm"] = np.sqrt(values["update_sq"][present])
+            if "exp_avg_sq" in values:
+                kwargs["exp_avg_norm"] = np.sqrt(values["exp_avg_sq"][present])
+                kwargs["exp_avg_sq_norm"] = np.sqrt(values["exp_avg_sq_sq"][present])
+            if self._clip is not None:
+                kwargs["clip_threshold"] = self._clip
             if "loss" in values:
                 kwargs["loss"] = float(values["loss"][0])
             elif isinstance(loss, float):

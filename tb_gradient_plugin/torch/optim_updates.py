@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StateUpdate", "UpdateModelError", "hyperparameters", "unsupported_reason"]
+__all__ = ["StateUpdate", "UpdateModelError", "adam_moments", "hyperparameters", "unsupported_reason"]
 
 #: Entries per piece: tensors are walked in flat pieces of this size through one buffer, on the CPU small enough to
 #: stay in cache, on an accelerator large enough that the kernel launches per piece do not matter.
@@ -273,3 +273,28 @@ def _piece_norms_sq(lists: list[list[torch.Tensor]], kernel: Any, dtype: torch.d
     if norms:
         result.index_add_(0, torch.tensor(owners, device=device), torch.stack(norms).to(dtype).square_())
     return result
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Adam's first and second moments (``exp_avg``, ``exp_avg_sq``) of each of ``params`` as the optimizer keeps
+    them (the local shard of a sharded one), for their norms: an early warning, as the second moment lags the
+    gradient it averages. A parameter without state yet contributes an empty tensor (norm 0); None where the
+    optimizer keeps no such moments (SGD, ...). Any optimizer whose state has both keys qualifies (Adam, AdamW,
+    NAdam, RAdam)."""
+    firsts: list[torch.Tensor] = []
+    seconds: list[torch.Tensor] = []
+    seen = False
+    for p in params:
+        st = optimizer.state.get(p)
+        m = st.get("exp_avg") if isinstance(st, dict) else None
+        v = st.get("exp_avg_sq") if isinstance(st, dict) else None
+        if isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor):
+            seen = True
+            firsts.append(_local(m))
+            seconds.append(_local(v))
+        else:
+            empty = _local(p.detach()).new_zeros(0)
+            firsts.append(empty)
+            seconds.append(empty)
+    return (firsts, seconds) if seen else None
