@@ -108,6 +108,8 @@ class Batch:
     scalar_blocks: list[ScalarBlock] = field(default_factory=list)
     other_tags: set[str] = field(default_factory=set)  # tags seen that are neither ours nor scalars
     events: int = 0
+    #: (step, int64 sample ids) of every logged batch, in file order
+    batch_ids: list[tuple[int, np.ndarray]] = field(default_factory=list)
     has_more: bool = False
 
     @cached_property
@@ -194,6 +196,7 @@ class Collector:
         self.layers: dict[tuple[str, str], tuple[tuple[str, ...], Parts]] = {}
         self.scalars: dict[tuple[str, bool], Parts] = {}
         self.other_tags: set[str] = set()
+        self.batch_ids: list[tuple[int, np.ndarray]] = []
         self.events = 0
 
     def layer(self, metric: str, layout: str, layers: tuple[str, ...]) -> Parts:
@@ -216,4 +219,4 @@ class Collector:
         # Blocks in the order their first values were written: the run store takes first-seen layer order from it.
         layer_blocks.sort(key=lambda b: b.first_order)
         scalar_blocks.sort(key=lambda b: int(b.order[0]))
-        return Batch(layer_blocks, scalar_blocks, self.other_tags, self.events)
+        return Batch(layer_blocks, scalar_blocks, self.other_tags, self.events, batch_ids=self.batch_ids)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .auditor import UsageError, audit_json, audit_runs, collect_runs, compare_runs, failing
 from .html_report import finding_name, layer_note, severity_text
 from .runs import load_run
+from .sample_ids import skip_list
 from .types import fails_explosion
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -121,6 +122,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 f.write(render(results, title=f"Gradient audit of {', '.join(args.paths)}"))
         except OSError as exc:
             raise UsageError(f"cannot write the HTML report {args.html}: {exc}") from exc
+    if args.skip_list:
+        _write_skip_list(args.skip_list, results)
     if args.json:
         json.dump(audit_json(results, args.fail_on), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -131,6 +134,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.fail_on != "never" and failing(results, args.fail_on):
         return EXIT_FINDINGS
     return EXIT_OK
+
+
+def _write_skip_list(path: str, results: Sequence[dict]) -> None:
+    """The batches at the episodes' peaks, per run, as JSON (format in docs/AUDIT_JSON.md)."""
+    doc = skip_list([r["report"] for r in results])
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write the skip list {path}: {exc}") from exc
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -191,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--fail-on", choices=("never", "explosion", "nonfinite", "any"), default="explosion",
                        help="which findings make the exit code 1 (default: explosion, i.e. explosion or nonfinite "
                        "episodes; any: any episode or loss spike)")
+    audit.add_argument("--skip-list", metavar="FILE", help="also write the sample ids of the batches at the "
+                       "episodes' peaks, per run, as JSON (recorded with GradientMonitor.log_batch)")
     audit.add_argument("--run", metavar="GLOB", help="only runs whose name matches this glob")
     audit.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
     compare = sub.add_parser("compare", help="compare two runs (e.g. with and without a fix)")

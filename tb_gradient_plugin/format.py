@@ -119,6 +119,11 @@ def metric_of(tag: str) -> str | None:
     return _METRIC_OF_TAG.get(tag)
 
 
+#: The sample ids of a logged step's batch (dataset indices, or any integer ids): a rank-1 int64 tensor under our
+#: plugin, metadata ``{"v":1}``, in the same event as the step's statistics. Not a metric: no layer, no series.
+BATCH_IDS_TAG = TAG_PREFIX + "batch_ids"
+
+
 def layout_id(layers: Sequence[str]) -> str:
     """Content hash of an ordered list of layer names (names may hold any unicode, including NUL-free text)."""
     h = hashlib.blake2b(digest_size=8)
@@ -220,6 +225,12 @@ def scalar_value(metric: str, value: float) -> summary_pb2.Summary.Value:
     )
 
 
+def batch_ids_value(ids: np.ndarray) -> summary_pb2.Summary.Value:
+    """Summary value for a step's sample ids (an int64 vector; see :data:`BATCH_IDS_TAG`)."""
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return summary_pb2.Summary.Value(tag=BATCH_IDS_TAG, metadata=_metadata(None, None), tensor=_tensor(arr))
+
+
 def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary.Value]) -> event_pb2.Event:
     return event_pb2.Event(step=int(step), wall_time=wall_time, summary=summary_pb2.Summary(value=list(values)))
 
@@ -283,6 +294,16 @@ def layer_vector(tensor: tensor_pb2.TensorProto, n_layers: int) -> np.ndarray:
     if arr.shape != (n_layers,):
         raise FormatError(f"shape {arr.shape} does not match a layout of {n_layers} layers")
     return arr
+
+
+def batch_ids(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """Decode a :data:`BATCH_IDS_TAG` tensor: the step's sample ids as an int64 vector."""
+    if tensor.dtype not in (types_pb2.DT_INT64, types_pb2.DT_INT32):
+        raise FormatError(f"batch ids of dtype {tensor.dtype}, expected int64")
+    arr = tensor_to_numpy(tensor)
+    if arr.ndim != 1:
+        raise FormatError(f"batch ids of shape {arr.shape}, expected a vector")
+    return arr.astype(np.int64)
 
 
 def is_scalar(value: summary_pb2.Summary.Value) -> bool:

@@ -478,6 +478,9 @@ class EventFileReader:
     def _decode_ours(self, offset: int, order: int, step: int, wall: float, value, out: Collector, describe: bool
                      ) -> tuple[Parts, bool] | None:
         meta = self._metadata(value.metadata.plugin_data.content)
+        if value.tag == fmt.BATCH_IDS_TAG:
+            out.batch_ids.append((step, fmt.batch_ids(value.tensor)))
+            return None
         metric = fmt.metric_of(value.tag)
         if metric is None:
             raise fmt.FormatError("unknown metric under the gradients plugin")

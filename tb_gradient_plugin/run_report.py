@@ -6,9 +6,12 @@ that could not be read or judged still carries every field of the schema.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from .detect import Report
+from .sample_ids import add_episode_batches
 
 
 def failed_report(run: str, source: str, why: str) -> Report:
@@ -17,8 +20,11 @@ def failed_report(run: str, source: str, why: str) -> Report:
     return Report(run=run, source=source, steps=0, episodes=[], loss_spikes=[], warnings=[why])
 
 
-def report_json(report: Report, run_warnings: Sequence[str] = ()) -> dict:
-    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first."""
+def report_json(report: Report, run_warnings: Sequence[str] = (),
+                batches: Mapping[int, np.ndarray] | None = None) -> dict:
+    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first, and the
+    logged batches (``RunData.batches``) of its explosion and non-finite episodes."""
     doc = report.to_json()
     doc["warnings"] = list(run_warnings) + [w for w in doc["warnings"] if w not in run_warnings]
+    add_episode_batches(doc, batches or {})
     return doc

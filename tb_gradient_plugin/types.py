@@ -78,6 +78,8 @@ class RunData:
     events: int = 0  # intact events read: 0 means nothing at all could be read
     bytes_read: int = 0
     first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
+    #: step -> int64 sample ids of its batch, for the steps whose ids were logged (``log_batch``); empty otherwise
+    batches: dict[int, np.ndarray] = field(default_factory=dict)
 
     def update_ratio_available(self) -> bool:
         """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""
