@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from .auditor import UsageError, audit_json, audit_runs, collect_runs, compare_runs, failing
 from .html_report import finding_name, layer_note, severity_text
 from .runs import load_run
-from .sample_ids import skip_list
+from .sample_ids import peak_batch_text, skip_list
 from .types import fails_explosion
+from .wording import relative_step
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -66,7 +67,7 @@ def _print_tables(results: Sequence[dict], console) -> None:
             if len(e["layers"]) > 3:
                 layers += f"\n(+{len(e['layers']) - 3} more)"
             spike = "—" if e["loss_spike_step"] is None else \
-                f"step {e['loss_spike_step']} ({e['loss_spike_step'] - e['start_step']} steps after start)"
+                f"step {e['loss_spike_step']} ({relative_step(e['loss_spike_step'] - e['peak_step'])})"
             table.add_row(e["kind"], f"{e['start_step']}–{e['end_step']}", str(e["peak_step"]),
                           severity_text(e), layers, spike)
         console.print(table)
@@ -78,6 +79,10 @@ def _print_tables(results: Sequence[dict], console) -> None:
         for line, where in advice.items():
             label = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} more"
             console.print(_esc(f"  • [{label}] {line}"), highlight=False)
+        for e in rep["episodes"]:
+            batch = peak_batch_text(e)
+            if batch:
+                console.print(_esc(f"  • [{e['kind']} at {e['start_step']}] {batch}"), highlight=False)
 
 
 def _esc(text: str) -> str:

@@ -52,6 +52,21 @@ def peak_batches(report: dict) -> list[dict]:
     return out
 
 
+#: Ids a line of text lists before it says how many more there are.
+SHOWN_IDS = 16
+
+
+def peak_batch_text(episode: dict) -> str | None:
+    """One line naming the batch at an episode's peak (the command line's and the HTML report's), or None."""
+    at_peak = [b for b in episode.get("batches") or [] if b["step"] == episode["peak_step"]]
+    if not at_peak:
+        return None
+    ids = at_peak[0]["ids"]
+    shown = ", ".join(str(i) for i in ids[:SHOWN_IDS]) + (f", … (+{len(ids) - SHOWN_IDS} more)"
+                                                         if len(ids) > SHOWN_IDS else "")
+    return f"Batch at the peak (step {episode['peak_step']}): sample ids {shown}."
+
+
 def skip_list(reports: Sequence[dict]) -> dict:
     """The ``--skip-list`` document: per run with a recorded batch at an episode's peak, those batches and the union
     of their ids (the samples a next run can leave out). Format in ``docs/AUDIT_JSON.md``."""
