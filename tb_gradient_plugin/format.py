@@ -84,6 +84,8 @@ METRIC_REGISTRY: tuple[Metric, ...] = (
     Metric("loss_scale", "step", STEP_TENSOR, "loss scale", "factor"),
     Metric("step_skipped", "step", STEP_TENSOR, "skipped step", "1 = skipped"),
     Metric("guard_action", "step", STEP_TENSOR, "guard action", "action code"),
+    Metric("epoch", "step", STEP_TENSOR, "epoch", "epoch (from 0)"),
+    Metric("batch_index", "step", STEP_TENSOR, "batch in epoch", "index (from 0)"),
 )
 
 

@@ -6,12 +6,11 @@ that could not be read or judged still carries every field of the schema.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import numpy as np
+from collections.abc import Sequence
 
 from .detect import Report
 from .sample_ids import add_episode_batches
+from .types import RunData
 
 
 def failed_report(run: str, source: str, why: str) -> Report:
@@ -20,11 +19,10 @@ def failed_report(run: str, source: str, why: str) -> Report:
     return Report(run=run, source=source, steps=0, episodes=[], loss_spikes=[], warnings=[why])
 
 
-def report_json(report: Report, run_warnings: Sequence[str] = (),
-                batches: Mapping[int, np.ndarray] | None = None) -> dict:
-    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first, and the
-    logged batches (``RunData.batches``) of its explosion and non-finite episodes."""
+def report_json(report: Report, run_warnings: Sequence[str] = (), run: RunData | None = None) -> dict:
+    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first, and, from the
+    run's data, the logged batches of its explosion and non-finite episodes."""
     doc = report.to_json()
     doc["warnings"] = list(run_warnings) + [w for w in doc["warnings"] if w not in run_warnings]
-    add_episode_batches(doc, batches or {})
+    add_episode_batches(doc, run)
     return doc

@@ -10,9 +10,11 @@ those samples out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from .types import RunData, Series
 
 #: Episode kinds that get ``batches``: the ones where one step's data can be the cause.
 BATCH_KINDS = ("explosion", "nonfinite")
@@ -22,25 +24,50 @@ MAX_BATCH_STEPS = 256
 SKIP_LIST_VERSION = 1
 
 
-def _sorted_steps(batches: Mapping[int, np.ndarray]) -> np.ndarray:
-    return np.sort(np.fromiter(batches.keys(), dtype=np.int64, count=len(batches)))
+def _in_range(steps: np.ndarray, first: int, last: int) -> np.ndarray:
+    return steps[np.searchsorted(steps, first, side="left"):np.searchsorted(steps, last, side="right")]
 
 
-def add_episode_batches(report: dict, batches: Mapping[int, np.ndarray]) -> None:
+def _position_series(run: RunData) -> tuple[Series, Series] | None:
+    """The run's epoch and batch-in-epoch series (what Keras records instead of sample ids), if both were logged."""
+    epoch, index = run.series.get("epoch"), run.series.get("batch_index")
+    return None if epoch is None or index is None else (epoch, index)
+
+
+def _value_at(series: Series, step: int) -> int | None:
+    k = int(np.searchsorted(series.steps, step))
+    if k < len(series.steps) and series.steps[k] == step and np.isfinite(series.values[k]):
+        return int(series.values[k])
+    return None
+
+
+def add_episode_batches(report: dict, run: RunData | None) -> None:
     """Give every explosion and non-finite episode of a run object its ``batches``: ``{"step", "ids"}`` for each
-    recorded step from the episode's start to its peak (``[]`` when none was recorded). Findings about validation
-    evaluations get ``[]``: no training batch ran at an evaluation."""
-    steps = _sorted_steps(batches) if batches else np.zeros(0, dtype=np.int64)
+    recorded step from the episode's start to its peak, plus ``"epoch"`` and ``"batch"`` (the index in the epoch)
+    where those were recorded; ``[]`` when nothing was. Findings about validation evaluations get ``[]``: no training
+    batch ran at an evaluation."""
+    batches = run.batches if run is not None else {}
+    positions = _position_series(run) if run is not None else None
+    id_steps = np.sort(np.fromiter(batches.keys(), dtype=np.int64, count=len(batches)))
+    pos_steps = positions[0].steps if positions is not None else np.zeros(0, dtype=np.int64)
     for ep in report.get("episodes", []):
         if ep.get("kind") not in BATCH_KINDS:
             continue
-        if ep.get("validation") or not steps.size:
+        if ep.get("validation"):
             ep["batches"] = []
             continue
-        lo = int(np.searchsorted(steps, ep["start_step"], side="left"))
-        hi = int(np.searchsorted(steps, ep["peak_step"], side="right"))
-        chosen = steps[max(lo, hi - MAX_BATCH_STEPS):hi].tolist()
-        ep["batches"] = [{"step": s, "ids": batches[s].tolist()} for s in chosen]
+        first, last = ep["start_step"], ep["peak_step"]
+        steps = np.union1d(_in_range(id_steps, first, last), _in_range(pos_steps, first, last))
+        entries = []
+        for step in steps[-MAX_BATCH_STEPS:].tolist():
+            ids = batches.get(step)
+            entry: dict = {"step": step, "ids": [] if ids is None else ids.tolist()}
+            if positions is not None:
+                epoch, index = (_value_at(series, step) for series in positions)
+                if epoch is not None and index is not None:
+                    entry.update(epoch=epoch, batch=index)
+            entries.append(entry)
+        ep["batches"] = entries
 
 
 def peak_batches(report: dict) -> list[dict]:
@@ -48,7 +75,7 @@ def peak_batches(report: dict) -> list[dict]:
     out = []
     for ep in report.get("episodes", []):
         at_peak = [b for b in ep.get("batches") or [] if b["step"] == ep["peak_step"]]
-        out.extend({"step": b["step"], "kind": ep["kind"], "ids": list(b["ids"])} for b in at_peak)
+        out.extend(dict(b, kind=ep["kind"]) for b in at_peak)
     return out
 
 
@@ -61,10 +88,13 @@ def peak_batch_text(episode: dict) -> str | None:
     at_peak = [b for b in episode.get("batches") or [] if b["step"] == episode["peak_step"]]
     if not at_peak:
         return None
-    ids = at_peak[0]["ids"]
-    shown = ", ".join(str(i) for i in ids[:SHOWN_IDS]) + (f", … (+{len(ids) - SHOWN_IDS} more)"
-                                                         if len(ids) > SHOWN_IDS else "")
-    return f"Batch at the peak (step {episode['peak_step']}): sample ids {shown}."
+    batch = at_peak[0]
+    ids = batch["ids"]
+    parts = [f"epoch {batch['epoch']}, batch {batch['batch']}"] if "epoch" in batch else []
+    if ids:
+        more = f", … (+{len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else ""
+        parts.append("sample ids " + ", ".join(str(i) for i in ids[:SHOWN_IDS]) + more)
+    return f"Batch at the peak (step {episode['peak_step']}): {'; '.join(parts)}." if parts else None
 
 
 def skip_list(reports: Sequence[dict]) -> dict:
@@ -73,7 +103,7 @@ def skip_list(reports: Sequence[dict]) -> dict:
     runs = []
     for report in reports:
         found = peak_batches(report)
-        if found:
+        if found:  # a batch known only by its position (Keras) is listed, with no ids
             ids = sorted({i for b in found for i in b["ids"]})
             runs.append({"run": report["run"], "batches": found, "ids": ids})
     return {"version": SKIP_LIST_VERSION, "runs": runs}

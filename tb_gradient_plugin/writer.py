@@ -266,11 +266,14 @@ class GradientWriter:
         step_skipped: Any = None,
         guard_action: Any = None,
         batch_ids: Any = None,
+        epoch: Any = None,
+        batch_index: Any = None,
         wall_time: float | None = None,
     ) -> None:
         """Record one logged step. Every metric is optional; per-layer ones hold one value per entry of ``layers``.
 
-        ``batch_ids``: the integer ids of the step's samples (dataset indices), so a finding can name its batch.
+        ``batch_ids``: the integer ids of the step's samples (dataset indices), so a finding can name its batch;
+        where those are unknown, ``epoch`` and ``batch_index`` (within the epoch) say which batch it was.
 
         ``layers`` may differ from step to step (a layer frozen at this step is simply left out): values are always
         attributed through the layer list given with them.
@@ -287,7 +290,8 @@ class GradientWriter:
         arrays = [(m, _as_vector(m, data, len(names))) for m, data in per_layer.items() if data is not None]
         scalars = [fmt.scalar_value(m, _as_float(m, data))
                    for m, data in (("loss", loss), ("total_grad_norm", total_grad_norm)) if data is not None]
-        extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action}
+        extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action,
+                  "epoch": epoch, "batch_index": batch_index}
         scalars += [fmt.step_value(m, _as_float(m, data)) for m, data in extras.items() if data is not None]
         if batch_ids is not None:
             scalars.append(fmt.batch_ids_value(_as_ids(batch_ids)))

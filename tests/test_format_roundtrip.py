@@ -67,7 +67,7 @@ def test_metric_lists_come_from_the_registry():
     stored = {m.name for m in fmt.METRIC_REGISTRY if m.storage != fmt.DERIVED}
     assert set(fmt.LAYER_METRICS) | set(fmt.STEP_METRICS) | set(fmt.SCALAR_METRICS) | {fmt.HISTOGRAM_METRIC} == stored
     assert fmt.LAYER_METRICS == ("grad_norm", "param_norm", "update_norm", "grad_max_abs", "nonfinite_count")
-    assert fmt.STEP_METRICS == ("lr", "loss_scale", "step_skipped", "guard_action")
+    assert fmt.STEP_METRICS == ("lr", "loss_scale", "step_skipped", "guard_action", "epoch", "batch_index")
     assert fmt.SCALAR_METRICS == ("loss", "total_grad_norm") and fmt.HISTOGRAM_METRIC == "grad_hist"
     for m in fmt.METRIC_REGISTRY:
         assert m.scope in ("layer", "step") and m.label
