@@ -72,17 +72,21 @@ function validationFacts(v) {
 const SHOWN_BATCHES = 4;
 const SHOWN_IDS = 16;
 
-/** The logged batches from the episode's start to its peak, the peak's last: step and sample ids, as text. */
+/** The logged batches from the episode's start to its peak, the peak's last: step, sample ids and (Keras) epoch and
+ * batch index, as text. */
 function batchList(ep) {
   const shown = ep.batches.slice(-SHOWN_BATCHES);
   const hidden = ep.batches.length - shown.length;
   return h("div", { class: "ep-batches" },
     h("span", { class: "ep-label", text: ep.batches.length > 1 ? "Batches:" : "Batch:" }),
     h("ul", {}, shown.map((b) => {
-      const more = b.ids.length > SHOWN_IDS ? `, … (+${b.ids.length - SHOWN_IDS} more)` : "";
+      const parts = b.epoch !== undefined ? [`epoch ${b.epoch}, batch ${b.batch}`] : [];
+      if (b.ids.length) {
+        const more = b.ids.length > SHOWN_IDS ? `, … (+${b.ids.length - SHOWN_IDS} more)` : "";
+        parts.push(`sample ids ${b.ids.slice(0, SHOWN_IDS).join(", ")}${more}`);
+      }
       return h("li", { class: b.step === ep.peak_step ? "batch peak" : "batch", dataset: { step: String(b.step) },
-        text: `step ${formatStep(b.step)} (${relativeStep(b.step - ep.peak_step)}): sample ids `
-          + `${b.ids.slice(0, SHOWN_IDS).join(", ")}${more}` });
+        text: `step ${formatStep(b.step)} (${relativeStep(b.step - ep.peak_step)}): ${parts.join("; ")}` });
     })),
     hidden > 0 ? h("span", { class: "ep-more", text: `+${hidden} earlier ${hidden === 1 ? "batch" : "batches"}` }) : null);
 }
