@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tb_gradient_plugin import GradientWriter
 from tb_gradient_plugin.auditor import audit_run
 from tb_gradient_plugin.cli import main
+from tb_gradient_plugin.reader import EventFileReader
 from tb_gradient_plugin.runs import load_run
 from tb_gradient_plugin.torch import GradientMonitor
 
@@ -145,3 +146,21 @@ def test_log_batch_accumulates_micro_batches_and_checks_types(tmp_path: Path) ->
     batches = load_run(str(tmp_path)).batches
     # only logged steps (every=2) carry ids; every micro-batch of a step is recorded
     assert {s: v.tolist() for s, v in batches.items()} == {0: [5, 6, 1], 2: [25, 26, 21]}
+
+
+def test_ids_are_bulk_decoded_as_protobuf_decodes_them(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    with GradientWriter(tmp_path) as w:
+        for s in range(60):
+            ids = rng.integers(-2**62, 2**62, size=3 if s == 30 else 4)  # a short batch breaks the block
+            w.write(s, ["a", "b"], grad_norm=np.ones(2), loss=1.0, batch_ids=ids)
+        w.write(10, ["a", "b"], grad_norm=np.ones(2), batch_ids=[7, 8, 9, 10])  # a step written again: later wins
+    (path,) = tmp_path.iterdir()
+    decoded = {}
+    for bulk in (True, False):
+        reader = EventFileReader(str(path), bulk=bulk)
+        batch = reader.read()
+        assert reader.problems == [] and (reader.bulk_records > 50) == bulk
+        decoded[bulk] = [(s, ids.tolist()) for s, ids in batch.batch_ids]
+    assert decoded[True] == decoded[False] and len(decoded[True]) == 61
+    assert load_run(str(tmp_path)).batches[10].tolist() == [7, 8, 9, 10]
