@@ -75,8 +75,9 @@ def test_poisoned_sample_named_on_the_peak_step_and_skip_listed(poisoned: Path, 
     with_poison = sorted(s for s, ids in run.batches.items() if POISONED in ids.tolist())
     assert len(with_poison) == 4  # once per epoch
 
-    skip_file = tmp_path / "skip.json"
-    code = main(["audit", str(poisoned), "--json", "--fail-on", "never", "--skip-list", str(skip_file)])
+    skip_file, html_file = tmp_path / "skip.json", tmp_path / "report.html"
+    code = main(["audit", str(poisoned), "--json", "--fail-on", "never", "--skip-list", str(skip_file),
+                 "--html", str(html_file)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)["runs"][0]
     explosions = [e for e in report["episodes"] if e["kind"] == "explosion"]
@@ -94,10 +95,20 @@ def test_poisoned_sample_named_on_the_peak_step_and_skip_listed(poisoned: Path, 
     assert POISONED in entry["ids"] and entry["ids"] == sorted(set(entry["ids"]))
     assert sorted(b["step"] for b in entry["batches"]) == with_poison[1:]
 
-    # the documented use: a next run that leaves those samples out trains without an explosion
+    # the table and the HTML report name the batch at each peak
+    first = min(explosions, key=lambda e: e["peak_step"])
+    at_peak = next(b for b in first["batches"] if b["step"] == first["peak_step"])
+    line = f"Batch at the peak (step {first['peak_step']}): sample ids {', '.join(map(str, at_peak['ids']))}."
+    assert main(["audit", str(poisoned), "--fail-on", "never"]) == 0
+    assert line in " ".join(capsys.readouterr().out.split())
+    assert line in html_file.read_text(encoding="utf-8")
+
+    # the documented use: a next run that leaves those samples out trains without an explosion (and skips nothing)
     train(tmp_path / "next" / "run", skip=set(entry["ids"]))
     again = audit_run("next", str(tmp_path / "next" / "run"))["report"]
     assert not [e for e in again["episodes"] if e["kind"] in ("explosion", "nonfinite")]
+    assert main(["audit", str(tmp_path / "next"), "--json", "--skip-list", str(skip_file)]) == 0
+    assert json.loads(skip_file.read_text()) == {"version": 1, "runs": []}
 
 
 def test_batches_field_from_start_to_peak_and_empty_without_ids(tmp_path: Path) -> None:
