@@ -71,7 +71,8 @@ def add_episode_batches(report: dict, run: RunData | None) -> None:
 
 
 def peak_batches(report: dict) -> list[dict]:
-    """The batches at the peaks of a run object's episodes (those with ``batches``): ``{"step", "kind", "ids"}``."""
+    """The batches at the peaks of a run object's episodes (those with ``batches``): each ``batches`` entry (``step``,
+    ``ids``, and ``epoch``/``batch`` where recorded) with the episode's ``kind``."""
     out = []
     for ep in report.get("episodes", []):
         at_peak = [b for b in ep.get("batches") or [] if b["step"] == ep["peak_step"]]

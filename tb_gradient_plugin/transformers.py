@@ -34,8 +34,9 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
 
     Sample ids: a training batch with an integer field ``idx``, ``index``, ``indices``, ``sample_id``,
     ``sample_ids`` or ``sample_idx`` (keep it with ``TrainingArguments(remove_unused_columns=False)``) has them
-    recorded, and the field is taken out of the model's inputs unless its ``forward`` names it; ``batch_ids=`` names
-    another field or maps the inputs dict to the ids.
+    recorded, and the field is taken out of the model's inputs (a field the model's ``forward`` names is its input,
+    not ids); ``batch_ids=`` names another field (kept for a ``forward`` that names it) or maps the inputs dict to
+    the ids.
     """
 
     _hook: Any = None
@@ -63,7 +64,9 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
         """HF callbacks never see a batch; the model's forward does (``model(**inputs)``): record a training
         batch's ids there (an evaluation batch's are not), and take their field out of the inputs unless the model's
         ``forward`` names it."""
-        name = self._log_batch(kwargs) if module.training else find_batch_ids(kwargs, self.batch_ids)[0]
+        # found on their own, ids come only from fields the model does not take: a declared input is the model's
+        batch = {k: v for k, v in kwargs.items() if k not in self._takes} if self.batch_ids is None else kwargs
+        name = self._log_batch(batch) if module.training else find_batch_ids(batch, self.batch_ids)[0]
         if name is None or name in self._takes or name not in kwargs:
             return None
         return args, {k: v for k, v in kwargs.items() if k != name}

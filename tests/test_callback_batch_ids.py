@@ -15,8 +15,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from tb_gradient_plugin.lightning import GradientMonitorCallback as LightningCallback
 from tb_gradient_plugin.runs import load_run
+from tb_gradient_plugin.torch import GradientMonitor
 from tb_gradient_plugin.torch.callback import find_batch_ids
 from tb_gradient_plugin.transformers import GradientMonitorCallback as HFCallback
+from tb_gradient_plugin.transformers import _named_parameters
 
 
 class Rows(Dataset):
@@ -109,3 +111,28 @@ def test_hf_trainer_records_the_idx_field_and_keeps_it_from_the_model(tmp_path) 
     for epoch in range(2):  # 8 steps an epoch, shuffled: every sample once, evaluation batches never
         seen = sorted(i for s in range(1 + 8 * epoch, 9 + 8 * epoch) for i in batches[s].tolist())
         assert seen == list(range(32))
+
+
+def test_hf_never_takes_a_declared_model_input_for_ids(tmp_path) -> None:
+    """``index`` is an input of this model's ``forward``: it stays, and the ids come from ``idx``, which is removed."""
+
+    class Indexed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(10, 1)
+
+        def forward(self, x, index):
+            return (self.table(index) * x).sum()
+
+    model = Indexed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = HFCallback(logdir=str(tmp_path))
+    callback.monitor = GradientMonitor(model, opt, tmp_path)
+    callback._takes = _named_parameters(model)
+    callback._hook = model.register_forward_pre_hook(callback._forward_pre, with_kwargs=True)
+    model(x=torch.ones(2, 1), index=torch.tensor([3, 4]), idx=torch.tensor([70, 71])).backward()  # no TypeError
+    opt.step()
+    model.eval()
+    model(x=torch.ones(1, 1), index=torch.tensor([1]), idx=torch.tensor([99]))  # evaluation: not recorded
+    callback._close()
+    assert {s: v.tolist() for s, v in load_run(str(tmp_path)).batches.items()} == {0: [70, 71]}
