@@ -48,7 +48,7 @@ def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConf
         return {"report": report, "layers": 0, "events": 0, "values": 0, "bytes": 0, "unknown_tags": [],
                 "chart": None}
     try:
-        report = report_json(detect(run, config), run.warnings)
+        report = report_json(detect(run, config), run.warnings, run)
         result = {"report": report, "layers": len(run.layers), "events": run.events, "values": run.num_values,
                   "bytes": run.bytes_read, "unknown_tags": run.unknown_tags, "chart": None}
         if chart:
@@ -190,7 +190,7 @@ def compare_runs(a: RunData, b: RunData, top: int = 20) -> dict:
     """Which run exploded, when, and how per-layer gradient norms and update ratios differ (B relative to A)."""
     reports = {}
     for key, run in (("a", a), ("b", b)):
-        rep = report_json(detect(run), run.warnings)
+        rep = report_json(detect(run), run.warnings, run)
         bad = [e for e in rep["episodes"] if fails_explosion(e)]
         rep["exploded"] = bool(bad)
         rep["first_episode"] = bad[0] if bad else None

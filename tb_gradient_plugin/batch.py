@@ -108,6 +108,8 @@ class Batch:
     scalar_blocks: list[ScalarBlock] = field(default_factory=list)
     other_tags: set[str] = field(default_factory=set)  # tags seen that are neither ours nor scalars
     events: int = 0
+    #: (step, int64 sample ids) of every logged batch, in file order
+    batch_ids: list[tuple[int, np.ndarray]] = field(default_factory=list)
     has_more: bool = False
 
     @cached_property
@@ -194,6 +196,24 @@ def _float64(values: list[float]) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _objects(values: list[np.ndarray]) -> np.ndarray:
+    """Sample ids of several records (of any lengths) as one object array, a piece's values."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def _id_records(parts: Parts) -> list[tuple[int, np.ndarray]]:
+    """(step, ids) of every batch-ids value, in file order: rows of bulk pieces (int64 ``[n, k]``) and single values
+    of the general path alike."""
+    parts._close()
+    rows = [(o, s, v) for piece in parts.pieces
+            for o, s, v in zip(piece.order.tolist(), piece.steps.tolist(), piece.values, strict=True)]
+    rows.sort(key=lambda r: r[0])
+    return [(s, v) for _, s, v in rows]
+
+
 class Collector:
     """Accumulates a batch's values by block key, then merges each key into one block in file order."""
 
@@ -201,6 +221,7 @@ class Collector:
         self.layers: dict[tuple[str, str], tuple[tuple[str, ...], Parts]] = {}
         self.scalars: dict[tuple[str, bool], Parts] = {}
         self.other_tags: set[str] = set()
+        self.batch_ids = Parts(_objects)
         self.events = 0
 
     def layer(self, metric: str, layout: str, layers: tuple[str, ...]) -> Parts:
@@ -223,4 +244,4 @@ class Collector:
         # Blocks in the order their first values were written: the run store takes first-seen layer order from it.
         layer_blocks.sort(key=lambda b: b.first_order)
         scalar_blocks.sort(key=lambda b: int(b.order[0]))
-        return Batch(layer_blocks, scalar_blocks, self.other_tags, self.events)
+        return Batch(layer_blocks, scalar_blocks, self.other_tags, self.events, batch_ids=_id_records(self.batch_ids))

@@ -32,6 +32,20 @@ MIN_BULK_RECORDS = 2
 MAX_TEMPLATE_TRIES = 3
 
 
+#: What a value of a bulk-decoded record is: one float32 (a series point), a float32 vector (one value per layer) or an
+#: int64 vector (a batch's sample ids).
+SCALAR, VECTOR, IDS = "scalar", "vector", "ids"
+_DTYPES = {SCALAR: np.dtype("<f4"), VECTOR: np.dtype("<f4"), IDS: np.dtype("<i8")}
+
+
+def packed_i64(tensor) -> bool:
+    """Whether a rank-1 tensor's values are exactly its ``tensor_content`` read as little-endian int64 (how our writer
+    stores sample ids), the premise of bulk-decoding it like :func:`packed_f32`."""
+    dims = tensor.tensor_shape.dim
+    return (tensor.dtype == types_pb2.DT_INT64 and len(dims) == 1
+            and len(tensor.tensor_content) == 8 * dims[0].size)
+
+
 def packed_f32(tensor, rank: int) -> bool:
     """Whether the tensor's values are exactly its ``tensor_content`` read as little-endian float32 (what our writer
     emits): then records that differ from it only in those bytes decode to those bytes, the bulk decoder's premise."""
@@ -114,9 +128,9 @@ class _Bulk(NamedTuple):
     """How a value of the block's events decodes: its payload's place in the record and where its values go."""
 
     start: int  # byte offset of the tensor_content payload in the record
-    count: int  # float32 values in it
+    count: int  # values in it
     parts: Parts
-    scalar: bool  # one number (a series point) rather than a per-layer vector
+    kind: str  # SCALAR, VECTOR or IDS
 
 
 class Template(NamedTuple):
@@ -130,7 +144,7 @@ class Template(NamedTuple):
     values: tuple[_Bulk, ...]
 
 
-def _walk(data: bytes, described: list[tuple[Parts, bool] | None]) -> Template:
+def _walk(data: bytes, described: list[tuple[Parts, str] | None]) -> Template:
     """Walk one event's wire format and mark its variable bytes; raise :class:`_NotBulk` for anything unexpected."""
     n = len(data)
     event = _fields(data, 0, n, _EVENT_FIELDS)
@@ -152,12 +166,12 @@ def _walk(data: bytes, described: list[tuple[Parts, bool] | None]) -> Template:
             raise _NotBulk("a value the bulk decoder cannot take")
         tensor = _once(_fields(data, *span, _VALUE_FIELDS), 8, required=True)
         content = _once(_fields(data, *tensor, _TENSOR_FIELDS), 4, required=True)
-        parts, scalar = desc
-        size = content[1] - content[0]
-        if size % 4 or (scalar and size != 4):
+        parts, kind = desc
+        size, itemsize = content[1] - content[0], _DTYPES[kind].itemsize
+        if size % itemsize or (kind == SCALAR and size != 4):
             raise _NotBulk("payload size")
         variable[content[0]:content[1]] = True
-        values.append(_Bulk(content[0], size // 4, parts, scalar))
+        values.append(_Bulk(content[0], size // itemsize, parts, kind))
     edges = np.flatnonzero(np.diff(np.concatenate(([True], variable, [True])).astype(np.int8)))
     whole = np.frombuffer(data, dtype=np.uint8)
     fixed = tuple((a, b, whole[a:b].copy()) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
@@ -165,11 +179,12 @@ def _walk(data: bytes, described: list[tuple[Parts, bool] | None]) -> Template:
                     None if step is None else (step[0], step[1] - step[0]), tuple(values))
 
 
-def template_of(data: bytes, described: list[tuple[Parts, bool] | None]) -> Template | None:
+def template_of(data: bytes, described: list[tuple[Parts, str] | None]) -> Template | None:
     """The bulk template of one record the general path has decoded, or None when records like it must take the
     general path too.
 
-    ``described`` says, per summary value, where the general path put that value (and whether it is one number).
+    ``described`` says, per summary value, where the general path put that value and what it is (:data:`SCALAR`,
+    :data:`VECTOR` or :data:`IDS`).
     """
     try:
         return _walk(data, described)
@@ -211,8 +226,9 @@ def decode_block(t: Template, array: np.ndarray, base: int, starts: np.ndarray) 
         offsets = base + starts[take]
         for j, value in enumerate(t.values):
             # a copy (never a view of the read buffer, which it would keep alive)
-            numbers = rows[take, value.start:value.start + 4 * value.count].copy().view("<f4")
-            if value.scalar:
+            dtype = _DTYPES[value.kind]
+            numbers = rows[take, value.start:value.start + dtype.itemsize * value.count].copy().view(dtype)
+            if value.kind == SCALAR:
                 numbers = numbers[:, 0].astype(np.float64)
             value.parts.add_piece(Piece(steps, walls, numbers, offsets + j))
     return count, starts[~ok].tolist()

@@ -17,7 +17,9 @@ from .auditor import UsageError, audit_json, audit_runs, collect_runs, compare_r
 from .html_report import finding_name, layer_note, severity_text
 from .remote import RemoteLogdirError
 from .runs import load_run
+from .sample_ids import peak_batch_text, skip_list
 from .types import fails_explosion
+from .wording import relative_step
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -77,7 +79,7 @@ def _print_tables(results: Sequence[dict], console) -> None:
             if len(e["layers"]) > 3:
                 layers += f"\n(+{len(e['layers']) - 3} more)"
             spike = "—" if e["loss_spike_step"] is None else \
-                f"step {e['loss_spike_step']} ({e['loss_spike_step'] - e['start_step']} steps after start)"
+                f"step {e['loss_spike_step']} ({relative_step(e['loss_spike_step'] - e['peak_step'])})"
             table.add_row(e["kind"], f"{e['start_step']}–{e['end_step']}", str(e["peak_step"]),
                           severity_text(e), layers, spike)
         console.print(table)
@@ -89,6 +91,10 @@ def _print_tables(results: Sequence[dict], console) -> None:
         for line, where in advice.items():
             label = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} more"
             console.print(_esc(f"  • [{label}] {line}"), highlight=False)
+        for e in rep["episodes"]:
+            batch = peak_batch_text(e)
+            if batch:
+                console.print(_esc(f"  • [{e['kind']} at {e['start_step']}] {batch}"), highlight=False)
 
 
 def _findings(report: dict) -> list[dict]:
@@ -138,6 +144,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 f.write(render(results, title=f"Gradient audit of {', '.join(args.paths)}"))
         except OSError as exc:
             raise UsageError(f"cannot write the HTML report {args.html}: {exc}") from exc
+    if args.skip_list:
+        _write_skip_list(args.skip_list, results)
     if args.json:
         json.dump(audit_json(results, args.fail_on), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -148,6 +156,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.fail_on != "never" and failing(results, args.fail_on):
         return EXIT_FINDINGS
     return EXIT_OK
+
+
+def _write_skip_list(path: str, results: Sequence[dict]) -> None:
+    """The batches at the episodes' peaks, per run, as JSON (format in docs/AUDIT_JSON.md)."""
+    doc = skip_list([r["report"] for r in results])
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write the skip list {path}: {exc}") from exc
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -208,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--fail-on", choices=("never", "explosion", "nonfinite", "any"), default="explosion",
                        help="which findings make the exit code 1 (default: explosion, i.e. explosion or nonfinite "
                        "episodes; any: any episode or loss spike)")
+    audit.add_argument("--skip-list", metavar="FILE", help="also write the sample ids of the batches at the "
+                       "episodes' peaks, per run, as JSON (recorded with GradientMonitor.log_batch)")
     audit.add_argument("--run", metavar="GLOB", help="only runs whose name matches this glob")
     where = audit.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")

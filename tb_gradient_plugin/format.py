@@ -87,6 +87,8 @@ METRIC_REGISTRY: tuple[Metric, ...] = (
     Metric("step_skipped", "step", STEP_TENSOR, "skipped step", "1 = skipped"),
     Metric("guard_action", "step", STEP_TENSOR, "guard action", "action code"),
     Metric("clip_threshold", "step", STEP_TENSOR, "clip threshold", "L2 norm"),
+    Metric("epoch", "step", STEP_TENSOR, "epoch", "epoch (from 0)"),
+    Metric("batch_index", "step", STEP_TENSOR, "batch in epoch", "index (from 0)"),
 )
 
 
@@ -120,6 +122,11 @@ _METRIC_OF_TAG = {TAG_PREFIX + m.name: m.name for m in METRIC_REGISTRY if m.stor
 def metric_of(tag: str) -> str | None:
     """Inverse of :func:`tag_for`; ``None`` for tags that are not ours."""
     return _METRIC_OF_TAG.get(tag)
+
+
+#: The sample ids of a logged step's batch (dataset indices, or any integer ids): a rank-1 int64 tensor under our
+#: plugin, metadata ``{"v":1}``, in the same event as the step's statistics. Not a metric: no layer, no series.
+BATCH_IDS_TAG = TAG_PREFIX + "batch_ids"
 
 
 def layout_id(layers: Sequence[str]) -> str:
@@ -223,6 +230,12 @@ def scalar_value(metric: str, value: float) -> summary_pb2.Summary.Value:
     )
 
 
+def batch_ids_value(ids: np.ndarray) -> summary_pb2.Summary.Value:
+    """Summary value for a step's sample ids (an int64 vector; see :data:`BATCH_IDS_TAG`)."""
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return summary_pb2.Summary.Value(tag=BATCH_IDS_TAG, metadata=_metadata(None, None), tensor=_tensor(arr))
+
+
 def make_event(step: int, wall_time: float, values: Sequence[summary_pb2.Summary.Value]) -> event_pb2.Event:
     return event_pb2.Event(step=int(step), wall_time=wall_time, summary=summary_pb2.Summary(value=list(values)))
 
@@ -286,6 +299,16 @@ def layer_vector(tensor: tensor_pb2.TensorProto, n_layers: int) -> np.ndarray:
     if arr.shape != (n_layers,):
         raise FormatError(f"shape {arr.shape} does not match a layout of {n_layers} layers")
     return arr
+
+
+def batch_ids(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """Decode a :data:`BATCH_IDS_TAG` tensor: the step's sample ids as an int64 vector."""
+    if tensor.dtype not in (types_pb2.DT_INT64, types_pb2.DT_INT32):
+        raise FormatError(f"batch ids of dtype {tensor.dtype}, expected int64")
+    arr = tensor_to_numpy(tensor)
+    if arr.ndim != 1:
+        raise FormatError(f"batch ids of shape {arr.shape}, expected a vector")
+    return arr.astype(np.int64)
 
 
 def is_scalar(value: summary_pb2.Summary.Value) -> bool:

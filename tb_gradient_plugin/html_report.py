@@ -21,7 +21,9 @@ import numpy as np
 
 from .binning import bin_steps, envelope, max_pool
 from .runs import RunData
+from .sample_ids import peak_batch_text
 from .types import TOTAL, fails_explosion
+from .wording import relative_step
 
 HEATMAP_BINS = 240
 LOSS_BINS = 600
@@ -291,8 +293,10 @@ def _episodes_table(episodes: list[dict]) -> str:
     rows = []
     for e in episodes:
         layers = ", ".join(f'{html.escape(finding_name(f))} ({layer_note(e, f)})' for f in e["layers"][:5])
-        after = "" if e["loss_spike_step"] is None else f'{e["loss_spike_step"] - e["start_step"]} steps after start'
-        advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"])
+        after = "" if e["loss_spike_step"] is None else \
+            f'step {e["loss_spike_step"]} ({relative_step(e["loss_spike_step"] - e["peak_step"])})'
+        batch = peak_batch_text(e)
+        advice = "".join(f"<li>{html.escape(a)}</li>" for a in e["advice"] + ([batch] if batch else []))
         cls = "bad" if fails_explosion(e) else "warn"
         rows.append(f'<tr><td class="{cls}">{html.escape(e["kind"])}</td><td>{e["start_step"]}–{e["end_step"]}</td>'
                     f'<td>{e["peak_step"]}</td><td>{severity_text(e)}</td><td>{layers}</td><td>{after}</td>'

@@ -27,8 +27,11 @@ class GradientMonitorCallback(MonitorCallback, pl.Callback):
     ``logdir`` None (the default) writes into the trainer's ``TensorBoardLogger`` run (into its own event file, so the
     Gradients tab and Lightning's scalars are one run); without a TensorBoard logger, into ``trainer.log_dir``. The
     other options are those of :class:`~tb_gradient_plugin.torch.GradientMonitor`. Steps are numbered like
-    ``trainer.global_step`` (the step Lightning logs ``self.log`` values at). A ``gradient_clip_val`` clipping the
-    norm (Lightning's default algorithm) is recorded as the clip threshold (unless ``clip=`` is given).
+    ``trainer.global_step`` (the step Lightning logs ``self.log`` values at). A batch that is a dict (or an object)
+    with an integer field ``idx``, ``index``, ``indices``, ``sample_id``, ``sample_ids`` or ``sample_idx`` has those
+    sample ids recorded; ``batch_ids=`` names another field or maps the batch to its ids (``lambda b: b[2]``).
+    A ``gradient_clip_val`` clipping the norm (Lightning's default algorithm) is recorded as the clip threshold
+    (unless ``clip=`` is given).
     """
 
     # --------------------------------------------------------------------------------------------------- lifecycle
@@ -43,6 +46,10 @@ class GradientMonitorCallback(MonitorCallback, pl.Callback):
             on_explosion=self._new_guard(), **options,
         )
         self.monitor.set_global_step(trainer.global_step)  # resumed runs continue their numbering
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._log_batch(batch)  # every micro-batch of a step, before its optimizer step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.monitor is not None and not self.monitor.closed:

@@ -262,7 +262,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
         def build() -> dict:
             from .run_report import report_json  # as the auditor reports it
 
-            return report_json(report, data.warnings)
+            return report_json(report, data.warnings, data)
 
         return self._cached(("episodes", run, version, seen), build)
 

@@ -480,7 +480,8 @@ class EventFileReader:
                     parts = out.scalar(metric if ours else tag, ours)
                     parts.add(at + index, step, wall, fmt.scalar_of(value))
                     # Declared in the value itself, it is a scalar whatever came before: a state-free decode.
-                    desc = (parts, True) if describe and declared and bulk_decode.packed_f32(value.tensor, 0) else None
+                    bulk = describe and declared and bulk_decode.packed_f32(value.tensor, 0)
+                    desc = (parts, bulk_decode.SCALAR) if bulk else None
                 else:
                     out.other_tags.add(tag)
             except (ValueError, RecursionError, MemoryError, OverflowError) as exc:  # FormatError is a ValueError
@@ -491,13 +492,16 @@ class EventFileReader:
     def _decode_ours(self, offset: int, order: int, step: int, wall: float, value, out: Collector, describe: bool
                      ) -> tuple[Parts, bool] | None:
         meta = self._metadata(value.metadata.plugin_data.content)
+        if value.tag == fmt.BATCH_IDS_TAG:
+            out.batch_ids.add(order, step, wall, fmt.batch_ids(value.tensor))
+            return (out.batch_ids, bulk_decode.IDS) if describe and bulk_decode.packed_i64(value.tensor) else None
         metric = fmt.metric_of(value.tag)
         if metric is None:
             raise fmt.FormatError("unknown metric under the gradients plugin")
         if metric in fmt.STEP_METRICS:
             parts = out.scalar(metric, True)
             parts.add(order, step, wall, fmt.tensor_scalar(value.tensor))
-            return (parts, True) if describe and bulk_decode.packed_f32(value.tensor, 0) else None
+            return (parts, bulk_decode.SCALAR) if describe and bulk_decode.packed_f32(value.tensor, 0) else None
         if meta.layout is None:
             raise fmt.FormatError("per-layer summary without a layout id")
         if meta.layers is not None:
@@ -521,7 +525,7 @@ class EventFileReader:
         arr = fmt.layer_vector(value.tensor, len(layers))
         parts = out.layer(metric, meta.layout, layers)
         parts.add(order, step, wall, arr)
-        return (parts, False) if describe and bulk_decode.packed_f32(value.tensor, 1) else None
+        return (parts, bulk_decode.VECTOR) if describe and bulk_decode.packed_f32(value.tensor, 1) else None
 
     def finish(self) -> None:
         self.records.finish()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .detect import Report
+from .sample_ids import add_episode_batches
+from .types import RunData
 
 
 def failed_report(run: str, source: str, why: str) -> Report:
@@ -17,8 +19,10 @@ def failed_report(run: str, source: str, why: str) -> Report:
     return Report(run=run, source=source, steps=0, episodes=[], loss_spikes=[], warnings=[why])
 
 
-def report_json(report: Report, run_warnings: Sequence[str] = ()) -> dict:
-    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first."""
+def report_json(report: Report, run_warnings: Sequence[str] = (), run: RunData | None = None) -> dict:
+    """The run object: the detector's report, the run's own warnings (damaged or replaced files) first, and, from the
+    run's data, the logged batches of its explosion and non-finite episodes."""
     doc = report.to_json()
     doc["warnings"] = list(run_warnings) + [w for w in doc["warnings"] if w not in run_warnings]
+    add_episode_batches(doc, run)
     return doc

@@ -100,6 +100,7 @@ class _Run:
         self.table = LayerTable()
         self.scalars: dict[tuple[str, str], ScalarAcc] = {}
         self.other_tags: dict[tuple[str, str], None] = {}
+        self.batches: dict[int, np.ndarray] = {}  # step -> sample ids; a later record of a step wins
         self.tf2_files = False
         self.events = 0
         self.first_wall_time: float | None = None
@@ -178,6 +179,7 @@ class _Run:
                         self.table.add(batch.layer_blocks)
                     for block in batch.scalar_blocks:
                         self._acc(("ours" if block.ours else role, block.tag)).add(block.steps, block.values)
+                    self.batches.update(batch.batch_ids)
                     for tag in batch.other_tags:
                         self.other_tags.setdefault((role, tag))
             if path in done and path not in self.finished:
@@ -273,7 +275,8 @@ class _Run:
         t = self.table
         run = RunData(name=self.name, source=OURS, events=self.events,
                       bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()),
-                      first_wall_time=self.first_wall_time, last_wall_time=self.last_wall_time)
+                      first_wall_time=self.first_wall_time, last_wall_time=self.last_wall_time,
+                      batches=dict(self.batches))
         if t.n:
             run.layers = list(t.layers)
             run.steps = t.steps[:t.n]

@@ -10,6 +10,7 @@ logs as ``grad_norm``), unscaled under fp16. The event file goes into the direct
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from typing import Any
@@ -18,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.integrations.integration_utils import default_logdir
 
 from .torch import GradientMonitor
-from .torch.callback import MonitorCallback
+from .torch.callback import MonitorCallback, find_batch_ids
 
 __all__ = ["GradientMonitorCallback"]
 
@@ -31,7 +32,16 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
     like HF's ``state.global_step`` after the step (the step HF logs ``train/loss`` and ``train/grad_norm`` at).
     ``args.max_grad_norm`` is recorded as the clip threshold (unless ``clip=`` is given). The other options are those
     of :class:`~tb_gradient_plugin.torch.GradientMonitor`.
+
+    Sample ids: a training batch with an integer field ``idx``, ``index``, ``indices``, ``sample_id``,
+    ``sample_ids`` or ``sample_idx`` (keep it with ``TrainingArguments(remove_unused_columns=False)``) has them
+    recorded, and the field is taken out of the model's inputs (a field the model's ``forward`` names is its input,
+    not ids); ``batch_ids=`` names another field (kept for a ``forward`` that names it) or maps the inputs dict to
+    the ids.
     """
+
+    _hook: Any = None
+    _takes: frozenset[str] = frozenset()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -49,6 +59,26 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
         )
         # HF counts a step once it is done and logs at that count: record optimizer step k at k + 1 like it does.
         self.monitor.set_global_step(state.global_step + 1)
+        if self.batch_ids is not False:
+            self._takes = _named_parameters(model)
+            self._hook = model.register_forward_pre_hook(self._forward_pre, with_kwargs=True)
+
+    def _forward_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """HF callbacks never see a batch; the model's forward does (``model(**inputs)``): record a training
+        batch's ids there (an evaluation batch's are not), and take their field out of the inputs unless the model's
+        ``forward`` names it."""
+        # found on their own, ids come only from fields the model does not take: a declared input is the model's
+        batch = {k: v for k, v in kwargs.items() if k not in self._takes} if self.batch_ids is None else kwargs
+        name = self._log_batch(batch) if module.training else find_batch_ids(batch, self.batch_ids)[0]
+        if name is None or name in self._takes or name not in kwargs:
+            return None
+        return args, {k: v for k, v in kwargs.items() if k != name}
+
+    def _close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        super()._close()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -75,6 +105,15 @@ class GradientMonitorCallback(MonitorCallback, TrainerCallback):
         found = (_newest_run_of_this_process(os.path.join(args.output_dir, "runs"))
                  if {"tensorboard", "all"} & set(report_to) else None)
         return found or os.path.join(args.output_dir, default_logdir(), *([trial] if trial else []))
+
+
+def _named_parameters(model: Any) -> frozenset[str]:
+    """The keyword names a model's ``forward`` declares (not those a ``**kwargs`` would swallow)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
 def _newest_run_of_this_process(root: str) -> str | None:

@@ -82,6 +82,8 @@ class RunData:
     bytes_read: int = 0
     first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
     last_wall_time: float | None = None  # wall time of the latest summary: when the run last wrote
+    #: step -> int64 sample ids of its batch, for the steps whose ids were logged (``log_batch``); empty otherwise
+    batches: dict[int, np.ndarray] = field(default_factory=dict)
 
     def update_ratio_available(self) -> bool:
         """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""

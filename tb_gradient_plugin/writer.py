@@ -50,6 +50,14 @@ def _as_float(name: str, value: Any) -> float:
     return float(arr.reshape(-1)[0])
 
 
+def _as_ids(value: Any) -> np.ndarray:
+    """A step's sample ids as an int64 vector: integers only (a float id is almost always a mix-up with a label)."""
+    arr = np.asarray(value)
+    if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"batch ids must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64).reshape(-1)
+
+
 class LogdirError(OSError):
     """The logdir cannot hold our event file (it is a file, or not writable): raised at construction, before any
     training step, with one message that says which."""
@@ -260,9 +268,15 @@ class GradientWriter:
         clip_threshold: Any = None,
         exp_avg_norm: Any = None,
         exp_avg_sq_norm: Any = None,
+        batch_ids: Any = None,
+        epoch: Any = None,
+        batch_index: Any = None,
         wall_time: float | None = None,
     ) -> None:
         """Record one logged step. Every metric is optional; per-layer ones hold one value per entry of ``layers``.
+
+        ``batch_ids``: the integer ids of the step's samples (dataset indices), so a finding can name its batch;
+        where those are unknown, ``epoch`` and ``batch_index`` (within the epoch) say which batch it was.
 
         ``layers`` may differ from step to step (a layer frozen at this step is simply left out): values are always
         attributed through the layer list given with them.
@@ -282,8 +296,12 @@ class GradientWriter:
         scalars = [fmt.scalar_value(m, _as_float(m, data))
                    for m, data in (("loss", loss), ("total_grad_norm", total_grad_norm)) if data is not None]
         extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action,
-                  "clip_threshold": clip_threshold}
+                  "clip_threshold": clip_threshold,
+
+                  "epoch": epoch, "batch_index": batch_index}
         scalars += [fmt.step_value(m, _as_float(m, data)) for m, data in extras.items() if data is not None]
+        if batch_ids is not None:
+            scalars.append(fmt.batch_ids_value(_as_ids(batch_ids)))
         self._emit(step, wall_time, names, arrays, scalars)
 
     def write_histograms(

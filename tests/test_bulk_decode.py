@@ -327,9 +327,10 @@ def _scalar_event(step: int, value: float) -> bytes:
 def test_a_template_reads_the_records_equal_to_it_and_leaves_the_others():
     first = _scalar_event(300, 0.5)
     parts = Parts(np.asarray)
-    assert bulk_decode.template_of(first + b"\x10\x05", [(parts, True)]) is None  # a repeated step: protobuf's
+    scalar = [(parts, bulk_decode.SCALAR)]
+    assert bulk_decode.template_of(first + b"\x10\x05", scalar) is None  # a repeated step: protobuf's
     assert bulk_decode.template_of(first, [None]) is None  # a value the general path could not describe
-    template = bulk_decode.template_of(first, [(parts, True)])
+    template = bulk_decode.template_of(first, scalar)
     assert template is not None and template.length == len(first)
     records = [_scalar_event(301, 1.5), _scalar_event(302, 2.5), _scalar_event(303, 3.5)]
     other = event_pb2.Event.FromString(records[1])

@@ -68,7 +68,8 @@ def test_metric_lists_come_from_the_registry():
     assert set(fmt.LAYER_METRICS) | set(fmt.STEP_METRICS) | set(fmt.SCALAR_METRICS) | {fmt.HISTOGRAM_METRIC} == stored
     assert fmt.LAYER_METRICS == ("grad_norm", "param_norm", "update_norm", "grad_max_abs", "nonfinite_count",
                                  "exp_avg_norm", "exp_avg_sq_norm")
-    assert fmt.STEP_METRICS == ("lr", "loss_scale", "step_skipped", "guard_action", "clip_threshold")
+    assert fmt.STEP_METRICS == ("lr", "loss_scale", "step_skipped", "guard_action", "clip_threshold", "epoch",
+                                "batch_index")
     assert fmt.SCALAR_METRICS == ("loss", "total_grad_norm") and fmt.HISTOGRAM_METRIC == "grad_hist"
     for m in fmt.METRIC_REGISTRY:
         assert m.scope in ("layer", "step") and m.label

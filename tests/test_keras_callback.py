@@ -366,7 +366,8 @@ def test_reader_decodes_every_metric_like_any_writer_run(tmp_path):
     assert reader.problems == [] and batch.other_tags == set()
     assert {r.metric for r in batch.layer_records} == set(KERAS_LAYER_METRICS)
     assert {r.step for r in batch.layer_records} == {0, 3, 6}
-    assert {(r.tag, r.ours) for r in batch.scalars} == {("loss", True), ("total_grad_norm", True), ("lr", True)}
+    assert {(r.tag, r.ours) for r in batch.scalars} == {("loss", True), ("total_grad_norm", True), ("lr", True),
+                                                         ("epoch", True), ("batch_index", True)}
     assert all(r.layers == tuple(layers) and r.values.dtype == np.float32 for r in batch.layer_records)
 
 

@@ -20,6 +20,7 @@ from werkzeug.test import Client
 
 from tb_gradient_plugin import backend, detect, plugin
 from tb_gradient_plugin import format as fmt
+from tb_gradient_plugin.run_report import report_json
 from tb_gradient_plugin.runs import load_run
 from tb_gradient_plugin.writer import EventFile, GradientWriter
 
@@ -134,8 +135,10 @@ def test_runs_count_episodes_by_kind_so_the_tab_needs_no_episode_lists(client, l
 def test_episodes_are_the_auditors_to_the_step(client, logdir):
     code, doc, _ = _get(client, "episodes", run="spiky")
     assert code == 200
-    expect = json.loads(json.dumps(detect.detect(load_run(str(logdir / "spiky"), "spiky")).to_json()))
+    run = load_run(str(logdir / "spiky"), "spiky")
+    expect = json.loads(json.dumps(report_json(detect.detect(run), run.warnings, run)))
     assert doc == expect
+    assert all(e["batches"] == [] for e in doc["episodes"] if e["kind"] in ("explosion", "nonfinite"))
     peaks = {e["peak_step"] for e in doc["episodes"]}
     assert SPIKE_STEP in peaks and NAN_STEP in peaks
     spike_episode = next(e for e in doc["episodes"] if e["peak_step"] == SPIKE_STEP)
@@ -383,8 +386,8 @@ def test_a_run_restarted_into_the_same_file_name_is_shown_as_it_is_now(tmp_path)
     _wait_for_episodes(client, after["runs"][0]["version"])
     _, rep, _ = _get(client, "episodes", run=".")
     assert any(live.name in w and "read again from the start" in w for w in rep["warnings"]), rep["warnings"]
-    assert rep == json.loads(json.dumps(detect.detect(load_run(str(tmp_path / "job"), ".")).to_json())) | {
-        "warnings": rep["warnings"]}
+    run = load_run(str(tmp_path / "job"), ".")
+    assert rep == json.loads(json.dumps(report_json(detect.detect(run), (), run))) | {"warnings": rep["warnings"]}
 
 
 def test_logdir_spec_names_runs_like_tensorboard(tmp_path):

@@ -18,7 +18,11 @@ def test_callback_options_are_monitor_keywords_with_the_same_defaults():
     monitor = inspect.signature(GradientMonitor).parameters
     callback = inspect.signature(MonitorCallback).parameters
     assert list(callback)[0] == "logdir" and callback["logdir"].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    # batch_ids is the callbacks' own: where a framework's batch holds its sample ids (the monitor gets the ids)
+    assert callback["batch_ids"].default is None and callback["batch_ids"].kind == inspect.Parameter.KEYWORD_ONLY
     for name, param in callback.items():
+        if name == "batch_ids":
+            continue
         assert name in monitor, name
         assert param.default == monitor[name].default, name
         if name != "logdir":

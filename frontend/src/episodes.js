@@ -4,6 +4,7 @@
 import { h, formatStep, formatValue, message } from "./dom.js";
 import { metricLabel } from "./metrics.js";
 import { causeLabel, seriesLabel } from "./validation.js";
+import { relativeStep } from "./wording.js";
 
 const KIND_LABEL = {
   explosion: "Explosion",
@@ -85,6 +86,29 @@ function validationFacts(v) {
       ? `; began with the instability at step ${formatStep(v.related_step)}` : null);
 }
 
+/** Batches listed in a card (those closest to the peak), and ids shown per batch before "+N more". */
+const SHOWN_BATCHES = 4;
+const SHOWN_IDS = 16;
+
+/** The logged batches from the episode's start to its peak, the peak's last: step, sample ids and (Keras) epoch and
+ * batch index, as text. */
+function batchList(ep) {
+  const shown = ep.batches.slice(-SHOWN_BATCHES);
+  const hidden = ep.batches.length - shown.length;
+  return h("div", { class: "ep-batches" },
+    h("span", { class: "ep-label", text: ep.batches.length > 1 ? "Batches:" : "Batch:" }),
+    h("ul", {}, shown.map((b) => {
+      const parts = b.epoch !== undefined ? [`epoch ${b.epoch}, batch ${b.batch}`] : [];
+      if (b.ids.length) {
+        const more = b.ids.length > SHOWN_IDS ? `, … (+${b.ids.length - SHOWN_IDS} more)` : "";
+        parts.push(`sample ids ${b.ids.slice(0, SHOWN_IDS).join(", ")}${more}`);
+      }
+      return h("li", { class: b.step === ep.peak_step ? "batch peak" : "batch", dataset: { step: String(b.step) },
+        text: `step ${formatStep(b.step)} (${relativeStep(b.step - ep.peak_step)}): ${parts.join("; ")}` });
+    })),
+    hidden > 0 ? h("span", { class: "ep-more", text: `+${hidden} earlier ${hidden === 1 ? "batch" : "batches"}` }) : null);
+}
+
 export function renderEpisodes(report, { onEpisode, onLayer }) {
   const { episodes, warnings } = report;
   const list = h("ol", { class: "episode-list" });
@@ -142,8 +166,9 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
         : null,
       ep.loss_spike_step !== null && ep.loss_spike_step !== undefined
         ? h("div", { class: "ep-loss", text: `Loss spiked at step ${formatStep(ep.loss_spike_step)} (`
-          + `${ep.loss_spike_step >= ep.peak_step ? "+" : ""}${ep.loss_spike_step - ep.peak_step} steps after the peak)` })
+          + `${relativeStep(ep.loss_spike_step - ep.peak_step)})` })
         : null,
+      ep.batches && ep.batches.length ? batchList(ep) : null,
       ep.advice && ep.advice.length
         ? h("ul", { class: "ep-advice" }, ep.advice.map((a) => h("li", { text: a })))
         : null,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..types import TOTAL, Episode
+from ..wording import EPISODE_START, relative_step
 from .config import DetectorConfig
 from .histograms import HistogramLookup, histogram_advice
 from .rows import Metric, Row
@@ -73,9 +74,17 @@ def _nonfinite_gradients(f: Facts) -> str | None:
                 "initialization (weight scale), the inputs (NaN/Inf or unnormalised features) and the loss "
                 "(log of 0, division by 0) before tuning the optimizer.")
     cols = [] if first_bad is None else first_bad.cols[first_bad.metric == Metric.NONFINITE].tolist()
-    where = f" in {f.layers[cols[0]]}" if cols else ""
+    # of the layers non-finite first, the one the ranking puts highest: the advice and the ranking name one layer
+    rank = {finding.name: i for i, finding in enumerate(ep.layers)}
+    origin = min((f.layers[c] for c in cols), key=lambda name: rank.get(name, len(rank)), default=None)
+    where = f" in {origin}" if origin is not None else ""
     grew = f" after growing from step {ep.start_step}" if first > ep.start_step else ""
-    return (f"Gradients became non-finite{where} at step {first}{grew}; guard the step (skip or "
+    top = ep.layers[0] if ep.layers else None
+    why = ""
+    if origin is not None and top is not None and top.name not in (origin, TOTAL) and top.first_step < first:
+        why = (f" {top.name} is ranked first because it was the furthest above its baseline when the episode began "
+               f"(step {top.first_step}): the growth led there and overflowed first in {origin}.")
+    return (f"Gradients became non-finite{where} at step {first}{grew}.{why} Guard the step (skip or "
             "clip non-finite updates) and look for the numerical operation that overflowed.")
 
 
@@ -140,7 +149,7 @@ def _lr_rise(f: Facts) -> str | None:
     i = int(np.nonzero(rise >= 2.0)[0][-1])
     j = i + int(np.argmax(lrs[i:] >= 2.0 * lrs[i]))
     return (f"The learning rate rose from {fmt_num(float(lrs[i]))} to {fmt_num(float(cur))} (at step {int(st[j])}, "
-            f"{ep.start_step - int(st[j])} steps before the episode): lower it or lengthen the warm-up.")
+            f"{relative_step(int(st[j]) - ep.start_step, EPISODE_START)}): lower it or lengthen the warm-up.")
 
 
 def _depth_growth(f: Facts) -> str | None:
@@ -178,8 +187,8 @@ def _loss_spike(f: Facts) -> str | None:
     ep = f.episode
     if ep.loss_spike_step is None:
         return None
-    return (f"The loss spiked at step {ep.loss_spike_step}, {ep.loss_spike_step - ep.start_step} steps after "
-            "the episode began.")
+    return (f"The loss spiked at step {ep.loss_spike_step}, "
+            f"{relative_step(ep.loss_spike_step - ep.peak_step)} of the gradients (step {ep.peak_step}).")
 
 
 def _chronic(f: Facts) -> str | None:
@@ -204,8 +213,8 @@ def _dead(f: Facts) -> str | None:
     if ep.kind != "dead" or not ep.dead:
         return None
     d = ep.dead
-    after = (f", {d['from_step'] - d['after_episode']} steps after the episode at step {d['after_episode']}"
-             if d["after_episode"] is not None else "")
+    anchor = f"the episode at step {d['after_episode']}"
+    after = f", {relative_step(d['from_step'] - d['after_episode'], anchor)}" if d["after_episode"] is not None else ""
     restart = (f" Restart from a checkpoint from before step {d['restart_before']}"
                if d["restart_before"] is not None else " Restart from a checkpoint from before it")
     below = f"fell {f.cfg.dead_ratio:,.0f}× or more below their baseline"

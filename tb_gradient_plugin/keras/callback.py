@@ -155,6 +155,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._original_apply: Any = None  # the optimizer's own apply (to apply a held step late)
         self._last_written = -1
         self._epoch_base = 0
+        self._epoch: int | None = None
         self._batch_begin = 0
         self._loss_traced = False
         self._let_through: Any = None  # int64: crossing steps up to this one are applied (a callable let them through)
@@ -212,6 +213,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_base = int(self._step_var.numpy())
+        self._epoch = epoch
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
@@ -560,6 +562,13 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 extras["loss"] = float(row[1])
             self._guard_rows.append((step, probe.layers, extras))
 
+    def _position(self, step: int) -> dict[str, int]:
+        """Which batch a step trained on: its epoch and its index in the epoch (every step of an epoch is written by
+        the epoch's end, so a step at or after the epoch's first is one of it)."""
+        if self._epoch is None or step < self._epoch_base:
+            return {}
+        return {"epoch": self._epoch, "batch_index": step - self._epoch_base}
+
     def _drain(self) -> None:
         """Write every complete recorded step in the ring buffers that is newer than the last one written."""
         if self._writer is None:
@@ -576,7 +585,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         rows.sort(key=lambda r: r[0])
         for step, probe, pre, post in rows:
             if probe is None:  # a step the guard acted on that `every` does not log
-                self._writer.write(step, pre, **post)
+                self._writer.write(step, pre, **post, **self._position(step))
                 self._last_written = max(self._last_written, step)
                 continue
             n = len(probe.layers)
@@ -589,6 +598,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 extras["step_skipped"] = post[1]
             if step in self._guard_actions:
                 extras["guard_action"] = self._guard_actions.pop(step)
+            extras.update(self._position(step))
             self._writer.write(
                 step, probe.layers,
                 grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:],

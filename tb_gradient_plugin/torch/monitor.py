@@ -188,6 +188,7 @@ class GradientMonitor:
         self._step = 0
         self._closed = False
         self._loss: Any = None
+        self._batch_ids: list[torch.Tensor | np.ndarray] = []  # this step's log_batch calls
         self._stepped: set[int] = set()
         self._state: _StepState | None = None
         self._plans: dict[tuple[bool, ...], Plan] = {}
@@ -281,6 +282,28 @@ class GradientMonitor:
             self._loss = loss.detach()
         else:
             self._loss = float(loss)
+
+    def log_batch(self, ids: torch.Tensor | Sequence[int]) -> None:
+        """Remember the sample ids (dataset indices, or any integer ids) of this step's batch, so that an episode can
+        name the batch behind it (``batches`` in the audit JSON, ``tb-gradient audit --skip-list``).
+
+        Call it once per batch before ``optimizer.step()``; with gradient accumulation, once per micro-batch (the
+        step records them all). A tensor is kept as it is, on its device: its ids reach the host with the step's
+        statistics, in the step's one host transfer, so this causes no device sync. Under DDP rank 0 records the ids
+        of its own shard.
+        """
+        self._check_open()
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise TypeError(f"batch ids must be an integer tensor, got {ids.dtype}")
+            part: torch.Tensor | np.ndarray = ids.detach().reshape(-1)
+        else:
+            arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+            if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+                raise TypeError(f"batch ids must be integers, got {arr.dtype}")
+            part = arr.astype(np.int64).reshape(-1)
+        if self._writer is not None:
+            self._batch_ids.append(part)
 
     @property
     def clip(self) -> float | None:
@@ -636,16 +659,17 @@ class GradientMonitor:
         """End of one training step: one host transfer and one write if it is recorded; then count it."""
         state, self._state = self._state, None
         loss, self._loss = self._loss, None
+        ids, self._batch_ids = self._batch_ids, []
         self._stepped.clear()
         self._capture_queued = False
         try:
             if state is not None and state.grads is not None and self._writer is not None:
-                self._write(self._step, state, loss)
+                self._write(self._step, state, loss, ids)
         finally:
             self._step += 1
             self._sync_grad_hooks()
 
-    def _write(self, step: int, state: _StepState, loss: Any) -> None:
+    def _write(self, step: int, state: _StepState, loss: Any, ids: list[torch.Tensor | np.ndarray]) -> None:
         n = len(self.layers)
         parts: list[tuple[str, torch.Tensor]] = []
         for name in ("grad_sq", "grad_max", "nonfinite"):
@@ -669,6 +693,8 @@ class GradientMonitor:
         home = parts[0][1].device
         dt = stat_dtype(home)
         flat = torch.cat([t.reshape(-1).to(home, dt, non_blocking=True) for _, t in parts])
+        # ids of the home device are copied behind the statistics on its stream, so the one sync below covers them
+        ids = [p.to("cpu", non_blocking=True) if isinstance(p, torch.Tensor) and p.device == home else p for p in ids]
         host = flat.cpu().numpy()  # the one device-to-host transfer of the step
         values: dict[str, np.ndarray] = {}
         pos = 0
@@ -709,6 +735,9 @@ class GradientMonitor:
                 kwargs["loss_scale"] = float(values["loss_scale"][0])
             if self._scaler is not None:
                 kwargs["step_skipped"] = float(values["skipped"][0]) if "skipped" in values else 0.0
+            if ids:
+                kwargs["batch_ids"] = np.concatenate([p.cpu().numpy() if isinstance(p, torch.Tensor) else p
+                                                      for p in ids]).astype(np.int64)
             self._writer.write(step, names, **kwargs)
         if "hist" in values:
             counts = values["hist"].reshape(n, fmt.HIST_BINS)[present]
