@@ -296,9 +296,7 @@ class GradientWriter:
         scalars = [fmt.scalar_value(m, _as_float(m, data))
                    for m, data in (("loss", loss), ("total_grad_norm", total_grad_norm)) if data is not None]
         extras = {"lr": lr, "loss_scale": loss_scale, "step_skipped": step_skipped, "guard_action": guard_action,
-                  "clip_threshold": clip_threshold,
-
-                  "epoch": epoch, "batch_index": batch_index}
+                  "clip_threshold": clip_threshold, "epoch": epoch, "batch_index": batch_index}
         scalars += [fmt.step_value(m, _as_float(m, data)) for m, data in extras.items() if data is not None]
         if batch_ids is not None:
             scalars.append(fmt.batch_ids_value(_as_ids(batch_ids)))
