@@ -22,36 +22,34 @@ from jax import lax
 
 from .. import format as fmt
 
-__all__ = ["LayerStats", "grad_stats", "histogram_counts", "layer_norms", "leaf_norm", "total_norm"]
+__all__ = ["LayerStats", "grad_stats", "histogram_counts", "layer_norms", "leaf_norms", "total_norm"]
 
 #: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
 #: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
 _BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
 
 
-def _acc_dtype(x: jax.Array) -> np.dtype:
-    """float32 for half and single precision, float64 for float64 leaves (only present under x64)."""
-    return jnp.result_type(x.dtype, jnp.float32)
+def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per leaf, the L2 norm and max |x| (float32 ``[leaves]``; NaN for a leaf holding a NaN, inf for an inf).
 
-
-def leaf_norm(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """L2 norm and max |x| of one leaf (NaN when it holds a NaN, inf when it holds an inf)."""
-    if x.size == 0:
-        zero = jnp.zeros((), jnp.float32)
-        return zero, zero
-    dt = _acc_dtype(x)
-    a = x.astype(dt)
-    sq = jnp.sum(a * a)
-    mx = jnp.max(jnp.abs(a))
-    tiny = jnp.finfo(dt).tiny
-    rescale = (~jnp.isfinite(sq) | (sq < tiny)) & jnp.isfinite(mx) & (mx > 0)
+    One ``lax.cond`` for all leaves (each branch of a cond is compiled on its own: one per leaf would double the
+    step's compile time): in the rare step where some sum over- or underflowed, every leaf is measured scaled.
+    """
+    dt = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
+    values = [x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32)) for x in leaves]
+    zero = jnp.zeros((), dt)
+    sq = jnp.stack([jnp.sum(a * a).astype(dt) if a.size else zero for a in values])
+    mx = jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in values])
+    rescale = (~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny)) & jnp.isfinite(mx) & (mx > 0)
 
     def scaled() -> jax.Array:
-        s = a / mx
-        return mx * jnp.sqrt(jnp.sum(s * s))
+        safe = jnp.where(rescale, mx, 1.0)
+        out = [jnp.sum(jnp.square(a / safe[k].astype(a.dtype))).astype(dt) if a.size else zero
+               for k, a in enumerate(values)]
+        return jnp.where(rescale, mx * jnp.sqrt(jnp.stack(out)), jnp.sqrt(sq))
 
-    norm = lax.cond(rescale, scaled, lambda: jnp.sqrt(sq))
-    mx = jnp.where(jnp.isnan(sq), jnp.nan, mx)  # a reduction's max may skip a NaN; the norm never does
+    norm = lax.cond(jnp.any(rescale), scaled, lambda: jnp.sqrt(sq))
+    mx = jnp.where(jnp.isnan(sq), jnp.nan, mx)  # a reduction's max may skip a NaN; the sum never does
     return norm.astype(jnp.float32), mx.astype(jnp.float32)
 
 
@@ -65,8 +63,7 @@ def _combine(norms: jax.Array, segments: np.ndarray, n: int) -> jax.Array:
 
 def layer_norms(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> jax.Array:
     """Per layer, the L2 norm over its leaves (float32 ``[n]``)."""
-    norms = jnp.stack([leaf_norm(x)[0] for x in leaves])
-    return _combine(norms, np.asarray(layer_of, np.int32), n)
+    return _combine(leaf_norms(leaves)[0], np.asarray(layer_of, np.int32), n)
 
 
 def total_norm(per_layer: jax.Array) -> jax.Array:
@@ -85,9 +82,7 @@ def grad_stats(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> 
     """Norm, max |g| and non-finite count per layer. The count costs a pass only when some entry is non-finite (then
     the max of its leaf is)."""
     seg = np.asarray(layer_of, np.int32)
-    pairs = [leaf_norm(x) for x in leaves]
-    norms = jnp.stack([p[0] for p in pairs])
-    maxes = jnp.stack([p[1] for p in pairs])
+    norms, maxes = leaf_norms(leaves)
     norm = _combine(norms, seg, n)
     max_abs = jax.ops.segment_max(maxes, seg, num_segments=n)
     max_abs = jnp.where(jnp.isnan(norm), jnp.nan, max_abs)
@@ -119,7 +114,7 @@ def _bin_tops(dtype: np.dtype) -> np.ndarray:
 
 
 def _leaf_counts(x: jax.Array) -> jax.Array:
-    dt = _acc_dtype(x)
+    dt = jnp.result_type(x.dtype, jnp.float32)
     a = jnp.abs(x.reshape(-1).astype(dt))
     # NaN joins Inf above every finite top. log(0) = -inf clips to the zero bin, +inf to the overflow bin, and the
     # comparison moves them to where they belong (zero stays, Inf moves up into the non-finite bin).
