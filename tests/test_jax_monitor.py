@@ -240,13 +240,19 @@ def test_histograms_count_the_gradients_on_the_fixed_bins(tmp_path):
             np.testing.assert_array_equal(run.histograms[k, j], want[name], err_msg=f"{name} at {step}")
 
 
-def test_learning_rate_of_injected_hyperparameters_is_recorded(tmp_path):
+def test_learning_rate_is_the_one_each_step_used(tmp_path):
+    """With ``optax.inject_hyperparams`` the rate is recorded, and at step t it is the rate step t applied: a schedule
+    that raises it 10x at step 2 shows the new rate at step 2, where the update norm is that rate x the gradient's."""
+    schedule = optax.piecewise_constant_schedule(0.01, {2: 10.0})
     with GradientMonitor(tmp_path) as monitor:
-        loop = LinenLoop(monitor, optax.inject_hyperparams(optax.adamw)(learning_rate=3e-3))
-        for _ in range(3):
+        loop = LinenLoop(monitor, optax.inject_hyperparams(optax.sgd)(learning_rate=schedule))
+        for _ in range(4):
             loop.step()
     run = load_run(str(tmp_path))
-    np.testing.assert_allclose(run.series["lr"].values, 3e-3, rtol=1e-6)
+    np.testing.assert_allclose(run.series["lr"].values, [0.01, 0.01, 0.1, 0.1], rtol=1e-6)
+    for step in (1, 2):
+        want = {k: schedule(step) * v for k, v in norms(loop.history[step]["grads"]).items()}
+        assert_close(recorded(run, "update_norm", step), want, 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------ the guard
@@ -355,12 +361,30 @@ def test_a_closed_monitor_says_so(tmp_path):
     monitor.close()
     with pytest.raises(RuntimeError, match="GradientMonitor is closed"):
         loop.tx.init(loop.params)  # traced anew: refused at once
-    with pytest.raises(RuntimeError, match="GradientMonitor is closed"):
-        loop.step()  # compiled before: its callback refuses
+    with pytest.warns(RuntimeWarning, match="GradientMonitor is closed: step 1 .* not recorded"):
+        loop.step()  # compiled before: it still trains, and says once that nothing is recorded
         jax.effects_barrier()
     with pytest.raises(RuntimeError, match="GradientMonitor is closed"):
         monitor.wrap(optax.sgd(0.1))
     assert list(load_run(str(tmp_path)).steps) == [0]
+
+
+def test_an_error_on_the_host_is_raised_at_close_and_training_goes_on(tmp_path):
+    """An exception in the guard's callable is not raised inside the compiled step (JAX would keep it and fail every
+    later callback of the process): recording stops with a warning, and close() raises it."""
+    def on_explosion(episode):
+        raise KeyError("from the callable")
+
+    loop, monitor = exploding_loop(tmp_path, on_explosion, at=25)
+    with pytest.warns(RuntimeWarning, match="gradient recording stopped: KeyError"):
+        loop.step(y=loop.y * 1e6)
+        jax.effects_barrier()
+    loop.step()
+    with pytest.raises(RuntimeError, match="recording the gradient statistics failed: KeyError"):
+        monitor.close()
+    with GradientMonitor(tmp_path / "next") as other:  # ordered callbacks of the process still work
+        LinenLoop(other, optax.sgd(0.1)).step()
+    assert list(load_run(str(tmp_path / "next")).steps) == [0]
 
 
 def test_update_without_params_records_update_norms_and_warns(tmp_path):

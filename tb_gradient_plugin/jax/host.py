@@ -71,15 +71,25 @@ class HostRecorder:
         self._last_judged = -1
         self._decided: dict[int, int] = {}  # steps judged before their report arrived (held on the device)
         self._warned_order = False
+        self._warned_closed = False
         self.closed = False
 
     # ---------------------------------------------------------------------------------------- called by the device
 
+    # An exception escaping a callback would not stop the step: JAX keeps it in the token that orders every later
+    # callback of the process, so each later ordered callback (of any program) fails. The callbacks therefore never
+    # raise: the first error is kept and raised from flush() / close() in the user's thread, and recording stops.
+
     def ask(self, spec: Spec, step: np.ndarray, packed: np.ndarray) -> np.ndarray:
         """A step that crossed the guard's thresholds on the device: judge it now; returns whether to skip it."""
         with self._lock:
-            self._check_open()
-            action = self._judge(spec, int(step), np.array(packed))
+            if not self._usable(int(step)):
+                return np.asarray(False)
+            try:
+                action = self._judge(spec, int(step), np.array(packed))
+            except Exception as err:  # noqa: BLE001 - see above
+                self._fail(err)
+                return np.asarray(False)
             self._decided[int(step)] = action
             return np.asarray(action == GUARD_SKIP)
 
@@ -89,33 +99,50 @@ class HostRecorder:
         for the next step: per layer, then the total norm (float32 ``[layers + 1]``)."""
         step = int(step)
         with self._lock:
-            self._check_open()
-            packed = np.array(packed)
-            action = None
-            if self.guard is not None:
-                action = self._decided.pop(step, None)
-                if action is None:
-                    action = self._judge(spec, step, packed)
-            logged = step % self.every == 0 or self._hist_step(step)
-            if logged or (action is not None and action != GUARD_NONE):
-                self._queue.put(self._write_job(spec, step, packed, logged, action))
-            if hist is not None and self._hist_step(step):
-                counts = np.array(hist, dtype=np.int64)
-                self._queue.put(lambda: self._writer.write_histograms(step, spec.layers, counts))
-            if self.guard is None:
-                return None
-            thresholds, total = self.guard.next_thresholds(spec.layers)
-            return np.append(thresholds, total).astype(np.float32)
+            if not self._usable(step):
+                return None if self.guard is None else np.full(len(spec.layers) + 1, np.inf, np.float32)
+            try:
+                return self._report(spec, step, np.array(packed), hist)
+            except Exception as err:  # noqa: BLE001 - see above
+                self._fail(err)
+                return None if self.guard is None else np.full(len(spec.layers) + 1, np.inf, np.float32)
+
+    def _report(self, spec: Spec, step: int, packed: np.ndarray, hist: np.ndarray | None) -> np.ndarray | None:
+        """Judge (with a guard) and queue the writes of one step; the next step's thresholds with a guard."""
+        action = None
+        if self.guard is not None:
+            action = self._decided.pop(step, None)
+            if action is None:
+                action = self._judge(spec, step, packed)
+        logged = step % self.every == 0 or self._hist_step(step)
+        if logged or (action is not None and action != GUARD_NONE):
+            self._queue.put(self._write_job(spec, step, packed, logged, action))
+        if hist is not None and self._hist_step(step):
+            counts = np.array(hist, dtype=np.int64)
+            self._queue.put(lambda: self._writer.write_histograms(step, spec.layers, counts))
+        if self.guard is None:
+            return None
+        thresholds, total = self.guard.next_thresholds(spec.layers)
+        return np.append(thresholds, total).astype(np.float32)
 
     # ------------------------------------------------------------------------------------------------- internals
 
     def _hist_step(self, step: int) -> bool:
         return self.histograms_every > 0 and step % self.histograms_every == 0
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise RuntimeError("GradientMonitor is closed: a step compiled with its optimizer ran after close(); "
-                               "wrap the optimizer with a new monitor")
+    def _usable(self, step: int) -> bool:
+        """Whether this step can be recorded; says once why not (a closed monitor, an earlier error)."""
+        if self.closed and not self._warned_closed:
+            self._warned_closed = True
+            warnings.warn(f"GradientMonitor is closed: step {step} of a step function compiled with its optimizer is "
+                          "not recorded (and not guarded); wrap the optimizer with a new monitor", RuntimeWarning,
+                          stacklevel=2)
+        return not self.closed and self._error is None
+
+    def _fail(self, err: Exception) -> None:
+        if self._error is None:
+            self._error = err
+            warnings.warn(f"gradient recording stopped: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
 
     def _judge(self, spec: Spec, step: int, packed: np.ndarray) -> int:
         """The guard's decision for ``step`` (once per step, in step order)."""
@@ -165,7 +192,7 @@ class HostRecorder:
         self._queue.join()
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing the gradient statistics failed: {err}") from err
+            raise RuntimeError(f"recording the gradient statistics failed: {type(err).__name__}: {err}") from err
 
     def close(self) -> None:
         with self._lock:

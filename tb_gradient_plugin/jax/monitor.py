@@ -252,15 +252,19 @@ class GradientMonitor:
             if loss_value.size != 1:
                 raise ValueError(f"loss must hold one value, got shape {tuple(loss_value.shape)}")
             loss_value = lax.stop_gradient(loss_value).reshape(()).astype(jnp.float32)
-        lr = _learning_rate(state.inner)
-        spec = Spec(layout.layers, weights is not None, loss_value is not None, lr is not None)
+        # inject_hyperparams keeps the rate it used in the state it returns: read after the update, from that state
+        has_lr = _learning_rate(state.inner) is not None
+        spec = Spec(layout.layers, weights is not None, loss_value is not None, has_lr)
         step = state.step
         logged = step % self.every == 0
         if self.histograms_every:
             hist_step = step % self.histograms_every == 0
             logged = logged | hist_step
         nan = jnp.full((), jnp.nan, jnp.float32)
-        head = [nan if loss_value is None else loss_value, nan if lr is None else lr]
+
+        def head(inner_state: Any) -> list[jax.Array]:
+            lr = _learning_rate(inner_state)
+            return [nan if loss_value is None else loss_value, nan if lr is None else lr]
 
         def apply() -> tuple[Any, Any]:
             return inner.update(updates, state.inner, params, **extra)
@@ -283,8 +287,9 @@ class GradientMonitor:
 
             def record() -> None:
                 stats = grad_stats(grads, layer_of, n)
-                packed = jnp.concatenate([jnp.stack([*head, total_norm(stats.norm)]), stats.norm, stats.max_abs,
-                                          stats.nonfinite, weight_norms(new_updates)])
+                fixed = jnp.stack([*head(new_inner), total_norm(stats.norm)])
+                packed = jnp.concatenate([fixed, stats.norm, stats.max_abs, stats.nonfinite,
+                                          weight_norms(new_updates)])
                 io_callback(functools.partial(self._host.report, spec), None, step, packed, *hist_counts(),
                             ordered=True)
 
@@ -296,21 +301,22 @@ class GradientMonitor:
                              "call init() of this wrapped optimizer on the parameters it updates")
         stats = grad_stats(grads, layer_of, n)
         total = total_norm(stats.norm)
-        grad_part = jnp.concatenate([jnp.stack([*head, total]), stats.norm, stats.max_abs, stats.nonfinite])
+        grad_stats_part = [stats.norm, stats.max_abs, stats.nonfinite]
         if guard.action == "warn":  # warns from the host; never holds a step back
             new_updates, new_inner = apply()
         else:
             thresholds = state.thresholds * _HOLD_MARGIN
             cross = ~jnp.isfinite(total) | jnp.any(stats.norm > thresholds[:n]) | (total > thresholds[n])
             ask = functools.partial(self._host.ask, spec)
-            waiting = jnp.concatenate([grad_part, jnp.zeros(2 * n, jnp.float32)])
+            waiting = jnp.concatenate([jnp.stack([*head(state.inner), total]), *grad_stats_part,
+                                       jnp.zeros(2 * n, jnp.float32)])
             skip = lax.cond(cross, lambda: io_callback(ask, jax.ShapeDtypeStruct((), jnp.bool_), step, waiting,
                                                        ordered=True),
                             lambda: jnp.zeros((), jnp.bool_))
             zero_updates = _zeros_like(jax.eval_shape(apply)[0])
             new_updates, new_inner = lax.cond(skip, lambda: (zero_updates, state.inner), apply)
         norms = lax.cond(logged, lambda: weight_norms(new_updates), lambda: jnp.zeros(2 * n, jnp.float32))
-        packed = jnp.concatenate([grad_part, norms])
+        packed = jnp.concatenate([jnp.stack([*head(new_inner), total]), *grad_stats_part, norms])
         next_thresholds = io_callback(functools.partial(self._host.report, spec),
                                       jax.ShapeDtypeStruct((n + 1,), jnp.float32), step, packed, *hist_counts(),
                                       ordered=True)
