@@ -8,6 +8,7 @@ HERE = Path(__file__).parent
 
 TORCH = ["torch>=2.1"]
 KERAS = ["tensorflow>=2.16", "keras>=3.0"]
+JAX = ["jax>=0.4.30", "optax>=0.2.2"]
 
 setup(
     name="tb_gradient_plugin",
@@ -32,6 +33,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "keras": KERAS,
+        "jax": JAX,
         "lightning": TORCH + ["lightning>=2.1"],
         "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
         "test": [
@@ -42,6 +44,7 @@ setup(
             "playwright>=1.40",
             "tbparse>=0.0.9",
             "tensorboardX>=2.6",
+            "flax>=0.12",  # the JAX tests train Flax Linen and NNX models
         ],
     },
     entry_points={
