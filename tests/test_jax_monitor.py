@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from tb_gradient_plugin import format as fmt  # noqa: E402
 from tb_gradient_plugin.guard import GUARD_CALLBACK, GUARD_SKIP, GradientExplosionWarning  # noqa: E402
-from tb_gradient_plugin.jax import GradientMonitor  # noqa: E402
+from tb_gradient_plugin.jax import GradientMonitor, discover_layers  # noqa: E402
 from tb_gradient_plugin.runs import load_run  # noqa: E402
 
 STEPS = 12
@@ -253,6 +253,31 @@ def test_learning_rate_is_the_one_each_step_used(tmp_path):
     for step in (1, 2):
         want = {k: schedule(step) * v for k, v in norms(loop.history[step]["grads"]).items()}
         assert_close(recorded(run, "update_norm", step), want, 1e-5)
+
+
+def test_layer_names_filters_and_groups():
+    """Paths without the leaf, in the tree's own order where it has one (Linen: call order), natural order otherwise;
+    include / exclude / group_depth / group_by as in the PyTorch monitor."""
+    w = jnp.ones((2, 2))
+    tree = {"encoder": {"Dense_2": {"kernel": w}, "Dense_10": {"kernel": w, "bias": w[0]}},
+            "head": {"kernel": w}, "scale": w[0]}
+    assert discover_layers(tree).layers == ("encoder.Dense_2", "encoder.Dense_10", "head", "(root)")
+    rebuilt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), jax.tree_util.tree_leaves(tree))
+    assert list(rebuilt["encoder"]) == ["Dense_10", "Dense_2"]  # jax's own order, as a traced tree has it
+    assert discover_layers(rebuilt).layers[:2] == ("encoder.Dense_2", "encoder.Dense_10")  # natural order
+    assert discover_layers(tree, include="encoder", exclude="10").layers == ("encoder.Dense_2",)
+    grouped = discover_layers(tree, group_depth=1)
+    assert grouped.layers == ("encoder", "head", "(root)")
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = [".".join(str(k.key) for k in path) for path, _ in leaves]
+    assert dict(zip(names, grouped.leaf_layer, strict=True)) == {
+        "encoder.Dense_10.bias": 0, "encoder.Dense_10.kernel": 0, "encoder.Dense_2.kernel": 0, "head.kernel": 1,
+        "scale": 2}
+    assert discover_layers(tree, group_by=lambda n: n.split("_")[0]).layers == ("encoder.Dense", "head", "(root)")
+    with pytest.raises(ValueError, match="matches the include/exclude filters"):
+        discover_layers(tree, include="decoder")
+    with pytest.raises(ValueError, match="at most one of group_depth and group_by"):
+        discover_layers(tree, group_depth=1, group_by=str)
 
 
 # ------------------------------------------------------------------------------------------------------ the guard

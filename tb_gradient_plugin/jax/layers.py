@@ -52,17 +52,23 @@ def _natural(name: str) -> tuple:
 
 def _order_key(tree: Any, path: tuple) -> tuple:
     """Where a leaf comes in the model: a plain dict's own (insertion) order where the tree still has it (Flax Linen
-    creates its parameter dicts in call order), else the keys' natural order (jax flattens dicts sorted by key, which
-    puts ``Dense_10`` before ``Dense_2``)."""
+    creates its parameter dicts in call order), else the keys' natural order. A dict whose order is exactly the sorted
+    one may have been rebuilt by jax (which flattens dicts sorted by key, ``Dense_10`` before ``Dense_2``): natural
+    order then."""
     node: Any = tree
     out = []
     for key in path:
-        if type(node) is dict and hasattr(key, "key"):
+        natural = (1, 0, _natural(_key_name(key)))
+        if type(node) is dict and hasattr(key, "key") and key.key in node:
             keys = list(node)
-            out.append((0, keys.index(key.key), ()) if key.key in node else (1, 0, _natural(_key_name(key))))
-            node = node.get(key.key)
+            try:
+                rebuilt = keys == sorted(keys)
+            except TypeError:  # keys of mixed types: not something jax sorted
+                rebuilt = False
+            out.append(natural if rebuilt else (0, keys.index(key.key), ()))
+            node = node[key.key]
         else:
-            out.append((1, 0, _natural(_key_name(key))))
+            out.append(natural)
             node = None
     return tuple(out)
 
