@@ -8,6 +8,7 @@ HERE = Path(__file__).parent
 
 TORCH = ["torch>=2.1"]
 KERAS = ["tensorflow>=2.16", "keras>=3.0"]
+JAX = ["jax>=0.4.30", "optax>=0.2.2"]
 
 setup(
     name="tb_gradient_plugin",
@@ -33,6 +34,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "keras": KERAS,
+        "jax": JAX,
         "lightning": TORCH + ["lightning>=2.1"],
         "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
         # s3:// and gs:// logdirs (fsspec is a core dependency; these are its protocols)
@@ -52,6 +54,7 @@ setup(
             "moto[server]>=5.0",  # a real S3-compatible server for the s3:// tests
             "s3fs>=2023.1",
             "pandas>=1.5",
+            "flax>=0.12",  # the JAX tests train Flax Linen and NNX models
         ],
     },
     entry_points={

@@ -1,6 +1,6 @@
 """Regenerate ``demo_logs/`` from real, small training runs on the CPU (deterministic seeds).
 
-    python scripts/make_demo_logs.py [--out demo_logs] [--scale 1.0] [--skip-keras]
+    python scripts/make_demo_logs.py [--out demo_logs] [--scale 1.0] [--skip-keras] [--skip-jax]
 
 Runs (each a TensorBoard run directory):
   mlp_healthy        deep ReLU MLP without normalization (He init), SGD at a sane learning rate; validation loss
@@ -16,6 +16,9 @@ Runs (each a TensorBoard run directory):
   keras_sane/{train,validation}, keras_high_lr/{train,validation}   a Keras model fit at a sane and at a too-high
                      learning rate, with validation_data (Keras' own TensorBoard callback writes validation/);
                      keras_high_lr with gradient histograms every 2 steps (its explosion is a single step)
+  flax_healthy       a Flax Linen MLP trained with a jitted step through the wrapped Optax optimizer (SGD with
+                     momentum, learning rate from optax.inject_hyperparams, recorded)
+  flax_lr_raised     the same; its learning rate is raised 100x mid-run by a schedule -> explosion -> NaN
 
 The data are generated regression/classification/sequence tasks (no downloads); the gradients are real. The
 validation sets are separate draws from the same generators, so adding them changes no training step.
@@ -262,11 +265,55 @@ def train_keras(out: str, steps: int, lr: float, histograms_every: int = 0) -> N
                          keras.callbacks.TensorBoard(out)])
 
 
+def train_flax(out: str, steps: int, raise_at: int | None) -> None:
+    """A Flax Linen MLP, its jitted step through ``GradientMonitor.wrap`` of an Optax SGD whose learning rate a
+    schedule raises 100x at ``raise_at``."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from tb_gradient_plugin.jax import GradientMonitor
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(6):
+                x = nn.relu(nn.Dense(32, kernel_init=nn.initializers.he_normal())(x))
+            return nn.Dense(1)(x)
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4096, 16)).astype("float32")
+    y = np.tanh(x[:, :4].sum(1, keepdims=True) + 0.1 * rng.normal(size=(4096, 1))).astype("float32")
+    model = MLP()
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    boundaries = {} if raise_at is None else {raise_at: 100.0}
+    schedule = optax.piecewise_constant_schedule(0.005, boundaries)
+    with GradientMonitor(out, every=1) as monitor:
+        tx = monitor.wrap(optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9))
+        state = tx.init(params)
+
+        def loss_fn(p, xb, yb):
+            return jnp.mean((model.apply({"params": p}, xb) - yb) ** 2)
+
+        @jax.jit
+        def train_step(p, s, xb, yb):
+            loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+            updates, s = tx.update(grads, s, p, loss=loss)
+            return optax.apply_updates(p, updates), s
+
+        for step in range(steps):
+            idx = np.random.default_rng(step).integers(0, len(x), 64)
+            params, state = train_step(params, state, x[idx], y[idx])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_logs")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default number of steps")
     parser.add_argument("--skip-keras", action="store_true")
+    parser.add_argument("--skip-jax", action="store_true")
     args = parser.parse_args(argv)
 
     def n(steps: int) -> int:
@@ -288,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         jobs += [
             ("keras_sane", lambda d: train_keras(d, n(320), 0.003)),
             ("keras_high_lr", lambda d: train_keras(d, n(320), 0.5, histograms_every=2)),
+        ]
+    if not args.skip_jax:
+        jobs += [
+            ("flax_healthy", lambda d: train_flax(d, n(300), None)),
+            ("flax_lr_raised", lambda d: train_flax(d, n(300), n(300) // 2)),
         ]
     for name, job in jobs:
         print(f"training {name} ...", flush=True)

@@ -1,7 +1,8 @@
 """demo_logs/: the committed runs show what the README promises, and the script that made them still runs.
 
 Every feature of the tab has a run that shows it: explosions and NaN (the MLP with its learning rate raised, the
-unclipped RNN, the Keras run at a too-high learning rate, a plain ``SummaryWriter`` run), AMP overflow skips that are
+unclipped RNN, the Keras run at a too-high learning rate, the Flax run whose schedule raises its learning rate, a plain
+``SummaryWriter`` run), AMP overflow skips that are
 not explosions, per-layer gradient histograms (the MLP pair, the RNN pair, the too-high Keras run), validation
 series (the MLP pair and the Keras pair on held-out sets) and a validation that degrades while the training loss
 keeps falling (``mlp_overfit``).
@@ -23,8 +24,8 @@ from tb_gradient_plugin.runs import RunData, find_runs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo_logs"
-EXPLODING = {"mlp_lr_raised", "rnn_no_clip", "keras_high_lr", "plain_summarywriter"}
-HEALTHY = {"mlp_healthy", "rnn_clipped", "keras_sane"}
+EXPLODING = {"mlp_lr_raised", "rnn_no_clip", "keras_high_lr", "plain_summarywriter", "flax_lr_raised"}
+HEALTHY = {"mlp_healthy", "rnn_clipped", "keras_sane", "flax_healthy"}
 OVERFITTING = {"mlp_overfit"}
 ALL_RUNS = EXPLODING | HEALTHY | OVERFITTING | {"amp_overflow"}
 #: Runs with gradient histograms, and the cadence they were recorded at (``histograms_every``).
@@ -99,8 +100,28 @@ def test_keras_high_lr_kills_its_layers_and_says_so(demo_audit):
                             "restart_before": 34}
     assert dead["end_step"] == rep["steps"] - 1 and "out" not in [f["name"] for f in dead["layers"]]
     assert any("restart from a checkpoint from before step 34" in a.lower() for a in dead["advice"])
-    others = [e for name, r in demo_audit.items() if not name.startswith("keras_high_lr") for e in r["episodes"]]
-    assert not [e for e in others if e["kind"] == "dead"]
+    # The only other dead finding: the first layer of the Flax run, whose gradients are exactly zero from just after
+    # its learning rate was raised (its ReLU units all died) while the later layers' turned non-finite.
+    dead = [(name, e["dead"]) for name, r in demo_audit.items() if not name.startswith("keras_high_lr")
+            for e in r["episodes"] if e["kind"] == "dead"]
+    assert dead == [("flax_lr_raised", {"layers": 1, "of": 7, "from_step": 154, "after_episode": 150,
+                                        "restart_before": 150})]
+
+
+def test_flax_run_records_the_schedules_raise_and_the_explosion_it_caused(demo_audit, runs):
+    """The Flax pair, trained through the wrapped Optax optimizer: the learning rate the schedule raised 100x at step
+    150 is recorded from the optimizer state, the explosion turns non-finite right after it, and the healthy twin
+    (the same batches) is clean with finite update ratios throughout."""
+    raised = runs["flax_lr_raised"]
+    lr = raised.series["lr"]
+    assert lr.values[lr.steps == 149][0] == pytest.approx(0.005) and lr.values[lr.steps == 150][0] == pytest.approx(0.5)
+    assert raised.layers == [f"Dense_{i}" for i in range(7)]
+    [episode] = _gradient_episodes(demo_audit["flax_lr_raised"])
+    assert episode["kind"] == "nonfinite" and episode["start_step"] == 150
+    assert any("learning rate rose from 0.005 to 0.5 (at step 150" in a for a in
+               next(e for e in demo_audit["flax_lr_raised"]["episodes"] if e["kind"] == "dead")["advice"])
+    healthy = runs["flax_healthy"]
+    assert len(healthy.steps) == 300 and np.isfinite(healthy.update_ratio()).all()
 
 
 def test_amp_overflow_skips_are_not_explosions(demo_audit):
