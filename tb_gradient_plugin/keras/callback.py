@@ -135,6 +135,9 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         #: JAX and torch backends: the capture that does the work of the hooks below (None on TensorFlow).
         self._driver = (None if backend == "tensorflow" else
                         CaptureDriver(backend, os.fspath(log_dir), every, histograms_every, flush_secs, self._guard))
+        # On JAX the batch-end hook only re-raises a guard decision, so Keras may keep dispatching steps
+        # asynchronously instead of waiting for each step's logs (a "raise" then surfaces one batch later at most).
+        self.async_safe = backend == "jax"
         self.log_dir = os.fspath(log_dir)
         self.every = every
         self.histograms_every = histograms_every
