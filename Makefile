@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python setup.py pyproject.toml
 
 # Test installs pin torch (CPU build) and tensorflow-cpu through the constraints file; the package stays unpinned.
 $(VENV)/.installed-test: $(BIN)/python setup.py pyproject.toml constraints-test.txt
-	$(BIN)/pip install --quiet -c constraints-test.txt -e '.[test,torch,lightning,transformers]' tensorflow-cpu keras
+	$(BIN)/pip install --quiet -c constraints-test.txt -e '.[test,torch,lightning,transformers,jax]' tensorflow-cpu keras
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,6 +8,7 @@ HERE = Path(__file__).parent
 
 TORCH = ["torch>=2.1"]
 KERAS = ["tensorflow>=2.16", "keras>=3.0"]
+JAX = ["jax>=0.4.26"]
 
 setup(
     name="tb_gradient_plugin",
@@ -32,6 +33,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "keras": KERAS,
+        "jax": JAX,  # Keras' JAX backend (KERAS_BACKEND=jax)
         "lightning": TORCH + ["lightning>=2.1"],
         "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
         "test": [

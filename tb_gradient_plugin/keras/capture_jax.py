@@ -206,17 +206,17 @@ class JaxCapture:
         loss = jnp.asarray(math.nan if t.loss is None else t.loss, jnp.float32)
         n_hist = len(t.plan.groups) * fmt.HIST_BINS
 
-        def send() -> None:
-            g, p = _reductions(t.grads), _reductions(t.before)
-            u = _reductions([a - b for a, b in zip(t.after, t.before, strict=True)])
+        def send(grads: list[Any], before: list[Any], after: list[Any]) -> None:
+            g, p = _reductions(grads), _reductions(before)
+            u = _reductions([a - b for a, b in zip(after, before, strict=True)])
             counts = jnp.zeros([n_hist if rec.histograms_every else 0], jnp.int32)
             if rec.histograms_every:
-                counts = jax.lax.cond(hist_step, lambda: _histogram(t.grads, t.plan.groups).astype(jnp.int32),
+                counts = jax.lax.cond(hist_step, lambda: _histogram(grads, t.plan.groups).astype(jnp.int32),
                                       lambda: jnp.zeros([n_hist], jnp.int32))
             jax.debug.callback(functools.partial(self._write, t.plan, t.loss is not None), t.step, loss, t.lr,
                                jnp.concatenate([g, p, u]), counts, ordered=True)
 
-        jax.lax.cond(logged, send, lambda: None)
+        jax.lax.cond(logged, send, lambda *_: None, t.grads, t.before, t.after)
 
     # ------------------------------------------------------------------------------------------------- host side
 

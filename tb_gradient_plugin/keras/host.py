@@ -61,12 +61,13 @@ class StepRecorder:
         self.writer: GradientWriter | None = None
         self.enabled = False
         self.error: GradientExplosionError | None = None  # a "raise" decision not yet raised on the main thread
+        self.stopped = False  # a "raise" decision was taken: hold back every step until the next fit
         self._actions: dict[int, int] = {}  # guard_action of judged steps whose logged row is not written yet
-        self._raised: int | None = None  # the step a "raise" decision stopped at (already written)
 
     def open(self) -> None:
         import os
 
+        self.stopped = False
         if self.writer is None or self.writer.closed:
             self.writer = GradientWriter(os.path.join(self.log_dir, "train"), flush_secs=self.flush_secs)
 
@@ -81,11 +82,11 @@ class StepRecorder:
         """Let the guard judge one step before it is applied; True: hold it back.
 
         For ``"raise"`` the step is written, the error kept in :attr:`error` (the caller raises it where it can) and
-        every later step held back until then.
+        every later step of this fit held back.
         """
         if not self.enabled or self.guard is None:
             return False
-        if self.error is not None:
+        if self.stopped:
             return True
         metrics = {"grad_norm": grad_norm, "grad_max_abs": grad_max_abs, "nonfinite_count": nonfinite}
         with np.errstate(invalid="ignore", over="ignore"):
@@ -93,7 +94,7 @@ class StepRecorder:
         try:
             decision = self.guard.check(step, layers, metrics, scalars)
         except GradientExplosionError as error:
-            self.error, self._raised = error, step
+            self.error, self.stopped = error, True
             self.writer.write(step, layers, **metrics, **scalars, lr=lr, guard_action=GUARD_RAISE)
             return True
         self._record_action(step, layers, metrics, scalars, lr, decision.action)
@@ -111,7 +112,7 @@ class StepRecorder:
               update_norm: np.ndarray, grad_max_abs: np.ndarray, nonfinite_count: np.ndarray, lr: float,
               loss: float | None, counts: np.ndarray | None = None) -> None:
         """Write one logged step (and its histograms on a histogram step)."""
-        if not self.enabled or self.writer is None or step == self._raised:
+        if not self.enabled or self.writer is None or self.stopped:  # the raised step is written by judge()
             return
         extras: dict[str, Any] = {}
         if loss is not None:
