@@ -34,7 +34,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "keras": KERAS,
-        "jax": JAX,
+        "jax": JAX,  # the Optax monitor, and Keras' JAX backend (KERAS_BACKEND=jax)
         "lightning": TORCH + ["lightning>=2.1"],
         "transformers": TORCH + ["transformers>=4.40", "accelerate>=0.26"],
         # s3:// and gs:// logdirs (fsspec is a core dependency; these are its protocols)

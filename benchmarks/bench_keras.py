@@ -1,20 +1,23 @@
-"""Overhead of GradientMonitorCallback on ``model.fit`` (Keras 3, TensorFlow backend, CPU).
+"""Overhead of GradientMonitorCallback on ``model.fit`` (Keras 3 on its TensorFlow, JAX or torch backend, CPU).
 
 Two models: a small conv net on 32x32x3 inputs and a 10-layer dense model, batch 128. For each, copies with the same
 weights are fitted: plain, with the callback logging every step, every 10 steps, and every 10 steps with the explosion
-guard (``on_explosion="skip"``: every step judged in the graph and on the host); the dense model also with a histogram
-on every step (``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a warm-up
-fit that traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of
-each variant and its ratio to plain fit, both as a ratio of medians and as the median of the per-repeat (paired)
-ratios, on two clocks: wall time, and the process's CPU time (with TensorFlow on one thread, the CPU clock is what to
-compare on a machine shared with other work, where wall time is mostly noise). For the dense model it also prints a
-histogram step against a norms-only logged step (``hist 1`` / ``every 1``), and for both models the guard against the
-same logging without it (``guard 10`` / ``every 10``).
+guard (``on_explosion="skip"``: every step judged); the dense model also with a histogram on every step
+(``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a warm-up fit that
+traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of each variant
+and its ratio to plain fit, both as a ratio of medians and as the median of the per-repeat (paired) ratios, on two
+clocks: wall time, and the process's CPU time (with the backend on one thread, the CPU clock is what to compare on a
+machine shared with other work, where wall time is mostly noise). For the dense model it also prints a histogram
+step against a norms-only logged step (``hist 1`` / ``every 1``), and for both models the guard against the same
+logging without it (``guard 10`` / ``every 10``).
 
-Goals (conv net): every 10 steps <= 1.02x, every step <= 1.10x. Dense model: a histogram step < 2x a norms-only
-logged step. The dense model's other ratios are reported as measured.
+Goals (conv net, every backend): every 10 steps <= 1.03x, every step <= 1.10x. Dense model: a histogram step < 2x a
+norms-only logged step. The dense model's other ratios are reported as measured.
 
-    python benchmarks/bench_keras.py [--repeats 7] [--threads 1] [--no-jit]
+    python benchmarks/bench_keras.py [--backend tensorflow|jax|torch] [--repeats 7] [--threads 1] [--no-jit]
+
+``--backend`` sets ``KERAS_BACKEND`` before Keras is imported (the backend is fixed per process). ``jit_compile``
+means XLA on TensorFlow, ``jax.jit`` on JAX; on torch the step runs eagerly (``torch.compile`` is not measured).
 """
 
 from __future__ import annotations
@@ -25,11 +28,30 @@ import statistics
 import tempfile
 import time
 
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--conv-steps", type=int, default=20)
+    parser.add_argument("--dense-steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1, help="backend threads (0: the backend's default)")
+    parser.add_argument("--no-jit", action="store_true", help="compile with jit_compile=False (default: XLA / jax.jit)")
+    return parser.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:
+    os.environ["KERAS_BACKEND"] = ARGS.backend
+    if ARGS.backend == "jax" and ARGS.threads == 1:  # one XLA CPU thread, as TensorFlow's intra-op setting below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from tb_gradient_plugin.keras import GradientMonitorCallback  # noqa: E402
 
@@ -114,21 +136,33 @@ def report(times: dict[str, list[float]], clock: str) -> None:
           f"{statistics.median(guard) / statistics.median(unguarded):5.3f}x   paired {paired:5.3f}x")
 
 
+def _set_threads(backend: str, threads: int) -> str:
+    """One thread each way (``threads=1``) so the CPU clock measures the work, not the waiting; returns a version."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        return f"TensorFlow {tf.__version__}"
+    if backend == "torch":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        return f"torch {torch.__version__}"
+    import jax
+
+    return f"JAX {jax.__version__}"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--conv-steps", type=int, default=20)
-    parser.add_argument("--dense-steps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads (0: TF's default)")
-    parser.add_argument("--no-jit", action="store_true", help="compile with jit_compile=False (default: XLA)")
-    args = parser.parse_args()
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    jit = not args.no_jit
+    args = ARGS
+    version = _set_threads(args.backend, args.threads)
+    jit = not args.no_jit and args.backend != "torch"
     threads = args.threads or "default"
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, jit_compile={jit}, threads={threads}, "
-          f"batch {BATCH}, {args.repeats} interleaved repeats")
+    print(f"{version}, Keras {keras.__version__} ({keras.backend.backend()} backend), jit_compile={jit}, "
+          f"threads={threads}, batch {BATCH}, {args.repeats} interleaved repeats")
     with tempfile.TemporaryDirectory() as logdir:
         for name, (build, shape, variant_args) in MODELS.items():
             steps = args.conv_steps if name.startswith("conv") else args.dense_steps

@@ -17,7 +17,9 @@ With ``on_explosion=`` the same wrapper also holds back a step whose gradient no
 explosion guard left in a variable after judging the step before; the host then judges the step in full at batch end
 and has the last word (a held step it lets through is applied then). See ``docs/KERAS.md``, "Explosion guard".
 
-Only the TensorFlow backend is supported; the check happens when the callback is constructed.
+On Keras' JAX and torch backends the same callback delegates to :class:`.backends.CaptureDriver`, which hooks the
+JAX train step's ``stateless_apply`` or the torch optimizer's ``apply`` (:mod:`.capture_jax`, :mod:`.capture_torch`).
+Other backends fail when the callback is constructed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 from .. import format as fmt
 from ..guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, GradientExplosionError, OnExplosion
 from ..writer import GradientWriter
+from .backends import CaptureDriver, check_backend
 from .layers import group_by_layer, layer_paths
 from .stats import grad_stats, histogram_counts
 
@@ -52,16 +55,6 @@ _GUARD_FIXED = 5
 _HOLD_MARGIN = 1.0 - 1e-6
 #: ``_Probe.let_through``: no crossing step is let through (the default: hold every crossing step).
 _HOLD_ALL = -1
-
-
-def _check_backend() -> None:
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"GradientMonitorCallback supports Keras' TensorFlow backend only; this process uses the {backend!r} "
-            "backend. Set KERAS_BACKEND=tensorflow before importing keras (PyTorch users: "
-            "tb_gradient_plugin.torch.GradientMonitor)."
-        )
 
 
 def _validate_model(model: Any) -> None:
@@ -132,13 +125,19 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
     def __init__(self, log_dir: str | os.PathLike, every: int = 1, *, histograms_every: int = 0,
                  flush_secs: float = 2.0, on_explosion: OnExplosion = None) -> None:
-        _check_backend()
+        backend = check_backend()
         super().__init__()
         self._guard = ExplosionGuard.resolve(on_explosion)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if isinstance(histograms_every, bool) or not isinstance(histograms_every, int) or histograms_every < 0:
             raise ValueError(f"histograms_every must be a non-negative integer (0: off), got {histograms_every!r}")
+        #: JAX and torch backends: the capture that does the work of the hooks below (None on TensorFlow).
+        self._driver = (None if backend == "tensorflow" else
+                        CaptureDriver(backend, os.fspath(log_dir), every, histograms_every, flush_secs, self._guard))
+        # On JAX the batch-end hook only re-raises a guard decision, so Keras may keep dispatching steps
+        # asynchronously instead of waiting for each step's logs (a "raise" then surfaces one batch later at most).
+        self.async_safe = backend == "jax"
         self.log_dir = os.fspath(log_dir)
         self.every = every
         self.histograms_every = histograms_every
@@ -178,10 +177,13 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        import tensorflow as tf
-
         model = self.model
         _validate_model(model)
+        if self._driver is not None:
+            self._driver.train_begin(model)
+            return
+        import tensorflow as tf
+
         optimizer = model.optimizer
         if self._guard is not None and int(getattr(model, "steps_per_execution", 1) or 1) != 1:
             raise ValueError(
@@ -212,6 +214,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._enabled.assign(True)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._driver is not None:
+            return
         self._epoch_base = int(self._step_var.numpy())
         self._epoch = epoch
 
@@ -219,6 +223,9 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._batch_begin = batch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._driver is not None:
+            self._driver.batch_end()
+            return
         if self._guard is not None:
             self._judge()
         # Steps [lo, hi] ran in this execution (hi may overshoot on a short last execution: an extra read at worst).
@@ -227,9 +234,15 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             self._drain()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._driver is not None:
+            self._driver.epoch_end()
+            return
         self._drain()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        if self._driver is not None:
+            self._driver.train_end()
+            return
         # The hooks stay in the traced train function, switched off, so the next fit need not trace it again.
         self._enabled.assign(False)
         if self._guard is not None:
@@ -240,6 +253,9 @@ class GradientMonitorCallback(keras.callbacks.Callback):
 
     def close(self) -> None:
         """Detach from the model (its optimizer and train function lose the hooks) and close the event file."""
+        if self._driver is not None:
+            self._driver.close()
+            return
         model = self.model
         if model is not None and self._hooked_function is not None and model.train_function is self._hooked_function:
             model.make_train_function(force=True)
