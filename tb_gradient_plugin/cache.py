@@ -514,9 +514,10 @@ class CachedRunData(RunData):
         self.__dict__["_histograms"] = value
 
 
-def cached_run_data(facts: dict, resident: dict[str, np.ndarray], cached: CachedRun, pyramids: dict[str, Any]
-                    ) -> CachedRunData:
-    """Build the published RunData of a cached run from its facts and in-memory arrays."""
+def cached_run_data(facts: dict, resident: dict[str, np.ndarray], cached: CachedRun, pyramids: dict[str, Any],
+                    batches: dict[int, np.ndarray]) -> CachedRunData:
+    """Build the published RunData of a cached run from its facts, in-memory arrays and the batch ids its reading
+    state keeps."""
     from .types import Series
 
     series = {name: Series(resident[f"series/{name}/steps"], resident[f"series/{name}/values"])
@@ -525,7 +526,8 @@ def cached_run_data(facts: dict, resident: dict[str, np.ndarray], cached: Cached
                          steps=resident["steps"], series=series, hist_steps=resident["hist_steps"],
                          warnings=list(facts["warnings"]), unknown_tags=list(facts["unknown_tags"]),
                          events=facts["events"], bytes_read=facts["bytes_read"],
-                         first_wall_time=facts["first_wall_time"])
+                         first_wall_time=facts["first_wall_time"], last_wall_time=facts["last_wall_time"],
+                         batches=dict(batches))
     data.layer_metrics = _LazyMetrics(cached, list(facts["metrics"]))  # type: ignore[assignment]
     data.cached = cached
     data.pyramids = pyramids

@@ -621,7 +621,7 @@ class RunStore:
         run.entry = entry
         run.resume = state["resume"]
         cached = CachedRun(entry, self.cache.budget, state["big"])
-        data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident))
+        data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident), run.batches)
         with self._lock:
             self._published[name] = (data, run.version)
             if report is not None:
@@ -654,6 +654,7 @@ class RunStore:
             facts = {"name": data.name, "source": data.source, "layers": list(data.layers),
                      "warnings": list(data.warnings), "unknown_tags": list(data.unknown_tags), "events": data.events,
                      "bytes_read": data.bytes_read, "first_wall_time": data.first_wall_time,
+                     "last_wall_time": data.last_wall_time,
                      "series": list(data.series), "metrics": list(data.layer_metrics)}
             shape = {metric: (pyr.rows, [level.block for level in pyr.levels]) for metric, pyr in pyramids.items()}
             run.resume = resume
@@ -674,7 +675,7 @@ class RunStore:
         cached = CachedRun(run.entry, self.cache.budget, big)
         run.spill()
         _release_memory()
-        return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays))
+        return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays), run.batches)
 
     def rebuild(self, run: str) -> None:
         """Read a run again from its event files (its cache entry failed a check when its arrays were mapped)."""

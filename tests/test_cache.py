@@ -37,7 +37,7 @@ def _steps(writer: GradientWriter, steps: range, rng: np.random.Generator) -> No
             grads[SPIKE_LAYER] *= 1000.0
         loss = 1.0 + 0.01 * rng.random() + (30.0 if s == SPIKE_STEP + 2 else 0.0)
         writer.write(s, LAYERS, grad_norm=grads, param_norm=np.full(len(LAYERS), 10.0), update_norm=grads * 1e-3,
-                     loss=loss, total_grad_norm=float(np.linalg.norm(grads)))
+                     loss=loss, total_grad_norm=float(np.linalg.norm(grads)), batch_ids=np.arange(4) + 4 * s)
         if s % 100 == 0:
             counts = np.zeros((len(LAYERS), fmt.HIST_BINS), dtype=np.int64)
             counts[:, 20] = 100 + s
@@ -129,7 +129,9 @@ def test_cold_warm_and_no_cache_give_the_same_answers(logdir, tmp_path, monkeypa
     assert cold == none
     assert warm == none
     runs = {r["run"]: r for r in none[("runs", "{}")]["runs"]}
-    assert runs["a"]["episodes"] >= 1
+    assert runs["a"]["episodes"] >= 1 and runs["a"]["last_wall_time"] >= runs["a"]["first_wall_time"]
+    episodes = next(doc for (route, _), doc in none.items() if route == "episodes")
+    assert any(b["ids"] for e in episodes["episodes"] for b in e.get("batches", []))  # batch ids survive the cache
     heat = none[("heatmap", json.dumps({"run": "a", "bins": 6}))]
     assert heat["offending"][0] == LAYERS[SPIKE_LAYER]
     column = np.array(heat["values"][SPIKE_LAYER], dtype=float)
