@@ -37,11 +37,11 @@ from ..guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, Gradien
 from ..writer import GradientWriter
 from .backends import CaptureDriver, check_backend
 from .layers import group_by_layer, layer_paths
+from .patching import Patches
 from .stats import grad_stats, histogram_counts
 
 __all__ = ["GradientMonitorCallback"]
 
-_MISSING = object()
 #: Columns of a ``before`` row: step, loss, lr, loss scale, total norm, then 4 blocks of one value per layer and, with
 #: histograms on, ``HIST_BINS`` counts per layer (zeros on a logged step that is not a histogram step).
 _PRE_FIXED = 5
@@ -150,7 +150,7 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._enabled: Any = None  # bool: whether the hooks record (off between fits)
         self._optimizer: Any = None  # the optimizer whose methods are wrapped
         self._hooked_function: Any = None  # the model's train function traced with the hooks
-        self._restore: list[tuple[Any, str, Any]] = []
+        self._patches = Patches()
         self._original_apply: Any = None  # the optimizer's own apply (to apply a held step late)
         self._last_written = -1
         self._epoch_base = 0
@@ -280,23 +280,14 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         apply.gradient_monitor = self
         self._optimizer = optimizer
         self._original_apply = original_apply
-        self._patch(optimizer, "scale_loss", scale_loss)
-        self._patch(optimizer, "apply", apply)
-
-    def _patch(self, obj: Any, name: str, value: Any) -> None:
-        self._restore.append((obj, name, vars(obj).get(name, _MISSING)))
-        setattr(obj, name, value)
+        self._patches.set(optimizer, "scale_loss", scale_loss)
+        self._patches.set(optimizer, "apply", apply)
 
     def _detach(self) -> None:
         """Restore the optimizer's methods and forget the device state (a new trace will be needed)."""
         if self._enabled is not None:
             self._enabled.assign(False)
-        while self._restore:
-            obj, name, previous = self._restore.pop()
-            if previous is _MISSING:
-                vars(obj).pop(name, None)
-            else:
-                setattr(obj, name, previous)
+        self._patches.restore()
         self._optimizer = None
         self._original_apply = None
         self._hooked_function = None

@@ -25,11 +25,11 @@ import numpy as np
 from .. import format as fmt
 from .host import StepRecorder, layer_max, layer_norms, layer_sum
 from .layers import group_by_layer, layer_paths
+from .patching import Patches
 from .stats import _BIN_OF_LOG, _bin_tops
 
 __all__ = ["JaxCapture"]
 
-_MISSING = object()
 
 
 @dataclass
@@ -94,7 +94,7 @@ class JaxCapture:
         self._model: Any = None
         self._optimizer: Any = None
         self._hooked_function: Any = None
-        self._restore: list[tuple[Any, str, Any]] = []
+        self._patches = Patches()
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._traced: _Traced | None = None
 
@@ -132,23 +132,14 @@ class JaxCapture:
             return result
 
         self._model, self._optimizer = model, optimizer
-        self._patch(optimizer, "stateless_apply", stateless_apply)
-        self._patch(model, "_update_metrics_variables", update_metrics_variables)
-        self._patch(model, "train_step", train_step)
-
-    def _patch(self, obj: Any, name: str, value: Any) -> None:
-        self._restore.append((obj, name, vars(obj).get(name, _MISSING)))
-        setattr(obj, name, value)
+        self._patches.set(optimizer, "stateless_apply", stateless_apply)
+        self._patches.set(model, "_update_metrics_variables", update_metrics_variables)
+        self._patches.set(model, "train_step", train_step)
 
     def detach(self) -> None:
         """Restore the wrapped methods; the model's train function is made again without the hooks."""
         model = self._model
-        while self._restore:
-            obj, name, previous = self._restore.pop()
-            if previous is _MISSING:
-                vars(obj).pop(name, None)
-            else:
-                setattr(obj, name, previous)
+        self._patches.restore()
         if model is not None and self._hooked_function is not None and model.train_function is self._hooked_function:
             model.make_train_function(force=True)
         self._model = self._optimizer = self._hooked_function = None

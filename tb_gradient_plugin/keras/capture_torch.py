@@ -16,10 +16,10 @@ import numpy as np
 from .. import format as fmt
 from .host import StepRecorder, layer_max, layer_norms, layer_sum
 from .layers import group_by_layer, layer_paths
+from .patching import Patches
 
 __all__ = ["TorchCapture"]
 
-_MISSING = object()
 
 
 def _reductions(tensors: list[Any]) -> Any:
@@ -42,7 +42,7 @@ class TorchCapture:
         self.recorder = recorder
         self.step: int | None = None  # the next step's number
         self._optimizer: Any = None
-        self._restore: list[tuple[Any, str, Any]] = []
+        self._patches = Patches()
         self._loss: Any = None
 
     def attach(self, model: Any, optimizer: Any) -> None:
@@ -62,20 +62,11 @@ class TorchCapture:
             return self._apply(optimizer, original_apply, owners, grads, trainable_variables)
 
         self._optimizer = optimizer
-        self._patch(optimizer, "scale_loss", scale_loss)
-        self._patch(optimizer, "apply", apply)
-
-    def _patch(self, obj: Any, name: str, value: Any) -> None:
-        self._restore.append((obj, name, vars(obj).get(name, _MISSING)))
-        setattr(obj, name, value)
+        self._patches.set(optimizer, "scale_loss", scale_loss)
+        self._patches.set(optimizer, "apply", apply)
 
     def detach(self) -> None:
-        while self._restore:
-            obj, name, previous = self._restore.pop()
-            if previous is _MISSING:
-                vars(obj).pop(name, None)
-            else:
-                setattr(obj, name, previous)
+        self._patches.restore()
         self._optimizer = None
 
     def _apply(self, optimizer: Any, original_apply: Any, owners: dict[int, str], grads: Any, variables: Any) -> Any:
