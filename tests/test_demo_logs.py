@@ -104,7 +104,7 @@ def test_keras_high_lr_kills_its_layers_and_says_so(demo_audit):
     # its learning rate was raised (its ReLU units all died) while the later layers' turned non-finite.
     dead = [(name, e["dead"]) for name, r in demo_audit.items() if not name.startswith("keras_high_lr")
             for e in r["episodes"] if e["kind"] == "dead"]
-    assert dead == [("flax_lr_raised", {"layers": 1, "of": 7, "from_step": 154, "after_episode": 150,
+    assert dead == [("flax_lr_raised", {"layers": 1, "of": 7, "from_step": 154, "vanished": 0, "after_episode": 150,
                                         "restart_before": 150})]
 
 

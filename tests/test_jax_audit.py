@@ -25,6 +25,7 @@ from werkzeug.test import Client  # noqa: E402
 
 from tb_gradient_plugin import detect, plugin  # noqa: E402
 from tb_gradient_plugin.jax import GradientMonitor  # noqa: E402
+from tb_gradient_plugin.run_report import report_json  # noqa: E402
 from tb_gradient_plugin.runs import load_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -96,5 +97,6 @@ def test_the_plugin_reports_what_the_auditor_does(logdir):
     assert set(runs) == {"clean", "exploded"}
     assert runs["exploded"]["source"] == "tb_gradient_plugin" and runs["exploded"]["layers"] == 3
     doc = client.get("/data/plugin/gradients/episodes", query_string={"run": "exploded"}).get_json()
-    expect = json.loads(json.dumps(detect.detect(load_run(str(logdir / "exploded"), "exploded")).to_json()))
+    run = load_run(str(logdir / "exploded"), "exploded")
+    expect = json.loads(json.dumps(report_json(detect.detect(run), run.warnings, run)))
     assert doc == expect and any(e["start_step"] <= EXPLODE_AT <= e["end_step"] for e in doc["episodes"])
