@@ -1,4 +1,4 @@
-"""Shared fixtures: the third-party event files beside the repository, and temporary logdirs."""
+"""Shared fixtures: the third-party event files beside the repository, temporary logdirs, and headless Chromium."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from scripts.fetch_realruns import MANIFEST, missing
 REPO = Path(__file__).resolve().parents[1]
 #: set (as CI does) to make missing third-party files a failure instead of a skip
 REQUIRE_REALRUNS = "TB_GRADIENT_REQUIRE_REALRUNS"
+#: The distribution's Chromium (Playwright cannot download browsers offline), started without network chatter.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 # The plugin's persistent run cache (docs/CACHE.md) of the tests, and of the TensorBoard processes they start, goes to
 # a fresh directory, never the user's own cache directory.
@@ -44,3 +48,15 @@ def realruns() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by Playwright, for the tab's browser tests."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM} (install the Debian package 'chromium')")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

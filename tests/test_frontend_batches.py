@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tbserver import TensorBoardServer
-from test_frontend_browser import CHROMIUM, CHROMIUM_ARGS, Tab
+from test_frontend_browser import Tab
 
 from tb_gradient_plugin import GradientWriter
 
@@ -32,26 +32,19 @@ def _write(path: Path) -> None:
                          batch_ids=ids)
 
 
-def test_episode_card_lists_the_batches_up_to_the_peak(tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (install the Debian package 'chromium')")
+def test_episode_card_lists_the_batches_up_to_the_peak(tmp_path: Path, browser) -> None:
     _write(tmp_path / "run")
-    with TensorBoardServer(tmp_path) as server, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            tab = Tab(browser, server, "light")
-            card = tab.frame.locator(".episode.kind-explosion").first
-            card.wait_for()
-            items = card.locator(".ep-batches li")
-            assert items.all_text_contents() == [
-                f"step {s} ({['2 steps before the peak', '1 step before the peak', 'at the peak'][s - 150]}): "
-                f"sample ids {', '.join(str(1000 + 20 * s + k) for k in range(16))}, … (+4 more)"
-                for s in (150, 151, PEAK)]
-            assert card.locator(".ep-batches li.peak").get_attribute("data-step") == str(PEAK)
-            loss = card.locator(".ep-loss").text_content()
-            assert loss == f"Loss spiked at step {LOSS_SPIKE} (1 step before the peak)"
-            assert tab.errors == [] and tab.dialogs == []
-            tab.close()
-        finally:
-            browser.close()
+    with TensorBoardServer(tmp_path) as server:
+        tab = Tab(browser, server, "light")
+        card = tab.frame.locator(".episode.kind-explosion").first
+        card.wait_for()
+        items = card.locator(".ep-batches li")
+        assert items.all_text_contents() == [
+            f"step {s} ({['2 steps before the peak', '1 step before the peak', 'at the peak'][s - 150]}): "
+            f"sample ids {', '.join(str(1000 + 20 * s + k) for k in range(16))}, … (+4 more)"
+            for s in (150, 151, PEAK)]
+        assert card.locator(".ep-batches li.peak").get_attribute("data-step") == str(PEAK)
+        loss = card.locator(".ep-loss").text_content()
+        assert loss == f"Loss spiked at step {LOSS_SPIKE} (1 step before the peak)"
+        assert tab.errors == [] and tab.dialogs == []
+        tab.close()

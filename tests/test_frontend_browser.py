@@ -25,9 +25,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 #: Screenshots land beside the test results (not in docs/, which holds the curated ones the README shows).
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 HOSTILE = "<img src=x onerror=alert(1)>"
 LAYERS = ["embed", "encoder.0.attn", "encoder.0.mlp", HOSTILE, "encoder.1.attn", "encoder.1.mlp", "head"]
 CULPRIT = "encoder.1.mlp"
@@ -195,16 +192,6 @@ def server(logdir: Path):
     with TensorBoardServer(logdir) as tb:
         yield tb
 
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (install the Debian package 'chromium')")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 class Tab:

@@ -14,7 +14,6 @@ import pytest
 from tbserver import TensorBoardServer
 
 from benchmarks.many_runs import RUN_SPACING_S, T0, Planted, write_many_runs, write_run
-from tests.test_frontend_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +44,6 @@ def server(logdir: Path):
     with TensorBoardServer(logdir) as tb:
         yield tb
 
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (install the Debian package 'chromium')")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 class OverviewTab:

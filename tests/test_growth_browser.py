@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tbserver import TensorBoardServer
-from test_frontend_browser import Tab, browser  # noqa: F401 - the browser fixture
+from test_frontend_browser import Tab
 
 from tb_gradient_plugin import GradientWriter
 
@@ -34,7 +34,7 @@ def growth_server(tmp_path_factory: pytest.TempPathFactory):
         yield tb
 
 
-def test_slow_growth_and_a_saturated_clip_are_warning_cards(browser, growth_server) -> None:  # noqa: F811
+def test_slow_growth_and_a_saturated_clip_are_warning_cards(browser, growth_server) -> None:
     tab = Tab(browser, growth_server, "light")
     try:
         panel = tab.panel("growing")
