@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
+from .cache import RunCache
 from .detect import DetectorConfig, detect
 from .reader import is_remote
 from .remote import RemoteLogdirError
@@ -36,13 +37,25 @@ class UsageError(Exception):
     """Bad input the user can fix (missing path, no runs): exit code 2 with this message."""
 
 
-def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConfig | None = None) -> dict:
+def run_cache(path: str, cache_dir: str | None = None) -> RunCache | None:
+    """The run cache an audit of ``path`` reads through (docs/CACHE.md): by default only a remote logdir's runs are
+    cached (in the user's cache directory, or ``TB_GRADIENT_CACHE_DIR``), so that auditing a bucket again downloads
+    only what is new, while a local logdir is read faster than a cache entry is written. ``cache_dir``: that
+    directory for every logdir; ``"off"``: no cache."""
+    if cache_dir is None and not is_remote(path):
+        return None
+    return RunCache.open(cache_dir)
+
+
+def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConfig | None = None,
+              cache_dir: str | None = None) -> dict:
     """Read and judge one run. Returns a picklable result: ``report`` (the JSON run object) plus facts for display.
 
     Damage is not an error: what is intact is audited and the damage is listed in the report's warnings.
+    ``cache_dir``: see :func:`run_cache`.
     """
     try:
-        run = load_run(path, name)
+        run = load_run(path, name, cache=run_cache(path, cache_dir))
     except Exception as exc:  # noqa: BLE001 - an unreadable run is reported, the others are still audited
         report = report_json(failed_report(name, "unknown", f"unreadable: {type(exc).__name__}: {exc}"))
         return {"report": report, "layers": 0, "events": 0, "values": 0, "bytes": 0, "unknown_tags": [],
@@ -63,9 +76,9 @@ def audit_run(name: str, path: str, *, chart: bool = False, config: DetectorConf
     return result
 
 
-def _audit_task(args: tuple[str, str, bool]) -> dict:
-    name, path, chart = args
-    return audit_run(name, path, chart=chart)
+def _audit_task(args: tuple[str, str, bool, str | None]) -> dict:
+    name, path, chart, cache_dir = args
+    return audit_run(name, path, chart=chart, cache_dir=cache_dir)
 
 
 def collect_runs(paths: Sequence[str], pattern: str | None = None) -> list[tuple[str, str]]:
@@ -89,14 +102,17 @@ def collect_runs(paths: Sequence[str], pattern: str | None = None) -> list[tuple
 
 
 def audit_runs(targets: Sequence[tuple[str, str]], *, chart: bool = False, workers: int | None = None,
-               on_done: Callable[[dict], None] | None = None, scheduler: str | None = None) -> list[dict]:
+               on_done: Callable[[dict], None] | None = None, scheduler: str | None = None,
+               cache_dir: str | None = None) -> list[dict]:
     """Audit every target, in parallel processes when there are many, or on a Dask cluster when ``scheduler`` is its
-    address; results in the order of ``targets``."""
+    address; results in the order of ``targets``. ``cache_dir``: see :func:`run_cache` (on a cluster, each worker's
+    own disk)."""
     if scheduler is not None:
         from .fleet import audit_on_cluster
 
         # a worker's working directory is its own: it gets absolute paths (the same on a shared filesystem)
-        tasks = [(name, path if is_remote(path) else os.path.abspath(path), chart) for name, path in targets]
+        tasks = [(name, path if is_remote(path) else os.path.abspath(path), chart, cache_dir)
+                 for name, path in targets]
         results = audit_on_cluster(scheduler, tasks, _audit_task, on_done)
         for i, r in enumerate(results):
             r["index"] = i
@@ -107,13 +123,14 @@ def audit_runs(targets: Sequence[tuple[str, str]], *, chart: bool = False, worke
     results: list[dict | None] = [None] * len(targets)
     if workers <= 1 or len(targets) < PARALLEL_MIN_RUNS:
         for i, (name, path) in enumerate(targets):
-            results[i] = audit_run(name, path, chart=chart)
+            results[i] = audit_run(name, path, chart=chart, cache_dir=cache_dir)
             if on_done:
                 on_done(results[i])
     else:
         # "spawn": forking a process that runs the progress bar's thread could copy a held lock into the workers
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_audit_task, (name, path, chart)): i for i, (name, path) in enumerate(targets)}
+            futures = {pool.submit(_audit_task, (name, path, chart, cache_dir)): i
+                       for i, (name, path) in enumerate(targets)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 if on_done:

@@ -174,12 +174,23 @@ class Backend:
                 self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
                 self._error = None
             except Exception as exc:  # noqa: BLE001 - a bad file must not take TensorBoard down
-                logger.exception("gradients plugin: reading the logdir failed")
-                self._error = f"reading the logdir failed: {exc}"
+                self._failed(exc)
             self._refreshed_at = time.monotonic()
             self._loaded.set()
         finally:
             self._refresh_lock.release()
+
+    def _failed(self, exc: Exception) -> None:
+        """Keep the reason the logdir cannot be read for the run list, and log it once, not at every refresh: a
+        missing bucket or directory (an ``OSError`` whose message names it) as one line, anything else with its
+        traceback."""
+        message = f"reading the logdir failed: {exc}"
+        if message != self._error:
+            if isinstance(exc, OSError):
+                logger.warning("gradients plugin: %s", message)
+            else:
+                logger.exception("gradients plugin: reading the logdir failed")
+        self._error = message
 
     def wait_loaded(self, timeout: float | None) -> bool:
         self.start()

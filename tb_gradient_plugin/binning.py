@@ -16,7 +16,7 @@ import numpy as np
 from .types import update_ratio
 
 #: Rows (steps) processed at once when pooling a [steps, layers] matrix: bounds the temporary copies to a few MB.
-_CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def max_pool(
     if bins.count == 0:
         return pooled, nonfinite
     row_elems = max(1, int(np.prod(tail, dtype=np.int64)))
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row_elems)
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // row_elems)
     starts = bins.starts
     b0 = 0
     while b0 < bins.count:

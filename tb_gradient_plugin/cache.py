@@ -96,14 +96,13 @@ def file_identity(path: str) -> dict:
     from .reader import _local, is_remote
 
     if is_remote(path):
-        import fsspec
+        from .remote import filesystem, read_range
 
-        fs, fpath = fsspec.core.url_to_fs(path)
+        fs, fpath = filesystem(path)
         info = fs.info(fpath)
         stamp = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "updated") if info.get(k)), "")
         size = int(info["size"])
-        with fs.open(fpath, "rb") as handle:
-            head = handle.read(HEAD_BLOCK)
+        head = read_range(fs, fpath, 0, HEAD_BLOCK)
     else:
         local = _local(path)
         stat = os.stat(local)
@@ -121,12 +120,11 @@ def still_there(identity: dict) -> bool:
     path, n = identity["path"], int(identity["head_bytes"])
     try:
         if is_remote(path):
-            import fsspec
+            from .remote import filesystem, read_range
 
-            fs, fpath = fsspec.core.url_to_fs(path)
+            fs, fpath = filesystem(path)
             size = int(fs.info(fpath)["size"])
-            with fs.open(fpath, "rb") as handle:
-                head = handle.read(n)
+            head = read_range(fs, fpath, 0, n)
         else:
             size = os.path.getsize(_local(path))
             with open(_local(path), "rb") as handle:

@@ -129,7 +129,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     with progress:
         task = progress.add_task("audit", total=len(targets))
         results = audit_runs(targets, chart=bool(args.html), workers=args.workers, scheduler=args.scheduler,
-                             on_done=lambda _r: progress.advance(task))
+                             on_done=lambda _r: progress.advance(task), cache_dir=args.cache_dir)
     _print_warnings(results)
     if not any(r["events"] for r in results):
         raise UsageError("nothing could be read: no intact event in any run")
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--skip-list", metavar="FILE", help="also write the sample ids of the batches at the "
                        "episodes' peaks, per run, as JSON (recorded with GradientMonitor.log_batch)")
     audit.add_argument("--run", metavar="GLOB", help="only runs whose name matches this glob")
+    audit.add_argument("--cache-dir", metavar="DIR", help="keep what reading each run produced here and read only "
+                       "what is new next time (default: for remote logdirs only, in the user's cache directory or "
+                       "TB_GRADIENT_CACHE_DIR; 'off': never)")
     where = audit.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
     where.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="audit the runs on this Dask cluster "

@@ -94,11 +94,11 @@ class AuditReports(list):
 
 
 def audit(*paths: str | os.PathLike, run: str | None = None, workers: int | None = None,
-          scheduler: str | None = None, chart: bool = True) -> AuditReports:
+          scheduler: str | None = None, chart: bool = True, cache_dir: str | None = None) -> AuditReports:
     """Audit every run under ``paths`` (local paths or fsspec URLs), as ``tb-gradient audit`` does.
 
     ``run`` is the ``--run`` glob, ``workers`` the ``--workers`` count, ``scheduler`` a Dask scheduler's address
-    (``--scheduler``). ``chart=False`` skips the chart data that ``_repr_html_`` draws (a little faster). Raises
+    (``--scheduler``), ``cache_dir`` the ``--cache-dir``. ``chart=False`` skips the chart data that ``_repr_html_`` draws (a little faster). Raises
     :class:`~tb_gradient_plugin.auditor.UsageError` where the command would exit with code 2.
     """
     if not paths:
@@ -108,4 +108,5 @@ def audit(*paths: str | os.PathLike, run: str | None = None, workers: int | None
     if not targets:
         raise UsageError(f"no runs (directories with event files) under {', '.join(names)}"
                          + (f" matching run={run!r}" if run else ""))
-    return AuditReports(audit_runs(targets, chart=chart, workers=workers, scheduler=scheduler))
+    return AuditReports(audit_runs(targets, chart=chart, workers=workers, scheduler=scheduler,
+                                    cache_dir=cache_dir))

@@ -69,11 +69,13 @@ def build(values: np.ndarray, present: np.ndarray | None = None, divide_by: np.n
     levels: list[Level] = []
     if rows < base:
         return Pyramid(rows, levels)
-    bins = _whole_bins(rows, base)
-    pooled, bad = binning.max_pool(values, bins, present, divide_by)
     low = None
     if with_min:
+        bins = _whole_bins(rows, base)
+        pooled, bad = binning.max_pool(values, bins, present, divide_by)
         low = -binning.max_pool(-np.asarray(values, dtype=np.float64), bins, present)[0]
+    else:
+        pooled, bad = _base_level(values, present, divide_by, base)
     level = Level(base, pooled.astype(np.float32), bad, None if low is None else low.astype(np.float32))
     levels.append(level)
     while level.max.shape[0] > factor:
@@ -84,6 +86,46 @@ def build(values: np.ndarray, present: np.ndarray | None = None, divide_by: np.n
         level = Level(level.block * factor, up_max, np.logical_or.reduceat(level.bad, starts, axis=0), up_min)
         levels.append(level)
     return Pyramid(rows, levels)
+
+
+def _base_level(values: np.ndarray, present: np.ndarray | None, divide_by: np.ndarray | None,
+                base: int) -> tuple[np.ndarray, np.ndarray]:
+    """The finest level: what :func:`binning.max_pool` gives over blocks of ``base`` rows, at a fraction of its cost.
+
+    Most blocks are fully logged and finite: their maximum is a plain reduction over the block axis (one pass; NaN
+    and inf propagate into the block's max or min, so a block that held one is recognised and pooled the careful way
+    with the rest of the few such blocks).
+    """
+    rows, tail = int(values.shape[0]), values.shape[1:]
+    full = rows // base
+    row_elems = max(1, int(np.prod(tail, dtype=np.int64)))
+    chunk_blocks = max(1, binning.CHUNK_ELEMENTS // (row_elems * base))
+    pooled = np.full((-(-rows // base), *tail), np.nan, dtype=np.float64)
+    bad = np.zeros(pooled.shape, dtype=bool)
+    for b0 in range(0, full, chunk_blocks):
+        b1 = min(full, b0 + chunk_blocks)
+        r0, r1 = b0 * base, b1 * base
+        chunk = np.asarray(values[r0:r1])
+        if divide_by is not None:
+            chunk = update_ratio(chunk, divide_by[r0:r1])
+        blocks = chunk.reshape(b1 - b0, base, *tail)
+        top, bottom = blocks.max(axis=1), blocks.min(axis=1)
+        easy = np.isfinite(top) & np.isfinite(bottom)
+        if present is not None:
+            easy &= np.asarray(present[r0:r1], dtype=bool).reshape(b1 - b0, base, *tail).all(axis=1)
+        pooled[b0:b1] = top
+        hard = np.flatnonzero(~easy.reshape(b1 - b0, -1).all(axis=1))
+        if hard.size:
+            rows_of = (hard[:, None] * base + np.arange(base)).reshape(-1)
+            some = binning.StepBins(lo=0, hi=rows_of.size, starts=np.arange(0, rows_of.size, base),
+                                    bin_start=hard, bin_end=hard)
+            sub_present = None if present is None else np.asarray(present[r0:r1])[rows_of]
+            pooled[b0 + hard], bad[b0 + hard] = binning.max_pool(chunk[rows_of], some, sub_present)
+    if full * base < rows:  # the last, partial block
+        last = binning.StepBins(lo=full * base, hi=rows, starts=np.zeros(1, dtype=np.int64),
+                                bin_start=np.zeros(1, dtype=np.int64), bin_end=np.zeros(1, dtype=np.int64))
+        pooled[full:], bad[full:] = binning.max_pool(values, last, present, divide_by)
+    return pooled, bad
 
 
 def _segments(array: np.ndarray, first: np.ndarray, stop: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
@@ -134,7 +176,7 @@ def _pool_rows(values: np.ndarray, present: np.ndarray | None, divide_by: np.nda
     if not len(owner):
         return
     row_elems = max(1, int(np.prod(values.shape[1:], dtype=np.int64)))
-    per_chunk = max(1, binning._CHUNK_ELEMENTS // row_elems)
+    per_chunk = max(1, binning.CHUNK_ELEMENTS // row_elems)
     lengths = hi - lo
     ends = np.cumsum(lengths)
     k = 0

@@ -23,6 +23,7 @@ import posixpath
 import re
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -495,12 +496,16 @@ def _has_lightning_hparams(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, "hparams.yaml"))
 
 
-def load_run(path: str, name: str | None = None) -> RunData:
+def load_run(path: str, name: str | None = None, *, cache: Any = None) -> RunData:
     """Read one run directory once, to the end (its files are complete: a truncated tail is reported).
 
     A Keras run's ``train/`` and ``validation/`` subdirectories are part of the run: always when Keras' own
     ``TensorBoard`` callback wrote there (its ``.v2`` files), and also when ``path`` holds no event file of its own,
     so that the ``log_dir`` given to our Keras callback (which writes into ``log_dir/train``) reads as its run.
+
+    With a :class:`cache.RunCache`, the run comes from its entry when its files are unchanged (a file that grew is
+    read on from where the entry stopped) and is written to it otherwise, as the plugin's run store does: a second
+    audit of a remote logdir downloads only what is new.
     """
     _check_exists(path)
     dirs = _list_event_dirs(path)
@@ -510,12 +515,32 @@ def load_run(path: str, name: str | None = None) -> RunData:
             files.extend((f, role) for f in sorted(dirs.get(sub, [])))
     if name is None:
         name = posixpath.basename(path.rstrip("/\\").replace(os.sep, "/")) or "."
-    run = _Run(name, path)
-    run.lightning_hparams = _has_lightning_hparams(path)
-    for f, role in files:
-        run.add_file(f, role)
-    run.read(finished=[f for f, _ in files])
-    return run.data()
+    finished = [f for f, _ in files]
+    restored = None if cache is None else _restore_entry(cache, cache.entry(path, "."), path, name)
+    if restored is not None:
+        run, data, _ = restored
+        for f, role in files:
+            run.add_file(f, role)
+        if not run.has_new_bytes(finished):
+            data.name = name
+            return data
+        _unspill(run)
+    else:
+        run = _Run(name, path)
+        run.lightning_hparams = _has_lightning_hparams(path)
+        for f, role in files:
+            run.add_file(f, role)
+    run.name = name
+    run.read(finished=finished)
+    if cache is None or run.failure:
+        return run.data()
+    if run.entry is None:
+        run.entry = cache.entry(path, ".")
+    try:
+        return _write_entry(cache, run, run.data())
+    except OSError as exc:
+        logger.warning("writing the cache failed (%s); reading without it", exc)
+        return run.data()
 
 
 # -------------------------------------------------------------------------------------------------- the store
@@ -546,48 +571,82 @@ class RunStore:
         #: a :class:`cache.RunCache`: runs are published from their cache entries and kept out of memory
         self.cache = cache
         self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report): cached, or judged since
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def refresh(self) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed."""
         with self._read_lock:
-            changed = False
-            for prefix, root in self._roots:
-                for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items():
-                    full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
-                    run = self._runs.get(full)
-                    if run is None:
-                        run = self._runs[full] = self._restore(full, root, run_dir) or _Run(full, run_dir)
-                        run.lightning_hparams = _has_lightning_hparams(run_dir)
-                    for f, role in files:
-                        run.add_file(f, role)
-                    finished = self._finished(files)
-                    try:
-                        if run.spilled and not run.has_new_bytes(finished):
-                            run_changed = False
-                        else:
-                            if run.spilled:
-                                self._unspill(run)
-                            run_changed = run.read(finished=finished)
-                    except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+            try:
+                return self._refresh()
+            finally:
+                self._wait_written()
+
+    def _refresh(self) -> bool:
+        changed = False
+        for prefix, root in self._roots:
+            for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items():
+                full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
+                run = self._runs.get(full)
+                if run is None:
+                    run = self._runs[full] = self._restore(full, root, run_dir) or _Run(full, run_dir)
+                    run.lightning_hparams = _has_lightning_hparams(run_dir)
+                for f, role in files:
+                    run.add_file(f, role)
+                finished = self._finished(files)
+                try:
+                    if run.spilled and not run.has_new_bytes(finished):
+                        run_changed = False
+                    else:
                         if run.spilled:
-                            run.reset()
-                        run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
-                    # With a cache, a run read for the first time is written to it at once (so that a large first
-                    # read never holds more than one run); one that grows stays in memory while it keeps growing,
-                    # and is written once a refresh finds it idle (a live run is not rewritten every second).
-                    first = full not in self._published
-                    growing = run_changed and not first and self.cache is not None
-                    idle = not run_changed and run.dirty and not run.spilled
-                    if run_changed or idle or first:
-                        if growing or self.cache is None:
-                            data, run.dirty = run.data(), growing
-                        else:
-                            if not idle:  # served while it is written to the cache (detection need not wait)
-                                self._publish(full, run.data(), run.version)
-                            data, run.dirty = self._publishable(run, root), False
-                        self._publish(full, data, run.version)
-                        changed |= run_changed or first
-            return changed
+                            self._unspill(run)
+                        run_changed = run.read(finished=finished)
+                except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+                    if run.spilled:
+                        run.reset()
+                    run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
+                # With a cache, a run read for the first time is written to it at once, while the next run is
+                # read (see _write_later); one that grows stays in memory while it keeps growing, and is written
+                # once a refresh finds it idle (a live run is not rewritten every second).
+                first = full not in self._published
+                growing = run_changed and not first and self.cache is not None
+                idle = not run_changed and run.dirty and not run.spilled
+                if run_changed or idle or first:
+                    if growing or self.cache is None:
+                        self._publish(full, run.data(), run.version)
+                        run.dirty = growing
+                    else:
+                        if not idle:  # served while it is written to the cache (detection need not wait)
+                            self._publish(full, run.data(), run.version)
+                        run.dirty = False
+                        self._write_later(full, run, root)
+                    changed |= run_changed or first
+        return changed
+
+    def _write_later(self, name: str, run: _Run, root: str) -> None:
+        """Write a run to the cache on the store's writer thread, then publish it from its entry. The next run is read
+        meanwhile (the write is mostly I/O and checksums, outside the GIL); one write at a time, so a first read of a
+        large logdir holds at most two runs: the one written and the one read."""
+        self._wait_written()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-gradient-cache")
+        version = run.version
+
+        def write() -> None:
+            data = self._publishable(run, root)
+            self._publish(name, data, version)
+
+        self._pending = self._writer.submit(write)
+
+    def _wait_written(self) -> None:
+        """Wait for the cache write in progress, if any (a failed write leaves the run published from memory)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception:  # noqa: BLE001 - the run stays served from memory
+            logger.warning("gradients plugin: writing a run to the cache failed", exc_info=True)
 
     def _publish(self, name: str, data: RunData, version: int) -> None:
         with self._lock:
@@ -600,28 +659,13 @@ class RunStore:
 
     def _restore(self, name: str, root: str, run_dir: str) -> _Run | None:
         """A run as its cache entry left it (published from the entry, values not in memory), or None when there is
-        no usable entry: none, another version, a checksum mismatch, or an event file that is no longer the one read
-        (shorter, or other first bytes). An unusable entry is removed; the run is read from its event files."""
+        no usable entry (see :func:`_restore_entry`)."""
         if self.cache is None:
             return None
-        entry = self.cache.entry(root, name)
-        try:
-            manifest, state, resident, report = entry.load()
-            if not all(still_there(identity) for identity in manifest["files"]):
-                raise CacheError("an event file changed")
-        except CacheError:
-            entry.remove()
+        restored = _restore_entry(self.cache, self.cache.entry(root, name), run_dir, name)
+        if restored is None:
             return None
-        except Exception:  # noqa: BLE001 - a cache entry must never stop a run from being read
-            logger.warning("gradients plugin: cache entry of run %r unusable; reading it again", name, exc_info=True)
-            entry.remove()
-            return None
-        run: _Run = state["run"]
-        run.path = run_dir
-        run.entry = entry
-        run.resume = state["resume"]
-        cached = CachedRun(entry, self.cache.budget, state["big"])
-        data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident), run.batches)
+        run, data, report = restored
         with self._lock:
             self._published[name] = (data, run.version)
             if report is not None:
@@ -629,12 +673,7 @@ class RunStore:
         return run
 
     def _unspill(self, run: _Run) -> None:
-        try:
-            names = [n for n in run.entry.names() if not n.startswith(("pyr/", "series/"))]
-            run.unspill(run.entry.read(names), run.resume)
-        except (CacheError, OSError):
-            run.entry.remove()
-            run.reset()
+        _unspill(run)
 
     def _publishable(self, run: _Run, root: str) -> RunData:
         """The run's data to publish; with a cache, written to the run's entry and published from it."""
@@ -644,38 +683,16 @@ class RunStore:
         try:
             if run.entry is None:
                 run.entry = self.cache.entry(root, run.name)
-            arrays, resident, big, resume = run.cache_arrays(data)
-            pyramids = _build_pyramids(data)
-            for metric, pyr in pyramids.items():
-                for k, level in enumerate(pyr.levels):
-                    arrays[f"pyr/{metric}/{k}/max"] = level.max
-                    arrays[f"pyr/{metric}/{k}/bad"] = level.bad
-                    resident += [f"pyr/{metric}/{k}/max", f"pyr/{metric}/{k}/bad"]
-            facts = {"name": data.name, "source": data.source, "layers": list(data.layers),
-                     "warnings": list(data.warnings), "unknown_tags": list(data.unknown_tags), "events": data.events,
-                     "bytes_read": data.bytes_read, "first_wall_time": data.first_wall_time,
-                     "last_wall_time": data.last_wall_time,
-                     "series": list(data.series), "metrics": list(data.layer_metrics)}
-            shape = {metric: (pyr.rows, [level.block for level in pyr.levels]) for metric, pyr in pyramids.items()}
-            run.resume = resume
-            state = pickle.dumps({"run": run, "facts": facts, "big": big, "resident": resident, "resume": resume,
-                                  "pyramids": shape}, protocol=pickle.HIGHEST_PROTOCOL)
-            files = [file_identity(path) for path in sorted(run.readers)]
-            run.entry.write(state=state, arrays=arrays, files=files, data_version=run.version)
             with self._lock:
                 judged = self._reports.get(run.name)
-            if judged is not None and judged[0] == run.version:  # judged while the run was in memory (a live run)
-                run.entry.write_report(judged[1], run.version)
+            # a report judged while the run was in memory (a live run) goes into the entry with it
+            report = judged[1] if judged is not None and judged[0] == run.version else None
+            return _write_entry(self.cache, run, data, report)
         except OSError as exc:
             logger.warning("gradients plugin: writing the cache failed (%s); working without the cache from now on",
                            exc)
             self.cache = None
             return data
-        resident_arrays = {name: arrays[name] for name in resident}
-        cached = CachedRun(run.entry, self.cache.budget, big)
-        run.spill()
-        _release_memory()
-        return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays), run.batches)
 
     def rebuild(self, run: str) -> None:
         """Read a run again from its event files (its cache entry failed a check when its arrays were mapped)."""
@@ -739,6 +756,70 @@ class RunStore:
     def version(self, run: str) -> int:
         """Increases whenever the run's data changes: a cache key for anything derived from it."""
         return self.snapshot(run)[1]
+
+
+def _restore_entry(cache: Any, entry: Any, run_dir: str, name: str) -> tuple[_Run, RunData, Any] | None:
+    """(reading state, data served from the entry, cached report or None) of a run's cache entry, or None when it is
+    not usable: none, another version, a checksum mismatch, or an event file that is no longer the one read (shorter,
+    or other first bytes). An unusable entry is removed; the run is then read from its event files."""
+    try:
+        manifest, state, resident, report = entry.load()
+        if not all(still_there(identity) for identity in manifest["files"]):
+            raise CacheError("an event file changed")
+    except CacheError:
+        entry.remove()
+        return None
+    except Exception:  # noqa: BLE001 - a cache entry must never stop a run from being read
+        logger.warning("gradients plugin: cache entry of run %r unusable; reading it again", name, exc_info=True)
+        entry.remove()
+        return None
+    run: _Run = state["run"]
+    run.path = run_dir
+    run.entry = entry
+    run.resume = state["resume"]
+    cached = CachedRun(entry, cache.budget, state["big"])
+    data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident), run.batches)
+    return run, data, report
+
+
+def _unspill(run: _Run) -> None:
+    """Bring a restored run's values back into memory to read on; a damaged entry makes it start from scratch."""
+    try:
+        names = [n for n in run.entry.names() if not n.startswith(("pyr/", "series/"))]
+        run.unspill(run.entry.read(names), run.resume)
+    except (CacheError, OSError):
+        run.entry.remove()
+        run.reset()
+
+
+def _write_entry(cache: Any, run: _Run, data: RunData, report: Any = None) -> RunData:
+    """Write a run read into memory to its cache entry (``run.entry``), drop its values from memory and return its
+    data served from the entry. ``OSError`` when the cache cannot be written."""
+    arrays, resident, big, resume = run.cache_arrays(data)
+    pyramids = _build_pyramids(data)
+    for metric, pyr in pyramids.items():
+        for k, level in enumerate(pyr.levels):
+            arrays[f"pyr/{metric}/{k}/max"] = level.max
+            arrays[f"pyr/{metric}/{k}/bad"] = level.bad
+            resident += [f"pyr/{metric}/{k}/max", f"pyr/{metric}/{k}/bad"]
+    facts = {"name": data.name, "source": data.source, "layers": list(data.layers),
+             "warnings": list(data.warnings), "unknown_tags": list(data.unknown_tags), "events": data.events,
+             "bytes_read": data.bytes_read, "first_wall_time": data.first_wall_time,
+             "last_wall_time": data.last_wall_time,
+             "series": list(data.series), "metrics": list(data.layer_metrics)}
+    shape = {metric: (pyr.rows, [level.block for level in pyr.levels]) for metric, pyr in pyramids.items()}
+    run.resume = resume
+    state = pickle.dumps({"run": run, "facts": facts, "big": big, "resident": resident, "resume": resume,
+                          "pyramids": shape}, protocol=pickle.HIGHEST_PROTOCOL)
+    files = [file_identity(path) for path in sorted(run.readers)]
+    run.entry.write(state=state, arrays=arrays, files=files, data_version=run.version)
+    if report is not None:
+        run.entry.write_report(report, run.version)
+    resident_arrays = {name: arrays[name] for name in resident}
+    cached = CachedRun(run.entry, cache.budget, big)
+    run.spill()
+    _release_memory()
+    return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays), run.batches)
 
 
 def _close(published: tuple[RunData, int] | None) -> None:

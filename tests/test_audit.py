@@ -144,7 +144,7 @@ def test_a_run_not_read_or_not_judged_still_gets_the_whole_run_object(logdir, mo
     fields = set(audit.audit_run("healthy", str(logdir / "healthy"))["report"])
     assert "validation" in fields
 
-    def unreadable(path, name=None):
+    def unreadable(path, name=None, cache=None):
         raise OSError("disk on fire")
 
     with monkeypatch.context() as patch:

@@ -372,3 +372,31 @@ def test_memory_stays_within_the_budget_on_a_logdir_four_times_larger(tmp_path):
     assert cached_large["mapped"] <= budget
     assert cached_large["opened"] - cached_large["listed"] <= budget + 8 * 2**20
     assert cached_large["opened"] - cached_small["opened"] <= run_bytes
+
+
+def test_the_auditor_reads_through_the_cache_when_given_one(tmp_path, monkeypatch):
+    """``load_run(cache=...)`` (the auditor's ``--cache-dir``): a second read of an unchanged run reads no event
+    byte, a grown one only what was appended, and the audit says the same as without the cache every time."""
+    from tb_gradient_plugin.auditor import audit_run
+
+    logdir, cache_dir = tmp_path / "logs", str(tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    writer = GradientWriter(logdir / "a")
+    _steps(writer, range(600), rng)
+    writer.flush()
+    run = str(logdir / "a")
+    plain = audit_run("a", run, cache_dir="off")
+    assert audit_run("a", run, cache_dir=cache_dir) == plain
+    assert len(_entries(Path(cache_dir))) == 1
+    counter = _ReadCounter(monkeypatch)
+    assert audit_run("a", run, cache_dir=cache_dir) == plain
+    assert counter.bytes == 0
+    size_before = _event_file(logdir / "a").stat().st_size
+    _steps(writer, range(600, 1200), rng)
+    writer.close()
+    grown = _event_file(logdir / "a").stat().st_size - size_before
+    got = audit_run("a", run, cache_dir=cache_dir)
+    assert 0 < counter.bytes <= grown + 64 * 1024
+    monkeypatch.undo()
+    assert got == audit_run("a", run, cache_dir="off")
+    assert any(e["start_step"] <= SPIKE_STEP <= e["end_step"] for e in got["report"]["episodes"])

@@ -53,3 +53,20 @@ def test_a_one_step_spike_survives_every_level():
 def test_the_pyramid_is_a_small_fraction_of_the_values():
     values = np.ones((20_000, 224), dtype=np.float32)
     assert pyramid.build(values).nbytes < values.nbytes / 50
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_level_equals_pooling_its_blocks_row_by_row(seed):
+    """The finest level's fast path (fully logged, finite blocks) agrees with the careful pooling everywhere: blocks
+    with a NaN, an inf, a -inf or an unlogged entry, a partial last block, the update ratio."""
+    _, values, present, divide_by = _run(seed)
+    values[np.random.default_rng(seed).random(values.shape) < 0.0005] = -np.inf
+    for pres in (present, None, np.ones_like(present)):
+        for div in (None, divide_by):
+            pyr = pyramid.build(values, pres, div, base=16)
+            for level in pyr.levels:
+                bins = binning.StepBins(lo=0, hi=values.shape[0], starts=np.arange(0, values.shape[0], level.block),
+                                        bin_start=np.zeros(0), bin_end=np.zeros(0))
+                expected = binning.max_pool(values, bins, pres, div)
+                assert np.array_equal(level.max, expected[0].astype(np.float32), equal_nan=True)
+                assert np.array_equal(level.bad, expected[1])

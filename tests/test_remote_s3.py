@@ -5,11 +5,14 @@ errors for a missing bucket or missing credentials."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from s3server import S3Server, without_credentials
 from tbserver import TensorBoardServer
@@ -52,6 +55,35 @@ def test_auditor_on_s3_matches_local(s3, local_logs, capsys):
     runs = {r["run"]: r for r in remote["runs"]}
     assert set(runs) == {"healthy", "exploding"}
     assert runs["exploding"]["episodes"][0]["start_step"] == 400 and not runs["healthy"]["episodes"]
+
+
+def test_auditor_on_s3_downloads_only_what_is_new_the_second_time(s3, local_logs, tmp_path, capsys):
+    """A remote logdir is audited through the run cache: the second audit reads the files' identities, not their
+    records, and says the same."""
+    from tb_gradient_plugin import remote
+    from tb_gradient_plugin.cache import HEAD_BLOCK
+
+    url = f"s3://{s3.bucket()}/cached"
+    s3.upload(local_logs, url)
+    cache_dir = str(tmp_path / "cache")
+    code = main(["audit", url, "--json", "--workers", "1", "--cache-dir", cache_dir])
+    first = json.loads(capsys.readouterr().out)
+    fs, _ = remote.filesystem(url)
+    gets: list[bytes | None] = []
+
+    def record(request, **_kwargs):
+        if request.method == "GET" and "list-type" not in request.url:
+            gets.append(request.headers.get("Range"))
+
+    fs.s3.meta.events.register("before-send.s3.*", record)
+    try:
+        again = main(["audit", url, "--json", "--workers", "1", "--cache-dir", cache_dir])
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3.*", record)
+    assert (again, json.loads(capsys.readouterr().out)) == (code, first)
+    assert gets and all(r is not None for r in gets)
+    fetched = sum(int(b) - int(a) + 1 for a, b in (r.decode().removeprefix("bytes=").split("-") for r in gets))
+    assert fetched <= len(first["runs"]) * HEAD_BLOCK, fetched
 
 
 def test_growing_file_is_read_with_ranged_requests_of_the_new_bytes(s3, tmp_path):
@@ -101,6 +133,68 @@ def test_growing_file_is_read_with_ranged_requests_of_the_new_bytes(s3, tmp_path
     # is it still the same file: its first bytes, the hash of the last block read before, and of the new last block
     checks = HEAD_BYTES + 2 * TAIL_BYTES
     assert appended <= fetched <= appended + checks, (fetched, appended)
+
+
+def test_second_start_on_s3_reads_no_event_bytes_from_the_bucket(s3, tmp_path):
+    """The persistent cache serves a remote logdir as it serves a local one: a second start lists every run with the
+    same data while reading only each file's identity (size, ETag, first block), not its records; a file that grew
+    since is read on from where the entry stopped, in ranged reads of the new bytes."""
+    from tb_gradient_plugin import remote
+    from tb_gradient_plugin.cache import HEAD_BLOCK, RunCache
+    from tb_gradient_plugin.runs import RunStore
+
+    url = f"s3://{s3.bucket()}/logs"
+    logs = tmp_path / "logs"
+    write(logs / "exploding", spike=400, seed=2)
+    live = GradientWriter(logs / "live")
+    for step in range(300):
+        live.write(step, ["a", "b"], grad_norm=[1.0, 2.0], loss=1.0)
+    live.flush()
+    s3.upload(logs, url)
+    cache_dir = str(tmp_path / "cache")
+    first = RunStore(url, cache=RunCache.open(cache_dir))
+    first.refresh()
+    expected = {name: first.get(name) for name in first.run_names()}
+    assert sorted(expected) == ["exploding", "live"]
+
+    fs, _ = remote.filesystem(url)
+    requests: list[tuple[str, str, bytes | None]] = []
+
+    def record(request, **_kwargs):
+        requests.append((request.method, request.url, request.headers.get("Range")))
+
+    def fetched() -> int:
+        gets = [r for m, u, r in requests if m == "GET" and "list-type" not in u]
+        assert all(r is not None for r in gets), gets  # ranged reads only
+        return sum(int(b) - int(a) + 1 for a, b in (r.decode().removeprefix("bytes=").split("-") for r in gets))
+
+    fs.s3.meta.events.register("before-send.s3.*", record)
+    try:
+        second = RunStore(url, cache=RunCache.open(cache_dir))
+        second.refresh()
+        assert second.run_names() == sorted(expected)
+        for name, data in expected.items():
+            got = second.get(name)
+            assert got.layers == data.layers and np.array_equal(got.steps, data.steps)
+            for metric, values in data.layer_metrics.items():
+                assert np.array_equal(got.layer_metrics[metric], values, equal_nan=True)
+        assert fetched() <= 2 * HEAD_BLOCK  # the identities of the two files: no record was read
+
+        (live_file,) = (logs / "live").iterdir()
+        size_before = live_file.stat().st_size
+        for step in range(300, 400):
+            live.write(step, ["a", "b"], grad_norm=[1.0, 2.0], loss=1.0)
+        live.flush()
+        s3.upload(logs, url)
+        requests.clear()
+        third = RunStore(url, cache=RunCache.open(cache_dir))
+        third.refresh()
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3.*", record)
+        live.close()
+    assert list(third.get("live").steps) == list(range(400))
+    appended = live_file.stat().st_size - size_before
+    assert appended <= fetched() <= appended + 2 * HEAD_BLOCK + HEAD_BYTES + 2 * TAIL_BYTES
 
 
 def _poll(tb: TensorBoardServer, predicate, timeout: float = 120.0):
@@ -180,15 +274,21 @@ def test_missing_credentials_is_a_usage_error_naming_the_url(s3, local_logs):
     assert "Traceback" not in proc.stderr
 
 
-def test_plugin_reports_a_missing_bucket_and_keeps_serving(s3):
-    """The data layer behind the routes: the run list says what is wrong, naming the URL, and nothing raises."""
+def test_plugin_reports_a_missing_bucket_and_keeps_serving(s3, caplog):
+    """The data layer behind the routes: the run list says what is wrong, naming the URL, and nothing raises. The
+    server's log gets one line saying so, not a traceback at every refresh."""
     from tb_gradient_plugin.backend import Backend
 
     url = "s3://no-such-bucket-either/logs"
     backend = Backend(url)
-    backend.refresh()
+    with caplog.at_level(logging.WARNING, logger="tb_gradient_plugin"):
+        for _ in range(3):
+            backend._refreshed_at = -math.inf  # each call is a due refresh
+            backend.refresh()
     assert backend.runs() == []
     assert url in backend.error and "no bucket" in backend.error
+    logged = [r for r in caplog.records if r.name.startswith("tb_gradient_plugin")]
+    assert len(logged) == 1 and url in logged[0].getMessage() and logged[0].exc_info is None
 
 
 def test_unknown_protocol_is_a_usage_error_naming_the_url():
