@@ -53,6 +53,8 @@ setup(
             "tensorboardX>=2.6",
             "moto[server]>=5.0",  # a real S3-compatible server for the s3:// tests
             "s3fs>=2023.1",
+            "gcsfs>=2023.1",
+            "gcp-storage-emulator>=2024.1",  # a real GCS JSON API server for the gs:// tests
             "pandas>=1.5",
             "flax>=0.12",  # the JAX tests train Flax Linen and NNX models
         ],

@@ -98,8 +98,9 @@ def audit(*paths: str | os.PathLike, run: str | None = None, workers: int | None
     """Audit every run under ``paths`` (local paths or fsspec URLs), as ``tb-gradient audit`` does.
 
     ``run`` is the ``--run`` glob, ``workers`` the ``--workers`` count, ``scheduler`` a Dask scheduler's address
-    (``--scheduler``), ``cache_dir`` the ``--cache-dir``. ``chart=False`` skips the chart data that ``_repr_html_`` draws (a little faster). Raises
-    :class:`~tb_gradient_plugin.auditor.UsageError` where the command would exit with code 2.
+    (``--scheduler``), ``cache_dir`` the ``--cache-dir``. ``chart=False`` skips the chart data that ``_repr_html_``
+    draws (a little faster). Raises :class:`~tb_gradient_plugin.auditor.UsageError` where the command would exit
+    with code 2.
     """
     if not paths:
         raise UsageError("audit() needs at least one logdir")

@@ -1,0 +1,106 @@
+"""A real Google Cloud Storage JSON API server for tests: ``gcp-storage-emulator`` on a free loopback port, in memory,
+reached through gcsfs (``STORAGE_EMULATOR_HOST``).
+
+Usage::
+
+    with GCSServer() as gcs:
+        gcs.bucket()       # a new empty bucket, its name returned
+        gcs.upload(local_dir, "gs://bucket/logs")
+
+The variables are set in this process while the server runs (and restored afterwards), and gcsfs' shared instances
+are dropped at both ends, so a ``gs://`` URL opened in the test reaches this server. No credentials are looked up:
+the emulator accepts anonymous requests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ENV = {
+    "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
+    "GOOGLE_APPLICATION_CREDENTIALS": "",
+    # gcsfs asks a gRPC control plane for a bucket's layout (hierarchical namespace): the emulator has none
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GCSServer:
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self.env: dict[str, str] = {}
+        self._proc: subprocess.Popen | None = None
+        self._saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> GCSServer:
+        port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        command = [str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--port", str(port),
+                   "--host", "127.0.0.1", "--in-memory", "--quiet"]
+        self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.env = dict(ENV, STORAGE_EMULATOR_HOST=self.endpoint)
+        for key, value in self.env.items():
+            self._saved[key] = os.environ.get(key)
+            os.environ[key] = value
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                    self.__exit__()
+                    raise RuntimeError(f"the GCS emulator did not start: {err[-2000:]}") from None
+                time.sleep(0.1)
+        _drop_instances()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _drop_instances()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+    def fs(self):
+        import fsspec
+
+        return fsspec.filesystem("gs")
+
+    def bucket(self) -> str:
+        name = f"logs-{uuid.uuid4().hex[:12]}"
+        self.fs().mkdir(name)
+        return name
+
+    def upload(self, local: os.PathLike | str, url: str) -> None:
+        """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
+        fs = self.fs()
+        root = os.fspath(local)
+        for directory, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(directory, name)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                with open(path, "rb") as f:
+                    fs.pipe(url.removeprefix("gs://").rstrip("/") + "/" + rel, f.read())
+
+
+def _drop_instances() -> None:
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
