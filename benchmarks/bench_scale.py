@@ -24,6 +24,11 @@ cache) gives the reference for the cold numbers, measured in the same run of the
     python benchmarks/bench_scale.py                    # full size (3.0 GB of event files, about 3 GB of cache)
     python benchmarks/bench_scale.py --scale 0.1        # steps x 0.1: a quick run
     python benchmarks/bench_scale.py --root /big/disk --only runs10,runs20
+    python benchmarks/bench_scale.py --hide-tensorflow  # TensorBoard as the plugin's own install gets it (no TF)
+
+TensorFlow is not a dependency of the plugin. Where it is installed, TensorBoard imports it at start-up (about 10 s
+and 600 MB on this benchmark's machine) whatever the plugin does; ``--hide-tensorflow`` makes ``import tensorflow``
+fail in the servers started, so that TensorBoard runs on its own stub, as in an environment without TensorFlow.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ LAYERS = 224
 STEPS = 20_000
 MANY_STEPS = 2_000
 OPENED = 4
+#: Environment of every server started (see --hide-tensorflow).
+SERVER_ENV: dict[str, str] | None = None
 GOALS = {"rss_mb": 500, "growth_mb": 50, "second_start_s": 3.0, "warm_heatmap_ms": 300, "cache_ratio": 1.2}
 
 
@@ -162,7 +169,7 @@ def one_start(logdir: Path, cache_dir: Path | str, names: list[str]) -> dict:
     """Start tensorboard, wait until every run is listed, open OPENED runs; the numbers of this start."""
     t_spawn = time.perf_counter()
     with TensorBoardServer(logdir, extra_args=["--gradients_cache_dir", str(cache_dir)], reload_interval=5.0,
-                           timeout=600) as tb:
+                           timeout=600, env=SERVER_ENV) as tb:
         t_up = time.perf_counter()
         while True:
             doc, _ = fetch(tb, "runs")
@@ -215,13 +222,23 @@ def baseline(work: Path) -> dict:
     empty = work / "empty-logdir"
     empty.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with TensorBoardServer(empty, extra_args=["--gradients_cache_dir", str(work / "cache-empty")], timeout=600) as tb:
+    with TensorBoardServer(empty, extra_args=["--gradients_cache_dir", str(work / "cache-empty")], timeout=600,
+                           env=SERVER_ENV) as tb:
         fetch(tb, "runs")
         up = time.perf_counter() - t0
         own, total = tree_rss(tb._proc.pid)
     print(f"TensorBoard alone (empty logdir): runs answered {up:.1f} s after the start, resident {total / 2**20:.0f} MB"
           f" ({own / 2**20:.0f} MB the server process)", flush=True)
     return {"up_s": up, "rss": total, "rss_server": own}
+
+
+def hide_tensorflow(work: Path) -> dict[str, str]:
+    """An environment in which ``import tensorflow`` raises ImportError (a package of that name that says so)."""
+    shadow = work / "no-tensorflow" / "tensorflow"
+    shadow.mkdir(parents=True, exist_ok=True)
+    (shadow / "__init__.py").write_text('raise ImportError("TensorFlow is hidden from this benchmark\'s servers")\n')
+    path = os.pathsep.join(p for p in (str(shadow.parent), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def bench(name: str, logdir: Path, runs: int, steps: int, work: Path) -> dict:
@@ -280,7 +297,12 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="steps per run x this (0.1: a quick run)")
     parser.add_argument("--only", default="runs10,runs20,many200", help="comma-separated logdirs to measure")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--hide-tensorflow", action="store_true",
+                        help="start TensorBoard where `import tensorflow` fails (its stub, as without TensorFlow)")
     args = parser.parse_args()
+    if args.hide_tensorflow:
+        global SERVER_ENV
+        SERVER_ENV = hide_tensorflow(args.root)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     logdirs = ensure_logdirs(args.root, args.scale, only)
     alone = baseline(args.root)

@@ -77,7 +77,32 @@ def build(values: np.ndarray, present: np.ndarray | None = None, divide_by: np.n
     else:
         pooled, bad = _base_level(values, present, divide_by, base)
     level = Level(base, pooled.astype(np.float32), bad, None if low is None else low.astype(np.float32))
-    levels.append(level)
+    return Pyramid(rows, _with_coarser(level, factor))
+
+
+def extend(old: Pyramid | None, values: np.ndarray, present: np.ndarray | None = None,
+           divide_by: np.ndarray | None = None, *, base: int = BASE_BLOCK, factor: int = FACTOR) -> Pyramid:
+    """The pyramid of ``values`` when its first ``old.rows`` rows are the ones ``old`` was built from, unchanged
+    (a live run's appended steps): only the finest level's last, partial block and the blocks after it are pooled
+    from ``values``; the coarser levels, 1/4 of the size each, are pooled again from the finest. Equal to
+    :func:`build` on ``values``. Without a usable ``old`` (none, more rows, other columns): :func:`build`."""
+    rows = int(values.shape[0])
+    if (old is None or not old.levels or old.rows > rows or old.levels[0].block != base
+            or old.levels[0].min is not None or old.levels[0].max.shape[1:] != values.shape[1:]):
+        return build(values, present, divide_by, base=base, factor=factor)
+    keep = old.rows // base
+    start = keep * base
+    pooled, bad = _base_level(values[start:], None if present is None else present[start:],
+                              None if divide_by is None else divide_by[start:], base)
+    finest = old.levels[0]
+    level = Level(base, np.concatenate([finest.max[:keep], pooled.astype(np.float32)]),
+                  np.concatenate([finest.bad[:keep], bad]))
+    return Pyramid(rows, _with_coarser(level, factor))
+
+
+def _with_coarser(level: Level, factor: int) -> list[Level]:
+    """The finest level and the coarser ones pooled from it, until a level has at most ``factor`` blocks."""
+    levels = [level]
     while level.max.shape[0] > factor:
         starts = np.arange(0, level.max.shape[0], factor)
         with np.errstate(invalid="ignore"):
@@ -85,7 +110,7 @@ def build(values: np.ndarray, present: np.ndarray | None = None, divide_by: np.n
             up_min = None if level.min is None else np.fmin.reduceat(level.min, starts, axis=0)
         level = Level(level.block * factor, up_max, np.logical_or.reduceat(level.bad, starts, axis=0), up_min)
         levels.append(level)
-    return Pyramid(rows, levels)
+    return levels
 
 
 def _base_level(values: np.ndarray, present: np.ndarray | None, divide_by: np.ndarray | None,

@@ -79,7 +79,8 @@ class _Run:
     def __getstate__(self) -> dict:
         """What a cache entry keeps of the reading state: readers (offsets, layouts), counts, notices; the values
         themselves are stored as arrays beside it."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("table", "scalars", "cache", "entry")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("table", "scalars", "cache", "entry", "live_pyramids")}
         for reader, _ in self.readers.values():
             reader.records.release_buffer()
         return state
@@ -90,6 +91,7 @@ class _Run:
         self.scalars = {}
         self.cache = None
         self.entry = None
+        self.live_pyramids = {}
         self.spilled = True
         self.dirty = False
 
@@ -108,6 +110,8 @@ class _Run:
         self.last_wall_time: float | None = None
         self.problem_count = 0
         self.cache: RunData | None = None
+        # metric -> (the buffers its pyramid was pooled from, the pyramid): see live_data()
+        self.live_pyramids: dict[str, tuple[tuple[Any, ...], pyramid.Pyramid]] = {}
         for path, role in files:
             self.add_file(path, role)
 
@@ -258,6 +262,30 @@ class _Run:
         """Start over from the first byte of every file (a cache entry that could not be used)."""
         self._clear([(path, role) for path, (_, role) in self.readers.items()])
         self.spilled = False
+
+    def live_data(self) -> RunData:
+        """The run's data with a max pyramid per metric, extended by the steps appended since the last call.
+
+        The run store appends a live run's new steps in place (:class:`LayerTable`): while a metric's values, the
+        update ratio's divisor and the logged mask are still views of the same buffers, with as many columns, the
+        rows pooled before are unchanged and only the new ones are pooled. A rebuilt buffer (steps out of order, a
+        new layer, more capacity) builds the pyramid afresh. The buffers are held with the pyramid, so that their
+        identity cannot be taken by a new buffer at the same address.
+        """
+        data = self.data()
+        inputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {m: (v, None) for m, v in data.layer_metrics.items()}
+        ratio = update_ratio_inputs(data.layer_metrics)
+        if ratio is not None and ratio[1] is not None:
+            inputs["update_ratio"] = (ratio[0], ratio[1])
+        built: dict[str, tuple[tuple[Any, ...], pyramid.Pyramid]] = {}
+        for metric, (values, divide_by) in inputs.items():
+            buffers = tuple(_buffer_of(a) for a in (values, divide_by, data.present))
+            old = self.live_pyramids.get(metric)
+            same = old is not None and all(a is b for a, b in zip(old[0], buffers, strict=True))
+            built[metric] = (buffers, pyramid.extend(old[1] if same else None, values, data.present, divide_by))
+        self.live_pyramids = built
+        data.pyramids = {metric: pyr for metric, (_, pyr) in built.items() if pyr.levels}
+        return data
 
     def _acc(self, key: tuple[str, str]) -> ScalarAcc:
         acc = self.scalars.get(key)
@@ -613,7 +641,7 @@ class RunStore:
                 idle = not run_changed and run.dirty and not run.spilled
                 if run_changed or idle or first:
                     if growing or self.cache is None:
-                        self._publish(full, run.data(), run.version)
+                        self._publish(full, run.live_data() if growing else run.data(), run.version)
                         run.dirty = growing
                     else:
                         if not idle:  # served while it is written to the cache (detection need not wait)
@@ -758,6 +786,13 @@ class RunStore:
         return self.snapshot(run)[1]
 
 
+def _buffer_of(array: np.ndarray | None) -> Any:
+    """The object that owns an array's memory (the root of its chain of views)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
+
+
 def _restore_entry(cache: Any, entry: Any, run_dir: str, name: str) -> tuple[_Run, RunData, Any] | None:
     """(reading state, data served from the entry, cached report or None) of a run's cache entry, or None when it is
     not usable: none, another version, a checksum mismatch, or an event file that is no longer the one read (shorter,
@@ -796,7 +831,7 @@ def _write_entry(cache: Any, run: _Run, data: RunData, report: Any = None) -> Ru
     """Write a run read into memory to its cache entry (``run.entry``), drop its values from memory and return its
     data served from the entry. ``OSError`` when the cache cannot be written."""
     arrays, resident, big, resume = run.cache_arrays(data)
-    pyramids = _build_pyramids(data)
+    pyramids = getattr(data, "pyramids", None) or _build_pyramids(data)  # a live run's are up to date
     for metric, pyr in pyramids.items():
         for k, level in enumerate(pyr.levels):
             arrays[f"pyr/{metric}/{k}/max"] = level.max

@@ -400,3 +400,43 @@ def test_the_auditor_reads_through_the_cache_when_given_one(tmp_path, monkeypatc
     monkeypatch.undo()
     assert got == audit_run("a", run, cache_dir="off")
     assert any(e["start_step"] <= SPIKE_STEP <= e["end_step"] for e in got["report"]["episodes"])
+
+
+def test_a_live_runs_pyramid_grows_with_the_appended_steps_only(tmp_path, monkeypatch):
+    """While a run grows, its published data carries max pyramids equal to ones built on all its rows, and a refresh
+    pools only the steps appended since the last one (plus the last partial block), not the whole run again."""
+    from tb_gradient_plugin import pyramid
+    from tb_gradient_plugin.runs import RunStore
+
+    logdir = tmp_path / "logs"
+    rng = np.random.default_rng(0)
+    writer = GradientWriter(logdir / "a")
+    _steps(writer, range(400), rng)
+    writer.flush()
+    store = RunStore(str(logdir), cache=cache.RunCache.open(str(tmp_path / "cache")))
+    store.refresh()
+    pooled_rows: list[int] = []
+    original = pyramid._base_level
+
+    def counting(values, present, divide_by, base):
+        pooled_rows.append(values.shape[0])
+        return original(values, present, divide_by, base)
+
+    monkeypatch.setattr(pyramid, "_base_level", counting)
+    incremental = 0
+    for start in range(400, 1200, 100):
+        _steps(writer, range(start, start + 100), rng)
+        writer.flush()
+        pooled_rows.clear()
+        store.refresh()
+        data = store.get("a")
+        assert data.pyramids and len(data.steps) == start + 100
+        for metric, pyr in data.pyramids.items():
+            values = data.layer_metrics["update_norm" if metric == "update_ratio" else metric]
+            divide_by = data.layer_metrics["param_norm"] if metric == "update_ratio" else None
+            fresh = original(values, data.present, divide_by, pyramid.BASE_BLOCK)
+            assert np.array_equal(pyr.levels[0].max, fresh[0].astype(np.float32), equal_nan=True)
+            assert np.array_equal(pyr.levels[0].bad, fresh[1])
+        incremental += max(pooled_rows) < pyramid.BASE_BLOCK + 100
+    writer.close()
+    assert incremental >= 5  # most refreshes pooled only the new rows (a buffer that grew its capacity: all of them)

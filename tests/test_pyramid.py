@@ -70,3 +70,19 @@ def test_every_level_equals_pooling_its_blocks_row_by_row(seed):
                 expected = binning.max_pool(values, bins, pres, div)
                 assert np.array_equal(level.max, expected[0].astype(np.float32), equal_nan=True)
                 assert np.array_equal(level.bad, expected[1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_extending_by_appended_rows_equals_building_afresh(seed):
+    _, values, present, divide_by = _run(seed)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, values.shape[0], 4))
+    for div in (None, divide_by):
+        pyr = None
+        for cut in [*cuts.tolist(), values.shape[0]]:
+            pyr = pyramid.extend(pyr, values[:cut], present[:cut], None if div is None else div[:cut], base=16)
+            fresh = pyramid.build(values[:cut], present[:cut], None if div is None else div[:cut], base=16)
+            assert pyr.rows == fresh.rows == cut and len(pyr.levels) == len(fresh.levels)
+            for got, want in zip(pyr.levels, fresh.levels, strict=True):
+                assert got.block == want.block
+                assert np.array_equal(got.max, want.max, equal_nan=True) and np.array_equal(got.bad, want.bad)
