@@ -165,55 +165,89 @@ def test_two_threads_writing_to_one_writer_give_consistent_records(tmp_path):
     assert sorted(seen) == list(range(n))
 
 
+#: The fork tests run in a fresh interpreter: forking a test process in which other tests started threads (JAX,
+#: TensorFlow, torch's pools) could copy a held lock into the child and hang it.
+REPO = Path(__file__).resolve().parents[1]
+
+FORKED_DATALOADER = """
+import sys
+import torch
+from tb_gradient_plugin.writer import GradientWriter
+
+w = GradientWriter(sys.argv[1], flush_secs=3600)  # nothing is flushed before the fork: the buffer is inherited
+
+
+class Logging(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        w.write(10_000 + i, ["worker"], grad_norm=[float(i)])
+        w.flush()
+        return torch.tensor(float(i))
+
+
+for step in range(10):
+    w.write(step, ["fc"], grad_norm=[float(step)])
+loader = torch.utils.data.DataLoader(Logging(), batch_size=4, num_workers=2, multiprocessing_context="fork")
+got = sorted(float(v) for batch in loader for v in batch)
+assert got == [float(i) for i in range(16)], got
+for step in range(10, 20):
+    w.write(step, ["fc"], grad_norm=[float(step)])
+w.close()
+print(w.path)
+"""
+
+FORKED_CHILD = """
+import os
+import sys
+import warnings
+from tb_gradient_plugin.writer import GradientWriter
+
+w = GradientWriter(sys.argv[1], flush_secs=3600)
+w.write(0, ["fc"], grad_norm=[1.0])
+pid = os.fork()
+if pid == 0:  # the child: any exception or a second warning is its exit status
+    code = 1
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 5):
+                w.write(step, ["fc"], grad_norm=[2.0])
+            w.close()
+        code = 0 if len(caught) == 1 and "forked" in str(caught[0].message) else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, os.waitstatus_to_exitcode(status)
+w.write(1, ["fc"], grad_norm=[3.0])
+w.close()
+print(w.path)
+"""
+
+
+def _run_fresh(code: str, logdir: Path) -> str:
+    """Run ``code`` in a new interpreter with ``logdir`` as its argument; the event file path it prints."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code, str(logdir)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_forked_dataloader_workers_never_touch_the_parents_file(tmp_path):
     """A writer used inside forked DataLoader workers: the children write nothing (one warning each), and the
     parent's buffered, not yet flushed records are written once, by the parent."""
-    import torch
-
-    w = GradientWriter(tmp_path, flush_secs=3600)  # nothing is flushed before the fork: the buffer is inherited
-
-    class Logging(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 16
-
-        def __getitem__(self, i: int) -> torch.Tensor:
-            w.write(10_000 + i, ["worker"], grad_norm=[float(i)])
-            w.flush()
-            return torch.tensor(float(i))
-
-    for step in range(10):
-        w.write(step, ["fc"], grad_norm=[float(step)])
-    loader = torch.utils.data.DataLoader(Logging(), batch_size=4, num_workers=2, multiprocessing_context="fork")
-    assert sorted(float(v) for batch in loader for v in batch) == [float(i) for i in range(16)]
-    for step in range(10, 20):
-        w.write(step, ["fc"], grad_norm=[float(step)])
-    w.close()
-    by_layers, problems = _our_steps(w.path)
+    path = _run_fresh(FORKED_DATALOADER, tmp_path)
+    by_layers, problems = _our_steps(path)
     assert problems == []
     assert dict(by_layers) == {("fc",): list(range(20))}
 
 
 def test_a_forked_child_is_warned_once_and_writes_nothing(tmp_path):
-    w = GradientWriter(tmp_path, flush_secs=3600)
-    w.write(0, ["fc"], grad_norm=[1.0])
-    pid = os.fork()
-    if pid == 0:  # the child: any exception or a second warning is its exit status
-        code = 1
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for step in range(1, 5):
-                    w.write(step, ["fc"], grad_norm=[2.0])
-                w.close()
-            code = 0 if len(caught) == 1 and "forked" in str(caught[0].message) else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    w.write(1, ["fc"], grad_norm=[3.0])
-    w.close()
-    assert dict(_our_steps(w.path)[0]) == {("fc",): [0, 1]}
+    path = _run_fresh(FORKED_CHILD, tmp_path)
+    assert dict(_our_steps(path)[0]) == {("fc",): [0, 1]}
 
 
 @contextlib.contextmanager
