@@ -219,7 +219,7 @@ class Points:
         return logv, ok
 
 
-def _nanmedian_last(a: np.ndarray) -> np.ndarray:
+def nanmedian_last(a: np.ndarray) -> np.ndarray:
     """Median along the last axis ignoring NaN (NaN where nothing is left); the arithmetic of :func:`_nanmedian0`."""
     s = np.sort(a, axis=-1)  # NaN sorts last
     k = a.shape[-1]
@@ -318,8 +318,8 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
         key = np.unique(kk[sel] * n + jj[sel])
         uk, uj = key // n, key % n
         _, _, logv, _ = points(uk, uj)
-        m = _nanmedian_last(logv)
-        med[w + uk, uj], mad[w + uk, uj] = m, _nanmedian_last(np.abs(logv - m[:, None]))
+        m = nanmedian_last(logv)
+        med[w + uk, uj], mad[w + uk, uj] = m, nanmedian_last(np.abs(logv - m[:, None]))
         known[uk, uj] = True
 
     def limits(kk: np.ndarray, jj: np.ndarray) -> None:
@@ -327,8 +327,8 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
         inside = wk >= 0
         ensure_stats(wk[inside], np.broadcast_to(jj[:, None], wk.shape)[inside])
         win = wk + w
-        bs = _nanmedian_last(med[win, jj[:, None]])
-        sigma = _nanmedian_last(mad[win, jj[:, None]]) * MAD_TO_SIGMA
+        bs = nanmedian_last(med[win, jj[:, None]])
+        sigma = nanmedian_last(mad[win, jj[:, None]]) * MAD_TO_SIGMA
         with np.errstate(invalid="ignore"):
             t = bs + np.clip(z * sigma, log_ratio, log_max)
         y = young[kk, jj]
@@ -417,8 +417,8 @@ def solve(pts: Points, cfg: DetectorConfig, ratio: float, z: float, min_history:
         flagged = nflag[kk, jj] > 0
         # the points that crossed are left out, unless the block's level is being adopted as the new normal
         clean = np.where((readapt[kk, jj] | ~flagged)[:, None] | ~cross[rows, cols], logv, np.nan)
-        new_med = _nanmedian_last(clean)
-        new_mad = _nanmedian_last(np.abs(clean - new_med[:, None]))
+        new_med = nanmedian_last(clean)
+        new_mad = nanmedian_last(np.abs(clean - new_med[:, None]))
         carry = np.isnan(new_med) & flagged  # every point crossed: the baseline stays where it was
         new_med[carry] = base[kk, jj][carry]
         old_med, old_mad = med[w + kk, jj], mad[w + kk, jj]
