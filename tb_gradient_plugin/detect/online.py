@@ -78,6 +78,11 @@ class OnlineDetector:
         self._growth = GrowthTrack.new(self.cfg)
         self._clip = math.nan  # the clip threshold in force (the last one recorded)
 
+    @property
+    def layers(self) -> list[str]:
+        """The layers seen so far, in the order first logged: the layer order of the report."""
+        return list(self._layers)
+
     def add_histograms(self, step: int, layers: Sequence[str], counts: np.ndarray) -> None:
         """Record one step's per-layer gradient histograms (``counts[len(layers), HIST_BINS]`` on the format's bins)."""
         step = int(step)
