@@ -17,8 +17,6 @@ makes :meth:`LiveDetector.advance` answer None: the caller judges the run offlin
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from .detect import OnlineDetector
@@ -70,7 +68,7 @@ class LiveDetector:
         det = self.detector
         hist_new = self._new_histograms(data)
         if new.size or hist_new.size:
-            det = copy.deepcopy(det)
+            det = det.fork()
             self._feed(det, data, new[-1:])
             self._feed_histograms(det, data, hist_new)
         if list(data.layers) != det.layers:  # a layer listed but not logged yet: the offline detector counts it

@@ -256,3 +256,14 @@ def test_a_live_run_written_in_chunks_is_judged_incrementally_and_a_replaced_fil
     assert served == full
     assert b.live_stats["fallback"] == before["fallback"] + 1
     assert b.live_stats["offline"] == before["offline"] + 1
+
+
+def test_a_fork_of_the_online_detector_is_independent_of_it():
+    run = _with_findings(_synthetic())
+    live = LiveDetector(run.name, run.source)
+    live.advance(_prefix(run, 1100))
+    before = live.detector.report().to_json()
+    twin = live.detector.fork()
+    LiveDetector._feed(live, twin, _prefix(run, 1300), np.arange(1100, 1301))
+    assert live.detector.report().to_json() == before == detect(_prefix(run, 1099)).to_json()
+    assert twin.report().to_json() == detect(_prefix(run, 1300)).to_json()
