@@ -26,6 +26,8 @@ from .types import Report, RunData, Series
 #: The series that put a step on the detector's step axis (as :func:`detect.detect` builds it); validation series
 #: are judged at their own points, which must lie on that axis for the online detector to see them.
 AXIS_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr", "clip_threshold")
+#: The per-layer metrics the detector reads (others, such as optimizer moment norms, do not change its report).
+JUDGED_METRICS = ("grad_norm", "grad_max_abs", "nonfinite_count", "update_norm", "param_norm", "update_ratio")
 #: Rows compared at a time when a buffer has moved (bounds the temporary memory of the comparison).
 _COMPARE_ROWS = 8192
 
@@ -123,7 +125,7 @@ class LiveDetector:
         """Remember what the detector has been fed: everything of ``data`` up to ``step``."""
         self.committed = step
         self.layers = list(data.layers)
-        self.metrics = tuple(data.layer_metrics)
+        self.metrics = _judged(data)
         n = int(np.searchsorted(data.steps, step, side="right"))
         self.steps = np.array(data.steps[:n], dtype=np.int64)
         self.arrays = _row_arrays(data)
@@ -147,7 +149,7 @@ class LiveDetector:
         if self.committed is None:
             return True
         c = self.committed
-        if list(data.layers[:len(self.layers)]) != self.layers or tuple(data.layer_metrics) != self.metrics:
+        if list(data.layers[:len(self.layers)]) != self.layers or _judged(data) != self.metrics:
             return False
         n, ncols = len(self.steps), len(self.layers)
         steps = np.asarray(data.steps)
@@ -239,9 +241,14 @@ class _Ones:
         return np.ones(self._cols, dtype=np.float32)
 
 
+def _judged(data: RunData) -> tuple[str, ...]:
+    return tuple(m for m in JUDGED_METRICS if m in data.layer_metrics)
+
+
 def _row_arrays(data: RunData) -> dict[str, np.ndarray]:
+    """The per-layer arrays whose rows the detector reads."""
     out = {"present": data.present}
-    out.update({f"metric/{m}": a for m, a in data.layer_metrics.items()})
+    out.update({f"metric/{m}": data.layer_metrics[m] for m in _judged(data)})
     return out
 
 
