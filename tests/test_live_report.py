@@ -185,17 +185,22 @@ def test_real_third_party_runs_fed_in_chunks_equal_a_full_detection(realruns):
 # ------------------------------------------------------------------------------------------- through the plugin
 
 
-def _write(logdir: Path, steps: range, spike: int | None = None, scale: float = 1.0) -> None:
+def _log(w: GradientWriter, steps: range, spike: int | None = None, scale: float = 1.0) -> None:
     names = [f"block{i}.{p}" for i in range(4) for p in ("attn", "mlp")]
     rng = np.random.default_rng(steps.start)
+    for s in steps:
+        g = np.exp(rng.normal(0, 0.1, len(names))).astype(np.float32) * scale
+        if s == spike:
+            g[3] *= 500
+        w.write(s, names, grad_norm=g, param_norm=np.full(len(names), 10.0), update_norm=g * 1e-3,
+                loss=1.0 + 0.01 * (s % 5) + (30.0 if spike is not None and s == spike + 2 else 0.0),
+                total_grad_norm=float(np.sqrt((g.astype(np.float64) ** 2).sum())), lr=1e-3)
+    w.flush()
+
+
+def _write(logdir: Path, steps: range, scale: float = 1.0) -> None:
     with GradientWriter(logdir) as w:
-        for s in steps:
-            g = np.exp(rng.normal(0, 0.1, len(names))).astype(np.float32) * scale
-            if s == spike:
-                g[3] *= 500
-            w.write(s, names, grad_norm=g, param_norm=np.full(len(names), 10.0), update_norm=g * 1e-3,
-                    loss=1.0 + 0.01 * (s % 5) + (30.0 if spike is not None and s == spike + 2 else 0.0),
-                    total_grad_norm=float(np.sqrt((g.astype(np.float64) ** 2).sum())), lr=1e-3)
+        _log(w, steps, scale=scale)
 
 
 def _served_after_refresh(b: Backend, run: str) -> tuple[dict, dict]:
@@ -225,19 +230,20 @@ def test_a_live_run_written_in_chunks_is_judged_incrementally_and_a_replaced_fil
     monkeypatch.setattr(backend_module, "LIVE_DETECT_SECONDS", 0.0)
     logdir = tmp_path / "logs"
     run_dir = logdir / "live"
-    _write(run_dir, range(0, 300))
+    writer = GradientWriter(run_dir, flush_secs=3600)  # training: one file, flushed after each chunk
+    _log(writer, range(0, 300))
     b = Backend(str(logdir), cache_dir="off" if cache == "off" else str(tmp_path / "cache"))
     b.refresh()
     data, version = b.run("live")
     b.report("live", data, version)  # the first report, computed while the request waits
 
-    _write(run_dir, range(300, 400))  # live: the next report is made offline, and an online detector catches up
+    _log(writer, range(300, 400))  # live: the next report is made offline, and an online detector catches up
     served, full = _served_after_refresh(b, "live")
     assert served == full
     _wait(lambda: b.live_stats["catch_up"] == 1, "no online detector caught up")
 
     for start in range(400, 1000, 150):
-        _write(run_dir, range(start, start + 150), spike=start + 60 if start == 700 else None)
+        _log(writer, range(start, start + 150), spike=start + 60 if start == 700 else None)
         before = dict(b.live_stats)
         served, full = _served_after_refresh(b, "live")
         assert served == full
@@ -245,8 +251,10 @@ def test_a_live_run_written_in_chunks_is_judged_incrementally_and_a_replaced_fil
         assert b.live_stats["offline"] == before["offline"]
     assert any(e["start_step"] == 760 for e in served["episodes"])
 
+    writer.close()
+
     # A file replaced under its name with other values: the run is read again; its report is made offline.
-    first = sorted(p for p in run_dir.iterdir() if p.name.startswith("events"))[0]
+    (first,) = (p for p in run_dir.iterdir() if p.name.startswith("events"))
     other = tmp_path / "other"
     _write(other, range(0, 300), scale=3.0)
     (replacement,) = other.iterdir()
