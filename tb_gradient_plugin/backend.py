@@ -317,7 +317,6 @@ class Backend:
             with self._lock:
                 self._revalidating.discard(run)
 
-
     def _incremental(self, run: str, data: Any) -> Any:
         """The report from the run's online detector fed only what was appended, or None (then the caller judges the
         run offline): none caught up yet, or the data did not only append to what it was fed (it is dropped)."""
