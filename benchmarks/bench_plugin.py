@@ -6,6 +6,8 @@ Goal (issue): on a 500-layer x 100k-step run, every route answers in <= 300 ms w
     python benchmarks/bench_plugin.py                       # 500 layers x 100,000 steps (written once, reused)
     python benchmarks/bench_plugin.py --layers 50 --steps 10000 --logdir small_bench_logs
     python benchmarks/bench_plugin.py --cold-runs 5         # more fresh processes for the first-load numbers
+    python benchmarks/bench_plugin.py --live-report 3       # only: a live run's report, full vs incremental
+    python benchmarks/bench_plugin.py --live-report 3 --live-append 10   # ... after appends of 10 steps
 
 First load is measured in fresh processes (``--cold-runs`` of them, the file in the OS page cache): the wall time
 from the start of the process, and from the plugin's construction, until ``episodes`` and then ``heatmap`` have
@@ -170,6 +172,55 @@ class Timer:
             self.get(route, "warm", **params)
 
 
+def live_report(logdir: Path, layers: int, steps: int, appends: int, size: int = 1000) -> None:
+    """A live run's report after each of ``appends`` appends of ``size`` steps, in process CPU time: a full detection
+    against the online detector fed only the new steps (docs/CACHE.md), on the same data, alternating which goes
+    first; and what catching the online detector up with the run's history costs once."""
+    from tb_gradient_plugin import detect
+    from tb_gradient_plugin.live_report import LiveDetector
+    from tb_gradient_plugin.runs import RunStore
+
+    def cpu(fn, *args):
+        t0 = time.process_time()
+        out = fn(*args)
+        return out, time.process_time() - t0
+
+    started = time.time()
+    store = RunStore(str(logdir))
+    try:
+        store.refresh()
+        data = store.get("big")
+        _, full = cpu(detect.detect, data)
+        live = LiveDetector(data.name, data.source)
+        report, catch_up = cpu(live.advance, data)
+        assert report is not None and report.to_json() == detect.detect(data).to_json()
+        print(f"\nlive report on {layers} layers x {steps} steps (process CPU seconds)")
+        print(f"  full detection {full:.2f}; catching an online detector up with the history {catch_up:.2f} "
+              f"({catch_up / full:.1f} full detections)")
+        rows = []
+        for k in range(appends):
+            write_run(logdir / "big", layers, size, (-1, 0), start=steps + size * k)
+            _, read = cpu(store.refresh)
+            data = store.get("big")
+            timed = {}
+            for name in (("full", "incremental") if k % 2 else ("incremental", "full")):
+                timed[name] = cpu(detect.detect if name == "full" else live.advance, data)
+            assert timed["incremental"][0].to_json() == timed["full"][0].to_json()
+            rows.append((read, timed["full"][1], timed["incremental"][1]))
+            print(f"  +{size:,} steps #{k + 1}: read {read:.2f}, full detection {timed['full'][1]:.2f}, "
+                  f"incremental {timed['incremental'][1]:.3f} ({timed['full'][1] / timed['incremental'][1]:.1f}x)")
+        ratios = sorted(f / i for _, f, i in rows)
+        full_med = statistics.median(r + f for r, f, _ in rows)
+        inc_med = statistics.median(r + i for r, _, i in rows)
+        print(f"  read + report after {size:,} new steps: full median {full_med:.2f}, incremental median "
+              f"{inc_med:.2f}; detection alone {statistics.median(ratios):.1f}x faster "
+              f"(range {ratios[0]:.1f}-{ratios[-1]:.1f}x)")
+    finally:
+        for f in (logdir / "big").iterdir():  # drop the appended files so the next benchmark run starts alike
+            if f.stat().st_mtime >= started and f.name.startswith("events"):
+                os.remove(f)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=500)
@@ -177,10 +228,17 @@ def main() -> int:
     parser.add_argument("--logdir", type=Path, default=None,
                         help="where the run is written (kept and reused); default: a temporary directory")
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes timed for the first load")
+    parser.add_argument("--live-report", type=int, default=0, metavar="N",
+                        help="only time a live run's report (full vs incremental) over N appends of steps")
+    parser.add_argument("--live-append", type=int, default=1000, metavar="STEPS",
+                        help="steps per append for --live-report (default 1,000)")
     args = parser.parse_args()
     spike = (args.steps * 2 // 3, args.layers // 3)
     logdir = args.logdir or Path(tempfile.gettempdir()) / f"tb_gradient_bench_{args.layers}x{args.steps}"
     ensure_logdir(logdir, args.layers, args.steps, spike)
+    if args.live_report:
+        live_report(logdir, args.layers, args.steps, args.live_report, args.live_append)
+        return 0
 
     colds = cold_first_load(logdir, max(1, args.cold_runs))
     phases = _child(PHASES, logdir)

@@ -25,6 +25,9 @@ REFRESH_SECONDS = 1.0
 #: A request for one run waits at most this long for the first read to reach that run.
 FIRST_LOAD_SECONDS = 120.0
 CACHE_BYTES = 256 * 1024 * 1024
+#: A live run whose full detection takes at least this much CPU time gets an online detector (docs/CACHE.md): caught
+#: up once in the background, it then judges only the steps appended. Below it a full detection per change is cheap.
+LIVE_DETECT_SECONDS = 0.25
 
 
 class UnknownRunError(LookupError):
@@ -123,6 +126,12 @@ class Backend:
         self._reports: dict[str, tuple[int, Any]] = {}  # run -> (data version it was computed on, Report)
         self._report_locks: dict[str, threading.Lock] = {}
         self._revalidating: set[str] = set()
+        self._live: dict[str, Any] = {}  # run -> LiveDetector caught up with it (used by _recompute only)
+        self._catching_up: set[str] = set()
+        self._offline_only: set[str] = set()  # runs the online detector cannot judge as the offline one does
+        #: how live runs' reports were made: incremental (online detector), offline (full detection), catch_up
+        #: (online detectors caught up), fallback (data that did not only append: judged offline, detector dropped)
+        self.live_stats = {"incremental": 0, "offline": 0, "catch_up": 0, "fallback": 0}
 
     @property
     def configured(self) -> bool:
@@ -259,7 +268,8 @@ class Backend:
 
         The detector reads the whole run (seconds on a 500-layer x 100k-step run), so while training appends steps
         the last report is served and a fresh one is computed in the background (one at a time per run); only a
-        run's first report is computed while the request waits.
+        run's first report is computed while the request waits. A live run whose full detection is slow is judged
+        incrementally once an online detector has caught up with it (:mod:`.live_report`).
         """
         with self._lock:
             done = self._reports.get(run)
@@ -300,7 +310,14 @@ class Backend:
                     done = self._reports.get(run)
                     if done is not None and done[0] >= version:
                         return
-                report = _judge(data)
+                report = self._incremental(run, data)
+                if report is None:
+                    started = time.thread_time()
+                    report = _judge(data)
+                    with self._lock:
+                        self.live_stats["offline"] += 1
+                    if time.thread_time() - started >= LIVE_DETECT_SECONDS:
+                        self._catch_up(run, data)
                 self._store.save_report(run, version, report)
                 with self._lock:
                     if version > self._reports.get(run, (-1, None))[0]:
@@ -310,6 +327,56 @@ class Backend:
         finally:
             with self._lock:
                 self._revalidating.discard(run)
+
+    def _incremental(self, run: str, data: Any) -> Any:
+        """The report from the run's online detector fed only what was appended, or None (then the caller judges the
+        run offline): none caught up yet, or the data did not only append to what it was fed (it is dropped)."""
+        with self._lock:
+            live = self._live.get(run)
+        if live is None:
+            return None
+        try:
+            report = live.advance(data)
+        except Exception:  # noqa: BLE001 - the offline detector judges it instead
+            logger.exception("gradients plugin: online detection failed for run %r", run)
+            live.broken = True
+            report = None
+        with self._lock:
+            if report is not None:
+                self.live_stats["incremental"] += 1
+            elif live.broken:
+                self._live.pop(run, None)
+                self.live_stats["fallback"] += 1
+        return report
+
+    def _catch_up(self, run: str, data: Any) -> None:
+        """Feed the run's history into a fresh online detector, in its own thread: until it is done, every change is
+        judged offline as before."""
+        with self._lock:
+            if run in self._live or run in self._catching_up or run in self._offline_only:
+                return
+            self._catching_up.add(run)
+        threading.Thread(target=self._feed_history, args=(run, data), name="tb-gradient-catch-up", daemon=True).start()
+
+    def _feed_history(self, run: str, data: Any) -> None:
+        from .live_report import LiveDetector
+
+        try:
+            live = LiveDetector(data.name, data.source)
+            live.advance(data)
+            with self._lock:
+                if not live.broken:
+                    self._live[run] = live
+                    self.live_stats["catch_up"] += 1
+                else:
+                    self._offline_only.add(run)
+        except Exception:  # noqa: BLE001 - the run stays judged offline
+            logger.exception("gradients plugin: online detection failed for run %r", run)
+            with self._lock:
+                self._offline_only.add(run)
+        finally:
+            with self._lock:
+                self._catching_up.discard(run)
 
 
 def _snapshot(data: Any) -> Any:
