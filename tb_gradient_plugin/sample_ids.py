@@ -26,7 +26,8 @@ def _in_range(steps: np.ndarray, first: int, last: int) -> np.ndarray:
 
 
 def _position_series(run: RunData) -> tuple[Series, Series] | None:
-    """The run's epoch and batch-in-epoch series (what Keras records instead of sample ids), if both were logged."""
+    """The run's epoch and batch-in-epoch series (what Keras records with sample ids, or without where they are
+    unknown), if both were logged."""
     epoch, index = run.series.get("epoch"), run.series.get("batch_index")
     return None if epoch is None or index is None else (epoch, index)
 
@@ -123,7 +124,7 @@ def skip_list(reports: Sequence[dict]) -> dict:
     runs = []
     for report in reports:
         found = peak_batches(report)
-        if found:  # a batch known only by its position (Keras) is listed, with no ids
+        if found:  # a batch known only by its position (Keras without ids) is listed, with no ids
             ids = sorted({i for b in found for i in b["ids"]})
             runs.append({"run": report["run"], "batches": found, "ids": ids})
     return {"version": SKIP_LIST_VERSION, "runs": runs}

@@ -120,6 +120,9 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     ``on_explosion="warn" | "raise" | "skip" | callable | ExplosionGuard`` turns on the explosion guard
     (:mod:`.guard`): every step is judged before the optimizer applies it, and ``guard_action`` is recorded.
 
+    Each logged step also records which batch it trained on: its ``epoch``, its ``batch_index`` and, where ``fit``'s
+    data names them (arrays with ``shuffle=False``, or an :class:`~.batches.IndexedBatches`), its sample ids.
+
     Files go to ``log_dir/train``, the directory Keras' own ``TensorBoard(log_dir)`` callback writes its training
     summaries to, so both appear as one run. See ``docs/KERAS.md``.
     """
