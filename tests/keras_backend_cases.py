@@ -213,3 +213,7 @@ def test_poisoned_sample_named_at_the_peak_and_skip_listed(tmp_path, source):
 def test_recorded_ids_are_the_samples_each_step_trained_on(tmp_path, source, steps_per_execution):
     keras_sample_ids.train_identity(tmp_path, source, steps_per_execution)
     keras_sample_ids.check_identity(tmp_path, shuffled=source == "dataset")
+
+
+def test_sample_ids_over_two_fits_from_initial_epoch(tmp_path):
+    keras_sample_ids.check_two_fits(tmp_path)

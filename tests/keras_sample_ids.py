@@ -131,3 +131,23 @@ def check_identity(log_dir: Path, shuffled: bool) -> None:
     assert epochs == [list(range(45))] * 3  # each epoch took every sample once
     orders = [tuple(np.concatenate([run.batches[e * 6 + b] for b in range(6)]).tolist()) for e in range(3)]
     assert (len(set(orders)) == 3) if shuffled else (orders == [tuple(range(45))] * 3)
+
+
+def check_two_fits(log_dir: Path) -> None:
+    """One callback over two fits (the second from ``initial_epoch=2``), every second step logged: the ids of each
+    logged step are those it trained on, and a recorded batch's epoch is the one ``order`` takes."""
+    ids = np.arange(40, dtype="float32")[:, None]
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mae")
+    callback = GradientMonitorCallback(str(log_dir), every=2)
+    data = IndexedBatches(ids, ids, batch_size=8, seed=2)
+    model.fit(data, shuffle=False, epochs=2, verbose=0, callbacks=[callback])
+    model.fit(data, shuffle=False, epochs=4, initial_epoch=2, verbose=0, callbacks=[callback])
+    callback.close()
+    run = load_run(str(log_dir / "train"))
+    loss = dict(zip(run.series["loss"].steps.tolist(), run.series["loss"].values.tolist(), strict=True))
+    assert sorted(run.batches) == sorted(loss) == run.series["epoch"].steps.tolist() == list(range(0, 20, 2))
+    epochs = dict(zip(run.series["epoch"].steps.tolist(), run.series["epoch"].values.tolist(), strict=True))
+    for step, batch in run.batches.items():
+        assert epochs[step] == step // 5 and abs(loss[step] - batch.mean()) < 1e-4 * max(1.0, batch.mean())
+        assert batch.tolist() == data.batch_ids(step % 5, epoch=step // 5).tolist()

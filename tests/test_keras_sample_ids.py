@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from keras_env import keras
-from keras_sample_ids import check_identity, check_poisoned, train_identity, train_poisoned
+from keras_sample_ids import check_identity, check_poisoned, check_two_fits, train_identity, train_poisoned
 
 from tb_gradient_plugin.keras import GradientMonitorCallback, IndexedBatches
 from tb_gradient_plugin.runs import load_run
@@ -24,6 +24,10 @@ def test_poisoned_sample_named_at_the_peak_and_skip_listed(tmp_path, source) -> 
 def test_recorded_ids_are_the_samples_each_step_trained_on(tmp_path, source, steps_per_execution) -> None:
     train_identity(tmp_path, source, steps_per_execution)
     check_identity(tmp_path, shuffled=source == "dataset")
+
+
+def test_one_callback_over_two_fits_from_initial_epoch(tmp_path) -> None:
+    check_two_fits(tmp_path)
 
 
 @pytest.mark.parametrize("fit_kwargs", [dict(shuffle=True), dict(shuffle="batch"),
