@@ -43,6 +43,11 @@ LINE_FULL_MAX = 5000
 #: Points of the min/max envelope a line route sends for the part of the run outside the window.
 LINE_OUTSIDE_BINS = 1000
 MAX_HIST_STEPS = 2000
+#: Batches the episodes route lists per episode (those closest to the peak); the ``batches`` route pages the rest,
+#: ``BATCHES_PAGE`` at a time unless the client asks for up to ``MAX_BATCHES_PAGE``.
+EPISODE_BATCHES = 16
+BATCHES_PAGE = 256
+MAX_BATCHES_PAGE = 1024
 #: Per-step series that count as logged steps (as the detector counts them).
 STEP_SERIES = ("total_grad_norm", "loss", "step_skipped", "loss_scale", "lr")
 #: During the first read of the logdir, the run list waits this long, then answers with the runs read so far.
@@ -111,6 +116,20 @@ def _window_args(request: wrappers.Request) -> tuple[int | None, int | None]:
     return start, end
 
 
+def _count_arg(request: wrappers.Request, name: str, default: int, most: int) -> int:
+    """A positive integer argument, ``default`` when absent; above ``most`` is a clear error, not a silent cut."""
+    text = _arg(request, name, required=False)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise HTTPError(400, f"{name} must be a positive integer, got {text[:40]!r}") from None
+    if not 1 <= value <= most:
+        raise HTTPError(400, f"{name} must be from 1 to {most}, got {value}")
+    return value
+
+
 def _bins_arg(request: wrappers.Request) -> int:
     """Bins for the heatmap: an integer >= 1; more than MAX_BINS is clamped (a screen has no more columns)."""
     text = _arg(request, "bins", required=False)
@@ -160,6 +179,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
         routes: dict[str, Callable] = {
             "/runs": self._route(self._runs),
             "/episodes": self._route(self._episodes),
+            "/batches": self._route(self._batches),
             "/heatmap": self._route(self._heatmap),
             "/layer": self._route(self._layer),
             "/loss": self._route(self._loss),
@@ -262,9 +282,29 @@ class GradientsPlugin(base_plugin.TBPlugin):
         def build() -> dict:
             from .run_report import report_json  # as the auditor reports it
 
-            return report_json(report, data.warnings, data)
+            return report_json(report, data.warnings, data, batches_shown=EPISODE_BATCHES)
 
         return self._cached(("episodes", run, version, seen), build)
+
+    def _batches(self, request: wrappers.Request) -> bytes:
+        """The recorded batches of a step range, the last ``limit`` of them: the pages of an episode's batches
+        beyond the ``EPISODE_BATCHES`` the episodes route lists."""
+        run = _arg(request, "run")
+        start, end = _window_args(request)
+        if start is None or end is None:
+            raise HTTPError(400, "batches needs both start and end")
+        limit = _count_arg(request, "limit", BATCHES_PAGE, MAX_BATCHES_PAGE)
+        data, version = self._backend.run(run)
+
+        def build() -> dict:
+            from .sample_ids import RunBatches  # as the auditor lists them
+
+            recorded = RunBatches(data)
+            steps = recorded.between(start, end)
+            page = steps[len(steps) - min(limit, len(steps)):]
+            return {"run": run, "start": start, "end": end, "total": len(steps), "batches": recorded.entries(page)}
+
+        return self._cached(("batches", run, version, start, end, limit), build)
 
     def _heatmap(self, request: wrappers.Request) -> bytes:
         run = _arg(request, "run")

@@ -19,10 +19,12 @@ def failed_report(run: str, source: str, why: str) -> Report:
     return Report(run=run, source=source, steps=0, episodes=[], loss_spikes=[], warnings=[why])
 
 
-def report_json(report: Report, run_warnings: Sequence[str] = (), run: RunData | None = None) -> dict:
+def report_json(report: Report, run_warnings: Sequence[str] = (), run: RunData | None = None, *,
+                batches_shown: int | None = None) -> dict:
     """The run object: the detector's report, the run's own warnings (damaged or replaced files) first, and, from the
-    run's data, the logged batches of its explosion and non-finite episodes."""
+    run's data, the logged batches of its explosion and non-finite episodes (all of them, or the last
+    ``batches_shown`` of each with ``batches_total``: see :func:`.sample_ids.add_episode_batches`)."""
     doc = report.to_json()
     doc["warnings"] = list(run_warnings) + [w for w in doc["warnings"] if w not in run_warnings]
-    add_episode_batches(doc, run)
+    add_episode_batches(doc, run, shown=batches_shown)
     return doc

@@ -18,9 +18,6 @@ from .types import RunData, Series
 
 #: Episode kinds that get ``batches``: the ones where one step's data can be the cause.
 BATCH_KINDS = ("explosion", "nonfinite")
-#: At most this many recorded steps per episode (those closest to its peak): a slow episode of thousands of steps
-#: would otherwise put millions of ids into the JSON the tab loads.
-MAX_BATCH_STEPS = 256
 SKIP_LIST_VERSION = 1
 
 
@@ -29,7 +26,8 @@ def _in_range(steps: np.ndarray, first: int, last: int) -> np.ndarray:
 
 
 def _position_series(run: RunData) -> tuple[Series, Series] | None:
-    """The run's epoch and batch-in-epoch series (what Keras records instead of sample ids), if both were logged."""
+    """The run's epoch and batch-in-epoch series (what Keras records with sample ids, or without where they are
+    unknown), if both were logged."""
     epoch, index = run.series.get("epoch"), run.series.get("batch_index")
     return None if epoch is None or index is None else (epoch, index)
 
@@ -41,33 +39,55 @@ def _value_at(series: Series, step: int) -> int | None:
     return None
 
 
-def add_episode_batches(report: dict, run: RunData | None) -> None:
-    """Give every explosion and non-finite episode of a run object its ``batches``: ``{"step", "ids"}`` for each
-    recorded step from the episode's start to its peak, plus ``"epoch"`` and ``"batch"`` (the index in the epoch)
-    where those were recorded; ``[]`` when nothing was. Findings about validation evaluations get ``[]``: no training
-    batch ran at an evaluation."""
-    batches = run.batches if run is not None else {}
-    positions = _position_series(run) if run is not None else None
-    id_steps = np.sort(np.fromiter(batches.keys(), dtype=np.int64, count=len(batches)))
-    pos_steps = positions[0].steps if positions is not None else np.zeros(0, dtype=np.int64)
+class RunBatches:
+    """A run's recorded batches, by step: the steps with sample ids or a position, and each one's entry.
+
+    Built once per run object (one sort of the recorded steps), so that every episode, and every page the plugin's
+    ``batches`` route serves, is two binary searches plus its own entries.
+    """
+
+    def __init__(self, run: RunData | None) -> None:
+        self._ids = run.batches if run is not None else {}
+        self._positions = _position_series(run) if run is not None else None
+        id_steps = np.sort(np.fromiter(self._ids.keys(), dtype=np.int64, count=len(self._ids)))
+        pos_steps = self._positions[0].steps if self._positions is not None else np.zeros(0, dtype=np.int64)
+        self.steps = np.union1d(id_steps, pos_steps)
+
+    def between(self, first: int, last: int) -> np.ndarray:
+        """The recorded steps from ``first`` to ``last``, both included, in order."""
+        return _in_range(self.steps, first, last)
+
+    def entry(self, step: int) -> dict:
+        """``{"step", "ids"}``, plus ``"epoch"`` and ``"batch"`` (the index in the epoch) where those were recorded."""
+        ids = self._ids.get(step)
+        entry: dict = {"step": step, "ids": [] if ids is None else ids.tolist()}
+        if self._positions is not None:
+            epoch, index = (_value_at(series, step) for series in self._positions)
+            if epoch is not None and index is not None:
+                entry.update(epoch=epoch, batch=index)
+        return entry
+
+    def entries(self, steps: np.ndarray) -> list[dict]:
+        return [self.entry(step) for step in steps.tolist()]
+
+
+def add_episode_batches(report: dict, run: RunData | None, *, shown: int | None = None) -> None:
+    """Give every explosion and non-finite episode of a run object its ``batches``: the entry of every recorded step
+    from the episode's start to its peak (:meth:`RunBatches.entry`); ``[]`` when nothing was. Findings about
+    validation evaluations get ``[]``: no training batch ran at an evaluation.
+
+    ``shown``: list only the last ``shown`` (those closest to the peak, the peak's included) and add
+    ``batches_total``, the full count; the plugin's episodes route does, so that an episode of thousands of steps
+    does not put millions of ids into the JSON the tab loads (its ``batches`` route pages through the rest)."""
+    recorded = RunBatches(run)
     for ep in report.get("episodes", []):
         if ep.get("kind") not in BATCH_KINDS:
             continue
-        if ep.get("validation"):
-            ep["batches"] = []
-            continue
-        first, last = ep["start_step"], ep["peak_step"]
-        steps = np.union1d(_in_range(id_steps, first, last), _in_range(pos_steps, first, last))
-        entries = []
-        for step in steps[-MAX_BATCH_STEPS:].tolist():
-            ids = batches.get(step)
-            entry: dict = {"step": step, "ids": [] if ids is None else ids.tolist()}
-            if positions is not None:
-                epoch, index = (_value_at(series, step) for series in positions)
-                if epoch is not None and index is not None:
-                    entry.update(epoch=epoch, batch=index)
-            entries.append(entry)
-        ep["batches"] = entries
+        steps = np.zeros(0, np.int64) if ep.get("validation") else recorded.between(ep["start_step"], ep["peak_step"])
+        if shown is not None:
+            ep["batches_total"] = len(steps)
+            steps = steps[len(steps) - min(shown, len(steps)):]
+        ep["batches"] = recorded.entries(steps)
 
 
 def peak_batches(report: dict) -> list[dict]:
@@ -104,7 +124,7 @@ def skip_list(reports: Sequence[dict]) -> dict:
     runs = []
     for report in reports:
         found = peak_batches(report)
-        if found:  # a batch known only by its position (Keras) is listed, with no ids
+        if found:  # a batch known only by its position (Keras without ids) is listed, with no ids
             ids = sorted({i for b in found for i in b["ids"]})
             runs.append({"run": report["run"], "batches": found, "ids": ids})
     return {"version": SKIP_LIST_VERSION, "runs": runs}

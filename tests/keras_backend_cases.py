@@ -12,6 +12,7 @@ import os
 from collections import defaultdict
 
 import keras
+import keras_sample_ids
 import numpy as np
 import pytest
 
@@ -198,3 +199,21 @@ def test_loss_scale_optimizer_is_refused_clearly(tmp_path):
     x, y = data(1)
     with pytest.raises(ValueError, match="LossScaleOptimizer"):
         model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[GradientMonitorCallback(tmp_path)])
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset"])
+def test_poisoned_sample_named_at_the_peak_and_skip_listed(tmp_path, source):
+    dataset = keras_sample_ids.train_poisoned(tmp_path / "run", source)
+    keras_sample_ids.check_poisoned(tmp_path / "run", dataset, tmp_path / "skip.json")
+
+
+# Keras' torch trainer runs one step per execution only
+@pytest.mark.parametrize("source, steps_per_execution",
+                         [("arrays", 1), ("dataset", 1)] + ([("dataset", 4)] if BACKEND == "jax" else []))
+def test_recorded_ids_are_the_samples_each_step_trained_on(tmp_path, source, steps_per_execution):
+    keras_sample_ids.train_identity(tmp_path, source, steps_per_execution)
+    keras_sample_ids.check_identity(tmp_path, shuffled=source == "dataset")
+
+
+def test_sample_ids_over_two_fits_from_initial_epoch(tmp_path):
+    keras_sample_ids.check_two_fits(tmp_path)

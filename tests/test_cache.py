@@ -440,3 +440,56 @@ def test_a_live_runs_pyramid_grows_with_the_appended_steps_only(tmp_path, monkey
         incremental += max(pooled_rows) < pyramid.BASE_BLOCK + 100
     writer.close()
     assert incremental >= 5  # most refreshes pooled only the new rows (a buffer that grew its capacity: all of them)
+
+
+def _long_episode_run(path: Path) -> None:
+    """An explosion whose spikes (every 8th step, each larger than the last, within the merge gap) form one episode
+    of about 400 steps, with sample ids logged at every step."""
+    rng = np.random.default_rng(0)
+    with GradientWriter(path) as writer:
+        for s in range(1600):
+            grads = np.exp(rng.normal(0.0, 0.1, 2))
+            if 1000 <= s <= 1400 and (s - 1000) % 8 == 0:
+                grads[1] *= 1e3 * 2 ** ((s - 1000) / 40)
+            writer.write(s, ["a", "b"], grad_norm=grads, loss=1.0, batch_ids=np.arange(4) + 4 * s)
+
+
+def _pages(client: Client, run: str, episode: dict, limit: int) -> list[dict]:
+    """An episode's batches, paged backwards from its peak through the ``batches`` route."""
+    out: list[dict] = []
+    end = episode["peak_step"]
+    while True:
+        resp = client.get(PREFIX + "batches", query_string={"run": run, "start": episode["start_step"], "end": end,
+                                                             "limit": limit})
+        assert resp.status_code == 200, resp.get_data()[:300]
+        page = json.loads(resp.get_data())
+        assert page["total"] == episode["batches_total"] - len(out)
+        out = page["batches"] + out
+        if not page["batches"] or len(out) == episode["batches_total"]:
+            return out
+        end = page["batches"][0]["step"] - 1
+
+
+def test_a_long_episode_lists_every_batch_with_and_without_the_cache(tmp_path: Path) -> None:
+    from tb_gradient_plugin.auditor import audit_run
+
+    root = tmp_path / "logs"
+    _long_episode_run(root / "long")
+    audited = next(e for e in audit_run("long", str(root / "long"))["report"]["episodes"] if e["kind"] == "explosion")
+    assert (audited["start_step"], audited["peak_step"]) == (1000, 1400)
+    # the audit JSON: every step from the start to the peak, each with its own ids (no cap at 256)
+    assert [b["step"] for b in audited["batches"]] == list(range(1000, 1401))
+    assert all(b["ids"] == [4 * b["step"] + i for i in range(4)] for b in audited["batches"])
+    answers = []
+    for cache_dir in (str(tmp_path / "cache"), str(tmp_path / "cache"), "off"):  # cold, warm, none
+        client = Client(application.TensorBoardWSGI([_plugin(root, cache_dir)]))
+        doc = json.loads(client.get(PREFIX + "episodes", query_string={"run": "long"}).get_data())
+        episode = next(e for e in doc["episodes"] if e["kind"] == "explosion")
+        # the tab's route lists the batches closest to the peak and says how many there are
+        assert episode["batches_total"] == 401
+        assert episode["batches"] == audited["batches"][-plugin.EPISODE_BATCHES:]
+        assert _pages(client, "long", episode, 100) == audited["batches"]
+        bad = client.get(PREFIX + "batches", query_string={"run": "long", "start": 0, "end": 9, "limit": 0})
+        assert bad.status_code == 400 and b"limit" in bad.get_data()
+        answers.append(_pages(client, "long", episode, plugin.MAX_BATCHES_PAGE))
+    assert answers[0] == answers[1] == answers[2] == audited["batches"]

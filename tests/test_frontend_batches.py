@@ -48,3 +48,29 @@ def test_episode_card_lists_the_batches_up_to_the_peak(tmp_path: Path, browser) 
         assert loss == f"Loss spiked at step {LOSS_SPIKE} (1 step before the peak)"
         assert tab.errors == [] and tab.dialogs == []
         tab.close()
+
+
+def test_show_earlier_pages_through_every_batch_of_a_long_episode(tmp_path: Path, browser) -> None:
+    rng = np.random.default_rng(0)
+    with GradientWriter(tmp_path / "run") as writer:  # one explosion from step 1000 to its peak at 1400
+        for step in range(1600):
+            grad = np.exp(rng.normal(0.0, 0.1, 3))
+            if 1000 <= step <= 1400 and (step - 1000) % 8 == 0:
+                grad[1] *= 1e3 * 2 ** ((step - 1000) / 40)
+            writer.write(step, LAYERS, grad_norm=grad, loss=1.0, batch_ids=[step])
+    with TensorBoardServer(tmp_path) as server:
+        tab = Tab(browser, server, "light")
+        card = tab.frame.locator(".episode.kind-explosion").first
+        card.wait_for()
+        items, more = card.locator(".ep-batches li"), card.locator(".ep-batches .batches-more")
+        assert items.count() == 4 and more.text_content() == "+397 earlier batches: show 50 more"
+        while more.is_visible():
+            listed = items.count()
+            more.click()
+            tab.frame.wait_for_function(
+                "([n, el]) => el.querySelectorAll('li').length > n || el.querySelector('.batches-more').hidden",
+                arg=[listed, card.locator(".ep-batches").element_handle()])
+        steps = [int(s) for s in card.locator(".ep-batches li").evaluate_all("els => els.map(e => e.dataset.step)")]
+        assert steps == list(range(1000, 1401))
+        assert tab.errors == [] and tab.dialogs == []
+        tab.close()

@@ -136,7 +136,8 @@ def test_episodes_are_the_auditors_to_the_step(client, logdir):
     code, doc, _ = _get(client, "episodes", run="spiky")
     assert code == 200
     run = load_run(str(logdir / "spiky"), "spiky")
-    expect = json.loads(json.dumps(report_json(detect.detect(run), run.warnings, run)))
+    expect = json.loads(json.dumps(report_json(detect.detect(run), run.warnings, run,
+                                              batches_shown=plugin.EPISODE_BATCHES)))
     assert doc == expect
     assert all(e["batches"] == [] for e in doc["episodes"] if e["kind"] in ("explosion", "nonfinite"))
     peaks = {e["peak_step"] for e in doc["episodes"]}
@@ -387,7 +388,8 @@ def test_a_run_restarted_into_the_same_file_name_is_shown_as_it_is_now(tmp_path)
     _, rep, _ = _get(client, "episodes", run=".")
     assert any(live.name in w and "read again from the start" in w for w in rep["warnings"]), rep["warnings"]
     run = load_run(str(tmp_path / "job"), ".")
-    assert rep == json.loads(json.dumps(report_json(detect.detect(run), (), run))) | {"warnings": rep["warnings"]}
+    expect = report_json(detect.detect(run), (), run, batches_shown=plugin.EPISODE_BATCHES)
+    assert rep == json.loads(json.dumps(expect)) | {"warnings": rep["warnings"]}
 
 
 def test_logdir_spec_names_runs_like_tensorboard(tmp_path):

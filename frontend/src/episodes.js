@@ -1,6 +1,7 @@
 // The episode list of one run: what happened, where, which layers, what to do. Clicking an episode zooms every
 // chart to it; clicking a layer opens its drill-down.
 
+import { getJson } from "./api.js";
 import { h, formatStep, formatValue, message } from "./dom.js";
 import { metricLabel } from "./metrics.js";
 import { causeLabel, seriesLabel } from "./validation.js";
@@ -86,30 +87,65 @@ function validationFacts(v) {
       ? `; began with the instability at step ${formatStep(v.related_step)}` : null);
 }
 
-/** Batches listed in a card (those closest to the peak), and ids shown per batch before "+N more". */
+/** Batches listed in a card at first (those closest to the peak), batches each "show earlier" adds, and ids shown
+ * per batch before "+N more". */
 const SHOWN_BATCHES = 4;
+const MORE_BATCHES = 50;
 const SHOWN_IDS = 16;
 
-/** The logged batches from the episode's start to its peak, the peak's last: step, sample ids and (Keras) epoch and
- * batch index, as text. */
-function batchList(ep) {
-  const shown = ep.batches.slice(-SHOWN_BATCHES);
-  const hidden = ep.batches.length - shown.length;
-  return h("div", { class: "ep-batches" },
-    h("span", { class: "ep-label", text: ep.batches.length > 1 ? "Batches:" : "Batch:" }),
-    h("ul", {}, shown.map((b) => {
-      const parts = b.epoch !== undefined ? [`epoch ${b.epoch}, batch ${b.batch}`] : [];
-      if (b.ids.length) {
-        const more = b.ids.length > SHOWN_IDS ? `, … (+${b.ids.length - SHOWN_IDS} more)` : "";
-        parts.push(`sample ids ${b.ids.slice(0, SHOWN_IDS).join(", ")}${more}`);
-      }
-      return h("li", { class: b.step === ep.peak_step ? "batch peak" : "batch", dataset: { step: String(b.step) },
-        text: `step ${formatStep(b.step)} (${relativeStep(b.step - ep.peak_step)}): ${parts.join("; ")}` });
-    })),
-    hidden > 0 ? h("span", { class: "ep-more", text: `+${hidden} earlier ${hidden === 1 ? "batch" : "batches"}` }) : null);
+function batchItem(ep, b) {
+  const parts = b.epoch !== undefined ? [`epoch ${b.epoch}, batch ${b.batch}`] : [];
+  if (b.ids.length) {
+    const more = b.ids.length > SHOWN_IDS ? `, … (+${b.ids.length - SHOWN_IDS} more)` : "";
+    parts.push(`sample ids ${b.ids.slice(0, SHOWN_IDS).join(", ")}${more}`);
+  }
+  return h("li", { class: b.step === ep.peak_step ? "batch peak" : "batch", dataset: { step: String(b.step) },
+    text: `step ${formatStep(b.step)} (${relativeStep(b.step - ep.peak_step)}): ${parts.join("; ")}` });
 }
 
-export function renderEpisodes(report, { onEpisode, onLayer }) {
+/** The logged batches from the episode's start to its peak, the peak's last: step, sample ids and (Keras) epoch and
+ * batch index, as text. The card lists the last few; "show earlier" adds more, first from those the episodes route
+ * sent, then a page at a time from the batches route (an episode can span thousands of steps). */
+function batchList(ep, run) {
+  const total = ep.batches_total ?? ep.batches.length;
+  let earliest = Math.max(0, ep.batches.length - SHOWN_BATCHES);  // index in ep.batches of the first listed
+  let listed = ep.batches.length - earliest;
+  const list = h("ul", {}, ep.batches.slice(earliest).map((b) => batchItem(ep, b)));
+  const more = h("button", { class: "ep-more batches-more", type: "button" });
+  const label = () => {
+    const hidden = total - listed;
+    more.hidden = hidden <= 0;
+    more.disabled = false;
+    more.textContent = `+${hidden} earlier ${hidden === 1 ? "batch" : "batches"}: show `
+      + `${Math.min(hidden, MORE_BATCHES)} more`;
+  };
+  more.onclick = async (e) => {
+    e.stopPropagation();
+    more.disabled = true;
+    let added = ep.batches.slice(Math.max(0, earliest - MORE_BATCHES), earliest);
+    earliest -= added.length;
+    if (!added.length) {
+      const first = Number(list.firstElementChild.dataset.step);
+      try {
+        const page = await getJson("batches", { run, start: ep.start_step, end: first - 1, limit: MORE_BATCHES });
+        added = page.batches;
+      } catch (err) {
+        more.textContent = `Could not load earlier batches: ${err.message}`;
+        more.disabled = false;
+        return;
+      }
+    }
+    list.prepend(...added.map((b) => batchItem(ep, b)));
+    listed += added.length;
+    if (!added.length) listed = total;  // nothing older was recorded after all
+    label();
+  };
+  label();
+  return h("div", { class: "ep-batches" },
+    h("span", { class: "ep-label", text: total > 1 ? "Batches:" : "Batch:" }), list, more);
+}
+
+export function renderEpisodes(report, { run, onEpisode, onLayer }) {
   const { episodes, warnings } = report;
   const list = h("ol", { class: "episode-list" });
   // AMP overflow skips are the loss scaler doing its job: one line below, not episode cards.
@@ -168,7 +204,7 @@ export function renderEpisodes(report, { onEpisode, onLayer }) {
         ? h("div", { class: "ep-loss", text: `Loss spiked at step ${formatStep(ep.loss_spike_step)} (`
           + `${relativeStep(ep.loss_spike_step - ep.peak_step)})` })
         : null,
-      ep.batches && ep.batches.length ? batchList(ep) : null,
+      ep.batches && ep.batches.length ? batchList(ep, run ?? report.run) : null,
       ep.advice && ep.advice.length
         ? h("ul", { class: "ep-advice" }, ep.advice.map((a) => h("li", { text: a })))
         : null,

@@ -96,6 +96,7 @@ export class RunPanel {
     if (report.status === "fulfilled") {
       this.report = report.value;
       this.episodesEl.replaceChildren(renderEpisodes(this.report, {
+        run,
         onEpisode: (ep) => this.app.zoomToEpisode(ep),
         onLayer: (name) => this.app.selectLayer(name),
       }));

@@ -36,6 +36,7 @@ from .. import format as fmt
 from ..guard import GUARD_NONE, GUARD_RAISE, GUARD_SKIP, ExplosionGuard, GradientExplosionError, OnExplosion
 from ..writer import GradientWriter
 from .backends import CaptureDriver, check_backend
+from .batches import BatchTracker
 from .layers import group_by_layer, layer_paths
 from .patching import Patches
 from .stats import grad_stats, histogram_counts
@@ -119,6 +120,9 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     ``on_explosion="warn" | "raise" | "skip" | callable | ExplosionGuard`` turns on the explosion guard
     (:mod:`.guard`): every step is judged before the optimizer applies it, and ``guard_action`` is recorded.
 
+    Each logged step also records which batch it trained on: its ``epoch``, its ``batch_index`` and, where ``fit``'s
+    data names them (arrays with ``shuffle=False``, or an :class:`~.batches.IndexedBatches`), its sample ids.
+
     Files go to ``log_dir/train``, the directory Keras' own ``TensorBoard(log_dir)`` callback writes its training
     summaries to, so both appear as one run. See ``docs/KERAS.md``.
     """
@@ -154,7 +158,8 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._original_apply: Any = None  # the optimizer's own apply (to apply a held step late)
         self._last_written = -1
         self._epoch_base = 0
-        self._epoch: int | None = None
+        self._batches = BatchTracker()  # the epoch, index and (where known) sample ids of each step's batch
+        self._next_step: int | None = None  # JAX and torch: the number of the next step, counted on the host
         self._batch_begin = 0
         self._loss_traced = False
         self._let_through: Any = None  # int64: crossing steps up to this one are applied (a callable let them through)
@@ -179,8 +184,11 @@ class GradientMonitorCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         _validate_model(model)
+        self._batches.train_begin(model)
         if self._driver is not None:
             self._driver.train_begin(model)
+            if self._next_step is None:
+                self._next_step = int(model.optimizer.iterations)
             return
         import tensorflow as tf
 
@@ -214,13 +222,16 @@ class GradientMonitorCallback(keras.callbacks.Callback):
         self._enabled.assign(True)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self._driver is not None:
-            return
-        self._epoch_base = int(self._step_var.numpy())
-        self._epoch = epoch
+        if self._driver is None:
+            self._epoch_base = int(self._step_var.numpy())
+        else:  # JAX runs steps asynchronously: the host counts them instead of reading the device's counter
+            self._epoch_base = self._next_step
+        self._batches.epoch_begin(epoch, self._epoch_base)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
+        if self._driver is not None:
+            self._write_positions(batch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._driver is not None:
@@ -569,12 +580,25 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 extras["loss"] = float(row[1])
             self._guard_rows.append((step, probe.layers, extras))
 
-    def _position(self, step: int) -> dict[str, int]:
-        """Which batch a step trained on: its epoch and its index in the epoch (every step of an epoch is written by
-        the epoch's end, so a step at or after the epoch's first is one of it)."""
-        if self._epoch is None or step < self._epoch_base:
-            return {}
-        return {"epoch": self._epoch, "batch_index": step - self._epoch_base}
+    def _position(self, step: int) -> dict[str, Any]:
+        """Which batch a step trained on: its epoch, its index in the epoch and, where known, its sample ids (every
+        step of an epoch is written by the epoch's end, so a step at or after the epoch's first is one of it)."""
+        return self._batches.position(step)
+
+    def _write_positions(self, batch: int) -> None:
+        """JAX and torch: write the batch of each logged step of the execution about to run, beside the statistics
+        the capture writes for the step. Here, not at batch end: Keras calls this hook in order on the main thread,
+        while JAX's batch ends run asynchronously, in any order, and a guard's "raise" ends ``fit`` at one."""
+        recorder = self._driver.recorder
+        steps = self.params.get("steps") if self.params else None
+        last = batch + max(1, int(getattr(self.model, "steps_per_execution", 1) or 1)) - 1
+        if steps:
+            last = min(last, steps - 1)
+        for step in range(self._epoch_base + batch, self._epoch_base + last + 1):
+            position = self._position(step)
+            if position and recorder.enabled and recorder.writer is not None and recorder.logged(step):
+                recorder.writer.write(step, [], **position)
+        self._next_step = max(self._next_step, self._epoch_base + last + 1)
 
     def _drain(self) -> None:
         """Write every complete recorded step in the ring buffers that is newer than the last one written."""
