@@ -179,15 +179,19 @@ class Backend:
                     self.cache.resize(responses)
                     cache = RunCache.open(self._cache_dir, budget - responses)
                     self._store = RunStore(self._logdir, spec=self._spec, cache=cache)
-                self._store.refresh()
-                self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
-                self._error = None
+                self._store.refresh(listed=self._listed)
             except Exception as exc:  # noqa: BLE001 - a bad file must not take TensorBoard down
                 self._failed(exc)
             self._refreshed_at = time.monotonic()
             self._loaded.set()
         finally:
             self._refresh_lock.release()
+
+    def _listed(self) -> None:
+        """Every run is published: requests need not wait for the cache writes still in progress."""
+        self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
+        self._error = None
+        self._loaded.set()
 
     def _failed(self, exc: Exception) -> None:
         """Keep the reason the logdir cannot be read for the run list, and log it once, not at every refresh: a
@@ -200,6 +204,14 @@ class Backend:
             else:
                 logger.exception("gradients plugin: reading the logdir failed")
         self._error = message
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the read of the logdir in progress is done, the cache writes it started included (requests are
+        answered before those: see :meth:`_listed`). False on timeout."""
+        if not self._refresh_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._refresh_lock.release()
+        return True
 
     def wait_loaded(self, timeout: float | None) -> bool:
         self.start()

@@ -33,7 +33,7 @@ from .types import RunData
 logger = logging.getLogger(__name__)
 
 #: Layout of an entry; bump on any change to what is written.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 ENV_CACHE_DIR = "TB_GRADIENT_CACHE_DIR"
 ENV_MEMORY_MB = "TB_GRADIENT_MEMORY_MB"
 #: Memory budget for mapped full-resolution arrays, in MB.
@@ -183,6 +183,11 @@ class Entry:
             offset = 0
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
+                value = _constant(array)
+                if value is not None:  # e.g. a healthy run's non-finite counts, a mask of every step logged
+                    index[name] = {"const": value.hex(), "dtype": array.dtype.str, "shape": list(array.shape),
+                                   "crc": _crc(value)}
+                    continue
                 pad = -offset % _ALIGN
                 handle.write(b"\0" * pad)
                 offset += pad
@@ -273,6 +278,9 @@ class Entry:
         with open(self.path / _ARRAYS, "rb") as handle:
             for name in names:
                 meta = self._meta(name)
+                if "const" in meta:
+                    out[name] = np.array(_constant_view(meta))
+                    continue
                 handle.seek(meta["offset"])
                 count = int(np.prod(meta["shape"], dtype=np.int64))
                 array = np.fromfile(handle, dtype=np.dtype(meta["dtype"]), count=count).reshape(meta["shape"])
@@ -296,6 +304,9 @@ class Entry:
             meta = index.get(name)
             if meta is None:
                 raise CacheError(f"no array {name!r} in the entry")
+            if "const" in meta:
+                out[name] = _constant_view(meta)
+                continue
             dtype = np.dtype(meta["dtype"])
             shape = tuple(meta["shape"])
             key = (inode, name)
@@ -332,6 +343,32 @@ class Entry:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+#: Arrays at least this large are stored as one value when every entry holds it (bit for bit).
+CONSTANT_MIN_ELEMENTS = 4096
+
+
+def _constant(array: np.ndarray) -> bytes | None:
+    """The bytes of the one value every entry of a large array holds, or None. A sample of the entries rules out
+    almost every array that is not constant before the full comparison, which is then of raw bytes (so NaN
+    payloads and signed zeros count as different values)."""
+    if array.size < CONSTANT_MIN_ELEMENTS or array.dtype.hasobject:
+        return None
+    raw = array.reshape(-1).view(np.dtype(f"V{array.dtype.itemsize}"))
+    first = raw[:1]
+    if not (raw[::997] == first).all() or not (raw == first).all():
+        return None
+    return first.tobytes()
+
+
+def _constant_view(meta: dict) -> np.ndarray:
+    """A read-only array of the entry's shape that repeats its one value (no memory per entry)."""
+    value = bytes.fromhex(meta["const"])
+    if _crc(value) != meta["crc"]:
+        raise CacheError("a constant array's value is corrupted")
+    one = np.frombuffer(value, dtype=np.dtype(meta["dtype"]))
+    return np.broadcast_to(one.reshape((1,) * len(meta["shape"])), tuple(meta["shape"]))
 
 
 def _file_crc(path: Path, offset: int, nbytes: int) -> int:

@@ -22,7 +22,7 @@ import pickle
 import posixpath
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -602,11 +602,17 @@ class RunStore:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
-    def refresh(self) -> bool:
-        """Find new runs and files, read only new bytes; True if anything changed."""
+    def refresh(self, listed: Callable[[], None] | None = None) -> bool:
+        """Find new runs and files, read only new bytes; True if anything changed.
+
+        ``listed`` is called once every run has been published, before the last cache write has finished (the
+        caller can start serving: the runs are published from memory until their entries are written)."""
         with self._read_lock:
             try:
-                return self._refresh()
+                changed = self._refresh()
+                if listed is not None:
+                    listed()
+                return changed
             finally:
                 self._wait_written()
 
