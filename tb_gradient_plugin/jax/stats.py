@@ -6,8 +6,8 @@ of the full parameters, not of one shard.
 
 Sums of squares are taken in float32 (float64 when ``jax_enable_x64`` is on and the leaves are float64). A leaf whose
 sum overflows (entries above ~1e19) or underflows (entries below ~1e-19) while its entries are finite is measured
-again scaled by its largest entry, inside a ``lax.cond``, so a huge but finite gradient is reported as huge, not as
-non-finite, and a tiny one is not reported as zero (which would read as a dead layer).
+again scaled by its largest entry, inside a ``lax.cond`` taken only on such a step, so a huge but finite gradient is
+reported as huge, not as non-finite, and a tiny one is not reported as zero (which would read as a dead layer).
 """
 
 from __future__ import annotations
@@ -29,28 +29,39 @@ __all__ = ["LayerStats", "grad_stats", "histogram_counts", "layer_norms", "leaf_
 _BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
 
 
-def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per leaf, the L2 norm and max |x| (float32 ``[leaves]``; NaN for a leaf holding a NaN, inf for an inf).
+def leaf_norms(leaves: Sequence[jax.Array], *, with_max: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """Per leaf, the L2 norm and, with ``with_max``, max |x| (float32 ``[leaves]``; NaN for a leaf holding a NaN, inf
+    for an inf; the max is None without ``with_max``).
 
-    One ``lax.cond`` for all leaves (each branch of a cond is compiled on its own: one per leaf would double the
-    step's compile time): in the rare step where some sum over- or underflowed, every leaf is measured scaled.
+    Each reduction is one pass over the leaf, so a norm alone (parameters, updates, moments) costs one pass and the
+    max is taken only where it is recorded (gradients) or needed: in the rare step where some sum over- or underflowed
+    (or a leaf is all zeros), one ``lax.cond`` for all leaves measures every leaf again scaled by its largest entry
+    (each branch of a cond is compiled on its own: one per leaf would double the step's compile time).
     """
     dt = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
     values = [x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32)) for x in leaves]
     zero = jnp.zeros((), dt)
+
+    def maxes() -> jax.Array:
+        return jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in values])
+
     sq = jnp.stack([jnp.sum(a * a).astype(dt) if a.size else zero for a in values])
-    mx = jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in values])
-    rescale = (~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny)) & jnp.isfinite(mx) & (mx > 0)
+    suspect = ~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny)
+    mx = maxes() if with_max else None
 
     def scaled() -> jax.Array:
-        safe = jnp.where(rescale, mx, 1.0)
+        big = maxes() if mx is None else mx
+        rescale = suspect & jnp.isfinite(big) & (big > 0)
+        safe = jnp.where(rescale, big, 1.0)
         out = [jnp.sum(jnp.square(a / safe[k].astype(a.dtype))).astype(dt) if a.size else zero
                for k, a in enumerate(values)]
-        return jnp.where(rescale, mx * jnp.sqrt(jnp.stack(out)), jnp.sqrt(sq))
+        return jnp.where(rescale, big * jnp.sqrt(jnp.stack(out)), jnp.sqrt(sq))
 
-    norm = lax.cond(jnp.any(rescale), scaled, lambda: jnp.sqrt(sq))
+    norm = lax.cond(jnp.any(suspect), scaled, lambda: jnp.sqrt(sq)).astype(jnp.float32)
+    if mx is None:
+        return norm, None
     mx = jnp.where(jnp.isnan(sq), jnp.nan, mx)  # a reduction's max may skip a NaN; the sum never does
-    return norm.astype(jnp.float32), mx.astype(jnp.float32)
+    return norm, mx.astype(jnp.float32)
 
 
 def _combine(norms: jax.Array, segments: np.ndarray, n: int) -> jax.Array:
@@ -63,7 +74,7 @@ def _combine(norms: jax.Array, segments: np.ndarray, n: int) -> jax.Array:
 
 def layer_norms(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> jax.Array:
     """Per layer, the L2 norm over its leaves (float32 ``[n]``)."""
-    return _combine(leaf_norms(leaves)[0], np.asarray(layer_of, np.int32), n)
+    return _combine(leaf_norms(leaves, with_max=False)[0], np.asarray(layer_of, np.int32), n)
 
 
 def total_norm(per_layer: jax.Array) -> jax.Array:
