@@ -33,10 +33,11 @@ def leaf_norms(leaves: Sequence[jax.Array], *, with_max: bool = True) -> tuple[j
     """Per leaf, the L2 norm and, with ``with_max``, max |x| (float32 ``[leaves]``; NaN for a leaf holding a NaN, inf
     for an inf; the max is None without ``with_max``).
 
-    Each reduction is one pass over the leaf, so a norm alone (parameters, updates, moments) costs one pass and the
-    max is taken only where it is recorded (gradients) or needed: in the rare step where some sum over- or underflowed
-    (or a leaf is all zeros), one ``lax.cond`` for all leaves measures every leaf again scaled by its largest entry
-    (each branch of a cond is compiled on its own: one per leaf would double the step's compile time).
+    Each reduction is one pass over the leaf, so a norm alone (parameters, updates, moments) costs one pass: the max
+    is taken where it is recorded (gradients) or where some sum is suspect (non-finite, below the smallest normal, or
+    zero). Only in the rare step where a finite leaf's sum over- or underflowed does one ``lax.cond`` for all leaves
+    measure every leaf again scaled by its largest entry (each branch of a cond is compiled on its own: one per leaf
+    would double the step's compile time).
     """
     dt = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
     values = [x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32)) for x in leaves]
@@ -46,18 +47,24 @@ def leaf_norms(leaves: Sequence[jax.Array], *, with_max: bool = True) -> tuple[j
         return jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in values])
 
     sq = jnp.stack([jnp.sum(a * a).astype(dt) if a.size else zero for a in values])
-    suspect = ~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny)
+    suspect = ~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny)  # over- or underflowed, or all zeros
     mx = maxes() if with_max else None
 
-    def scaled() -> jax.Array:
-        big = maxes() if mx is None else mx
-        rescale = suspect & jnp.isfinite(big) & (big > 0)
+    def scaled(big: jax.Array, rescale: jax.Array) -> jax.Array:
         safe = jnp.where(rescale, big, 1.0)
         out = [jnp.sum(jnp.square(a / safe[k].astype(a.dtype))).astype(dt) if a.size else zero
                for k, a in enumerate(values)]
         return jnp.where(rescale, big * jnp.sqrt(jnp.stack(out)), jnp.sqrt(sq))
 
-    norm = lax.cond(jnp.any(suspect), scaled, lambda: jnp.sqrt(sq)).astype(jnp.float32)
+    def rescued(big: jax.Array) -> jax.Array:
+        rescale = suspect & jnp.isfinite(big) & (big > 0)  # an all-zero leaf's norm is its sum's: 0
+        return lax.cond(jnp.any(rescale), scaled, lambda *_: jnp.sqrt(sq), big, rescale)
+
+    if mx is None:  # the max pass only where a sum is suspect (a zero leaf too), the scaled pass only where needed
+        norm = lax.cond(jnp.any(suspect), lambda: rescued(maxes()), lambda: jnp.sqrt(sq))
+    else:
+        norm = rescued(mx)
+    norm = norm.astype(jnp.float32)
     if mx is None:
         return norm, None
     mx = jnp.where(jnp.isnan(sq), jnp.nan, mx)  # a reduction's max may skip a NaN; the sum never does
