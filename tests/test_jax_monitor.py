@@ -197,6 +197,8 @@ def test_nnx_optimizer_records_the_model_layers(tmp_path):
         assert_close(recorded(run, "grad_norm", step), norms(grads), 1e-5)
         assert_close(recorded(run, "param_norm", step), norms(before), 1e-5)
     assert int(optimizer.opt_state.step[...]) == 5  # the monitor's counter, in the optimizer state
+    # Adam's moments, found in the NNX optimizer's state, as the last step left them
+    assert_close(recorded(run, "exp_avg_sq_norm", 4), moment_norms(optimizer.opt_state, "nu"), 1e-5)
 
 
 def test_every_10_writes_every_tenth_step_and_compiles_once(tmp_path):
