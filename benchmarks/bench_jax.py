@@ -4,12 +4,12 @@
 
 An MLP of 8 x (1024 -> 1024, GELU) layers, batch 512, MSE loss, AdamW, one jitted step. Variants, interleaved within
 each repeat: the bare loop, the monitor every step, every 10 steps, every step with histograms every step, and every
-10 steps with the explosion guard (``on_explosion="skip"``: every step measured and judged). Each variant runs
-``--steps`` steps after its own compilation and warm-up step; the figure per repeat is the process CPU time per step
-(on a GPU: wall time, the device's clock). Ratios are medians over repeats of variant / bare, so both come from the
-same run of this script. The monitor's own time per logged step is (every-step time - bare time) per step, and, free
-of the loop's noise, the time of its reductions alone (gradient, parameter and update statistics of the same arrays in
-one jitted function, without the host callback).
+10 steps with the explosion guard (``on_explosion="skip"``: every step measured and judged). Each variant is compiled
+and warmed up once; then every repeat runs ``--steps`` steps of each variant in turn, and the figure per repeat is the
+process CPU time per step (on a GPU: wall time, the device's clock). Ratios are medians over repeats of variant / bare,
+so both come from the same run of this script. The monitor's own time per logged step is (every-step time - bare
+time) per step, and, free of the loop's noise, the time of its reductions alone (gradient, parameter and update
+statistics of the same arrays in one jitted function, without the host callback).
 """
 
 from __future__ import annotations
@@ -62,23 +62,26 @@ def main(argv: list[str] | None = None) -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
+        loops = {}
+        for name, kwargs in variants.items():  # each variant compiled once and warmed up before any timing
+            monitor = None
+            tx = optax.adamw(1e-4)
+            if kwargs is not None:
+                monitor = GradientMonitor(os.path.join(tmp, name), **kwargs)
+                tx = monitor.wrap(tx)
+
+            @jax.jit
+            def step(p, s, tx=tx):
+                loss, grads = jax.value_and_grad(loss_fn)(p)
+                updates, s = tx.update(grads, s, p, loss=loss)
+                return optax.apply_updates(p, updates), s, loss
+
+            p, state, loss = step(params, tx.init(params))
+            jax.block_until_ready(loss)
+            loops[name] = [monitor, step, p, state]
         for repeat in range(args.repeats):
-            for name, kwargs in variants.items():
-                monitor = None
-                tx = optax.adamw(1e-4)
-                if kwargs is not None:
-                    monitor = GradientMonitor(os.path.join(tmp, f"{repeat}-{len(times[name])}-{name}"), **kwargs)
-                    tx = monitor.wrap(tx)
-                state = tx.init(params)
-
-                @jax.jit
-                def step(p, s, tx=tx):
-                    loss, grads = jax.value_and_grad(loss_fn)(p)
-                    updates, s = tx.update(grads, s, p, loss=loss)
-                    return optax.apply_updates(p, updates), s, loss
-
-                p, state, loss = step(params, state)  # compile and warm up
-                jax.block_until_ready(loss)
+            for name, loop in loops.items():
+                monitor, step, p, state = loop
                 start = clock()
                 for _ in range(args.steps):
                     p, state, loss = step(p, state)
@@ -86,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                 if monitor is not None:
                     jax.effects_barrier()
                 elapsed = clock() - start
-                if monitor is not None:
-                    monitor.close()
+                loop[2:] = [p, state]
                 times[name].append(elapsed / args.steps)
                 print(f"  repeat {repeat} {name}: {1e3 * elapsed / args.steps:.1f} ms/step", file=sys.stderr)
+        for monitor, *_ in loops.values():
+            if monitor is not None:
+                monitor.close()
 
     layer_of = [i // 2 for i in range(16)]
 

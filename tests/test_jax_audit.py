@@ -100,3 +100,42 @@ def test_the_plugin_reports_what_the_auditor_does(logdir):
     run = load_run(str(logdir / "exploded"), "exploded")
     expect = json.loads(json.dumps(report_json(detect.detect(run), run.warnings, run)))
     assert doc == expect and any(e["start_step"] <= EXPLODE_AT <= e["end_step"] for e in doc["episodes"])
+
+
+def test_adam_moment_norms_are_read_like_the_torch_ones(tmp_path):
+    """A JAX run trained with AdamW carries Adam's moment norms under the registry's names: the run store maps them,
+    the plugin offers them as heatmap metrics and serves them, and the auditor reads the run."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    model = Net()
+    params = model.init(jax.random.key(0), x[:1])
+
+    def loss_fn(p):
+        return jnp.mean((model.apply(p, x) - y) ** 2)
+
+    with GradientMonitor(tmp_path / "adam") as monitor:
+        tx = monitor.wrap(optax.adamw(1e-2))
+        state = tx.init(params)
+
+        @jax.jit
+        def train_step(p, s):
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, s = tx.update(grads, s, p, loss=loss)
+            return optax.apply_updates(p, updates), s
+
+        for _ in range(5):
+            params, state = train_step(params, state)
+    run = load_run(str(tmp_path / "adam"))
+    assert {"exp_avg_norm", "exp_avg_sq_norm"} <= set(run.layer_metrics)
+    assert run.layer_metrics["exp_avg_sq_norm"].shape == (5, 3)
+    context = base_plugin.TBContext(logdir=str(tmp_path), flags=Namespace(logdir_spec="", reload_interval=5.0))
+    client = Client(application.TensorBoardWSGI([plugin.GradientsLoader().load(context)]))
+    entry = client.get("/data/plugin/gradients/runs").get_json()["runs"][0]
+    assert {"exp_avg_norm", "exp_avg_sq_norm"} <= set(entry["metrics"])
+    heat = client.get("/data/plugin/gradients/heatmap", query_string={"run": "adam", "metric": "exp_avg_sq_norm"})
+    assert heat.status_code == 200 and heat.get_json()["layers"] == run.layers
+    exe = Path(sys.executable).with_name("tb-gradient")
+    proc = subprocess.run([str(exe), "audit", "--json", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert [r["run"] for r in json.loads(proc.stdout)["runs"]] == ["adam"]

@@ -117,7 +117,8 @@ class LinenLoop:
         before = self.params
         loss, grads = self.reference(before, x, y)
         self.params, self.state, _ = self.train_step(before, self.state, x, y)
-        self.history.append({"before": before, "after": self.params, "grads": grads, "loss": float(loss)})
+        self.history.append({"before": before, "after": self.params, "grads": grads, "loss": float(loss),
+                             "state": self.state})
 
 
 # ------------------------------------------------------------------------------------------------- Flax training
@@ -196,6 +197,8 @@ def test_nnx_optimizer_records_the_model_layers(tmp_path):
         assert_close(recorded(run, "grad_norm", step), norms(grads), 1e-5)
         assert_close(recorded(run, "param_norm", step), norms(before), 1e-5)
     assert int(optimizer.opt_state.step[...]) == 5  # the monitor's counter, in the optimizer state
+    # Adam's moments, found in the NNX optimizer's state, as the last step left them
+    assert_close(recorded(run, "exp_avg_sq_norm", 4), moment_norms(optimizer.opt_state, "nu"), 1e-5)
 
 
 def test_every_10_writes_every_tenth_step_and_compiles_once(tmp_path):
@@ -224,6 +227,78 @@ def test_nan_gradients_are_counted_per_layer(tmp_path):
     assert recorded(run, "nonfinite_count", 1) == want
     assert all(np.isnan(v) for name, v in recorded(run, "grad_norm", 1).items() if want[name] > 0)
     assert recorded(run, "nonfinite_count", 0) == dict.fromkeys(want, 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_huge_and_tiny_finite_gradients_are_measured_not_lost(tmp_path, scale):
+    """Gradients whose squares overflow (or underflow) float32 are measured scaled: finite and equal to the float64
+    reference, on logged steps of the cond (every=2) as well as of an every-step monitor."""
+    for every in (1, 2):
+        with GradientMonitor(tmp_path / str(every), every=every) as monitor:
+            loop = LinenLoop(monitor, optax.sgd(1e-40))
+            for _ in range(3):
+                loop.step(y=loop.y * scale)
+        run = load_run(str(tmp_path / str(every)))
+        for step in range(0, 3, every):
+            grads = loop.history[step]["grads"]
+            assert_close(recorded(run, "grad_norm", step), norms(grads), 1e-5)
+            assert_close(recorded(run, "grad_max_abs", step), per_layer(grads, lambda a: float(np.abs(a).max())),
+                         1e-6)
+            assert recorded(run, "nonfinite_count", step) == dict.fromkeys(run.layers, 0.0)
+
+
+def moment_norms(state, name: str) -> dict[str, float]:
+    """Per layer, the norm of the ``name`` tree (``mu`` or ``nu``) of the one Adam state in an optimizer state."""
+    found = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "nu")) if hasattr(s, "nu")]
+    assert len(found) == 1
+    return norms(getattr(found[0], name))
+
+
+@pytest.mark.parametrize("guard", [None, "skip"])
+def test_adam_moment_norms_equal_the_optax_state(tmp_path, guard):
+    """AdamW behind a clip and inject_hyperparams: per logged step and layer, the norms of Adam's first and second
+    moment equal those of the state that step returned (the moments the step used)."""
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2))
+    with GradientMonitor(tmp_path, every=2, on_explosion=guard) as monitor:
+        loop = LinenLoop(monitor, tx)
+        for _ in range(7):
+            loop.step()
+    run = load_run(str(tmp_path))
+    assert list(run.steps) == [0, 2, 4, 6]
+    for step in run.steps.tolist():
+        state = loop.history[step]["state"]
+        for metric, name in (("exp_avg_norm", "mu"), ("exp_avg_sq_norm", "nu")):
+            want = moment_norms(state, name)
+            assert all(v > 0 for v in want.values())
+            assert_close(recorded(run, metric, step), want, 1e-5)
+    assert moment_norms(loop.history[6]["state"], "nu") != moment_norms(loop.history[4]["state"], "nu")
+
+
+def test_moments_of_a_partitioned_chain_and_none_without_adam(tmp_path):
+    """multi_transform: Adam's layers get their moments, the SGD partition's get 0; plain SGD writes no moment tags."""
+    labels = {"params": {f"Dense_{i}": "adam" if i < 2 else "sgd" for i in range(4)}}
+    tx = optax.multi_transform({"adam": optax.adam(1e-2), "sgd": optax.sgd(1e-2)}, labels)
+    with GradientMonitor(tmp_path / "split") as monitor:
+        loop = LinenLoop(monitor, tx)
+        for _ in range(2):
+            loop.step()
+    run = load_run(str(tmp_path / "split"))
+    got = recorded(run, "exp_avg_norm", 1)
+    adam = [s for s in jax.tree_util.tree_leaves(loop.state.inner, is_leaf=lambda x: hasattr(x, "nu"))
+            if hasattr(s, "nu")]
+    mu = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), adam[0].mu,
+                                is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    for i in range(2):
+        layer = f"params.Dense_{i}"
+        want = np.sqrt(sum(np.sum(a * a) for a in jax.tree_util.tree_leaves(mu["params"][f"Dense_{i}"])))
+        np.testing.assert_allclose(got[layer], want, rtol=1e-5)
+    assert got["params.Dense_2"] == 0.0 and got["params.Dense_3"] == 0.0
+    with GradientMonitor(tmp_path / "sgd") as monitor:
+        loop = LinenLoop(monitor, optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-2, momentum=0.9)))
+        loop.step()
+    run = load_run(str(tmp_path / "sgd"))
+    assert "grad_norm" in run.layer_metrics
+    assert not {"exp_avg_norm", "exp_avg_sq_norm"} & set(run.layer_metrics)
 
 
 def test_histograms_count_the_gradients_on_the_fixed_bins(tmp_path):

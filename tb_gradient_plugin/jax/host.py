@@ -27,6 +27,10 @@ __all__ = ["FIXED", "HostRecorder", "Spec"]
 FIXED = 3
 #: Per-layer blocks after them, in this order (param and update norms are zeros on a step that is not logged).
 BLOCKS = ("grad_norm", "grad_max_abs", "nonfinite_count", "param_norm", "update_norm")
+#: With a chain that keeps Adam's moments, two more blocks follow (zeros on a step that is not logged).
+MOMENT_BLOCKS = ("exp_avg_norm", "exp_avg_sq_norm")
+#: Metrics measured only on logged steps (a step only the guard wants written leaves them out).
+WEIGHT_METRICS = ("param_norm", "update_norm", *MOMENT_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,16 @@ class Spec:
     has_params: bool
     has_loss: bool
     has_lr: bool
+    has_moments: bool = False
 
     def unpack(self, packed: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Per-layer metrics and per-step scalars of a packed vector (absent ones left out)."""
         n = len(self.layers)
-        blocks = np.asarray(packed[FIXED:FIXED + len(BLOCKS) * n], dtype=np.float64).reshape(len(BLOCKS), n)
-        metrics = dict(zip(BLOCKS[:3], blocks[:3], strict=True))
-        if self.has_params:
-            metrics["param_norm"] = blocks[3]
-        metrics["update_norm"] = blocks[4]
+        names = BLOCKS + MOMENT_BLOCKS if self.has_moments else BLOCKS
+        blocks = np.asarray(packed[FIXED:FIXED + len(names) * n], dtype=np.float64).reshape(len(names), n)
+        metrics = dict(zip(names, blocks, strict=True))
+        if not self.has_params:
+            del metrics["param_norm"]
         scalars = {"total_grad_norm": float(packed[2])}
         if self.has_loss:
             scalars["loss"] = float(packed[0])
@@ -161,8 +166,8 @@ class HostRecorder:
                    action: int | None) -> Callable[[], None]:
         metrics, scalars = spec.unpack(packed)
         if not logged:  # a step the guard acted on that `every` does not log: its gradients, no weights
-            metrics.pop("param_norm", None)
-            metrics.pop("update_norm", None)
+            for name in WEIGHT_METRICS:
+                metrics.pop(name, None)
         kwargs: dict[str, Any] = dict(metrics, **scalars)
         if action is not None:
             kwargs["guard_action"] = float(action)

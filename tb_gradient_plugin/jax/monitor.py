@@ -33,6 +33,7 @@ from ..guard import ExplosionGuard, OnExplosion
 from ..writer import GradientWriter
 from .host import HostRecorder, Spec
 from .layers import Layout, discover_layers
+from .moments import adam_moments
 from .stats import grad_stats, histogram_counts, layer_norms, total_norm
 
 __all__ = ["GradientMonitor", "MonitorState"]
@@ -254,7 +255,8 @@ class GradientMonitor:
             loss_value = lax.stop_gradient(loss_value).reshape(()).astype(jnp.float32)
         # inject_hyperparams keeps the rate it used in the state it returns: read after the update, from that state
         has_lr = _learning_rate(state.inner) is not None
-        spec = Spec(layout.layers, weights is not None, loss_value is not None, has_lr)
+        has_moments = adam_moments(state.inner, updates) is not None
+        spec = Spec(layout.layers, weights is not None, loss_value is not None, has_lr, has_moments)
         step = state.step
         logged = step % self.every == 0
         if self.histograms_every:
@@ -269,11 +271,18 @@ class GradientMonitor:
         def apply() -> tuple[Any, Any]:
             return inner.update(updates, state.inner, params, **extra)
 
-        def weight_norms(applied: Any) -> jax.Array:
+        def weight_norms(applied: Any, inner_state: Any) -> jax.Array:
+            """Parameter and update norms, then (with moments) Adam's moment norms of ``inner_state``."""
             out_leaves = jax.tree_util.tree_leaves(applied)
             upd = layer_norms([out_leaves[i] for i in idx], layer_of, n)
             par = layer_norms(weights, layer_of, n) if weights is not None else jnp.zeros(n, jnp.float32)
-            return jnp.concatenate([par, upd])
+            parts = [par, upd]
+            moments = adam_moments(inner_state, updates) if has_moments else None
+            if moments is not None:
+                for kept in moments:
+                    parts.append(layer_norms([jnp.zeros(0, jnp.float32) if kept[i] is None else kept[i] for i in idx],
+                                             layer_of, n))
+            return jnp.concatenate(parts)
 
         def hist_counts() -> list[jax.Array]:
             if not self.histograms_every:
@@ -281,19 +290,28 @@ class GradientMonitor:
             zeros = jnp.zeros((n, fmt.HIST_BINS), jnp.int32)
             return [lax.cond(hist_step, lambda: histogram_counts(grads, layer_of, n), lambda: zeros)]
 
+        n_weights = (4 if has_moments else 2) * n
         guard = self.guard
         if guard is None:
             new_updates, new_inner = apply()
+            always = self.every == 1
 
             def record() -> None:
+                # The cond must not take the returned updates as an operand: that would make XLA write them out on
+                # every step instead of fusing the chain's update into apply_updates. A logged step evaluates the
+                # chain's update again inside the cond (an elementwise pass) to measure it.
+                applied = new_updates if always else apply()[0]
                 stats = grad_stats(grads, layer_of, n)
                 fixed = jnp.stack([*head(new_inner), total_norm(stats.norm)])
                 packed = jnp.concatenate([fixed, stats.norm, stats.max_abs, stats.nonfinite,
-                                          weight_norms(new_updates)])
+                                          weight_norms(applied, new_inner)])
                 io_callback(functools.partial(self._host.report, spec), None, step, packed, *hist_counts(),
                             ordered=True)
 
-            lax.cond(logged, record, lambda: None)
+            if always:
+                record()
+            else:
+                lax.cond(logged, record, lambda: None)
             return new_updates, MonitorState(step + 1, new_inner, None)
 
         if state.thresholds is None or state.thresholds.shape != (n + 1,):
@@ -309,13 +327,14 @@ class GradientMonitor:
             cross = ~jnp.isfinite(total) | jnp.any(stats.norm > thresholds[:n]) | (total > thresholds[n])
             ask = functools.partial(self._host.ask, spec)
             waiting = jnp.concatenate([jnp.stack([*head(state.inner), total]), *grad_stats_part,
-                                       jnp.zeros(2 * n, jnp.float32)])
+                                       jnp.zeros(n_weights, jnp.float32)])
             skip = lax.cond(cross, lambda: io_callback(ask, jax.ShapeDtypeStruct((), jnp.bool_), step, waiting,
                                                        ordered=True),
                             lambda: jnp.zeros((), jnp.bool_))
             zero_updates = _zeros_like(jax.eval_shape(apply)[0])
             new_updates, new_inner = lax.cond(skip, lambda: (zero_updates, state.inner), apply)
-        norms = lax.cond(logged, lambda: weight_norms(new_updates), lambda: jnp.zeros(2 * n, jnp.float32))
+        norms = lax.cond(logged, lambda: weight_norms(new_updates, new_inner),
+                         lambda: jnp.zeros(n_weights, jnp.float32))
         packed = jnp.concatenate([jnp.stack([*head(new_inner), total]), *grad_stats_part, norms])
         next_thresholds = io_callback(functools.partial(self._host.report, spec),
                                       jax.ShapeDtypeStruct((n + 1,), jnp.float32), step, packed, *hist_counts(),
