@@ -276,9 +276,11 @@ class JaxCapture:
 
     def flush(self) -> None:
         """Read and write the statistics of the logged steps run so far (waits for them to finish), in step order."""
+        import jax
+
         with self._read_lock:  # batch ends may run on several threads at once (Keras' asynchronous callbacks)
             while self._pending:
-                row = {k: np.asarray(v) for k, v in self._pending.popleft().items()}
+                row = jax.device_get(self._pending.popleft())  # one transfer call for all of the step's arrays
                 self._write(self._plan_list[int(row["plan"])], row)
 
     def _write(self, plan: _Plan, row: dict[str, np.ndarray]) -> None:
