@@ -146,7 +146,7 @@ class JaxCapture:
             self._traced = None
             try:
                 logs, state = original_train_step(state, data)
-                if self._traced is not None:
+                if self._traced is not None and isinstance(logs, dict):
                     logs = {**logs, _KEY: self._emit(self._traced)}
             finally:
                 self._traced = None
