@@ -5,11 +5,11 @@ weights are fitted: plain, with the callback logging every step, every 10 steps,
 guard (``on_explosion="skip"``: every step judged); the dense model also with a histogram on every step
 (``every=1, histograms_every=1``). Fits are interleaved (the order rotates each repeat) after a warm-up fit that
 traces and compiles; each timed fit runs ``--steps`` steps. Prints the median milliseconds per step of each variant
-and its ratio to plain fit, both as a ratio of medians and as the median of the per-repeat (paired) ratios, on two
-clocks: wall time, and the process's CPU time (with the backend on one thread, the CPU clock is what to compare on a
-machine shared with other work, where wall time is mostly noise). For the dense model it also prints a histogram
-step against a norms-only logged step (``hist 1`` / ``every 1``), and for both models the guard against the same
-logging without it (``guard 10`` / ``every 10``).
+and its ratio to plain fit, both as a ratio of medians and as the median (and range) of the per-repeat (paired)
+ratios, on two clocks: wall time, and the process's CPU time (with the backend on one thread, the CPU clock is what to
+compare on a machine shared with other work, where wall time is mostly noise). For the dense model it also prints a
+histogram step against a norms-only logged step (``hist 1`` / ``every 1``), and for both models the guard against the
+same logging without it (``guard 10`` / ``every 10``).
 
 Goals (conv net, every backend): every 10 steps <= 1.03x, every step <= 1.10x. Dense model: a histogram step < 2x a
 norms-only logged step. The dense model's other ratios are reported as measured.
@@ -123,8 +123,10 @@ def report(times: dict[str, list[float]], clock: str) -> None:
     plain = statistics.median(times["plain"])
     for variant, ts in times.items():
         med = statistics.median(ts)
-        paired = statistics.median(t / p for t, p in zip(ts, times["plain"], strict=True))
-        print(f"  {clock:4s} {variant:9s} {med * 1e3:8.2f} ms/step   ratio {med / plain:5.3f}x   paired {paired:5.3f}x")
+        ratios = [t / p for t, p in zip(ts, times["plain"], strict=True)]
+        paired = statistics.median(ratios)
+        print(f"  {clock:4s} {variant:9s} {med * 1e3:8.2f} ms/step   ratio {med / plain:5.3f}x   paired {paired:5.3f}x"
+              f"   (paired range {min(ratios):5.3f}-{max(ratios):5.3f})")
     if "hist 1" in times:
         hist, norms = times["hist 1"], times["every 1"]
         paired = statistics.median(h / n for h, n in zip(hist, norms, strict=True))

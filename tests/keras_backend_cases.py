@@ -146,7 +146,8 @@ def test_every_10_writes_only_every_10th_step(tmp_path):
     x, y = data(25)
     model = tiny_model()
     monitor = GradientMonitorCallback(tmp_path, every=10)
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert set(history.history) == {"loss"}  # the statistics a JAX step returns with its logs never reach Keras
     model.fit(x[:5 * BATCH], y[:5 * BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[monitor])  # the same callback again: steps keep counting
     monitor.close()
@@ -217,3 +218,52 @@ def test_recorded_ids_are_the_samples_each_step_trained_on(tmp_path, source, ste
 
 def test_sample_ids_over_two_fits_from_initial_epoch(tmp_path):
     keras_sample_ids.check_two_fits(tmp_path)
+
+
+class MomentRecorder(keras.callbacks.Callback):
+    """The optimizer's first and second moments after every step, read from its own variables."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__()
+        self.names = (first, second)
+        self.after: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if BACKEND == "jax":
+            self.model.jax_state_sync()  # JAX keeps the state outside the variables between steps
+        opt = self.model.optimizer
+        self.after.append(tuple([np.array(keras.ops.convert_to_numpy(v)) for v in getattr(opt, name)]
+                                for name in self.names))
+
+
+@pytest.mark.parametrize("optimizer, first, second", [
+    (keras.optimizers.AdamW, "_momentums", "_velocities"), (keras.optimizers.Adamax, "_m", "_u")])
+def test_adam_moment_norms_equal_the_optimizer_state(tmp_path, optimizer, first, second):
+    steps = 4
+    x, y = data(steps)
+    model = tiny_model()
+    model.compile(optimizer=optimizer(0.01), loss="mse")
+    moments = MomentRecorder(first, second)
+    monitor = GradientMonitorCallback(tmp_path, every=1)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, moments])
+    monitor.close()
+    run = Run(str(tmp_path))
+    assert sorted(run.metrics["exp_avg_norm"]) == list(range(steps))
+    for step in range(steps):
+        m, v = moments.after[step]
+        for layer, idxs in zip(LAYERS, ([0, 1], [2, 3]), strict=True):
+            assert run.layer("exp_avg_norm", step, layer) == pytest.approx(norm([m[i] for i in idxs]), rel=1e-5)
+            assert run.layer("exp_avg_sq_norm", step, layer) == pytest.approx(norm([v[i] for i in idxs]), rel=1e-5)
+            assert norm([v[i] for i in idxs]) > 0
+
+
+def test_sgd_writes_no_moment_norms(tmp_path):
+    x, y = data(3)
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    monitor = GradientMonitorCallback(tmp_path, every=1)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    monitor.close()
+    run = Run(str(tmp_path))
+    assert sorted(run.layers) == [0, 1, 2]
+    assert "exp_avg_norm" not in run.metrics and "exp_avg_sq_norm" not in run.metrics

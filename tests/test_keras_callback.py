@@ -15,8 +15,8 @@ from tb_gradient_plugin import format as fmt
 from tb_gradient_plugin.keras import GradientMonitorCallback
 from tb_gradient_plugin.reader import EventFileReader
 
-#: The per-layer metrics the Keras callback records (Adam's moment norms are recorded by the PyTorch monitor only).
-KERAS_LAYER_METRICS = tuple(m for m in fmt.LAYER_METRICS if m not in ("exp_avg_norm", "exp_avg_sq_norm"))
+#: The per-layer metrics the Keras callback records with an Adam-like optimizer: all of the format's.
+KERAS_LAYER_METRICS = tuple(fmt.LAYER_METRICS)
 
 pytestmark = pytest.mark.slow
 
@@ -369,6 +369,53 @@ def test_reader_decodes_every_metric_like_any_writer_run(tmp_path):
     assert {(r.tag, r.ours) for r in batch.scalars} == {("loss", True), ("total_grad_norm", True), ("lr", True),
                                                          ("epoch", True), ("batch_index", True)}
     assert all(r.layers == tuple(layers) and r.values.dtype == np.float32 for r in batch.layer_records)
+
+
+class MomentRecorder(keras.callbacks.Callback):
+    """The optimizer's first and second moments after every step, read from its own variables."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__()
+        self.names = (first, second)
+        self.after: list[tuple[list[np.ndarray], ...]] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        opt = self.model.optimizer
+        self.after.append(tuple([np.array(v.numpy()) for v in getattr(opt, name)] for name in self.names))
+
+
+@pytest.mark.parametrize("optimizer, first, second", [
+    (keras.optimizers.Adam, "_momentums", "_velocities"), (keras.optimizers.Adamax, "_m", "_u")])
+def test_adam_moment_norms_equal_the_optimizer_state_after_the_step(tmp_path, optimizer, first, second):
+    model, layers = conv_model(seed=4)
+    opt = optimizer(1e-2)
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    x, y = data(16)
+    moments = MomentRecorder(first, second)
+    monitor = GradientMonitorCallback(tmp_path, every=2)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, moments])
+    monitor.close()
+    run = Run(str(tmp_path / "train"))
+    assert sorted(run.metrics["exp_avg_norm"]) == sorted(run.metrics["exp_avg_sq_norm"]) == [0, 2]
+    for step in (0, 2):
+        for name, variables in layers.items():
+            index = [opt._get_variable_index(v) for v in variables]
+            for metric, values in zip(("exp_avg_norm", "exp_avg_sq_norm"), moments.after[step], strict=True):
+                expected = math.sqrt(sum(float(np.sum(values[i].astype(np.float64) ** 2)) for i in index))
+                assert expected > 0
+                assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
+
+
+def test_sgd_writes_no_moment_norms(tmp_path):
+    model, _ = conv_model(seed=4)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="mse")
+    x, y = data(8)
+    monitor = GradientMonitorCallback(tmp_path)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
+    monitor.close()
+    run = Run(str(tmp_path / "train"))
+    assert run.steps == [0, 1]
+    assert "exp_avg_norm" not in run.metrics and "exp_avg_sq_norm" not in run.metrics
 
 
 class OwnTrainStep(keras.Model):

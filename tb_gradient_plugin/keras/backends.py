@@ -59,13 +59,16 @@ class CaptureDriver:
         self.recorder.enabled = True
 
     def _barrier(self) -> None:
-        """Wait for the host callbacks of steps already dispatched (JAX runs steps asynchronously)."""
+        """Wait for the steps already dispatched (JAX runs steps asynchronously) and write their logged rows."""
         if self.backend == "jax":
             import jax
 
             jax.effects_barrier()
+            self.capture.flush()
 
     def batch_end(self) -> None:
+        if self.backend == "jax":
+            self.capture.flush()
         self.recorder.raise_pending()
 
     def epoch_end(self) -> None:

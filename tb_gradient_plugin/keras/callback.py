@@ -38,6 +38,7 @@ from ..writer import GradientWriter
 from .backends import CaptureDriver, check_backend
 from .batches import BatchTracker
 from .layers import group_by_layer, layer_paths
+from .moments import moment_variables
 from .patching import Patches
 from .stats import grad_stats, histogram_counts
 
@@ -46,7 +47,8 @@ __all__ = ["GradientMonitorCallback"]
 #: Columns of a ``before`` row: step, loss, lr, loss scale, total norm, then 4 blocks of one value per layer and, with
 #: histograms on, ``HIST_BINS`` counts per layer (zeros on a logged step that is not a histogram step).
 _PRE_FIXED = 5
-#: Columns of an ``after`` row: step, skipped, then the update norms.
+#: Columns of an ``after`` row: step, skipped, then the update norms and, for an Adam-like optimizer, the norms of its
+#: first and second moments (one value per layer each).
 _POST_FIXED = 2
 #: Columns of a guard row: step, loss, lr, loss scale, held (1: the step was not applied), then 3 blocks of one value
 #: per layer: gradient sum of squares (scaled), max |g| (scaled), non-finite count.
@@ -84,6 +86,7 @@ class _Probe:
     has_loss: bool
     loss_scaled: bool  # whether the optimizer is a LossScaleOptimizer (record loss scale and skipped steps)
     guard: _GuardState | None = None
+    moments: tuple[list[Any], list[Any]] | None = None  # Adam's first and second moment of each variable
 
 
 @dataclass
@@ -325,15 +328,16 @@ class GradientMonitorCallback(keras.callbacks.Callback):
             # One row per recorded step of an execution (see the row index in _apply), plus one.
             slots = sum(-(-spe // n) for n in (self.every, self.histograms_every) if n) + 1
             width = _PRE_FIXED + (4 + (fmt.HIST_BINS if self.histograms_every else 0)) * len(layers)
+            moments = moment_variables(optimizer, variables)
+            post_width = _POST_FIXED + (1 if moments is None else 3) * len(layers)
             with tf.init_scope():
                 snapshots = [tf.Variable(tf.zeros(tuple(v.shape), tf.as_dtype(v.dtype)), trainable=False)
                              for v in variables]
                 pre = tf.Variable(tf.fill([slots, width], tf.constant(-1.0, tf.float64)), trainable=False)
-                post = tf.Variable(tf.fill([slots, _POST_FIXED + len(layers)], tf.constant(-1.0, tf.float64)),
-                                   trainable=False)
+                post = tf.Variable(tf.fill([slots, post_width], tf.constant(-1.0, tf.float64)), trainable=False)
             loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
             probe = _Probe(layers, groups, snapshots, pre, post, slots, has_loss, loss_scaled,
-                           self._guard_state(variables, grads, layers))
+                           self._guard_state(variables, grads, layers), moments)
             self._probes[key] = probe
         if all(p is not probe for p in self._active):
             self._active.append(probe)
@@ -436,6 +440,11 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                     for i in idxs
                 ])
                 updates.append(tf.sqrt(total))
+            if probe.moments is not None:  # after the update, as the optimizer keeps them for the next step
+                for moment in probe.moments:
+                    sumsq = [tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(m.value), tf.float64)))
+                             for m in moment]
+                    updates += [tf.sqrt(tf.add_n([sumsq[i] for i in idxs])) for idxs in probe.groups]
             row = tf.concat([tf.stack([tf.cast(step, tf.float64), skipped]), tf.stack(updates)], 0)
             probe.post.scatter_nd_update(tf.reshape(slot, [1, 1]), row[None, :])
             return tf.constant(True)
@@ -629,10 +638,13 @@ class GradientMonitorCallback(keras.callbacks.Callback):
                 extras["step_skipped"] = post[1]
             if step in self._guard_actions:
                 extras["guard_action"] = self._guard_actions.pop(step)
+            if probe.moments is not None:
+                extras["exp_avg_norm"] = post[_POST_FIXED + n:_POST_FIXED + 2 * n]
+                extras["exp_avg_sq_norm"] = post[_POST_FIXED + 2 * n:]
             extras.update(self._position(step))
             self._writer.write(
                 step, probe.layers,
-                grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:],
+                grad_norm=blocks[0], param_norm=blocks[1], update_norm=post[_POST_FIXED:_POST_FIXED + n],
                 grad_max_abs=blocks[2], nonfinite_count=blocks[3], total_grad_norm=pre[4], lr=pre[2], **extras,
             )
             if self.histograms_every and step % self.histograms_every == 0:

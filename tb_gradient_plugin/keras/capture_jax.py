@@ -10,13 +10,22 @@ methods are wrapped on the instances (the classes are untouched) and the train f
   (``lax.cond``);
 - ``model._update_metrics_variables``: receives the unscaled batch loss;
 - ``model.train_step``: after the step, a ``lax.cond`` on the step number reduces the statistics of a logged step on
-  the device and sends them to the host in one ordered ``jax.debug.callback``. Unlogged steps compute nothing.
+  the device into a few small arrays, returned with the step's logs under a private key. Unlogged steps compute
+  nothing;
+- ``model._make_function``: wraps each jitted step so the host takes those arrays out of the logs before Keras (or
+  any other callback) sees them, and keeps the ones of logged steps (counted on the host) to read at batch end.
+
+No host callback sits in the compiled step without a guard: a computation with one is dispatched by JAX's slow path
+(about a millisecond per step on CPU even when the callback never runs), which every-10-steps logging cannot afford.
+The guard needs the host's judgement inside the step and keeps its ordered ``io_callback``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,20 +34,25 @@ import numpy as np
 from .. import format as fmt
 from .host import StepRecorder, layer_max, layer_norms, layer_sum
 from .layers import group_by_layer, layer_paths
+from .moments import moment_variables
 from .patching import Patches
 from .stats import _BIN_OF_LOG, _bin_tops
 
 __all__ = ["JaxCapture"]
 
+#: The logs key a hooked step returns its statistics under (taken out before Keras sees the logs).
+_KEY = "__gradient_monitor__"
 
 
 @dataclass
 class _Plan:
     """Static facts of one trace: the layers, the variables each owns, where ``iterations`` sits in the state."""
 
+    index: int  # its place in JaxCapture._plan_list (the step's statistics name their plan by it)
     layers: list[str]
     groups: list[list[int]]
     iterations: int
+    moments: tuple[list[int], list[int]] | None  # where Adam's moments of each variable sit in the optimizer state
 
 
 @dataclass
@@ -51,6 +65,7 @@ class _Traced:
     grads: list[Any]
     before: list[Any]
     after: list[Any]
+    optimizer_after: list[Any]
     loss: Any = None
 
 
@@ -96,7 +111,11 @@ class JaxCapture:
         self._hooked_function: Any = None
         self._patches = Patches()
         self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._plan_list: list[_Plan] = []
         self._traced: _Traced | None = None
+        self.next_step = 0  # the step the next execution of the train step runs (held steps included)
+        self._pending: deque[dict[str, Any]] = deque()  # logged steps' statistics (device arrays), not read yet
+        self._read_lock = threading.Lock()
 
     def attach(self, model: Any, optimizer: Any) -> None:
         if optimizer is not self._optimizer or model is not self._model:
@@ -105,11 +124,13 @@ class JaxCapture:
         if model.train_function is None or model.train_function is not self._hooked_function:
             model.make_train_function(force=True)
             self._hooked_function = model.train_function
+        self.next_step = int(optimizer.iterations) + self.held
 
     def _install(self, model: Any, optimizer: Any) -> None:
         original_apply = optimizer.stateless_apply
         original_train_step = model.train_step
         original_metrics = model._update_metrics_variables
+        original_make_function = model._make_function
         owners = layer_paths(model)
 
         def stateless_apply(optimizer_variables: Any, grads: Any, trainable_variables: Any) -> Any:
@@ -124,17 +145,28 @@ class JaxCapture:
         def train_step(state: Any, data: Any) -> Any:
             self._traced = None
             try:
-                result = original_train_step(state, data)
-                if self._traced is not None:
-                    self._emit(self._traced)
+                logs, state = original_train_step(state, data)
+                if self._traced is not None and isinstance(logs, dict):
+                    logs = {**logs, _KEY: self._emit(self._traced)}
             finally:
                 self._traced = None
-            return result
+            return logs, state
+
+        def make_function(step_function: Any, *args: Any, **kwargs: Any) -> Any:
+            def step(state: Any, data: Any) -> Any:
+                logs, state = step_function(state, data)
+                if isinstance(logs, dict) and _KEY in logs:
+                    logs = dict(logs)
+                    self._collect(logs.pop(_KEY))
+                return logs, state
+
+            return original_make_function(step, *args, **kwargs)
 
         self._model, self._optimizer = model, optimizer
         self._patches.set(optimizer, "stateless_apply", stateless_apply)
         self._patches.set(model, "_update_metrics_variables", update_metrics_variables)
         self._patches.set(model, "train_step", train_step)
+        self._patches.set(model, "_make_function", make_function)
 
     def detach(self) -> None:
         """Restore the wrapped methods; the model's train function is made again without the hooks."""
@@ -144,6 +176,8 @@ class JaxCapture:
             model.make_train_function(force=True)
         self._model = self._optimizer = self._hooked_function = None
         self._plans.clear()
+        self._plan_list.clear()
+        self._pending.clear()
 
     # ------------------------------------------------------------------------------------------------ traced code
 
@@ -153,8 +187,12 @@ class JaxCapture:
         plan = self._plans.get(key)
         if plan is None:
             layers, groups = group_by_layer(variables, owners)
-            iterations = next(i for i, v in enumerate(optimizer.variables) if v is optimizer.iterations)
-            plan = self._plans[key] = _Plan(layers, groups, iterations)
+            index = {id(v): i for i, v in enumerate(optimizer.variables)}
+            iterations = index[id(optimizer.iterations)]
+            found = moment_variables(optimizer, variables)
+            moments = None if found is None else tuple([index[id(m)] for m in ms] for ms in found)
+            plan = self._plans[key] = _Plan(len(self._plan_list), layers, groups, iterations, moments)
+            self._plan_list.append(plan)
         return plan
 
     def _stateless_apply(self, optimizer: Any, original: Any, owners: dict[int, str], optimizer_variables: Any,
@@ -180,11 +218,11 @@ class JaxCapture:
             new_vars, new_opt = jax.lax.cond(
                 skip, lambda: (trainable_variables, optimizer_variables),
                 lambda: tuple(map(list, original(optimizer_variables, grads, trainable_variables))))
-        self._traced = _Traced(plan, step, lr, grads, trainable_variables, list(new_vars))
+        self._traced = _Traced(plan, step, lr, grads, trainable_variables, list(new_vars), list(new_opt))
         return new_vars, new_opt
 
-    def _emit(self, t: _Traced) -> None:
-        """On a logged step, reduce everything on the device and send it to the host in one ordered callback."""
+    def _emit(self, t: _Traced) -> dict[str, Any]:
+        """A logged step's statistics reduced on the device (zeros on other steps, which compute nothing)."""
         import jax
         import jax.numpy as jnp
 
@@ -195,19 +233,27 @@ class JaxCapture:
             hist_step = t.step % rec.histograms_every == 0
             logged = logged | hist_step
         loss = jnp.asarray(math.nan if t.loss is None else t.loss, jnp.float32)
-        n_hist = len(t.plan.groups) * fmt.HIST_BINS
+        n_hist = len(t.plan.groups) * fmt.HIST_BINS if rec.histograms_every else 0
+        moments = t.plan.moments
+        rows = 9 + (6 if moments is not None else 0)
 
-        def send(grads: list[Any], before: list[Any], after: list[Any]) -> None:
-            g, p = _reductions(grads), _reductions(before)
-            u = _reductions([a - b for a, b in zip(after, before, strict=True)])
-            counts = jnp.zeros([n_hist if rec.histograms_every else 0], jnp.int32)
+        def reduce() -> tuple[Any, Any]:
+            parts = [_reductions(t.grads), _reductions(t.before),
+                     _reductions([a - b for a, b in zip(t.after, t.before, strict=True)])]
+            if moments is not None:
+                parts += [_reductions([t.optimizer_after[i] for i in idxs]) for idxs in moments]
+            counts = jnp.zeros([n_hist], jnp.int32)
             if rec.histograms_every:
-                counts = jax.lax.cond(hist_step, lambda: _histogram(grads, t.plan.groups).astype(jnp.int32),
-                                      lambda: jnp.zeros([n_hist], jnp.int32))
-            jax.debug.callback(functools.partial(self._write, t.plan, t.loss is not None), t.step, loss, t.lr,
-                               jnp.concatenate([g, p, u]), counts, ordered=True)
+                counts = jax.lax.cond(hist_step, lambda: _histogram(t.grads, t.plan.groups).astype(jnp.int32),
+                                      lambda: counts)
+            return jnp.concatenate(parts).astype(jnp.float32), counts
 
-        jax.lax.cond(logged, send, lambda *_: None, t.grads, t.before, t.after)
+        def nothing() -> tuple[Any, Any]:
+            return jnp.zeros([rows, len(t.grads)], jnp.float32), jnp.zeros([n_hist], jnp.int32)
+
+        stats, counts = jax.lax.cond(logged, reduce, nothing)
+        return {"plan": jnp.asarray(t.plan.index, jnp.int32), "has_loss": jnp.asarray(t.loss is not None),
+                "step": jnp.asarray(t.step, jnp.int32), "loss": loss, "lr": t.lr, "stats": stats, "counts": counts}
 
     # ------------------------------------------------------------------------------------------------- host side
 
@@ -221,12 +267,32 @@ class JaxCapture:
             self.held += 1
         return np.bool_(skip), np.int32(step)
 
-    def _write(self, plan: _Plan, has_loss: bool, step: Any, loss: Any, lr: Any, stats: Any, counts: Any) -> None:
-        s = np.asarray(stats, np.float64)
+    def _collect(self, row: dict[str, Any]) -> None:
+        """After each execution of the step (no wait): keep a logged step's statistics, still on the device."""
+        step = self.next_step
+        self.next_step += 1
+        if self.recorder.enabled and self.recorder.logged(step):
+            self._pending.append(row)
+
+    def flush(self) -> None:
+        """Read and write the statistics of the logged steps run so far (waits for them to finish), in step order."""
+        import jax
+
+        with self._read_lock:  # batch ends may run on several threads at once (Keras' asynchronous callbacks)
+            while self._pending:
+                row = jax.device_get(self._pending.popleft())  # one transfer call for all of the step's arrays
+                self._write(self._plan_list[int(row["plan"])], row)
+
+    def _write(self, plan: _Plan, row: dict[str, np.ndarray]) -> None:
+        s = np.asarray(row["stats"], np.float64)
         groups = plan.groups
+        moments = None
+        if plan.moments is not None:
+            moments = (layer_norms(s[9], s[10], groups), layer_norms(s[12], s[13], groups))
+        counts = row["counts"]
         self.recorder.write(
-            int(step), plan.layers, grad_norm=layer_norms(s[0], s[1], groups),
+            int(row["step"]), plan.layers, grad_norm=layer_norms(s[0], s[1], groups),
             param_norm=layer_norms(s[3], s[4], groups), update_norm=layer_norms(s[6], s[7], groups),
-            grad_max_abs=layer_max(s[0], groups),
-            nonfinite_count=layer_sum(s[2], groups), lr=float(lr), loss=float(loss) if has_loss else None,
-            counts=np.asarray(counts) if counts.size else None)
+            grad_max_abs=layer_max(s[0], groups), nonfinite_count=layer_sum(s[2], groups), lr=float(row["lr"]),
+            loss=float(row["loss"]) if bool(row["has_loss"]) else None, counts=counts if counts.size else None,
+            moments=moments)

@@ -3,8 +3,9 @@
 Keras' torch ``train_step`` runs eagerly: ``loss.backward()``, then ``optimizer.apply(grads, variables)`` with each
 variable's ``.grad``. Wrapping ``apply`` (and ``scale_loss``, which receives the batch loss) on the optimizer instance
 sees exactly the gradients ``fit`` applies. Unlogged steps cost a Python modulo; a logged step reduces every gradient,
-weight and update on the device (float64) and moves one small tensor to the host. The guard judges the step before
-``apply`` is called, so a step it skips is never applied.
+weight, update (and Adam moment) with a few fused multi-tensor ops (``torch._foreach_norm``, sums of squares in
+float64) and moves one small tensor to the host. The guard judges the step before ``apply`` is called, so a step it
+skips is never applied.
 """
 
 from __future__ import annotations
@@ -14,25 +15,39 @@ from typing import Any
 import numpy as np
 
 from .. import format as fmt
-from .host import StepRecorder, layer_max, layer_norms, layer_sum
+from .host import StepRecorder, layer_max, layer_sum, norms_to_layers
 from .layers import group_by_layer, layer_paths
+from .moments import moment_variables
 from .patching import Patches
 
 __all__ = ["TorchCapture"]
 
 
 
-def _reductions(tensors: list[Any]) -> Any:
-    """Per tensor: max|x|, sum((x / max|x|)**2) and the non-finite count, as one float64 ``[3, n]`` host array."""
+def _norms(tensors: list[Any]) -> Any:
+    """Per tensor, the L2 norm with its squares summed in float64 (no float32 overflow), on the device."""
     import torch
 
-    rows = []
-    for t in tensors:
-        a = t.detach().to(torch.float64).abs()
-        m = a.max() if a.numel() else torch.zeros((), dtype=torch.float64, device=a.device)
-        safe = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
-        rows.append(torch.stack([m, torch.square(a / safe).sum(), (~torch.isfinite(a)).sum().to(torch.float64)]))
-    return torch.stack(rows, 1).cpu().numpy()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+
+
+def _grad_stats(grads: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per gradient: L2 norm, max|g| and non-finite count, in float64 on the host (one transfer; the counts, zero
+    whenever the norm is finite, cost a second one only on a step with non-finite entries)."""
+    import torch
+
+    grads = [g.detach() for g in grads]
+    live = [g for g in grads if g.numel()]
+    maxes = torch.stack(torch._foreach_max(torch._foreach_abs(live))).to(torch.float64) if live else None
+    norms = _norms(grads)
+    host = torch.cat([norms] if maxes is None else [norms, maxes]).cpu().numpy()
+    norm = host[:len(grads)]
+    it = iter(host[len(grads):])
+    gmax = np.array([next(it) if g.numel() else 0.0 for g in grads], np.float64)
+    nonfinite = np.zeros(len(grads))
+    for i in np.flatnonzero(~np.isfinite(norm)):
+        nonfinite[i] = float((~torch.isfinite(grads[i])).sum())
+    return norm, gmax, nonfinite
 
 
 class TorchCapture:
@@ -44,6 +59,8 @@ class TorchCapture:
         self._optimizer: Any = None
         self._patches = Patches()
         self._loss: Any = None
+        self._grouped_key: tuple[int, ...] = ()
+        self._grouped: tuple[list[str], list[list[int]]] = ([], [])
 
     def attach(self, model: Any, optimizer: Any) -> None:
         if self.step is None:
@@ -68,6 +85,7 @@ class TorchCapture:
     def detach(self) -> None:
         self._patches.restore()
         self._optimizer = None
+        self._grouped_key = ()
 
     def _apply(self, optimizer: Any, original_apply: Any, owners: dict[int, str], grads: Any, variables: Any) -> Any:
         import torch
@@ -85,29 +103,44 @@ class TorchCapture:
             return original_apply(grads, variables)
         live_grads = [g for g, _ in pairs]
         live_vars = [v for _, v in pairs]
-        layers, groups = group_by_layer(live_vars, owners)
+        layers, groups = self._layers(live_vars, owners)
         lr = float(optimizer.learning_rate)
-        g = _reductions(live_grads)
-        grad_norm, grad_max = layer_norms(g[0], g[1], groups), layer_max(g[0], groups)
-        nonfinite = layer_sum(g[2], groups)
+        g_norm, g_max, g_nonfinite = _grad_stats(live_grads)
+        grad_norm, grad_max = norms_to_layers(g_norm, groups), layer_max(g_max, groups)
+        nonfinite = layer_sum(g_nonfinite, groups)
         skip = rec.judge(step, layers, grad_norm, grad_max, nonfinite, lr)
         if rec.error is not None:
             self._loss = None
             rec.raise_pending()
-        before = [v.value.detach().clone() for v in live_vars] if logged else None
-        result = None if skip else original_apply(grads, variables)
-        if logged:
-            with torch.no_grad():
-                p = _reductions(before)
-                u = _reductions([v.value.detach() - b for v, b in zip(live_vars, before, strict=True)])
-            counts = None
-            if rec.hist_step(step):
-                counts = np.stack([
-                    sum(fmt.histogram_counts(live_grads[i].detach().to(torch.float64).cpu().numpy()) for i in idxs)
-                    for idxs in groups])
-            loss = None if self._loss is None else float(self._loss.detach())
-            rec.write(step, layers, grad_norm=grad_norm, param_norm=layer_norms(p[0], p[1], groups),
-                      update_norm=layer_norms(u[0], u[1], groups), grad_max_abs=grad_max, nonfinite_count=nonfinite,
-                      lr=lr, loss=loss, counts=counts)
+        with torch.no_grad():
+            before = torch._foreach_mul([v.value for v in live_vars], 1.0) if logged else None
+            result = None if skip else original_apply(grads, variables)
+            if logged:
+                after = [v.value.detach() for v in live_vars]
+                parts = [_norms(before), _norms(torch._foreach_sub(after, before))]
+                moments = moment_variables(optimizer, live_vars)
+                if moments is not None:
+                    parts += [_norms([m.value.detach() for m in ms]) for ms in moments]
+                n = len(live_vars)
+                host = torch.cat(parts).cpu().numpy().reshape(-1, n)
+                counts = None
+                if rec.hist_step(step):
+                    counts = np.stack([
+                        sum(fmt.histogram_counts(live_grads[i].detach().to(torch.float64).cpu().numpy())
+                            for i in idxs)
+                        for idxs in groups])
+                loss = None if self._loss is None else float(self._loss.detach())
+                rec.write(step, layers, grad_norm=grad_norm, param_norm=norms_to_layers(host[0], groups),
+                          update_norm=norms_to_layers(host[1], groups), grad_max_abs=grad_max,
+                          nonfinite_count=nonfinite, lr=lr, loss=loss, counts=counts,
+                          moments=None if moments is None else (norms_to_layers(host[2], groups),
+                                                                norms_to_layers(host[3], groups)))
         self._loss = None
         return result
+
+    def _layers(self, variables: list[Any], owners: dict[int, str]) -> tuple[list[str], list[list[int]]]:
+        """The layers of a set of variables, grouped once per set (the same set comes back every step)."""
+        key = tuple(id(v) for v in variables)
+        if self._grouped_key != key:
+            self._grouped_key, self._grouped = key, group_by_layer(variables, owners)
+        return self._grouped

@@ -10,6 +10,7 @@ into an infinite norm), lets the explosion guard judge a step, and writes logged
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from .. import format as fmt
 from ..guard import GUARD_NONE, GUARD_RAISE, ExplosionGuard, GradientExplosionError
 from ..writer import GradientWriter
 
-__all__ = ["StepRecorder", "layer_norms"]
+__all__ = ["StepRecorder", "layer_norms", "norms_to_layers"]
 
 
 def layer_norms(maxes: np.ndarray, scaled_sumsq: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
@@ -31,6 +32,14 @@ def layer_norms(maxes: np.ndarray, scaled_sumsq: np.ndarray, groups: Sequence[Se
     with np.errstate(invalid="ignore", over="ignore"):
         per_var = np.where(np.isfinite(m), np.where(m > 0, m * m * s, 0.0), m)
         return np.sqrt(np.array([per_var[list(g)].sum() for g in groups]))
+
+
+def norms_to_layers(norms: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per layer, the L2 norm from per-variable L2 norms (float64: squares of float32 norms cannot overflow); a NaN
+    or infinite variable norm makes its layer's NaN or infinite."""
+    n = np.asarray(norms, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sqrt(np.array([np.sum(np.square(n[list(g)])) for g in groups]))
 
 
 def layer_max(maxes: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
@@ -63,6 +72,9 @@ class StepRecorder:
         self.error: GradientExplosionError | None = None  # a "raise" decision not yet raised on the main thread
         self.stopped = False  # a "raise" decision was taken: hold back every step until the next fit
         self._actions: dict[int, int] = {}  # guard_action of judged steps whose logged row is not written yet
+        # JAX judges steps on its runtime's callback thread and writes logged rows at batch end, which Keras may run
+        # on another thread: one writer call at a time.
+        self._lock = threading.RLock()
 
     def open(self) -> None:
         import os
@@ -91,6 +103,11 @@ class StepRecorder:
         metrics = {"grad_norm": grad_norm, "grad_max_abs": grad_max_abs, "nonfinite_count": nonfinite}
         with np.errstate(invalid="ignore", over="ignore"):
             scalars = {"total_grad_norm": float(np.sqrt(np.sum(np.square(grad_norm))))}
+        with self._lock:
+            return self._judge(step, layers, metrics, scalars, lr)
+
+    def _judge(self, step: int, layers: list[str], metrics: dict[str, np.ndarray], scalars: dict[str, float],
+               lr: float) -> bool:
         try:
             decision = self.guard.check(step, layers, metrics, scalars)
         except GradientExplosionError as error:
@@ -110,22 +127,28 @@ class StepRecorder:
 
     def write(self, step: int, layers: list[str], *, grad_norm: np.ndarray, param_norm: np.ndarray,
               update_norm: np.ndarray, grad_max_abs: np.ndarray, nonfinite_count: np.ndarray, lr: float,
-              loss: float | None, counts: np.ndarray | None = None) -> None:
-        """Write one logged step (and its histograms on a histogram step)."""
+              loss: float | None, counts: np.ndarray | None = None,
+              moments: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Write one logged step (and its histograms on a histogram step); ``moments``: per layer, the norms of
+        Adam's first and second moments after the step."""
         if not self.enabled or self.writer is None or self.stopped:  # the raised step is written by judge()
             return
         extras: dict[str, Any] = {}
         if loss is not None:
             extras["loss"] = loss
-        if step in self._actions:
-            extras["guard_action"] = self._actions.pop(step)
+        if moments is not None:
+            extras["exp_avg_norm"], extras["exp_avg_sq_norm"] = moments
         with np.errstate(invalid="ignore", over="ignore"):
             total = float(np.sqrt(np.sum(np.square(np.asarray(grad_norm, np.float64)))))
-        self.writer.write(step, layers, grad_norm=grad_norm, param_norm=param_norm, update_norm=update_norm,
-                          grad_max_abs=grad_max_abs, nonfinite_count=nonfinite_count, total_grad_norm=total, lr=lr,
-                          **extras)
-        if counts is not None and self.hist_step(step):
-            self.writer.write_histograms(step, layers, np.asarray(counts, np.int64).reshape(len(layers), fmt.HIST_BINS))
+        with self._lock:
+            if step in self._actions:
+                extras["guard_action"] = self._actions.pop(step)
+            self.writer.write(step, layers, grad_norm=grad_norm, param_norm=param_norm, update_norm=update_norm,
+                              grad_max_abs=grad_max_abs, nonfinite_count=nonfinite_count, total_grad_norm=total,
+                              lr=lr, **extras)
+            if counts is not None and self.hist_step(step):
+                self.writer.write_histograms(step, layers,
+                                             np.asarray(counts, np.int64).reshape(len(layers), fmt.HIST_BINS))
 
     def raise_pending(self) -> None:
         """Raise a ``"raise"`` decision on the main thread (once), after flushing what was written."""
