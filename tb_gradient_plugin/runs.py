@@ -22,6 +22,7 @@ import pickle
 import posixpath
 import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -600,7 +601,7 @@ class RunStore:
         self.cache = cache
         self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report): cached, or judged since
         self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: deque[tuple[Future, int]] = deque()  # cache writes queued or running, with their runs' bytes
 
     def refresh(self, listed: Callable[[], None] | None = None) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed.
@@ -658,10 +659,14 @@ class RunStore:
         return changed
 
     def _write_later(self, name: str, run: _Run, root: str) -> None:
-        """Write a run to the cache on the store's writer thread, then publish it from its entry. The next run is read
-        meanwhile (the write is mostly I/O and checksums, outside the GIL); one write at a time, so a first read of a
-        large logdir holds at most two runs: the one written and the one read."""
-        self._wait_written()
+        """Write a run to the cache on the store's writer thread, then publish it from its entry. Reading goes on
+        meanwhile (a write is mostly disk and checksums, outside the GIL): runs waiting for their write stay in
+        memory, at most the cache's memory budget of them (always one), so a first read of a large logdir lists every
+        run about as soon as without the cache while holding a bounded amount of it."""
+        nbytes = _run_bytes(run.data())
+        limit = self.cache.budget.max_bytes if self.cache is not None else 0
+        while self._pending and sum(b for _, b in self._pending) + nbytes > limit:
+            self._wait_oldest()
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-gradient-cache")
         version = run.version
@@ -670,17 +675,19 @@ class RunStore:
             data = self._publishable(run, root)
             self._publish(name, data, version)
 
-        self._pending = self._writer.submit(write)
+        self._pending.append((self._writer.submit(write), nbytes))
 
-    def _wait_written(self) -> None:
-        """Wait for the cache write in progress, if any (a failed write leaves the run published from memory)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
+    def _wait_oldest(self) -> None:
+        future, _ = self._pending.popleft()
         try:
-            pending.result()
+            future.result()
         except Exception:  # noqa: BLE001 - the run stays served from memory
             logger.warning("gradients plugin: writing a run to the cache failed", exc_info=True)
+
+    def _wait_written(self) -> None:
+        """Wait for every cache write queued (a failed write leaves its run published from memory)."""
+        while self._pending:
+            self._wait_oldest()
 
     def _publish(self, name: str, data: RunData, version: int) -> None:
         with self._lock:
@@ -790,6 +797,11 @@ class RunStore:
     def version(self, run: str) -> int:
         """Increases whenever the run's data changes: a cache key for anything derived from it."""
         return self.snapshot(run)[1]
+
+
+def _run_bytes(data: RunData) -> int:
+    """Bytes of a run's per-layer arrays in memory (what waits in memory for its cache write)."""
+    return sum(a.nbytes for a in data.layer_metrics.values()) + data.present.nbytes
 
 
 def _buffer_of(array: np.ndarray | None) -> Any:
