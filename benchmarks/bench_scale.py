@@ -210,6 +210,16 @@ def found_planted(report: dict, step: int) -> bool:
 
 
 def same_report(tab: dict, auditor: dict) -> bool:
+    """The tab's episodes route says what the auditor says; it lists an episode's batches nearest the peak only, with
+    their total (the batches route pages the rest)."""
+    tab = {**tab, "episodes": [dict(e) for e in tab.get("episodes", [])]}
+    for shown, full in zip(tab["episodes"], auditor.get("episodes", []), strict=False):
+        if "batches_total" in shown:
+            every = full.get("batches", [])
+            nearest = every[len(every) - len(shown["batches"]):]
+            if shown.pop("batches_total") != len(every) or shown["batches"] != nearest:
+                return False
+            shown["batches"] = every
     return all(tab[key] == auditor[key] for key in tab if key in auditor)
 
 
