@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from s3server import upload_tree
+
 ENV = {
     "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
     "GOOGLE_APPLICATION_CREDENTIALS": "",
@@ -89,15 +91,7 @@ class GCSServer:
         return name
 
     def upload(self, local: os.PathLike | str, url: str) -> None:
-        """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
-        fs = self.fs()
-        root = os.fspath(local)
-        for directory, _dirs, files in os.walk(root):
-            for name in files:
-                path = os.path.join(directory, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                with open(path, "rb") as f:
-                    fs.pipe(url.removeprefix("gs://").rstrip("/") + "/" + rel, f.read())
+        upload_tree(self.fs(), local, url)
 
 
 def _drop_instances() -> None:

@@ -78,15 +78,19 @@ class S3Server:
         return name
 
     def upload(self, local: os.PathLike | str, url: str) -> None:
-        """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
-        fs = self.fs()
-        root = os.fspath(local)
-        for directory, _dirs, files in os.walk(root):
-            for name in files:
-                path = os.path.join(directory, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                with open(path, "rb") as f:
-                    fs.pipe(url.removeprefix("s3://").rstrip("/") + "/" + rel, f.read())
+        upload_tree(self.fs(), local, url)
+
+
+def upload_tree(fs, local: os.PathLike | str, url: str) -> None:
+    """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
+    root = os.fspath(local)
+    base = url.split("://", 1)[-1].rstrip("/")
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            with open(path, "rb") as f:
+                fs.pipe(base + "/" + rel, f.read())
 
 
 def _drop_instances() -> None:
