@@ -755,15 +755,20 @@ class RunStore:
         return found[1] if found is not None and found[0] == version else None
 
     def save_report(self, run: str, version: int, report: Any) -> None:
-        """Keep the detector's report on data ``version`` in the run's cache entry (no-op without a cache)."""
+        """Keep the detector's report on data ``version`` in the run's cache entry (no-op without a cache). A run whose
+        first cache write is still queued takes the report along when it is written (see :meth:`_publishable`)."""
+        if self.cache is None:
+            return
         state = self._runs.get(run)
         entry = None if state is None else state.entry
-        if self.cache is None or entry is None:
-            return
         with self._lock:
             self._reports[run] = (version, report)
+        if entry is None:
+            return
         try:
             entry.write_report(report, version)
+        except CacheError:  # the entry is being written: it takes the report along, or the next start judges again
+            pass
         except Exception:  # noqa: BLE001 - the report is served from memory all the same
             logger.warning("gradients plugin: could not cache the report of run %r", run, exc_info=True)
 

@@ -515,3 +515,37 @@ def test_an_array_of_one_value_is_stored_as_that_value(logdir, tmp_path):
     assert all("offset" in meta for meta in stored.values())
     view = cache._constant_view(constant["present"])
     assert view.shape == tuple(constant["present"]["shape"]) and view.all() and not view.flags.writeable
+
+
+def test_a_report_judged_before_the_first_cache_write_goes_into_the_entry(logdir, tmp_path):
+    """The tab answers before a first read's cache writes finish: a report judged while a run's write is still queued
+    is written with the entry, so a second start does not judge the run again."""
+    import threading
+
+    from tb_gradient_plugin import detect
+    from tb_gradient_plugin.runs import RunStore
+
+    store = RunStore(str(logdir), cache=cache.RunCache.open(str(tmp_path / "cache")))
+    gate = threading.Event()
+    original = store._publishable
+
+    def held(run, root):
+        gate.wait(30)
+        return original(run, root)
+
+    store._publishable = held
+    refresh = threading.Thread(target=store.refresh, kwargs={"listed": lambda: None})
+    refresh.start()
+    for _ in range(600):
+        if store.run_names() == ["a", "b"]:
+            break
+        time.sleep(0.05)
+    data, version = store.snapshot("a")  # published from memory, its write held back
+    assert store._runs["a"].entry is None or not (store._runs["a"].entry.path / "manifest.json").exists()
+    report = detect.detect(data)
+    store.save_report("a", version, report)
+    gate.set()
+    refresh.join(60)
+    again = RunStore(str(logdir), cache=cache.RunCache.open(str(tmp_path / "cache")))
+    again.refresh()
+    assert again.cached_report("a", again.version("a")) is not None
