@@ -274,12 +274,8 @@ class _Run:
         identity cannot be taken by a new buffer at the same address.
         """
         data = self.data()
-        inputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {m: (v, None) for m, v in data.layer_metrics.items()}
-        ratio = update_ratio_inputs(data.layer_metrics)
-        if ratio is not None and ratio[1] is not None:
-            inputs["update_ratio"] = (ratio[0], ratio[1])
         built: dict[str, tuple[tuple[Any, ...], pyramid.Pyramid]] = {}
-        for metric, (values, divide_by) in inputs.items():
+        for metric, (values, divide_by) in _pyramid_inputs(data).items():
             buffers = tuple(_buffer_of(a) for a in (values, divide_by, data.present))
             old = self.live_pyramids.get(metric)
             same = old is not None and all(a is b for a, b in zip(old[0], buffers, strict=True))
@@ -887,12 +883,20 @@ def _close(published: tuple[RunData, int] | None) -> None:
         cached.close()
 
 
+def _pyramid_inputs(data: RunData) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Per metric the heatmap shows, the values its pyramid pools and what they are divided by (``update_ratio``,
+    when derivable from update and parameter norms)."""
+    inputs: dict[str, tuple[np.ndarray, np.ndarray | None]] = {m: (v, None) for m, v in data.layer_metrics.items()}
+    ratio = update_ratio_inputs(data.layer_metrics)
+    if ratio is not None and ratio[1] is not None:
+        inputs["update_ratio"] = (ratio[0], ratio[1])
+    return inputs
+
+
 def _build_pyramids(data: RunData) -> dict[str, Any]:
     """Max pyramids of every per-layer metric the heatmap shows (``update_ratio`` included, when derivable)."""
-    out = {metric: pyramid.build(values, data.present) for metric, values in data.layer_metrics.items()}
-    inputs = update_ratio_inputs(data.layer_metrics)
-    if inputs is not None and inputs[1] is not None:
-        out["update_ratio"] = pyramid.build(inputs[0], data.present, inputs[1])
+    out = {metric: pyramid.build(values, data.present, divide_by)
+           for metric, (values, divide_by) in _pyramid_inputs(data).items()}
     return {metric: pyr for metric, pyr in out.items() if pyr.levels}
 
 

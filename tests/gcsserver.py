@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from s3server import upload_tree
+from s3server import set_environ, upload_tree
 
 ENV = {
     "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
@@ -52,9 +52,7 @@ class GCSServer:
                    "--host", "127.0.0.1", "--in-memory", "--quiet"]
         self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.env = dict(ENV, STORAGE_EMULATOR_HOST=self.endpoint)
-        for key, value in self.env.items():
-            self._saved[key] = os.environ.get(key)
-            os.environ[key] = value
+        self._saved = set_environ(self.env)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -70,11 +68,7 @@ class GCSServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        set_environ(self._saved)
         _drop_instances()
         if self._proc is not None:
             self._proc.terminate()

@@ -51,18 +51,12 @@ class S3Server:
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
         self.env = dict(FAKE_ENV, AWS_ENDPOINT_URL=self.endpoint)
-        for key, value in self.env.items():
-            self._saved[key] = os.environ.get(key)
-            os.environ[key] = value
+        self._saved = set_environ(self.env)
         _drop_instances()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        set_environ(self._saved)
         _drop_instances()
         if self._server is not None:
             self._server.stop()
@@ -79,6 +73,17 @@ class S3Server:
 
     def upload(self, local: os.PathLike | str, url: str) -> None:
         upload_tree(self.fs(), local, url)
+
+
+def set_environ(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (or, for None, remove) environment variables of this process; returns what they were, to set back."""
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return saved
 
 
 def upload_tree(fs, local: os.PathLike | str, url: str) -> None:
