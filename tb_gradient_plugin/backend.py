@@ -8,6 +8,7 @@ only what TensorBoard itself has already loaded; the run store and detector are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -179,6 +180,7 @@ class Backend:
                     self.cache.resize(responses)
                     cache = RunCache.open(self._cache_dir, budget - responses)
                     self._store = RunStore(self._logdir, spec=self._spec, cache=cache)
+                    self._store.before_write = self._judge_before_write
                 self._store.refresh(listed=self._listed)
             except Exception as exc:  # noqa: BLE001 - a bad file must not take TensorBoard down
                 self._failed(exc)
@@ -192,6 +194,15 @@ class Backend:
         self._active = any(_has_data(data) for _, data, _ in self._store.snapshots())
         self._error = None
         self._loaded.set()
+
+    def _judge_before_write(self, run: str) -> None:
+        """A run about to be written to the cache is judged first, on the writer thread: its report goes into its
+        entry, and the tab, which needs the report, does not wait for a detection slowed down by a write. Where another
+        thread is judging it, the write does not wait (that thread may be waiting for the read the write is part of);
+        its report reaches the entry when it is saved."""
+        found = self._published(run)
+        if found is not None:
+            self.report(run, *found, wait=False)
 
     def _failed(self, exc: Exception) -> None:
         """Keep the reason the logdir cannot be read for the run list, and log it once, not at every refresh: a
@@ -275,13 +286,14 @@ class Backend:
 
     # ------------------------------------------------------------------------------------------------ detector reports
 
-    def report(self, run: str, data: Any, version: int) -> tuple[Any, int]:
+    def report(self, run: str, data: Any, version: int, *, wait: bool = True) -> tuple[Any, int] | None:
         """The detector's report on a run and the data version it describes.
 
         The detector reads the whole run (seconds on a 500-layer x 100k-step run), so while training appends steps
         the last report is served and a fresh one is computed in the background (one at a time per run); only a
         run's first report is computed while the request waits. A live run whose full detection is slow is judged
-        incrementally once an online detector has caught up with it (:mod:`.live_report`).
+        incrementally once an online detector has caught up with it (:mod:`.live_report`). With ``wait=False``,
+        None instead of waiting for another thread that is judging the run.
         """
         with self._lock:
             done = self._reports.get(run)
@@ -291,18 +303,30 @@ class Backend:
         if done is not None:
             self._revalidate(run)
             return done[1], done[0]
-        with run_lock:
+        if not run_lock.acquire(blocking=wait):
+            return None
+        try:
             done = self._reports.get(run)
             if done is None or done[0] < version:
                 stored = self._store.cached_report(run, version) if self._store is not None else None
                 if stored is None:
                     data, version = self._checked(run, data, version)
-                done = (version, stored if stored is not None else _judge(data))
-                if stored is None and self._store is not None:
-                    self._store.save_report(run, version, done[1])
+                    with self.computing():
+                        stored = _judge(data)
+                    if self._store is not None:
+                        self._store.save_report(run, version, stored)
+                done = (version, stored)
                 with self._lock:
                     self._reports[run] = max(done, self._reports.get(run, done), key=lambda d: d[0])
+        finally:
+            run_lock.release()
         return done[1], done[0]
+
+    def computing(self) -> contextlib.AbstractContextManager:
+        """Around work a user waits for (a detection, a response): cache writes wait until it is done (see
+        :meth:`RunStore.hold_writes`)."""
+        store = self._store
+        return store.hold_writes() if store is not None else contextlib.nullcontext()
 
     def _revalidate(self, run: str) -> None:
         with self._lock:
@@ -325,7 +349,8 @@ class Backend:
                 report = self._incremental(run, data)
                 if report is None:
                     started = time.thread_time()
-                    report = _judge(data)
+                    with self.computing():
+                        report = _judge(data)
                     with self._lock:
                         self.live_stats["offline"] += 1
                     if time.thread_time() - started >= LIVE_DETECT_SECONDS:

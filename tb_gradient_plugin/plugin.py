@@ -226,7 +226,8 @@ class GradientsPlugin(base_plugin.TBPlugin):
         """Gzipped JSON of ``build()``, cached on a key that includes the run's data version."""
         body = self._backend.cache.get(key)
         if body is None:
-            body = gzip.compress(to_json(build()), compresslevel=1, mtime=0)
+            with self._backend.computing():
+                body = gzip.compress(to_json(build()), compresslevel=1, mtime=0)
             self._backend.cache.put(key, body, len(body))
         return body
 

@@ -23,8 +23,9 @@ import posixpath
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -576,6 +577,10 @@ def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
+#: A cache write waits at most this long for the detections and responses being computed (see RunStore.hold_writes).
+WRITE_HOLD_SECONDS = 10.0
+
+
 class RunStore:
     """All runs under a logdir (or a TensorBoard ``logdir_spec``), kept up to date by :meth:`refresh`.
 
@@ -598,6 +603,11 @@ class RunStore:
         self._reports: dict[str, tuple[int, Any]] = {}  # run -> (version, report): cached, or judged since
         self._writer: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Future, int]] = deque()  # cache writes queued or running, with their runs' bytes
+        self._holds = 0  # detections and responses being computed (see hold_writes)
+        #: called with a run's name on the writer thread before the run is written to the cache (the plugin judges it
+        #: there, so that its report goes into the entry and no write competes with that detection for the CPU)
+        self.before_write: Callable[[str], Any] | None = None
+        self._quiet = threading.Condition()
 
     def refresh(self, listed: Callable[[], None] | None = None) -> bool:
         """Find new runs and files, read only new bytes; True if anything changed.
@@ -668,10 +678,32 @@ class RunStore:
         version = run.version
 
         def write() -> None:
+            if self.before_write is not None:
+                try:
+                    self.before_write(name)
+                except Exception:  # noqa: BLE001 - the run is written without it
+                    logger.warning("gradients plugin: preparing run %r for the cache failed", name, exc_info=True)
+            with self._quiet:
+                self._quiet.wait_for(lambda: not self._holds, timeout=WRITE_HOLD_SECONDS)
             data = self._publishable(run, root)
             self._publish(name, data, version)
 
         self._pending.append((self._writer.submit(write), nbytes))
+
+    @contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Cache writes wait while the caller computes what a user waits for (a detection, a response): on a machine
+        with few cores a write would slow it down, and it can as well be done once the tab has its answer. A write
+        waits at most ``WRITE_HOLD_SECONDS``, so that a busy tab cannot keep runs in memory for ever."""
+        with self._quiet:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._holds -= 1
+                if not self._holds:
+                    self._quiet.notify_all()
 
     def _wait_oldest(self) -> None:
         future, _ = self._pending.popleft()

@@ -549,3 +549,56 @@ def test_a_report_judged_before_the_first_cache_write_goes_into_the_entry(logdir
     again = RunStore(str(logdir), cache=cache.RunCache.open(str(tmp_path / "cache")))
     again.refresh()
     assert again.cached_report("a", again.version("a")) is not None
+
+
+def test_a_cache_write_waits_while_a_detection_or_response_is_computed(logdir, tmp_path):
+    """Cache writes yield to what a user waits for: none starts while ``hold_writes`` is held, all of them once it is
+    released (the runs are served from memory meanwhile)."""
+    import threading
+
+    from tb_gradient_plugin.runs import RunStore
+
+    cache_dir = tmp_path / "cache"
+    store = RunStore(str(logdir), cache=cache.RunCache.open(str(cache_dir)))
+    listed = threading.Event()
+    with store.hold_writes():
+        refresh = threading.Thread(target=store.refresh, kwargs={"listed": listed.set})
+        refresh.start()
+        assert listed.wait(60)
+        time.sleep(0.5)
+        assert _entries(cache_dir) == [] and refresh.is_alive()
+        assert store.get("a").__dict__.get("cached") is None  # served from memory
+    refresh.join(60)
+    assert not refresh.is_alive() and len(_entries(cache_dir)) == 2
+    assert store.get("a").__dict__.get("cached") is not None
+
+
+def test_the_plugin_judges_each_run_before_its_first_cache_write(logdir, tmp_path, monkeypatch):
+    """On a first read the plugin judges each run on the cache's writer thread just before writing it: every entry is
+    written with its report, the detection never competes with that write, and a second start judges nothing."""
+    import threading
+
+    from tb_gradient_plugin import backend, runs
+
+    judged: list[str] = []
+    written: dict[str, bool] = {}
+    original_judge, original_write = backend._judge, runs._write_entry
+
+    def judge(data):
+        judged.append(threading.current_thread().name)
+        return original_judge(data)
+
+    def write(cache_, run, data, report=None):
+        written[run.name] = report is not None
+        return original_write(cache_, run, data, report)
+
+    monkeypatch.setattr(backend, "_judge", judge)
+    monkeypatch.setattr(runs, "_write_entry", write)
+    instance = _plugin(logdir, str(tmp_path / "cache"))
+    instance._backend.wait_loaded(60)
+    instance._backend.wait_idle()
+    assert written == {"a": True, "b": True}
+    assert len(judged) == 2 and all(name.startswith("tb-gradient-cache") for name in judged), judged
+    judged.clear()
+    assert _answers(_plugin(logdir, str(tmp_path / "cache"))) == _answers(_plugin(logdir, "off"))
+    assert len(judged) == 2  # the run without the cache only: the cached start judged nothing
