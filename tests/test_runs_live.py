@@ -324,6 +324,7 @@ def test_routes_answer_from_the_last_state_while_a_big_read_is_in_progress(gated
 
     first = runs()
     assert first["big"]["steps"] == 600 and first["small"]["steps"] == 50
+    instance._backend.wait_idle()  # the first read's cache writes (answered before they finish) read file identities
 
     # Training goes on: the big run resumes into a second file, and the next read of it is held mid-way.
     fs.pipe("/logs/big/events.out.tfevents.2000.host.1", event_bytes(tmp_path, range(600, 1800), 2.0, layers))
