@@ -28,12 +28,12 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from .types import RunData
+from .types import BatchIds, RunData
 
 logger = logging.getLogger(__name__)
 
 #: Layout of an entry; bump on any change to what is written.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 ENV_CACHE_DIR = "TB_GRADIENT_CACHE_DIR"
 ENV_MEMORY_MB = "TB_GRADIENT_MEMORY_MB"
 #: Memory budget for mapped full-resolution arrays, in MB.
@@ -550,7 +550,7 @@ class CachedRunData(RunData):
 
 
 def cached_run_data(facts: dict, resident: dict[str, np.ndarray], cached: CachedRun, pyramids: dict[str, Any],
-                    batches: dict[int, np.ndarray]) -> CachedRunData:
+                    batches: BatchIds) -> CachedRunData:
     """Build the published RunData of a cached run from its facts, in-memory arrays and the batch ids its reading
     state keeps."""
     from .types import Series
@@ -562,7 +562,7 @@ def cached_run_data(facts: dict, resident: dict[str, np.ndarray], cached: Cached
                          warnings=list(facts["warnings"]), unknown_tags=list(facts["unknown_tags"]),
                          events=facts["events"], bytes_read=facts["bytes_read"],
                          first_wall_time=facts["first_wall_time"], last_wall_time=facts["last_wall_time"],
-                         batches=dict(batches))
+                         batches=batches)
     data.layer_metrics = _LazyMetrics(cached, list(facts["metrics"]))  # type: ignore[assignment]
     data.cached = cached
     data.pyramids = pyramids

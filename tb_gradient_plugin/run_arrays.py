@@ -12,7 +12,64 @@ import numpy as np
 
 from . import format as fmt
 from .reader import LayerBlock, Piece
-from .types import Series
+from .types import BatchIds, Series
+
+
+class IdTable:
+    """A run's sample ids as they are read: appended in place into growing buffers while steps only increase (a
+    training run), rebuilt where a step comes again (a later record wins: a resumed run). :meth:`snapshot` hands out
+    views of what was read so far, which later appends never change."""
+
+    def __init__(self) -> None:
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self.n = 0  # steps
+        self.m = 0  # ids
+
+    def add(self, records: list[tuple[int, np.ndarray]]) -> None:
+        """Append ``(step, ids)`` records in the order they were read."""
+        if not records:
+            return
+        steps = np.fromiter((s for s, _ in records), dtype=np.int64, count=len(records))
+        parts = [np.asarray(ids, dtype=np.int64).reshape(-1) for _, ids in records]
+        if (self.n and steps[0] <= self._steps[self.n - 1]) or np.any(steps[1:] <= steps[:-1]):
+            merged = dict(self.snapshot().items())
+            merged.update(zip(steps.tolist(), parts, strict=True))
+            packed = BatchIds.from_dict(merged)
+            self._steps, self._offsets, self._ids = packed.steps, packed.offsets, packed.ids
+            self.n, self.m = len(packed.steps), len(packed.ids)
+            return
+        sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        n, m = self.n + len(steps), self.m + int(sizes.sum())
+        self._steps = _room(self._steps, n)
+        self._offsets = _room(self._offsets, n + 1)
+        self._ids = _room(self._ids, m)
+        self._steps[self.n:n] = steps
+        np.cumsum(sizes, out=self._offsets[self.n + 1:n + 1])
+        self._offsets[self.n + 1:n + 1] += self.m
+        if parts:
+            self._ids[self.m:m] = np.concatenate(parts)
+        self.n, self.m = n, m
+
+    def snapshot(self) -> BatchIds:
+        return BatchIds(self._steps[:self.n], self._offsets[:self.n + 1], self._ids[:self.m])
+
+    def __getstate__(self) -> tuple:
+        return self._steps[:self.n].copy(), self._offsets[:self.n + 1].copy(), self._ids[:self.m].copy()
+
+    def __setstate__(self, state: tuple) -> None:
+        self._steps, self._offsets, self._ids = state
+        self.n, self.m = len(self._steps), len(self._ids)
+
+
+def _room(buffer: np.ndarray, size: int) -> np.ndarray:
+    """``buffer``, or a copy with room for ``size`` entries (doubling) where it has less."""
+    if len(buffer) >= size:
+        return buffer
+    grown = np.empty(max(size, 2 * len(buffer), 64), dtype=buffer.dtype)
+    grown[:len(buffer)] = buffer
+    return grown
 
 
 def dedupe_series(steps: np.ndarray, values: np.ndarray) -> Series:

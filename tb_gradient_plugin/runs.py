@@ -35,7 +35,7 @@ from . import pyramid
 from .batch import LayerBlock, Piece
 from .cache import CachedRun, CacheError, cached_run_data, file_identity, still_there
 from .reader import EventFileReader, is_remote
-from .run_arrays import LayerTable, ScalarAcc, fold_params
+from .run_arrays import IdTable, LayerTable, ScalarAcc, fold_params
 from .tags import ParamTag, SeriesTag, is_bookkeeping, layer_of, map_tag, tool_hint
 from .types import RunData, Series, update_ratio_inputs
 
@@ -105,7 +105,7 @@ class _Run:
         self.table = LayerTable()
         self.scalars: dict[tuple[str, str], ScalarAcc] = {}
         self.other_tags: dict[tuple[str, str], None] = {}
-        self.batches: dict[int, np.ndarray] = {}  # step -> sample ids; a later record of a step wins
+        self.batches = IdTable()  # step -> sample ids; a later record of a step wins
         self.tf2_files = False
         self.events = 0
         self.first_wall_time: float | None = None
@@ -186,7 +186,7 @@ class _Run:
                         self.table.add(batch.layer_blocks)
                     for block in batch.scalar_blocks:
                         self._acc(("ours" if block.ours else role, block.tag)).add(block.steps, block.values)
-                    self.batches.update(batch.batch_ids)
+                    self.batches.add(batch.batch_ids)
                     for tag in batch.other_tags:
                         self.other_tags.setdefault((role, tag))
             if path in done and path not in self.finished:
@@ -303,7 +303,7 @@ class _Run:
         run = RunData(name=self.name, source=OURS, events=self.events,
                       bytes_read=sum(r.records.bytes_read for r, _ in self.readers.values()),
                       first_wall_time=self.first_wall_time, last_wall_time=self.last_wall_time,
-                      batches=dict(self.batches))
+                      batches=self.batches.snapshot())
         if t.n:
             run.layers = list(t.layers)
             run.steps = t.steps[:t.n]
@@ -864,7 +864,8 @@ def _restore_entry(cache: Any, entry: Any, run_dir: str, name: str) -> tuple[_Ru
     run.entry = entry
     run.resume = state["resume"]
     cached = CachedRun(entry, cache.budget, state["big"])
-    data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident), run.batches)
+    data = cached_run_data(state["facts"], resident, cached, _pyramids(state["pyramids"], resident),
+                           run.batches.snapshot())
     return run, data, report
 
 
@@ -905,7 +906,7 @@ def _write_entry(cache: Any, run: _Run, data: RunData, report: Any = None) -> Ru
     cached = CachedRun(run.entry, cache.budget, big)
     run.spill()
     _release_memory()
-    return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays), run.batches)
+    return cached_run_data(facts, resident_arrays, cached, _pyramids(shape, resident_arrays), run.batches.snapshot())
 
 
 def _close(published: tuple[RunData, int] | None) -> None:

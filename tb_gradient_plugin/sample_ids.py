@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .types import RunData, Series
+from .types import BatchIds, RunData, Series
 
 #: Episode kinds that get ``batches``: the ones where one step's data can be the cause.
 BATCH_KINDS = ("explosion", "nonfinite")
@@ -47,9 +47,10 @@ class RunBatches:
     """
 
     def __init__(self, run: RunData | None) -> None:
-        self._ids = run.batches if run is not None else {}
+        ids = run.batches if run is not None else BatchIds()
+        self._ids = ids if isinstance(ids, BatchIds) else BatchIds.from_dict(ids)
         self._positions = _position_series(run) if run is not None else None
-        id_steps = np.sort(np.fromiter(self._ids.keys(), dtype=np.int64, count=len(self._ids)))
+        id_steps = self._ids.steps
         pos_steps = self._positions[0].steps if self._positions is not None else np.zeros(0, dtype=np.int64)
         self.steps = np.union1d(id_steps, pos_steps)
 

@@ -8,6 +8,7 @@ judge arrays, and the auditor and plugin read one vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,58 @@ def update_ratio_inputs(layer_metrics: dict[str, np.ndarray]) -> tuple[np.ndarra
     return upd, par
 
 
+class BatchIds(Mapping):
+    """Sample ids by step (``step -> int64 ids``), packed: the sorted steps, and per step a slice of one flat array of
+    ids. A mapping like a dict of arrays, at about a third of its memory (a step of 8 ids: 80 bytes against ~260), and
+    pickled as three arrays. Immutable: the run store appends into buffers of its own and hands out snapshots."""
+
+    __slots__ = ("steps", "offsets", "ids")
+
+    def __init__(self, steps: np.ndarray | None = None, offsets: np.ndarray | None = None,
+                 ids: np.ndarray | None = None) -> None:
+        self.steps = np.zeros(0, dtype=np.int64) if steps is None else steps
+        self.offsets = np.zeros(1, dtype=np.int64) if offsets is None else offsets
+        self.ids = np.zeros(0, dtype=np.int64) if ids is None else ids
+
+    @classmethod
+    def from_dict(cls, batches: Mapping[int, np.ndarray]) -> BatchIds:
+        steps = np.array(sorted(batches), dtype=np.int64)
+        parts = [np.asarray(batches[s], dtype=np.int64).reshape(-1) for s in steps.tolist()]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        return cls(steps, offsets, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+
+    def _index(self, step: object) -> int:
+        if not isinstance(step, (int, np.integer)):
+            return -1
+        k = int(np.searchsorted(self.steps, step))
+        return k if k < len(self.steps) and self.steps[k] == step else -1
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        k = self._index(step)
+        if k < 0:
+            raise KeyError(step)
+        return self.ids[self.offsets[k]:self.offsets[k + 1]]
+
+    def __contains__(self, step: object) -> bool:
+        return self._index(step) >= 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.steps.tolist())
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"BatchIds({len(self)} steps, {len(self.ids)} ids)"
+
+    def __getstate__(self) -> tuple:
+        return self.steps, self.offsets, self.ids
+
+    def __setstate__(self, state: tuple) -> None:
+        self.steps, self.offsets, self.ids = state
+
+
 @dataclass
 class Series:
     """One per-step series (loss, lr, total grad norm, ...): sorted steps and their values."""
@@ -83,7 +136,7 @@ class RunData:
     first_wall_time: float | None = None  # wall time of the earliest summary: when the run started
     last_wall_time: float | None = None  # wall time of the latest summary: when the run last wrote
     #: step -> int64 sample ids of its batch, for the steps whose ids were logged (``log_batch``); empty otherwise
-    batches: dict[int, np.ndarray] = field(default_factory=dict)
+    batches: BatchIds = field(default_factory=BatchIds)
 
     def update_ratio_available(self) -> bool:
         """Whether :meth:`update_ratio` has something to return (logged directly or derivable)."""

@@ -175,3 +175,39 @@ def test_ids_are_bulk_decoded_as_protobuf_decodes_them(tmp_path: Path) -> None:
         decoded[bulk] = [(s, ids.tolist()) for s, ids in batch.batch_ids]
     assert decoded[True] == decoded[False] and len(decoded[True]) == 61
     assert load_run(str(tmp_path)).batches[10].tolist() == [7, 8, 9, 10]
+
+
+def test_ids_are_held_packed_as_they_are_read_and_snapshots_never_change() -> None:
+    """The run store's ids: a dict-like mapping of three arrays, appended in place while steps increase, rebuilt where
+    a step comes again (the later record wins); a snapshot handed out before is never changed by what is read after."""
+    import pickle
+
+    from tb_gradient_plugin.run_arrays import IdTable
+    from tb_gradient_plugin.types import BatchIds
+
+    rng = np.random.default_rng(1)
+    table, expected = IdTable(), {}
+    snapshots = []
+    for chunk in range(40):
+        records = [(s, rng.integers(0, 10**6, size=int(rng.integers(0, 9))))
+                   for s in range(chunk * 25, chunk * 25 + 25)]
+        if chunk % 10 == 9:  # a resumed run writes earlier steps again, out of order
+            records += [(chunk * 25 - 30, np.array([1, 2, 3])), (5, np.array([], dtype=np.int64))]
+        table.add(records)
+        expected.update(records)
+        snapshots.append((table.snapshot(), {s: ids.tolist() for s, ids in expected.items()}))
+    for snapshot, then in snapshots:
+        assert {s: ids.tolist() for s, ids in snapshot.items()} == then
+    final = table.snapshot()
+    assert list(final) == sorted(expected) and len(final) == 1000 and 5 in final and 1000 not in final
+    assert final[5].tolist() == [] and final[195].tolist() == [1, 2, 3]
+    with pytest.raises(KeyError):
+        final[-1]
+    assert final.get(10**9) is None and BatchIds() == {}
+    again = pickle.loads(pickle.dumps(table))
+    assert {s: v.tolist() for s, v in again.snapshot().items()} == {s: v.tolist() for s, v in final.items()}
+    # memory: 1M steps of 8 ids held packed, against a dict of arrays
+    steps = np.arange(1_000_000)
+    packed = BatchIds(steps, np.arange(0, 8_000_001, 8), np.arange(8_000_000))
+    nbytes = packed.steps.nbytes + packed.offsets.nbytes + packed.ids.nbytes
+    assert nbytes / len(packed) < 81 and packed[999_999].tolist() == list(range(7_999_992, 8_000_000))
