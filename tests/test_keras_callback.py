@@ -406,6 +406,48 @@ def test_adam_moment_norms_equal_the_optimizer_state_after_the_step(tmp_path, op
                 assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("case", ["guard", "loss scale"])
+def test_adam_moment_norms_with_the_guard_and_under_a_loss_scale(tmp_path, case):
+    """The guard's path (every step's gradients measured and judged in the step) and a LossScaleOptimizer (moments kept
+    by its inner optimizer, a float16 model part) record the moments of the optimizer that applied the step."""
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(16, activation="relu", name="a",
+                                                 dtype="mixed_float16" if case == "loss scale" else None),
+                              keras.layers.Dense(1, dtype="float32", name="b")])
+    layers = {"a": model.get_layer("a").trainable_weights, "b": model.get_layer("b").trainable_weights}
+    adam = keras.optimizers.Adam(1e-2)
+    opt = keras.optimizers.LossScaleOptimizer(adam, initial_scale=2.0 ** 6) if case == "loss scale" else adam
+    model.compile(optimizer=opt, loss="mse", jit_compile=False)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(32, 8)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+
+    class Moments(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.after: list = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.after.append([[np.array(v.numpy()) for v in getattr(adam, name)]
+                               for name in ("_momentums", "_velocities")])
+
+    moments = Moments()
+    monitor = GradientMonitorCallback(tmp_path, every=2, on_explosion="skip" if case == "guard" else None)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, moments])
+    monitor.close()
+    run = Run(str(tmp_path / "train"))
+    assert sorted(run.metrics["exp_avg_norm"]) == sorted(run.metrics["exp_avg_sq_norm"]) == [0, 2, 4, 6]
+    if case == "guard":
+        assert set(run.scalars["guard_action"].values()) == {0.0}  # a healthy run: every step applied
+    for step in (0, 2, 4, 6):
+        for name, variables in layers.items():
+            index = [adam._get_variable_index(v) for v in variables]
+            for metric, values in zip(("exp_avg_norm", "exp_avg_sq_norm"), moments.after[step], strict=True):
+                expected = math.sqrt(sum(float(np.sum(values[i].astype(np.float64) ** 2)) for i in index))
+                assert expected > 0
+                assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
+
+
 def test_sgd_writes_no_moment_norms(tmp_path):
     model, _ = conv_model(seed=4)
     model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="mse")
