@@ -6,10 +6,10 @@ An MLP of 8 x (1024 -> 1024, GELU) layers, batch 512, MSE loss, AdamW, one jitte
 each repeat: the bare loop, the monitor every step, every 10 steps, every step with histograms every step, and every
 10 steps with the explosion guard (``on_explosion="skip"``: every step measured and judged). Each variant is compiled
 and warmed up (one untimed round of every variant); then every repeat runs ``--steps`` steps of each variant in turn,
-and the figure per repeat is the process CPU time per step (on a GPU: wall time, the device's clock). Ratios are medians over repeats of variant / bare,
-so both come from the same run of this script. The monitor's own time per logged step is (every-step time - bare
-time) per step, and, free of the loop's noise, the time of its reductions alone (gradient, parameter and update
-statistics of the same arrays in one jitted function, without the host callback).
+and the figure per repeat is the process CPU time per step (on a GPU: wall time, the device's clock). Ratios are
+medians over repeats of variant / bare, so both come from the same run of this script. The monitor's own time per
+logged step is (every-step time - bare time) per step, and, free of the loop's noise, the time of its reductions alone
+(gradient, parameter and update statistics of the same arrays in one jitted function, without the host callback).
 """
 
 from __future__ import annotations

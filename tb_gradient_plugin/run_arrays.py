@@ -7,6 +7,7 @@ module owns the arrays it reads into.
 from __future__ import annotations
 
 import mmap
+import tempfile
 
 import numpy as np
 
@@ -123,19 +124,36 @@ class ScalarAcc:
 _PREFAULT_BYTES = 8 * 1024 * 1024
 
 
-def _buffer(shape: tuple[int, int], dtype: type) -> np.ndarray:
+def _buffer(shape: tuple[int, int], dtype: type, backing: str | None = None) -> np.ndarray:
     """A zeroed array whose memory is mapped up front (Linux ``MAP_POPULATE``) when it is large.
 
     A big run's first read writes hundreds of MB into fresh buffers; taking the page faults one 4 kB page at a time
     as the values arrive costs more than decoding them, while the kernel maps the whole buffer in one call several
-    times faster.
+    times faster. With ``backing`` (a directory), the array is a shared mapping of a file there that has no name (it
+    disappears with its last mapping): its pages can be handed back to the system and read again from the file (see
+    :meth:`LayerTable.release_pages`).
     """
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if backing is not None and size:
+        with tempfile.TemporaryFile(dir=backing) as handle:
+            handle.truncate(size)
+            memory = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_SHARED)
+        return np.frombuffer(memory, dtype=dtype).reshape(shape)
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if size < _PREFAULT_BYTES or not populate:
         return np.zeros(shape, dtype=dtype)
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     return np.frombuffer(memory, dtype=dtype).reshape(shape)
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The ``mmap`` an array is a view of, if it is one."""
+    root = array
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    if isinstance(root, memoryview):
+        root = root.obj
+    return root if isinstance(root, mmap.mmap) else None
 
 
 class LayerTable:
@@ -158,6 +176,9 @@ class LayerTable:
         self.hist: list[tuple[int, LayerBlock]] = []  # (batch number, block)
         self.batches = 0
         self.min_rows = 0  # rows announced by reserve()
+        #: a directory: the buffers are file-backed mappings there (see back_with_files)
+        self.backing: str | None = None
+        self._mapped: dict[int, mmap.mmap] = {}  # the file mappings made for the buffers, by id
 
     def _layer(self, name: str) -> int:
         j = self.index.get(name)
@@ -199,7 +220,7 @@ class LayerTable:
         for metric in set(self.metrics) | set(per_metric):
             buf = self.metrics.get(metric)
             if buf is None:
-                buf = self.metrics[metric] = _buffer(self.present.shape, np.float32)
+                buf = self.metrics[metric] = self._new(self.present.shape, np.float32)
                 buf[:first_new, :ncols] = np.nan
             # new rows stay unwritten only where this batch writes all of them for every layer
             whole = per_metric.count(metric) == 1 and any(
@@ -284,14 +305,15 @@ class LayerTable:
         (default: the same rows); with a ``row_map``, the first ``rows`` rows are initialised (NaN) first."""
         at = slice(0, self.n) if row_map is None else row_map
         for metric, buf in list(self.metrics.items()):
-            new = _buffer((cap_r, cap_c), np.float32)
+            new = self._new((cap_r, cap_c), np.float32)
             if row_map is not None:
                 new[:rows, :len(self.layers)] = np.nan
             new[at, :cols] = buf[:self.n, :cols]
             self.metrics[metric] = new
-        present = _buffer((cap_r, cap_c), np.bool_)
+        present = self._new((cap_r, cap_c), np.bool_)
         present[at, :cols] = self.present[:self.n, :cols]
         self.present = present
+        self._prune()
 
     def _append(self, new_steps: np.ndarray) -> None:
         """Room for rows after the last one (left unwritten: the caller writes or initialises them)."""
@@ -307,6 +329,39 @@ class LayerTable:
         steps = np.zeros(cap_r, dtype=np.int64)
         steps[:self.n] = self.steps[:self.n]
         self.steps = steps
+
+    def nbytes(self) -> int:
+        """Bytes of the values held (rows read so far, every metric and the logged mask)."""
+        return sum(buf[:self.n].nbytes for buf in self.metrics.values()) + self.present[:self.n].nbytes
+
+    def back_with_files(self, directory: str) -> None:
+        """Move the buffers into file-backed mappings under ``directory`` (with room for more rows), and make every
+        later buffer one: a run that keeps growing then holds in memory only the pages touched since
+        :meth:`release_pages`, not all it has read."""
+        self.backing = directory
+        if self.n:
+            self._grow(*self._capacity(self.n + 1, len(self.layers)))
+
+    def _new(self, shape: tuple[int, int], dtype: type) -> np.ndarray:
+        buf = _buffer(shape, dtype, self.backing)
+        if self.backing is not None:
+            memory = _mapping_of(buf)
+            if memory is not None:
+                self._mapped[id(memory)] = memory
+        return buf
+
+    def _prune(self) -> None:
+        """Forget the mappings of replaced buffers (views handed out keep them alive; they are no longer ours)."""
+        self._mapped = {id(m): m for m in map(_mapping_of, (*self.metrics.values(), self.present))
+                        if m is not None and id(m) in self._mapped}
+
+    def release_pages(self) -> None:
+        """Hand the pages of file-backed buffers back to the system (their values stay in the file and are read back
+        on the next access). Buffers in ordinary memory are left alone (dropping their pages would zero them)."""
+        self._prune()
+        for memory in self._mapped.values():
+            if not memory.closed and hasattr(mmap, "MADV_DONTNEED"):
+                memory.madvise(mmap.MADV_DONTNEED)
 
     def reserve(self, rows: int) -> None:
         """Announce about ``rows`` steps (a file read in batches whose size is known): the next growth makes room for

@@ -654,7 +654,11 @@ class RunStore:
                 idle = not run_changed and run.dirty and not run.spilled
                 if run_changed or idle or first:
                     if growing or self.cache is None:
+                        if growing:
+                            self._bound_live(run)
                         self._publish(full, run.live_data() if growing else run.data(), run.version)
+                        if growing:
+                            run.table.release_pages()
                         run.dirty = growing
                     else:
                         if not idle:  # served while it is written to the cache (detection need not wait)
@@ -663,6 +667,18 @@ class RunStore:
                         self._write_later(full, run, root)
                     changed |= run_changed or first
         return changed
+
+    def _bound_live(self, run: _Run) -> None:
+        """A growing run larger than a quarter of the memory budget for arrays moves its values into file-backed
+        buffers in the cache directory, whose pages are handed back after every refresh: a live run then holds in
+        memory about what each refresh touches (the appended rows, what the views read), not all it has read."""
+        if run.table.backing is None and run.table.nbytes() > self.cache.budget.max_bytes // 4:
+            try:
+                run.table.back_with_files(str(self.cache.root))
+            except OSError as exc:
+                run.table.backing = None
+                logger.warning("gradients plugin: cannot back run %r with files (%s); it stays in memory", run.name,
+                               exc)
 
     def _write_later(self, name: str, run: _Run, root: str) -> None:
         """Write a run to the cache on the store's writer thread, then publish it from its entry. Reading goes on

@@ -602,3 +602,55 @@ def test_the_plugin_judges_each_run_before_its_first_cache_write(logdir, tmp_pat
     judged.clear()
     assert _answers(_plugin(logdir, str(tmp_path / "cache"))) == _answers(_plugin(logdir, "off"))
     assert len(judged) == 2  # the run without the cache only: the cached start judged nothing
+
+
+#: A training job appends to one run while the run store follows it; prints the store's resident memory (MB) after
+#: each refresh and whether what it serves equals a fresh read.
+LIVE = r"""
+import json, os, sys
+import numpy as np
+sys.path.insert(0, sys.argv[4])
+from test_runs_live import assert_same_run
+from tb_gradient_plugin.cache import RunCache
+from tb_gradient_plugin.runs import RunStore, load_run
+from tb_gradient_plugin.writer import GradientWriter
+
+logdir, cache_dir, budget_mb = sys.argv[1], sys.argv[2], float(sys.argv[3])
+layers = [f"l{i}" for i in range(200)]
+store = RunStore(logdir, cache=None if cache_dir == "off" else RunCache.open(cache_dir, int(budget_mb * 2**20)))
+rng = np.random.default_rng(0)
+rss, step = [], 0
+with GradientWriter(os.path.join(logdir, "live")) as writer:
+    for chunk in range(8):
+        for _ in range(5000):
+            g = rng.random(200).astype(np.float32)
+            writer.write(step, layers, grad_norm=g, param_norm=g + 1, update_norm=g * 1e-3)
+            step += 1
+        writer.flush()
+        store.refresh()
+        rss.append(int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+assert_same_run(store.get("live"), load_run(os.path.join(logdir, "live")))
+print(json.dumps({"rss": rss, "steps": int(len(store.get("live").steps))}))
+"""
+
+
+@pytest.mark.slow
+def test_a_growing_run_larger_than_its_share_of_the_budget_holds_only_what_each_refresh_touches(tmp_path):
+    """A live run of 40,000 steps x 200 layers (3 x 32 MB of values, an 8 MB mask) followed through 8 appends: with
+    the cache (budget 40 MB) its values move into file-backed buffers whose pages are handed back after each refresh,
+    so the store's memory stays flat while the run grows; without it, it grows with the run (the control). Served
+    data equals a fresh read either way."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_ARENA_MAX": "1"}
+    out = {}
+    for mode in ("cache", "off"):
+        logdir = tmp_path / mode
+        logdir.mkdir()
+        cache_dir = str(tmp_path / "cache") if mode == "cache" else "off"
+        done = subprocess.run([sys.executable, "-c", LIVE, str(logdir), cache_dir, "40", str(REPO / "tests")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out[mode]["steps"] == 40_000
+    grown = {mode: doc["rss"][-1] - doc["rss"][1] for mode, doc in out.items()}
+    assert grown["off"] > 60, out["off"]["rss"]  # the control: 6 appends of 5,000 rows (~4 MB each per metric)
+    assert grown["cache"] < 20, out["cache"]["rss"]
