@@ -196,10 +196,10 @@ class Backend:
         self._loaded.set()
 
     def _judge_before_write(self, run: str) -> None:
-        """A run about to be written to the cache is judged first, on the writer thread: its report goes into its
-        entry, and the tab, which needs the report, does not wait for a detection slowed down by a write. Where another
-        thread is judging it, the write does not wait (that thread may be waiting for the read the write is part of);
-        its report reaches the entry when it is saved."""
+        """A run about to be written to the cache is judged first (see ``RunStore.before_write``): its report goes
+        into its entry, and the tab, which needs the report, does not wait for a detection slowed down by a write.
+        Where another thread is judging it, the write does not wait (that thread may be waiting for the read the write
+        is part of); its report reaches the entry when it is saved."""
         found = self._published(run)
         if found is not None:
             self.report(run, *found, wait=False)

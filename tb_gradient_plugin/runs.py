@@ -604,8 +604,9 @@ class RunStore:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Future, int]] = deque()  # cache writes queued or running, with their runs' bytes
         self._holds = 0  # detections and responses being computed (see hold_writes)
-        #: called with a run's name on the writer thread before the run is written to the cache (the plugin judges it
-        #: there, so that its report goes into the entry and no write competes with that detection for the CPU)
+        #: called with a run's name before the run is written to the cache: on the writer thread, or for the last run
+        #: a refresh reads, on the reading thread (the plugin judges the run, so that its report goes into the entry
+        #: and no write competes with that detection for the CPU)
         self.before_write: Callable[[str], Any] | None = None
         self._quiet = threading.Condition()
 
@@ -625,47 +626,52 @@ class RunStore:
 
     def _refresh(self) -> bool:
         changed = False
-        for prefix, root in self._roots:
-            for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items():
-                full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
-                run = self._runs.get(full)
-                if run is None:
-                    run = self._runs[full] = self._restore(full, root, run_dir) or _Run(full, run_dir)
-                    run.lightning_hparams = _has_lightning_hparams(run_dir)
-                for f, role in files:
-                    run.add_file(f, role)
-                finished = self._finished(files)
-                try:
-                    if run.spilled and not run.has_new_bytes(finished):
-                        run_changed = False
-                    else:
-                        if run.spilled:
-                            self._unspill(run)
-                        run_changed = run.read(finished=finished)
-                except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+        found = [(prefix, root, name, run_dir, files) for prefix, root in self._roots
+                 for name, (run_dir, files) in _group_runs(_list_event_dirs(root), root).items()]
+        for k, (prefix, root, name, run_dir, files) in enumerate(found):
+            full = name if not prefix else (prefix if name == "." else f"{prefix}/{name}")
+            run = self._runs.get(full)
+            if run is None:
+                run = self._runs[full] = self._restore(full, root, run_dir) or _Run(full, run_dir)
+                run.lightning_hparams = _has_lightning_hparams(run_dir)
+            for f, role in files:
+                run.add_file(f, role)
+            finished = self._finished(files)
+            try:
+                if run.spilled and not run.has_new_bytes(finished):
+                    run_changed = False
+                else:
                     if run.spilled:
-                        run.reset()
-                    run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
-                # With a cache, a run read for the first time is written to it at once, while the next run is
-                # read (see _write_later); one that grows stays in memory while it keeps growing, and is written
-                # once a refresh finds it idle (a live run is not rewritten every second).
-                first = full not in self._published
-                growing = run_changed and not first and self.cache is not None
-                idle = not run_changed and run.dirty and not run.spilled
-                if run_changed or idle or first:
-                    if growing or self.cache is None:
-                        if growing:
-                            self._bound_live(run)
-                        self._publish(full, run.live_data() if growing else run.data(), run.version)
-                        if growing:
-                            run.table.release_pages()
-                        run.dirty = growing
-                    else:
-                        if not idle:  # served while it is written to the cache (detection need not wait)
-                            self._publish(full, run.data(), run.version)
-                        run.dirty = False
-                        self._write_later(full, run, root)
-                    changed |= run_changed or first
+                        self._unspill(run)
+                    run_changed = run.read(finished=finished)
+            except Exception as exc:  # noqa: BLE001 - one run's failure must not hide the other runs
+                if run.spilled:
+                    run.reset()
+                run_changed = run.fail(f"reading this run failed: {type(exc).__name__}: {exc}")
+            # With a cache, a run read for the first time is written to it at once, while the next run is
+            # read (see _write_later); one that grows is read on in place while it keeps growing (see
+            # _bound_live), and is written once a refresh finds it idle (a live run is not rewritten every second).
+            first = full not in self._published
+            growing = run_changed and not first and self.cache is not None
+            idle = not run_changed and run.dirty and not run.spilled
+            if run_changed or idle or first:
+                if growing or self.cache is None:
+                    if growing:
+                        self._bound_live(run)
+                    self._publish(full, run.live_data() if growing else run.data(), run.version)
+                    if growing:
+                        run.table.release_pages()
+                    run.dirty = growing
+                else:
+                    if not idle:  # served while it is written to the cache (detection need not wait)
+                        self._publish(full, run.data(), run.version)
+                        if k == len(found) - 1 and self.before_write is not None:
+                            # the last run read: nothing left to read while the writer judges it, and a
+                            # detection in the thread that read the run runs faster than in the writer's
+                            self.before_write(full)
+                    run.dirty = False
+                    self._write_later(full, run, root)
+                changed |= run_changed or first
         return changed
 
     def _bound_live(self, run: _Run) -> None:

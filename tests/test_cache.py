@@ -574,8 +574,9 @@ def test_a_cache_write_waits_while_a_detection_or_response_is_computed(logdir, t
 
 
 def test_the_plugin_judges_each_run_before_its_first_cache_write(logdir, tmp_path, monkeypatch):
-    """On a first read the plugin judges each run on the cache's writer thread just before writing it: every entry is
-    written with its report, the detection never competes with that write, and a second start judges nothing."""
+    """On a first read the plugin judges each run just before writing it: on the cache's writer thread while the next
+    run is read, the last one on the thread that read it. Every entry is written with its report, no detection
+    competes with a write, and a second start judges nothing."""
     import threading
 
     from tb_gradient_plugin import backend, runs
@@ -585,7 +586,7 @@ def test_the_plugin_judges_each_run_before_its_first_cache_write(logdir, tmp_pat
     original_judge, original_write = backend._judge, runs._write_entry
 
     def judge(data):
-        judged.append(threading.current_thread().name)
+        judged.append((data.name, threading.current_thread().name))
         return original_judge(data)
 
     def write(cache_, run, data, report=None):
@@ -598,7 +599,8 @@ def test_the_plugin_judges_each_run_before_its_first_cache_write(logdir, tmp_pat
     instance._backend.wait_loaded(60)
     instance._backend.wait_idle()
     assert written == {"a": True, "b": True}
-    assert len(judged) == 2 and all(name.startswith("tb-gradient-cache") for name in judged), judged
+    assert [run for run, _ in judged] == ["a", "b"], judged
+    assert judged[0][1].startswith("tb-gradient-cache") and judged[1][1] == "tb-gradient-warmup", judged
     judged.clear()
     assert _answers(_plugin(logdir, str(tmp_path / "cache"))) == _answers(_plugin(logdir, "off"))
     assert len(judged) == 2  # the run without the cache only: the cached start judged nothing
