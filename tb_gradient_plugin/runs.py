@@ -665,10 +665,10 @@ class RunStore:
                 else:
                     if not idle:  # served while it is written to the cache (detection need not wait)
                         self._publish(full, run.data(), run.version)
-                        if k == len(found) - 1 and self.before_write is not None:
+                        if k == len(found) - 1:
                             # the last run read: nothing left to read while the writer judges it, and a
                             # detection in the thread that read the run runs faster than in the writer's
-                            self.before_write(full)
+                            self._before_write(full)
                     run.dirty = False
                     self._write_later(full, run, root)
                 changed |= run_changed or first
@@ -700,17 +700,20 @@ class RunStore:
         version = run.version
 
         def write() -> None:
-            if self.before_write is not None:
-                try:
-                    self.before_write(name)
-                except Exception:  # noqa: BLE001 - the run is written without it
-                    logger.warning("gradients plugin: preparing run %r for the cache failed", name, exc_info=True)
+            self._before_write(name)
             with self._quiet:
                 self._quiet.wait_for(lambda: not self._holds, timeout=WRITE_HOLD_SECONDS)
             data = self._publishable(run, root)
             self._publish(name, data, version)
 
         self._pending.append((self._writer.submit(write), nbytes))
+
+    def _before_write(self, name: str) -> None:
+        if self.before_write is not None:
+            try:
+                self.before_write(name)
+            except Exception:  # noqa: BLE001 - the run is written without it
+                logger.warning("gradients plugin: preparing run %r for the cache failed", name, exc_info=True)
 
     @contextmanager
     def hold_writes(self) -> Iterator[None]:
