@@ -14,15 +14,13 @@ the emulator accepts anonymous requests.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from s3server import set_environ, upload_tree
+from s3server import BucketServer, set_environ
 
 ENV = {
     "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
@@ -38,7 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class GCSServer:
+class GCSServer(BucketServer):
+    protocol = "gs"
+
     def __init__(self) -> None:
         self.endpoint = ""
         self.env: dict[str, str] = {}
@@ -74,18 +74,6 @@ class GCSServer:
             self._proc.terminate()
             self._proc.wait(timeout=10)
 
-    def fs(self):
-        import fsspec
-
-        return fsspec.filesystem("gs")
-
-    def bucket(self) -> str:
-        name = f"logs-{uuid.uuid4().hex[:12]}"
-        self.fs().mkdir(name)
-        return name
-
-    def upload(self, local: os.PathLike | str, url: str) -> None:
-        upload_tree(self.fs(), local, url)
 
 
 def _drop_instances() -> None:

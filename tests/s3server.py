@@ -35,7 +35,36 @@ def without_credentials(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-class S3Server:
+class BucketServer:
+    """What the S3 and GCS test servers share: their filesystem, new buckets, uploads."""
+
+    protocol = ""
+
+    def fs(self):
+        import fsspec
+
+        return fsspec.filesystem(self.protocol)
+
+    def bucket(self) -> str:
+        name = f"logs-{uuid.uuid4().hex[:12]}"
+        self.fs().mkdir(name)
+        return name
+
+    def upload(self, local: os.PathLike | str, url: str) -> None:
+        """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
+        fs, root = self.fs(), os.fspath(local)
+        base = url.split("://", 1)[-1].rstrip("/")
+        for directory, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(directory, name)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                with open(path, "rb") as f:
+                    fs.pipe(base + "/" + rel, f.read())
+
+
+class S3Server(BucketServer):
+    protocol = "s3"
+
     def __init__(self) -> None:
         self.endpoint = ""
         self.env: dict[str, str] = {}
@@ -61,18 +90,6 @@ class S3Server:
         if self._server is not None:
             self._server.stop()
 
-    def fs(self):
-        import fsspec
-
-        return fsspec.filesystem("s3")
-
-    def bucket(self) -> str:
-        name = f"logs-{uuid.uuid4().hex[:12]}"
-        self.fs().mkdir(name)
-        return name
-
-    def upload(self, local: os.PathLike | str, url: str) -> None:
-        upload_tree(self.fs(), local, url)
 
 
 def set_environ(values: dict[str, str | None]) -> dict[str, str | None]:
@@ -84,18 +101,6 @@ def set_environ(values: dict[str, str | None]) -> dict[str, str | None]:
         else:
             os.environ[key] = value
     return saved
-
-
-def upload_tree(fs, local: os.PathLike | str, url: str) -> None:
-    """Every file under ``local`` to the same relative path under ``url``, whole (as a sync tool uploads)."""
-    root = os.fspath(local)
-    base = url.split("://", 1)[-1].rstrip("/")
-    for directory, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(directory, name)
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                fs.pipe(base + "/" + rel, f.read())
 
 
 def _drop_instances() -> None:

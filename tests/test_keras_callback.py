@@ -384,6 +384,18 @@ class MomentRecorder(keras.callbacks.Callback):
         self.after.append(tuple([np.array(v.numpy()) for v in getattr(opt, name)] for name in self.names))
 
 
+def _check_moment_norms(run: Run, layers: dict[str, list], optimizer, after: list, steps: list[int]) -> None:
+    """The recorded moment norms at ``steps`` are those of the optimizer's moments after each step, per layer."""
+    assert sorted(run.metrics["exp_avg_norm"]) == sorted(run.metrics["exp_avg_sq_norm"]) == steps
+    for step in steps:
+        for name, variables in layers.items():
+            index = [optimizer._get_variable_index(v) for v in variables]
+            for metric, values in zip(("exp_avg_norm", "exp_avg_sq_norm"), after[step], strict=True):
+                expected = math.sqrt(sum(float(np.sum(values[i].astype(np.float64) ** 2)) for i in index))
+                assert expected > 0
+                assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("optimizer, first, second", [
     (keras.optimizers.Adam, "_momentums", "_velocities"), (keras.optimizers.Adamax, "_m", "_u")])
 def test_adam_moment_norms_equal_the_optimizer_state_after_the_step(tmp_path, optimizer, first, second):
@@ -396,14 +408,7 @@ def test_adam_moment_norms_equal_the_optimizer_state_after_the_step(tmp_path, op
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, moments])
     monitor.close()
     run = Run(str(tmp_path / "train"))
-    assert sorted(run.metrics["exp_avg_norm"]) == sorted(run.metrics["exp_avg_sq_norm"]) == [0, 2]
-    for step in (0, 2):
-        for name, variables in layers.items():
-            index = [opt._get_variable_index(v) for v in variables]
-            for metric, values in zip(("exp_avg_norm", "exp_avg_sq_norm"), moments.after[step], strict=True):
-                expected = math.sqrt(sum(float(np.sum(values[i].astype(np.float64) ** 2)) for i in index))
-                assert expected > 0
-                assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
+    _check_moment_norms(run, layers, opt, moments.after, [0, 2])
 
 
 @pytest.mark.parametrize("case", ["guard", "loss scale"])
@@ -436,16 +441,9 @@ def test_adam_moment_norms_with_the_guard_and_under_a_loss_scale(tmp_path, case)
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, moments])
     monitor.close()
     run = Run(str(tmp_path / "train"))
-    assert sorted(run.metrics["exp_avg_norm"]) == sorted(run.metrics["exp_avg_sq_norm"]) == [0, 2, 4, 6]
     if case == "guard":
         assert set(run.scalars["guard_action"].values()) == {0.0}  # a healthy run: every step applied
-    for step in (0, 2, 4, 6):
-        for name, variables in layers.items():
-            index = [adam._get_variable_index(v) for v in variables]
-            for metric, values in zip(("exp_avg_norm", "exp_avg_sq_norm"), moments.after[step], strict=True):
-                expected = math.sqrt(sum(float(np.sum(values[i].astype(np.float64) ** 2)) for i in index))
-                assert expected > 0
-                assert run.layer(metric, step, name) == pytest.approx(expected, rel=1e-5)
+    _check_moment_norms(run, layers, adam, moments.after, [0, 2, 4, 6])
 
 
 def test_sgd_writes_no_moment_norms(tmp_path):
