@@ -247,6 +247,49 @@ def test_huge_and_tiny_finite_gradients_are_measured_not_lost(tmp_path, scale):
             assert recorded(run, "nonfinite_count", step) == dict.fromkeys(run.layers, 0.0)
 
 
+@pytest.mark.parametrize("scale", [1e25, 1e-25])
+def test_huge_and_tiny_parameters_and_updates_are_measured_and_a_frozen_layer_moves_by_zero(tmp_path, scale):
+    """Parameters and updates whose squares overflow (or underflow) float32 are measured scaled: parameter and update
+    norms equal the float64 reference of the weights before and after each step, with every=1 and on the logged steps
+    of every=2. A layer the chain freezes (``set_to_zero``) records a zero update norm and its parameter norm."""
+    rng = np.random.default_rng(0)
+    start = {name: {"w": jnp.asarray(rng.normal(size=(32, 16)) * scale, jnp.float32),
+                    "b": jnp.asarray(rng.normal(size=16) * scale, jnp.float32)} for name in ("dense", "frozen")}
+    direction = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), start)
+
+    def loss_fn(p):  # its gradient is ``direction``: the updates are 1e-3 * scale in size
+        return sum(jnp.sum(a * d) for a, d in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(direction),
+                                                   strict=True))
+
+    labels = {"dense": {"w": "train", "b": "train"}, "frozen": {"w": "freeze", "b": "freeze"}}
+    for every in (1, 2):
+        with GradientMonitor(tmp_path / str(every), every=every) as monitor:
+            tx = monitor.wrap(optax.multi_transform({"train": optax.sgd(1e-3 * scale), "freeze": optax.set_to_zero()},
+                                                    labels))
+
+            @jax.jit
+            def train_step(p, s, tx=tx):
+                loss, grads = jax.value_and_grad(loss_fn)(p)
+                updates, s = tx.update(grads, s, p, loss=loss)
+                return optax.apply_updates(p, updates), s
+
+            params, state, history = start, tx.init(start), []
+            for _ in range(3):
+                after, state = train_step(params, state)
+                history.append((params, after))
+                params = after
+        run = load_run(str(tmp_path / str(every)))
+        assert list(run.steps) == list(range(0, 3, every))
+        for step in run.steps.tolist():
+            before, after = history[step]
+            change = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                                            after, before)
+            assert norms(change)["frozen"] == 0.0 and norms(change)["dense"] > 0
+            assert_close(recorded(run, "param_norm", step), norms(before), 1e-5)
+            assert_close(recorded(run, "update_norm", step), norms(change), 1e-5)
+            assert_close(recorded(run, "grad_norm", step), norms(direction), 1e-5)
+
+
 def moment_norms(state, name: str) -> dict[str, float]:
     """Per layer, the norm of the ``name`` tree (``mu`` or ``nu``) of the one Adam state in an optimizer state."""
     found = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "nu")) if hasattr(s, "nu")]

@@ -34,7 +34,7 @@ from ..writer import GradientWriter
 from .host import HostRecorder, Spec
 from .layers import Layout, discover_layers
 from .moments import adam_moments
-from .stats import grad_stats, histogram_counts, layer_norms, total_norm
+from .stats import grad_leaf, layer_grad_stats, layer_norms, leaf_histogram, total_norm
 
 __all__ = ["GradientMonitor", "MonitorState"]
 
@@ -235,8 +235,7 @@ class GradientMonitor:
         n = len(layout.layers)
         idx = layout.monitored
         layer_of = [layout.leaf_layer[i] for i in idx]
-        leaves = jax.tree_util.tree_leaves(updates)
-        grads = [leaves[i] for i in idx]
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
         weights = None
         if params is None:
             self._warn_once("params", "tx.update was called without params: update norms are recorded, parameter "
@@ -257,86 +256,136 @@ class GradientMonitor:
         has_lr = _learning_rate(state.inner) is not None
         has_moments = adam_moments(state.inner, updates) is not None
         spec = Spec(layout.layers, weights is not None, loss_value is not None, has_lr, has_moments)
+        guard = self.guard
         step = state.step
         logged = step % self.every == 0
+        hist_step = None
         if self.histograms_every:
             hist_step = step % self.histograms_every == 0
             logged = logged | hist_step
+        # With a guard every step's gradients are measured (the device compares them with the thresholds); without
+        # one, with every=1 every step is logged and no cond is needed.
+        measure_when = None if guard is not None or self.every == 1 else logged
+        grad_rows, hists = self._measure_grads(leaves, idx, measure_when, hist_step)
+        grads = jax.tree_util.tree_unflatten(treedef, leaves)
+        stats = layer_grad_stats(grad_rows, layer_of, n)
+        total = total_norm(stats.norm)
+        grad_part = [stats.norm, stats.max_abs, stats.nonfinite]
+        hist_part = [] if hists is None else [jax.ops.segment_sum(hists, np.asarray(layer_of, np.int32),
+                                                                  num_segments=n)]
         nan = jnp.full((), jnp.nan, jnp.float32)
 
-        def head(inner_state: Any) -> list[jax.Array]:
+        def head(inner_state: Any, total_norm_value: jax.Array) -> jax.Array:
             lr = _learning_rate(inner_state)
-            return [nan if loss_value is None else loss_value, nan if lr is None else lr]
+            return jnp.stack([nan if loss_value is None else loss_value, nan if lr is None else lr, total_norm_value])
 
         def apply() -> tuple[Any, Any]:
-            return inner.update(updates, state.inner, params, **extra)
-
-        def weight_norms(applied: Any, inner_state: Any) -> jax.Array:
-            """Parameter and update norms, then (with moments) Adam's moment norms of ``inner_state``."""
-            out_leaves = jax.tree_util.tree_leaves(applied)
-            upd = layer_norms([out_leaves[i] for i in idx], layer_of, n)
-            par = layer_norms(weights, layer_of, n) if weights is not None else jnp.zeros(n, jnp.float32)
-            parts = [par, upd]
-            moments = adam_moments(inner_state, updates) if has_moments else None
-            if moments is not None:
-                for kept in moments:
-                    parts.append(layer_norms([jnp.zeros(0, jnp.float32) if kept[i] is None else kept[i] for i in idx],
-                                             layer_of, n))
-            return jnp.concatenate(parts)
-
-        def hist_counts() -> list[jax.Array]:
-            if not self.histograms_every:
-                return []
-            zeros = jnp.zeros((n, fmt.HIST_BINS), jnp.int32)
-            return [lax.cond(hist_step, lambda: histogram_counts(grads, layer_of, n), lambda: zeros)]
+            return inner.update(grads, state.inner, params, **extra)
 
         n_weights = (4 if has_moments else 2) * n
-        guard = self.guard
-        if guard is None:
-            new_updates, new_inner = apply()
-            always = self.every == 1
-
-            def record() -> None:
-                # The cond must not take the returned updates as an operand: that would make XLA write them out on
-                # every step instead of fusing the chain's update into apply_updates. A logged step evaluates the
-                # chain's update again inside the cond (an elementwise pass) to measure it.
-                applied = new_updates if always else apply()[0]
-                stats = grad_stats(grads, layer_of, n)
-                fixed = jnp.stack([*head(new_inner), total_norm(stats.norm)])
-                packed = jnp.concatenate([fixed, stats.norm, stats.max_abs, stats.nonfinite,
-                                          weight_norms(applied, new_inner)])
-                io_callback(functools.partial(self._host.report, spec), None, step, packed, *hist_counts(),
-                            ordered=True)
-
-            if always:
-                record()
-            else:
-                lax.cond(logged, record, lambda: None)
-            return new_updates, MonitorState(step + 1, new_inner, None)
-
-        if state.thresholds is None or state.thresholds.shape != (n + 1,):
-            raise ValueError("the optimizer state was initialized for other parameters (or without a guard): "
-                             "call init() of this wrapped optimizer on the parameters it updates")
-        stats = grad_stats(grads, layer_of, n)
-        total = total_norm(stats.norm)
-        grad_stats_part = [stats.norm, stats.max_abs, stats.nonfinite]
-        if guard.action == "warn":  # warns from the host; never holds a step back
+        if guard is not None:
+            thresholds = self._thresholds(state, n) * _HOLD_MARGIN
+        if guard is None or guard.action == "warn":  # "warn" warns from the host; it never holds a step back
             new_updates, new_inner = apply()
         else:
-            thresholds = state.thresholds * _HOLD_MARGIN
             cross = ~jnp.isfinite(total) | jnp.any(stats.norm > thresholds[:n]) | (total > thresholds[n])
             ask = functools.partial(self._host.ask, spec)
-            waiting = jnp.concatenate([jnp.stack([*head(state.inner), total]), *grad_stats_part,
-                                       jnp.zeros(n_weights, jnp.float32)])
+            waiting = jnp.concatenate([head(state.inner, total), *grad_part, jnp.zeros(n_weights, jnp.float32)])
             skip = lax.cond(cross, lambda: io_callback(ask, jax.ShapeDtypeStruct((), jnp.bool_), step, waiting,
                                                        ordered=True),
                             lambda: jnp.zeros((), jnp.bool_))
             zero_updates = _zeros_like(jax.eval_shape(apply)[0])
             new_updates, new_inner = lax.cond(skip, lambda: (zero_updates, state.inner), apply)
-        norms = lax.cond(logged, lambda: weight_norms(new_updates, new_inner),
-                         lambda: jnp.zeros(n_weights, jnp.float32))
-        packed = jnp.concatenate([jnp.stack([*head(new_inner), total]), *grad_stats_part, norms])
-        next_thresholds = io_callback(functools.partial(self._host.report, spec),
-                                      jax.ShapeDtypeStruct((n + 1,), jnp.float32), step, packed, *hist_counts(),
-                                      ordered=True)
-        return new_updates, MonitorState(step + 1, new_inner, next_thresholds)
+        direct = measure_when is None and guard is None
+        measure_weights = self._weight_norms(new_updates, new_inner, updates, params, weights, idx, layer_of, n,
+                                             has_moments, None if direct or guard is not None else apply)
+        weight_part = measure_weights() if direct else lax.cond(logged, measure_weights,
+                                                                 lambda: jnp.zeros(n_weights, jnp.float32))
+        packed = jnp.concatenate([head(new_inner, total), *grad_part, weight_part])
+        report = functools.partial(self._host.report, spec)
+        if guard is not None:
+            next_thresholds = io_callback(report, jax.ShapeDtypeStruct((n + 1,), jnp.float32), step, packed,
+                                          *hist_part, ordered=True)
+            return new_updates, MonitorState(step + 1, new_inner, next_thresholds)
+        if measure_when is None:
+            io_callback(report, None, step, packed, *hist_part, ordered=True)
+        else:
+            lax.cond(logged, lambda: io_callback(report, None, step, packed, *hist_part, ordered=True), lambda: None)
+        return new_updates, MonitorState(step + 1, new_inner, None)
+
+    @staticmethod
+    def _thresholds(state: MonitorState, n: int) -> jax.Array:
+        if state.thresholds is None or state.thresholds.shape != (n + 1,):
+            raise ValueError("the optimizer state was initialized for other parameters (or without a guard): "
+                             "call init() of this wrapped optimizer on the parameters it updates")
+        return state.thresholds
+
+    def _measure_grads(self, leaves: list[Any], idx: list[int], when: jax.Array | None,
+                       hist_step: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """Each monitored gradient leaf's :func:`grad_leaf` row (and histogram on a histogram step), in a cond of
+        its own when ``when`` is given; ``leaves`` is updated in place with the leaves the wrapped chain must read.
+
+        Each leaf passes through an ``optimization_barrier`` together with its statistics, so the leaf is measured
+        before the chain reads it: no gradient has to stay alive until some later cond runs (on the CPU that would
+        make the step touch fresh memory, and page-fault, on every step).
+        """
+        empty = (jnp.zeros(3, jnp.float32), None if hist_step is None else jnp.zeros(fmt.HIST_BINS, jnp.int32))
+        rows, hists = [], []
+        for i in idx:
+            g = leaves[i]
+
+            def measure(g: jax.Array = g) -> tuple[jax.Array, jax.Array | None]:
+                if hist_step is None:
+                    return grad_leaf(g), None
+                return grad_leaf(g), lax.cond(hist_step, lambda: leaf_histogram(g),
+                                              lambda: jnp.zeros(fmt.HIST_BINS, jnp.int32))
+
+            if when is None:
+                out = measure()
+            else:
+                out = lax.cond(when, measure, lambda: empty)
+            leaves[i], out = lax.optimization_barrier((g, out))
+            rows.append(out[0])
+            hists.append(out[1])
+        return jnp.stack(rows), None if hist_step is None else jnp.stack(hists)
+
+    @staticmethod
+    def _weight_norms(new_updates: Any, new_inner: Any, grads: Any, params: Any, weights: list[Any] | None,
+                      idx: list[int], layer_of: list[int], n: int, has_moments: bool,
+                      recompute: Callable[[], tuple[Any, Any]] | None) -> Callable[[], jax.Array]:
+        """A function measuring parameter and update norms, then (with moments) Adam's moment norms of the new state.
+
+        The update norm is the norm of the change ``optax.apply_updates`` makes: XLA computes the new parameters once
+        for this and for the user's own ``apply_updates`` (the same operations on the same arrays), so the updates
+        stay fused into it and are never written out, and the measuring reads the old and new parameters, which the
+        step holds anyway. Without ``params`` the returned updates are measured; ``recompute`` (the chain's update, for
+        a cond on the logged step) evaluates them again inside the cond, so that an unlogged step does not write them
+        out.
+        """
+        if weights is not None:
+            # Per monitored leaf, what optax.apply_updates computes (other leaves may be integer, with float0 updates)
+            applied = jax.tree_util.tree_leaves(new_updates)
+            after = [jnp.asarray(w + applied[i]).astype(jnp.asarray(w).dtype)
+                     for w, i in zip(weights, idx, strict=True)]
+
+            def changes() -> list[jax.Array]:
+                out = []
+                for new, old in zip(after, weights, strict=True):
+                    dt = jnp.result_type(old.dtype, jnp.float32)
+                    out.append(new.astype(dt) - old.astype(dt))
+                return out
+
+        def measure() -> jax.Array:
+            if weights is None:
+                applied = jax.tree_util.tree_leaves(new_updates if recompute is None else recompute()[0])
+                parts = [jnp.zeros(n, jnp.float32), layer_norms(lambda: [applied[i] for i in idx], layer_of, n)]
+            else:
+                parts = [layer_norms(lambda: weights, layer_of, n), layer_norms(changes, layer_of, n)]
+            moments = adam_moments(new_inner, grads) if has_moments else None
+            if moments is not None:
+                for kept in moments:
+                    parts.append(layer_norms(lambda kept=kept: [jnp.zeros(0, jnp.float32) if kept[i] is None
+                                                                else kept[i] for i in idx], layer_of, n))
+            return jnp.concatenate(parts)
+
+        return measure

@@ -1,19 +1,25 @@
-"""The device side of the JAX monitor: per-layer reductions of a list of leaves, traced into the user's step.
+"""The device side of the JAX monitor: per-leaf and per-layer reductions, traced into the user's step.
 
-Everything here runs under ``jit`` and returns small arrays (one value per layer); nothing is read on the host. Under
-a sharded ``jit`` the reductions are over the global arrays (XLA inserts the cross-device sums), so the norms are those
-of the full parameters, not of one shard.
+Everything here runs under ``jit`` and returns small arrays (a few values per leaf or layer); nothing is read on the
+host. Under a sharded ``jit`` the reductions are over the global arrays (XLA inserts the cross-device sums), so the
+norms are those of the full parameters, not of one shard.
 
-Sums of squares are taken in float32 (float64 when ``jax_enable_x64`` is on and the leaves are float64). Gradients are
-summed divided by a power of two near their largest entry; another leaf whose plain sum overflows (entries above ~1e19)
-or underflows (entries below ~1e-19) is measured again that way inside a ``lax.cond`` taken only on such a step. So a
-huge but finite value is reported as huge, not as non-finite, and a tiny one not as zero (a dead layer).
+Sums of squares are taken in float32 (float64 when ``jax_enable_x64`` is on and the leaves are float64), one pass per
+leaf (a gradient's max |g| in the same pass). A sum that overflowed (entries above ~1e19), is too small to be exact
+(entries below ~1e-19 flush to zero) or is not finite is taken again inside a ``lax.cond`` run only on such a step:
+divided by a power of two near the leaf's largest entry, so a huge but finite value is reported as huge, not as
+non-finite, and a tiny one not as zero (a dead layer); a gradient's non-finite entries are counted there too.
+
+Why per leaf, and why the conds' operands matter: on XLA's CPU backend, a ``lax.cond`` that takes many full-size arrays
+keeps them all alive until it runs, so the step can no longer reuse their buffers, touches tens of MB of fresh memory
+and page-faults on every step (measured: 16,000 faults a step for the MLP of ``bench_jax.py``, against ~0 when each
+gradient's cond takes only that gradient and is run before the optimizer reads it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,44 +28,100 @@ from jax import lax
 
 from .. import format as fmt
 
-__all__ = ["LayerStats", "grad_stats", "histogram_counts", "layer_norms", "leaf_norms", "leaf_norms_only", "total_norm"]
+__all__ = ["GRAD_FIELDS", "LayerStats", "grad_leaf", "layer_grad_stats", "layer_norms", "leaf_histogram",
+           "leaf_norms", "total_norm"]
+
+#: What :func:`grad_leaf` returns per gradient leaf, in order.
+GRAD_FIELDS = ("norm", "max_abs", "nonfinite")
 
 #: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
 #: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
 _BIN_OF_LOG = 2 - 2 * float(fmt.HIST_LOG10_EDGES[0]) - 1e-3
 
 
-def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per leaf, the L2 norm and max |x| (float32 ``[leaves]``; NaN for a leaf holding a NaN, inf for an inf).
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32))
 
-    Two passes per leaf and no ``lax.cond``: the max (recorded for gradients), then the sum of squares of the entries
-    divided by a power of two near it (exact), so that the squares can neither overflow nor underflow.
-    """
-    dt = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
-    values = [x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32)) for x in leaves]
-    zero = jnp.zeros((), dt)
-    mx = jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in values])
+
+def _exact_floor(a: jax.Array) -> float:
+    """The smallest sum of squares of ``a`` that is exact to its precision: below it, entries whose squares flush to
+    zero could add up to more than the sum's own rounding."""
+    info = jnp.finfo(a.dtype)
+    return float(info.tiny) / float(info.eps) * max(a.size, 1)
+
+
+def _scaled_norm(a: jax.Array, mx: jax.Array) -> jax.Array:
+    """The L2 norm of ``a`` (flat), summed divided by a power of two near its largest entry ``mx``: the squares can
+    neither overflow nor underflow. NaN for a NaN entry, inf for an infinite one."""
     usable = jnp.isfinite(mx) & (mx > 0)  # inf or NaN: the plain sum says which; 0: nothing to scale
-    tiny = jnp.finfo(dt).tiny
-    scale = jnp.where(usable, jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(mx, tiny)))), 1.0).astype(dt)
-    sq = jnp.stack([jnp.sum(jnp.square(a / scale[k].astype(a.dtype))).astype(dt) if a.size else zero
-                    for k, a in enumerate(values)])
-    norm = scale * jnp.sqrt(sq)
-    mx = jnp.where(jnp.isnan(sq), jnp.nan, mx)  # a reduction's max may skip a NaN; the sum never does
-    return norm.astype(jnp.float32), mx.astype(jnp.float32)
+    tiny = jnp.finfo(a.dtype).tiny
+    scale = jnp.where(usable, jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(mx, tiny)))), 1.0).astype(a.dtype)
+    return scale * jnp.sqrt(jnp.sum(jnp.square(a / scale)))
 
 
-def leaf_norms_only(leaves: Sequence[jax.Array]) -> jax.Array:
-    """Per leaf, the L2 norm alone (float32 ``[leaves]``): one pass where no max is recorded (parameters, updates,
-    moments). Only in a step where some sum is suspect (non-finite, below the smallest normal, or zero) does one
-    ``lax.cond`` measure every leaf again as :func:`leaf_norms` does (one cond for all leaves: each branch is compiled
-    on its own, and one per leaf would double the step's compile time)."""
+def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per leaf, the L2 norm and max |x| (``[leaves]`` each, in the leaves' float type; NaN for a leaf holding a NaN),
+    by two passes that never overflow or underflow: the max, then the scaled sum of squares."""
     dt = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
-    zero = jnp.zeros((), dt)
-    sq = jnp.stack([jnp.sum(jnp.square(x.reshape(-1).astype(jnp.result_type(x.dtype, jnp.float32)))).astype(dt)
-                    if x.size else zero for x in leaves])
-    suspect = jnp.any(~jnp.isfinite(sq) | (sq < jnp.finfo(dt).tiny))
-    return lax.cond(suspect, lambda: leaf_norms(leaves)[0], lambda: jnp.sqrt(sq).astype(jnp.float32))
+    norms, maxes = [], []
+    for x in leaves:
+        a = _flat(x)
+        mx = jnp.max(jnp.abs(a)) if a.size else jnp.zeros((), a.dtype)
+        norm = _scaled_norm(a, mx) if a.size else mx
+        maxes.append(jnp.where(jnp.isnan(norm), jnp.nan, mx).astype(dt))  # a max may skip a NaN; the sum never does
+        norms.append(norm.astype(dt))
+    return jnp.stack(norms), jnp.stack(maxes)
+
+
+def grad_leaf(x: jax.Array) -> jax.Array:
+    """One gradient leaf's norm, max |g| and non-finite count (float32 ``[3]``, :data:`GRAD_FIELDS`).
+
+    One pass computes the max and the plain sum of squares; only where that sum is not exact (overflowed, too small or
+    not finite) does a ``lax.cond`` take the scaled sum and count the non-finite entries (a counting pass costs about
+    10x a sum on the CPU backend).
+    """
+    a = _flat(x)
+    if not a.size:
+        return jnp.zeros(3, jnp.float32)
+    mx = jnp.max(jnp.abs(a))
+    sq = jnp.sum(jnp.square(a))
+    exact = jnp.isfinite(sq) & ((sq >= _exact_floor(a)) | (mx == 0))
+
+    def rescue() -> jax.Array:
+        count = jnp.sum(~jnp.isfinite(a), dtype=jnp.int32).astype(a.dtype)
+        return jnp.stack([_scaled_norm(a, mx), count])
+
+    norm, count = lax.cond(exact, lambda: jnp.stack([jnp.sqrt(sq), jnp.zeros((), a.dtype)]), rescue)
+    mx = jnp.where(jnp.isnan(norm), jnp.nan, mx)
+    return jnp.stack([norm, mx, count]).astype(jnp.float32)
+
+
+def _leaf_norms_fast(make_leaves: Callable[[], Sequence[jax.Array]]) -> jax.Array:
+    """Per leaf of ``make_leaves()``, the L2 norm (float32 ``[leaves]``): one pass each. Only in a step where some sum
+    is not exact does a ``lax.cond`` run, and inside it a cond per leaf measures just those leaves again as
+    :func:`leaf_norms` does (a leaf of zeros, such as a frozen layer's update, costs that one max pass).
+
+    The leaves are made by a function so that the cond evaluates it again inside instead of taking its results as
+    operands: a difference of two arrays (the applied update) then stays fused into its reduction and is never written
+    out.
+    """
+    leaves = make_leaves()
+    sums, exact = [], []
+    for x in leaves:
+        a = _flat(x)
+        sq = jnp.sum(jnp.square(a)) if a.size else jnp.zeros((), a.dtype)
+        sums.append(sq)
+        exact.append(jnp.isfinite(sq) & (sq >= _exact_floor(a)) if a.size else jnp.ones((), jnp.bool_))
+    dt = jnp.result_type(jnp.float32, *[s.dtype for s in sums])
+    plain = jnp.sqrt(jnp.stack([s.astype(dt) for s in sums]))
+    ok = jnp.stack(exact)
+
+    def rescue() -> jax.Array:
+        again = make_leaves()
+        return jnp.stack([lax.cond(ok[k], lambda k=k: plain[k], lambda x=x: leaf_norms([x])[0][0].astype(dt))
+                          for k, x in enumerate(again)])
+
+    return lax.cond(jnp.all(ok), lambda: plain, rescue).astype(jnp.float32)
 
 
 def _combine(norms: jax.Array, segments: np.ndarray, n: int) -> jax.Array:
@@ -70,9 +132,10 @@ def _combine(norms: jax.Array, segments: np.ndarray, n: int) -> jax.Array:
     return jnp.where(jnp.isnan(big), jnp.nan, out)
 
 
-def layer_norms(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> jax.Array:
-    """Per layer, the L2 norm over its leaves (float32 ``[n]``)."""
-    return _combine(leaf_norms_only(leaves), np.asarray(layer_of, np.int32), n)
+def layer_norms(make_leaves: Callable[[], Sequence[jax.Array]], layer_of: Sequence[int], n: int) -> jax.Array:
+    """Per layer, the L2 norm over its leaves (float32 ``[n]``); ``make_leaves`` gives the leaves (see
+    :func:`_leaf_norms_fast` for why a function)."""
+    return _combine(_leaf_norms_fast(make_leaves), np.asarray(layer_of, np.int32), n)
 
 
 def total_norm(per_layer: jax.Array) -> jax.Array:
@@ -87,23 +150,13 @@ class LayerStats:
         self.norm, self.max_abs, self.nonfinite = norm, max_abs, nonfinite
 
 
-def grad_stats(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> LayerStats:
-    """Norm, max |g| and non-finite count per layer: two passes over each leaf, and a third only in a step where some
-    entry is not finite."""
+def layer_grad_stats(per_leaf: jax.Array, layer_of: Sequence[int], n: int) -> LayerStats:
+    """Per-layer statistics from the :func:`grad_leaf` rows of a layer's leaves (``[leaves, 3]``)."""
     seg = np.asarray(layer_of, np.int32)
-    norms, maxes = leaf_norms(leaves)
-    norm = _combine(norms, seg, n)
-    max_abs = jax.ops.segment_max(maxes, seg, num_segments=n)
+    norm = _combine(per_leaf[:, 0], seg, n)
+    max_abs = jax.ops.segment_max(per_leaf[:, 1], seg, num_segments=n)
     max_abs = jnp.where(jnp.isnan(norm), jnp.nan, max_abs)
-
-    def count() -> jax.Array:
-        per_leaf = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32).astype(jnp.float32) for x in leaves])
-        return jax.ops.segment_sum(per_leaf, seg, num_segments=n)
-
-    # Counting is ~10x the cost of a sum on XLA's CPU backend: only where a scaled sum (finite for finite entries)
-    # says some entry is not finite.
-    nonfinite = lax.cond(jnp.all(jnp.isfinite(norms)), lambda: jnp.zeros(n, jnp.float32), count)
-    return LayerStats(norm, max_abs, nonfinite)
+    return LayerStats(norm, max_abs, jax.ops.segment_sum(per_leaf[:, 2], seg, num_segments=n))
 
 
 _BIN_TOPS: dict[str, np.ndarray] = {}
@@ -124,7 +177,8 @@ def _bin_tops(dtype: np.dtype) -> np.ndarray:
     return tops
 
 
-def _leaf_counts(x: jax.Array) -> jax.Array:
+def leaf_histogram(x: jax.Array) -> jax.Array:
+    """One leaf's entries counted on the format's fixed log10|g| bins (int32 ``[HIST_BINS]``)."""
     dt = jnp.result_type(x.dtype, jnp.float32)
     a = jnp.abs(x.reshape(-1).astype(dt))
     # NaN joins Inf above every finite top. log(0) = -inf clips to the zero bin, +inf to the overflow bin, and the
@@ -134,9 +188,3 @@ def _leaf_counts(x: jax.Array) -> jax.Array:
     bins = jnp.clip(estimate, fmt.HIST_ZERO, fmt.HIST_OVERFLOW).astype(jnp.int32)
     bins = bins + (a >= jnp.asarray(_bin_tops(np.dtype(dt)))[bins]).astype(jnp.int32)
     return jnp.bincount(bins, length=fmt.HIST_BINS).astype(jnp.int32)
-
-
-def histogram_counts(leaves: Sequence[jax.Array], layer_of: Sequence[int], n: int) -> jax.Array:
-    """Per layer, its entries counted on the format's fixed log10|g| bins (int32 ``[n, HIST_BINS]``)."""
-    counts = jnp.stack([_leaf_counts(x) for x in leaves])
-    return jax.ops.segment_sum(counts, np.asarray(layer_of, np.int32), num_segments=n)
