@@ -1,8 +1,8 @@
 """``GradientMonitor``: per-layer gradient health of a JAX training loop, recorded by wrapping its Optax optimizer.
 
 ``monitor.wrap(tx)`` returns an Optax transformation whose ``update`` measures the gradients it is given (before any
-clipping the wrapped chain does) and the updates the wrapped chain returns (the change ``optax.apply_updates``
-applies), inside the user's jitted step. The step counter lives in the optimizer state, so a logged step is decided
+clipping the wrapped chain does) and the change ``optax.apply_updates`` makes with the updates the wrapped chain
+returns, inside the user's jitted step. The step counter lives in the optimizer state, so a logged step is decided
 on the device: ``lax.cond`` skips every reduction on the other steps, and a logged step hands its few numbers per layer
 to the host in one ordered ``io_callback`` (see :mod:`.host`). Nothing depends on Python values that change between
 steps, so the step compiles once.
@@ -76,8 +76,8 @@ class GradientMonitor:
     ``tx = monitor.wrap(optax_transformation)`` and train with ``tx`` as usual, inside or outside ``jit``; pass
     ``loss=loss`` to ``tx.update`` to record the loss too. Per logged step and layer (a parameter tree path without
     its leaf name): gradient L2 norm before the wrapped transformation, max |g|, non-finite count, parameter norm,
-    update norm (the returned updates) and so the update ratio; per step the total gradient norm, the loss and, with
-    ``optax.inject_hyperparams``, the learning rate.
+    update norm (of the change ``apply_updates`` makes) and so the update ratio; per step the total gradient norm,
+    the loss and, with ``optax.inject_hyperparams``, the learning rate.
 
     Args:
         logdir: directory to write a new event file into.
