@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 from tb_gradient_plugin import format as fmt  # noqa: E402
 from tb_gradient_plugin.guard import GUARD_CALLBACK, GUARD_SKIP, GradientExplosionWarning  # noqa: E402
 from tb_gradient_plugin.jax import GradientMonitor, discover_layers  # noqa: E402
+from tb_gradient_plugin.jax import monitor as monitor_module  # noqa: E402
 from tb_gradient_plugin.runs import load_run  # noqa: E402
 
 STEPS = 12
@@ -121,10 +122,19 @@ class LinenLoop:
                              "state": self.state})
 
 
+@pytest.fixture(params=["per leaf", "together"])
+def conds(request, monkeypatch):
+    """Both layouts of the gradients' conds: one per leaf (the CPU backend's) and as few as possible (other
+    backends', where each cond waits for the host); only the backend query is replaced, the traced code is real."""
+    if request.param == "together":
+        monkeypatch.setattr(monitor_module, "_one_cond_per_leaf", lambda: False)
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------------- Flax training
 
 
-def test_linen_values_equal_the_reference_before_clipping(tmp_path):
+def test_linen_values_equal_the_reference_before_clipping(tmp_path, conds):
     """Per layer and step: gradient norm, max |g|, parameter norm and loss equal jax.grad's on the same batch and
     weights although the chain clips (its total norm is far above the clip), and the update norm is the change
     apply_updates made."""
@@ -201,7 +211,7 @@ def test_nnx_optimizer_records_the_model_layers(tmp_path):
     assert_close(recorded(run, "exp_avg_sq_norm", 4), moment_norms(optimizer.opt_state, "nu"), 1e-5)
 
 
-def test_every_10_writes_every_tenth_step_and_compiles_once(tmp_path):
+def test_every_10_writes_every_tenth_step_and_compiles_once(tmp_path, conds):
     with GradientMonitor(tmp_path, every=10) as monitor:
         loop = LinenLoop(monitor, optax.adamw(1e-3))
         for _ in range(50):
@@ -214,7 +224,7 @@ def test_every_10_writes_every_tenth_step_and_compiles_once(tmp_path):
     assert int(loop.state.step) == 50
 
 
-def test_nan_gradients_are_counted_per_layer(tmp_path):
+def test_nan_gradients_are_counted_per_layer(tmp_path, conds):
     x, y = data()
     bad = x.at[3, 5].set(jnp.nan)  # one NaN input: every gradient entry it reaches is NaN
     with GradientMonitor(tmp_path) as monitor:
@@ -230,7 +240,7 @@ def test_nan_gradients_are_counted_per_layer(tmp_path):
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
-def test_huge_and_tiny_finite_gradients_are_measured_not_lost(tmp_path, scale):
+def test_huge_and_tiny_finite_gradients_are_measured_not_lost(tmp_path, conds, scale):
     """Gradients whose squares overflow (or underflow) float32 are measured scaled: finite and equal to the float64
     reference, on logged steps of the cond (every=2) as well as of an every-step monitor."""
     for every in (1, 2):
@@ -344,7 +354,7 @@ def test_moments_of_a_partitioned_chain_and_none_without_adam(tmp_path):
     assert not {"exp_avg_norm", "exp_avg_sq_norm"} & set(run.layer_metrics)
 
 
-def test_histograms_count_the_gradients_on_the_fixed_bins(tmp_path):
+def test_histograms_count_the_gradients_on_the_fixed_bins(tmp_path, conds):
     with GradientMonitor(tmp_path, every=2, histograms_every=3) as monitor:
         loop = LinenLoop(monitor, optax.adamw(1e-2))
         for _ in range(7):
@@ -410,7 +420,7 @@ def exploding_loop(tmp_path, on_explosion, at: int = 30) -> tuple[LinenLoop, Gra
     return loop, monitor
 
 
-def test_guard_skip_keeps_weights_and_optimizer_state(tmp_path):
+def test_guard_skip_keeps_weights_and_optimizer_state(tmp_path, conds):
     loop, monitor = exploding_loop(tmp_path, "skip")
     inner_before = loop.state.inner
     loop.step(y=loop.y * 1e6)

@@ -34,13 +34,24 @@ from ..writer import GradientWriter
 from .host import HostRecorder, Spec
 from .layers import Layout, discover_layers
 from .moments import adam_moments
-from .stats import grad_leaf, layer_grad_stats, layer_norms, leaf_histogram, total_norm
+from .stats import grad_leaf, grad_leaves, layer_grad_stats, layer_norms, leaf_histogram, total_norm
 
 __all__ = ["GradientMonitor", "MonitorState"]
 
 #: The device holds a step slightly below the guard's thresholds, so float rounding can only make it ask the host about
 #: a step the guard then lets through, never apply one the guard would have skipped.
 _HOLD_MARGIN = 1.0 - 1e-6
+
+
+def _one_cond_per_leaf() -> bool:
+    """Whether each gradient leaf gets conds of its own (XLA's CPU backend) or all share as few as possible.
+
+    On the CPU a cond is cheap, but one that takes every gradient keeps them all alive until it runs (page faults on
+    every step, see :mod:`.stats`). On a GPU a cond reads its predicate back to the host before the stream goes on, so
+    hundreds of them (one per leaf of a large model) would stall every step, while device memory is pooled and a longer
+    lived gradient costs nothing.
+    """
+    return jax.default_backend() == "cpu"
 
 
 class MonitorState(NamedTuple):
@@ -327,8 +338,11 @@ class GradientMonitor:
 
         Each leaf passes through an ``optimization_barrier`` together with its statistics, so the leaf is measured
         before the chain reads it: no gradient has to stay alive until some later cond runs (on the CPU that would
-        make the step touch fresh memory, and page-fault, on every step).
+        make the step touch fresh memory, and page-fault, on every step). On other backends see
+        :func:`_one_cond_per_leaf`.
         """
+        if not _one_cond_per_leaf():
+            return self._measure_grads_together([leaves[i] for i in idx], when, hist_step)
         empty = (jnp.zeros(3, jnp.float32), None if hist_step is None else jnp.zeros(fmt.HIST_BINS, jnp.int32))
         rows, hists = [], []
         for i in idx:
@@ -348,6 +362,24 @@ class GradientMonitor:
             rows.append(out[0])
             hists.append(out[1])
         return jnp.stack(rows), None if hist_step is None else jnp.stack(hists)
+
+    @staticmethod
+    def _measure_grads_together(grads: list[Any], when: jax.Array | None,
+                                hist_step: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """:meth:`_measure_grads` with as few conds as possible: one on the step counter around all gradients, one
+        rescue inside (:func:`grad_leaves`) and one for a histogram step."""
+        k = len(grads)
+        no_hist = jnp.zeros((k, fmt.HIST_BINS), jnp.int32)
+
+        def measure() -> tuple[jax.Array, jax.Array | None]:
+            if hist_step is None:
+                return grad_leaves(grads), None
+            return grad_leaves(grads), lax.cond(hist_step, lambda: jnp.stack([leaf_histogram(g) for g in grads]),
+                                                lambda: no_hist)
+
+        if when is None:
+            return measure()
+        return lax.cond(when, measure, lambda: (jnp.zeros((k, 3), jnp.float32), None if hist_step is None else no_hist))
 
     @staticmethod
     def _weight_norms(new_updates: Any, new_inner: Any, grads: Any, params: Any, weights: list[Any] | None,

@@ -28,7 +28,7 @@ from jax import lax
 
 from .. import format as fmt
 
-__all__ = ["GRAD_FIELDS", "LayerStats", "grad_leaf", "layer_grad_stats", "layer_norms", "leaf_histogram",
+__all__ = ["GRAD_FIELDS", "LayerStats", "grad_leaf", "grad_leaves", "layer_grad_stats", "layer_norms", "leaf_histogram",
            "leaf_norms", "total_norm"]
 
 #: What :func:`grad_leaf` returns per gradient leaf, in order.
@@ -94,6 +94,29 @@ def grad_leaf(x: jax.Array) -> jax.Array:
     norm, count = lax.cond(exact, lambda: jnp.stack([jnp.sqrt(sq), jnp.zeros((), a.dtype)]), rescue)
     mx = jnp.where(jnp.isnan(norm), jnp.nan, mx)
     return jnp.stack([norm, mx, count]).astype(jnp.float32)
+
+
+def grad_leaves(leaves: Sequence[jax.Array]) -> jax.Array:
+    """:func:`grad_leaf` of every leaf (float32 ``[leaves, 3]``) with one rescue cond for all of them: for backends
+    where each ``lax.cond`` costs a round trip to the host (GPUs read a cond's predicate back before they go on)."""
+    flats = [_flat(x) for x in leaves]
+    dt = jnp.result_type(jnp.float32, *[a.dtype for a in flats])
+    zero = jnp.zeros((), dt)
+    mx = jnp.stack([jnp.max(jnp.abs(a)).astype(dt) if a.size else zero for a in flats])
+    sq = jnp.stack([jnp.sum(jnp.square(a)).astype(dt) if a.size else zero for a in flats])
+    floors = np.asarray([_exact_floor(a) if a.size else 0.0 for a in flats])
+    exact = jnp.isfinite(sq) & ((sq >= floors) | (mx == 0))
+    plain = jnp.stack([jnp.sqrt(sq), jnp.zeros_like(sq)], 1)
+
+    def rescue() -> jax.Array:
+        rows = [jnp.stack([_scaled_norm(a, mx[k].astype(a.dtype)).astype(dt),
+                           jnp.sum(~jnp.isfinite(a), dtype=jnp.int32).astype(dt)]) if a.size else jnp.zeros(2, dt)
+                for k, a in enumerate(flats)]
+        return jnp.where(exact[:, None], plain, jnp.stack(rows))
+
+    norm_count = lax.cond(jnp.all(exact), lambda: plain, rescue)
+    mx = jnp.where(jnp.isnan(norm_count[:, 0]), jnp.nan, mx)
+    return jnp.stack([norm_count[:, 0], mx, norm_count[:, 1]], 1).astype(jnp.float32)
 
 
 def _leaf_norms_fast(make_leaves: Callable[[], Sequence[jax.Array]]) -> jax.Array:
