@@ -4,16 +4,17 @@ Everything here runs under ``jit`` and returns small arrays (a few values per le
 host. Under a sharded ``jit`` the reductions are over the global arrays (XLA inserts the cross-device sums), so the
 norms are those of the full parameters, not of one shard.
 
-Sums of squares are taken in float32 (float64 when ``jax_enable_x64`` is on and the leaves are float64), one pass per
-leaf (a gradient's max |g| in the same pass). A sum that overflowed (entries above ~1e19), is too small to be exact
-(entries below ~1e-19 flush to zero) or is not finite is taken again inside a ``lax.cond`` run only on such a step:
-divided by a power of two near the leaf's largest entry, so a huge but finite value is reported as huge, not as
-non-finite, and a tiny one not as zero (a dead layer); a gradient's non-finite entries are counted there too.
+Sums of squares are taken in float32 (float64 when ``jax_enable_x64`` is on and the leaves are float64), one plain sum
+per leaf (and a gradient's max |g|). A sum that overflowed (entries above ~1e19), is too small to be exact (entries
+below ~1e-19 flush to zero) or is not finite is taken again inside a ``lax.cond`` run only on such a step: divided by a
+power of two near the leaf's largest entry, so a huge but finite value is reported as huge, not as non-finite, and a
+tiny one not as zero (a dead layer); a gradient's non-finite entries are counted there too.
 
 Why per leaf, and why the conds' operands matter: on XLA's CPU backend, a ``lax.cond`` that takes many full-size arrays
 keeps them all alive until it runs, so the step can no longer reuse their buffers, touches tens of MB of fresh memory
-and page-faults on every step (measured: 16,000 faults a step for the MLP of ``bench_jax.py``, against ~0 when each
-gradient's cond takes only that gradient and is run before the optimizer reads it).
+and page-faults on every step (measured: 16,400 faults a step for the MLP of ``bench_jax.py``, against about 2,000
+with every step logged, and almost none every 10 steps, when each gradient is measured on its own before the optimizer
+reads it). Other backends lay the conds out differently (see ``monitor._one_cond_per_leaf``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ from jax import lax
 
 from .. import format as fmt
 
-__all__ = ["GRAD_FIELDS", "LayerStats", "grad_leaf", "grad_leaves", "layer_grad_stats", "layer_norms", "leaf_histogram",
-           "leaf_norms", "total_norm"]
-
-#: What :func:`grad_leaf` returns per gradient leaf, in order.
-GRAD_FIELDS = ("norm", "max_abs", "nonfinite")
+__all__ = ["LayerStats", "grad_leaf", "grad_leaves", "layer_grad_stats", "layer_norms", "leaf_histogram", "leaf_norms",
+           "total_norm"]
 
 #: A bin estimate from ``2 * log10|g| + _BIN_OF_LOG`` is the reference bin or the one below: the bias keeps a float32
 #: logarithm's error (~1e-5 bins) from ever landing one bin too high, so one comparison corrects it.
@@ -74,9 +72,9 @@ def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 
 def grad_leaf(x: jax.Array) -> jax.Array:
-    """One gradient leaf's norm, max |g| and non-finite count (float32 ``[3]``, :data:`GRAD_FIELDS`).
+    """One gradient leaf's norm, max |g| and non-finite count (float32 ``[3]``, in that order).
 
-    One pass computes the max and the plain sum of squares; only where that sum is not exact (overflowed, too small or
+    Two plain reductions, the max and the sum of squares; only where that sum is not exact (overflowed, too small or
     not finite) does a ``lax.cond`` take the scaled sum and count the non-finite entries (a counting pass costs about
     10x a sum on the CPU backend).
     """
