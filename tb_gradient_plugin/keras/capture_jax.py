@@ -159,15 +159,15 @@ class JaxCapture:
         recorder = self.recorder
 
         def train_function(state: Any, data: Any) -> Any:
-            if recorder.guard is not None or (recorder.enabled and recorder.logged(self.next_step)):
+            steps = max(1, int(getattr(model, "steps_per_execution", 1) or 1))  # steps one execution may run
+            if recorder.guard is not None or (recorder.enabled and any(recorder.logged(self.next_step + i)
+                                                                        for i in range(steps))):
                 return hooked(state, data)
             self._plain = True  # the plain step may trace now: the optimizer's hook steps aside
             try:
-                out = plain(state, data)
+                return plain(state, data)
             finally:
                 self._plain = False
-            self.next_step += 1
-            return out
 
         return train_function
 
@@ -200,8 +200,13 @@ class JaxCapture:
             return logs, state
 
         def make_function(step_function: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._plain:
-                return original_make_function(step_function, *args, **kwargs)
+            if self._plain:  # the model's own step: only counted
+                def plain_step(state: Any, data: Any) -> Any:
+                    out = step_function(state, data)
+                    self.next_step += 1
+                    return out
+
+                return original_make_function(plain_step, *args, **kwargs)
 
             def step(state: Any, data: Any) -> Any:
                 logs, state = step_function(state, data)
