@@ -71,32 +71,14 @@ def leaf_norms(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(norms), jnp.stack(maxes)
 
 
-def grad_leaf(x: jax.Array) -> jax.Array:
-    """One gradient leaf's norm, max |g| and non-finite count (float32 ``[3]``, in that order).
-
-    Two plain reductions, the max and the sum of squares; only where that sum is not exact (overflowed, too small or
-    not finite) does a ``lax.cond`` take the scaled sum and count the non-finite entries (a counting pass costs about
-    10x a sum on the CPU backend).
-    """
-    a = _flat(x)
-    if not a.size:
-        return jnp.zeros(3, jnp.float32)
-    mx = jnp.max(jnp.abs(a))
-    sq = jnp.sum(jnp.square(a))
-    exact = jnp.isfinite(sq) & ((sq >= _exact_floor(a)) | (mx == 0))
-
-    def rescue() -> jax.Array:
-        count = jnp.sum(~jnp.isfinite(a), dtype=jnp.int32).astype(a.dtype)
-        return jnp.stack([_scaled_norm(a, mx), count])
-
-    norm, count = lax.cond(exact, lambda: jnp.stack([jnp.sqrt(sq), jnp.zeros((), a.dtype)]), rescue)
-    mx = jnp.where(jnp.isnan(norm), jnp.nan, mx)
-    return jnp.stack([norm, mx, count]).astype(jnp.float32)
-
-
 def grad_leaves(leaves: Sequence[jax.Array]) -> jax.Array:
-    """:func:`grad_leaf` of every leaf (float32 ``[leaves, 3]``) with one rescue cond for all of them: for backends
-    where each ``lax.cond`` costs a round trip to the host (GPUs read a cond's predicate back before they go on)."""
+    """Per leaf, its norm, max |g| and non-finite count (float32 ``[leaves, 3]``).
+
+    Two plain reductions per leaf, the max and the sum of squares; only where some sum is not exact (overflowed, too
+    small or not finite) does one ``lax.cond`` take the scaled sums and count the non-finite entries (a counting pass
+    costs about 10x a sum on the CPU backend). Called leaf by leaf on the CPU (:func:`grad_leaf`), with all leaves at
+    once where each cond costs a round trip to the host (GPUs read a cond's predicate back before they go on).
+    """
     flats = [_flat(x) for x in leaves]
     dt = jnp.result_type(jnp.float32, *[a.dtype for a in flats])
     zero = jnp.zeros((), dt)
@@ -115,6 +97,12 @@ def grad_leaves(leaves: Sequence[jax.Array]) -> jax.Array:
     norm_count = lax.cond(jnp.all(exact), lambda: plain, rescue)
     mx = jnp.where(jnp.isnan(norm_count[:, 0]), jnp.nan, mx)
     return jnp.stack([norm_count[:, 0], mx, norm_count[:, 1]], 1).astype(jnp.float32)
+
+
+def grad_leaf(x: jax.Array) -> jax.Array:
+    """One gradient leaf's norm, max |g| and non-finite count (float32 ``[3]``, in that order), with a rescue cond of
+    its own (see :func:`grad_leaves`)."""
+    return grad_leaves([x])[0]
 
 
 def _leaf_norms_fast(make_leaves: Callable[[], Sequence[jax.Array]]) -> jax.Array:
