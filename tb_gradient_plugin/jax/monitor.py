@@ -295,10 +295,11 @@ class GradientMonitor:
 
         n_weights = (4 if has_moments else 2) * n
         if guard is not None:
-            thresholds = self._thresholds(state, n) * _HOLD_MARGIN
+            self._check_thresholds(state, n)
         if guard is None or guard.action == "warn":  # "warn" warns from the host; it never holds a step back
             new_updates, new_inner = apply()
         else:
+            thresholds = state.thresholds * _HOLD_MARGIN
             cross = ~jnp.isfinite(total) | jnp.any(stats.norm > thresholds[:n]) | (total > thresholds[n])
             ask = functools.partial(self._host.ask, spec)
             waiting = jnp.concatenate([head(state.inner, total), *grad_part, jnp.zeros(n_weights, jnp.float32)])
@@ -325,11 +326,10 @@ class GradientMonitor:
         return new_updates, MonitorState(step + 1, new_inner, None)
 
     @staticmethod
-    def _thresholds(state: MonitorState, n: int) -> jax.Array:
+    def _check_thresholds(state: MonitorState, n: int) -> None:
         if state.thresholds is None or state.thresholds.shape != (n + 1,):
             raise ValueError("the optimizer state was initialized for other parameters (or without a guard): "
                              "call init() of this wrapped optimizer on the parameters it updates")
-        return state.thresholds
 
     def _measure_grads(self, leaves: list[Any], idx: list[int], when: jax.Array | None,
                        hist_step: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
